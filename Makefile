@@ -1,0 +1,41 @@
+# The two commands of the README: `make demo` and `make test`.
+SHELL := /bin/bash
+PY := .venv/bin/python
+
+.PHONY: setup demo test lint unit integration e2e cluster-up cluster-down bench clean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m e2e.demo
+
+lint:
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+test: setup lint
+	CI=$${CI:-true} $(PY) -m pytest
+
+unit:
+	$(PY) -m pytest -m unit
+
+integration:
+	$(PY) -m pytest -m integration
+
+e2e:
+	$(PY) -m pytest -m e2e
+
+cluster-up:
+	$(PY) -m e2e.cluster up
+
+cluster-down:
+	$(PY) -m e2e.cluster down
+
+bench:
+	$(PY) -m bench
+
+clean:
+	-$(PY) -m e2e.cluster down
+	rm -rf .mesh

@@ -1,0 +1,56 @@
+"""Where the real parts built by `scripts/setup.sh` live, and how a test asks for one.
+
+Test infrastructure. `scripts/setup.sh` builds or fetches each part into the cache
+(`$MESH_CACHE`, default `~/.cache/mesh`) and links it under `.mesh/` in the work
+tree; this module only looks there. Under CI (`CI=true`) a missing part is a
+failure, never a skip: a skipped integration test is a hidden red.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+SETUP_HINT = "run scripts/setup.sh first"
+
+
+class PartMissingError(RuntimeError):
+    """A real part the caller needs has not been built or fetched."""
+
+
+def mesh_dir() -> Path:
+    return Path(os.environ.get("MESH_DIR", str(REPO_ROOT / ".mesh")))
+
+
+def bin_dir() -> Path:
+    return mesh_dir() / "bin"
+
+
+def binary(name: str) -> Path:
+    """Path of a built executable (kube-apiserver, llama-server, helm, ...)."""
+    path = bin_dir() / name
+    if not (path.exists() and os.access(path, os.X_OK)):
+        raise PartMissingError(f"{name} not found in {bin_dir()}: {SETUP_HINT}")
+    return path
+
+
+def model_path(name: str = MODEL_FILE) -> Path:
+    path = mesh_dir() / "models" / name
+    if not path.is_file():
+        raise PartMissingError(f"model {name} not found in {path.parent}: {SETUP_HINT}")
+    return path
+
+
+def mesh_cli() -> Path:
+    """The `mesh` console script of the environment running the tests."""
+    found = shutil.which("mesh")
+    if found is None:
+        raise PartMissingError("the mesh console script is not on PATH: pip install -e .")
+    return Path(found)
+
+
+def under_ci() -> bool:
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}

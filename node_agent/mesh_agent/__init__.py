@@ -1,0 +1,1 @@
+"""mesh node agent: device inventory, health and heartbeat of one node."""

@@ -1,0 +1,82 @@
+"""Status conditions, written through one pure function.
+
+`lastTransitionTime` changes only when a condition's status flips; reason and
+message follow the latest observation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from pydantic import Field
+
+from mesh_operator.api.base import ApiModel
+
+ConditionState = Literal["True", "False", "Unknown"]
+
+
+class Condition(ApiModel):
+    type: str = Field(min_length=1, max_length=316)
+    status: ConditionState
+    reason: str = Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = Field(default="", max_length=32768)
+    observed_generation: int | None = Field(default=None, ge=0)
+    last_transition_time: str | None = None
+
+
+def rfc3339(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conditions: list[Condition],
+    type_: str,
+    status: ConditionState,
+    reason: str,
+    message: str,
+    *,
+    observed_generation: int | None,
+    now: dt.datetime,
+) -> list[Condition]:
+    """Return a new list with `type_` set; order of the other conditions is kept."""
+    out: list[Condition] = []
+    replaced = False
+    for cond in conditions:
+        if cond.type != type_:
+            out.append(cond)
+            continue
+        transition = (
+            cond.last_transition_time if cond.status == status and cond.last_transition_time
+            else rfc3339(now)
+        )
+        out.append(
+            Condition(
+                type=type_,
+                status=status,
+                reason=reason,
+                message=message,
+                observed_generation=observed_generation,
+                last_transition_time=transition,
+            )
+        )
+        replaced = True
+    if not replaced:
+        out.append(
+            Condition(
+                type=type_,
+                status=status,
+                reason=reason,
+                message=message,
+                observed_generation=observed_generation,
+                last_transition_time=rfc3339(now),
+            )
+        )
+    return out
+
+
+def condition_status(conditions: list[Condition], type_: str) -> ConditionState:
+    for cond in conditions:
+        if cond.type == type_:
+            return cond.status
+    return "Unknown"

@@ -1,0 +1,147 @@
+"""MeshModel: one model to serve from a pool, and where it is served.
+
+Namespaced. The spec names the model file (Hugging Face, URL or PVC), the pool and
+the llama.cpp settings that shape memory; the status carries the plan (devices,
+layers, MiB per device, integer tensor split, predicted time per token), the
+conditions Planned / WorkersReady / Ready / Degraded and the endpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mesh_operator.api.base import ApiModel
+from mesh_operator.api.conditions import Condition
+
+CacheType = Literal["f16", "q8_0", "q4_0"]
+Strategy = Literal["latency", "balanced"]
+FlashAttention = Literal["on", "off", "auto"]
+
+NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._:/-]{0,126}[A-Za-z0-9])?$"
+SHA256_PATTERN = r"^[a-f0-9]{64}$"
+
+# llama-server flags the operator computes itself; extraArgs may not set them.
+OWNED_FLAGS = (
+    "-m", "--model", "-mu", "--model-url", "-hf", "--hf-repo", "-hff", "--hf-file",
+    "--rpc", "-ts", "--tensor-split", "-ngl", "--gpu-layers", "--n-gpu-layers",
+    "-fit", "--fit", "-fitt", "--fit-target", "-c", "--ctx-size", "-np", "--parallel",
+    "-ctk", "--cache-type-k", "-ctv", "--cache-type-v", "-fa", "--flash-attn",
+    "--alias", "--host", "--port", "--metrics", "--api-key", "--api-key-file",
+    "-md", "--model-draft", "-sm", "--split-mode", "-mg", "--main-gpu", "-dev", "--device",
+    "--embedding", "--embeddings", "--ssl-key-file", "--ssl-cert-file", "--path",
+)
+
+
+class SecretKeyRef(ApiModel):
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field(default="token", min_length=1, max_length=253)
+
+
+class HuggingFaceSource(ApiModel):
+    repo: str = Field(min_length=3, max_length=256, pattern=r"^[\w.-]+/[\w.-]+$")
+    file: str = Field(min_length=1, max_length=512, pattern=r"^[^/].*\.gguf$")
+    revision: str = Field(default="main", min_length=1, max_length=256)
+    token_secret_ref: SecretKeyRef | None = None
+
+
+class PvcSource(ApiModel):
+    claim_name: str = Field(min_length=1, max_length=253)
+    path: str = Field(min_length=1, max_length=1024, pattern=r"^[^/].*\.gguf$")
+
+
+class ModelSource(ApiModel):
+    huggingface: HuggingFaceSource | None = None
+    url: str | None = Field(default=None, pattern=r"^(https?|file)://.+", max_length=2048)
+    pvc: PvcSource | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSource:
+        given = [n for n in ("huggingface", "url", "pvc") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "source must set exactly one of huggingface, url, pvc"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+
+class DraftModel(ApiModel):
+    source: ModelSource
+    sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
+    max_tokens: int = Field(default=16, ge=1, le=64)
+
+
+class ResourceList(ApiModel):
+    cpu: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    memory: str | None = Field(default=None, pattern=r"^[0-9]+(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+
+
+class HostResources(ApiModel):
+    requests: ResourceList | None = None
+    limits: ResourceList | None = None
+
+
+class MeshModelSpec(ApiModel):
+    source: ModelSource
+    sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
+    pool_ref: str = Field(min_length=1, max_length=253)
+    context_size: int = Field(default=4096, ge=128, le=1048576)
+    parallel: int = Field(default=1, ge=1, le=64)
+    cache_type_k: CacheType = "f16"
+    cache_type_v: CacheType = "f16"
+    flash_attention: FlashAttention = "auto"
+    strategy: Strategy = "latency"
+    draft: DraftModel | None = None
+    served_name: str | None = Field(default=None, pattern=NAME_PATTERN)
+    aliases: list[str] = Field(default_factory=list, max_length=16)
+    embeddings: bool = False
+    host_resources: HostResources | None = None
+    api_key_secret_ref: SecretKeyRef | None = None
+    extra_args: list[str] = Field(default_factory=list, max_length=64)
+
+    @model_validator(mode="after")
+    def _extra_args_not_owned(self) -> MeshModelSpec:
+        for arg in self.extra_args:
+            flag = arg.split("=", 1)[0]
+            if flag in OWNED_FLAGS:
+                raise ValueError(f"extraArgs may not set {flag}: the operator computes it")
+        return self
+
+    def served_names(self, metadata_name: str) -> list[str]:
+        return [self.served_name or metadata_name, *self.aliases]
+
+
+class PlannedDevice(ApiModel):
+    node: str
+    device: str
+    layers: list[int] = Field(min_length=2, max_length=2, description="[first, lastExclusive]")
+    weights_mib: int = Field(ge=0, alias="weightsMiB")
+    kv_mib: int = Field(ge=0, alias="kvMiB")
+    compute_mib: int = Field(ge=0, alias="computeMiB")
+    total_mib: int = Field(ge=0, alias="totalMiB")
+
+
+class Plan(ApiModel):
+    devices: list[PlannedDevice] = Field(default_factory=list)
+    tensor_split: list[int] = Field(default_factory=list)
+    rpc: list[str] = Field(default_factory=list, description="Node names in --rpc order.")
+    host_node: str | None = None
+    predicted_token_us: int | None = Field(
+        default=None, ge=0, alias="predictedTokenMicros", description="Predicted µs per token."
+    )
+    strategy: Strategy | None = None
+    reason: str = ""
+
+
+class MeshModelStatus(ApiModel):
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    plan: Plan | None = None
+    plan_generation: int | None = Field(default=None, description="Bumped on every re-plan.")
+    nodes: str | None = Field(default=None, description="Planned nodes, comma-separated.")
+    split: str | None = Field(default=None, description="Tensor split, comma-separated.")
+    endpoint: str | None = None
+    model_size_bytes: int | None = Field(default=None, ge=0)
+    served_names: list[str] = Field(default_factory=list)

@@ -1,0 +1,105 @@
+"""MeshNode: what one node's agent reports about its devices, health and caches.
+
+Cluster-scoped, one per pool node, named after the Kubernetes Node. Written only by
+that node's agent (status subresource, server-side apply); read by the operator's
+planner and by dashboards. Memory is in MiB, integers.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from mesh_operator.api.base import ApiModel
+from mesh_operator.api.conditions import Condition
+
+Backend = Literal["cuda", "rocm", "vulkan", "cpu"]
+HealthState = Literal["Healthy", "Degraded", "Unhealthy"]
+
+# Reasons the agent gives for a state other than Healthy.
+HEALTH_REASONS = (
+    "XidError",
+    "EccUncorrectable",
+    "Overheating",
+    "NvmlUnavailable",
+    "GpuLost",
+    "RpcServerDown",
+    "ApiServerUnreachable",
+)
+
+
+class MeshNodeSpec(ApiModel):
+    node_name: str = Field(min_length=1, max_length=253, description="The Kubernetes Node this reports on.")
+
+
+class Health(ApiModel):
+    state: HealthState = "Healthy"
+    reason: str = Field(default="AsExpected", max_length=64)
+    message: str = Field(default="", max_length=1024)
+
+
+class PcieLink(ApiModel):
+    generation: int = Field(ge=0)
+    width: int = Field(ge=0)
+
+
+class Device(ApiModel):
+    id: str = Field(
+        min_length=1,
+        max_length=32,
+        description="llama.cpp device name on this node, e.g. CUDA0 or CPU.",
+    )
+    index: int = Field(ge=0)
+    backend: Backend
+    name: str = Field(default="", max_length=128)
+    uuid: str = Field(default="", max_length=128)
+    memory_total_mib: int = Field(ge=0, alias="memoryTotalMiB")
+    memory_free_mib: int = Field(ge=0, alias="memoryFreeMiB")
+    memory_used_by_mesh_mib: int = Field(default=0, ge=0, alias="memoryUsedByMeshMiB")
+    memory_used_by_others_mib: int = Field(default=0, ge=0, alias="memoryUsedByOthersMiB")
+    bandwidth_gbps: float = Field(
+        default=0.0, ge=0, alias="bandwidthGBps", description="Memory bandwidth, GB/s."
+    )
+    health: Health = Field(default_factory=Health)
+    utilization_percent: int | None = Field(default=None, ge=0, le=100)
+    temperature_c: int | None = Field(default=None, alias="temperatureC")
+    power_w: int | None = Field(default=None, ge=0, alias="powerW")
+    ecc_uncorrectable: int | None = Field(default=None, ge=0)
+    retired_pages: int | None = Field(default=None, ge=0)
+    xid_errors: int | None = Field(default=None, ge=0)
+    last_xid: int | None = Field(default=None, ge=0)
+    pcie: PcieLink | None = None
+
+
+class CachedModel(ApiModel):
+    file: str = Field(min_length=1, max_length=512)
+    size_bytes: int = Field(ge=0)
+    sha256: str | None = Field(default=None, pattern=r"^[a-f0-9]{64}$")
+
+
+class RpcServer(ApiModel):
+    model: str = Field(description="namespace/name of the MeshModel the server belongs to.")
+    port: int = Field(ge=1, le=65535)
+    answering: bool
+
+
+class SystemInfo(ApiModel):
+    cpu_cores: int = Field(ge=0)
+    memory_total_mib: int = Field(ge=0, alias="memoryTotalMiB")
+    driver_version: str | None = None
+    cuda_version: str | None = None
+    nvml: bool = False
+
+
+class MeshNodeStatus(ApiModel):
+    heartbeat_time: str | None = Field(default=None, description="RFC 3339 time of the last report.")
+    interval_seconds: int = Field(default=10, ge=1, le=3600)
+    agent_version: str | None = None
+    address: str | None = Field(default=None, description="The node's address as the agent sees it.")
+    health: Health = Field(default_factory=Health)
+    devices: list[Device] = Field(default_factory=list, max_length=64)
+    cached_models: list[CachedModel] = Field(default_factory=list, max_length=256)
+    rpc_servers: list[RpcServer] = Field(default_factory=list, max_length=64)
+    system: SystemInfo | None = None
+    conditions: list[Condition] = Field(default_factory=list)

@@ -1,0 +1,111 @@
+"""MeshPool: a set of nodes whose devices serve models, and how.
+
+Cluster-scoped. The spec says which nodes (selector, tolerations), which backend
+and images, how GPUs are shared and how much memory to hold back; the status is
+the pool's memory ledger as the operator sees it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from mesh_operator.api.base import ApiModel
+from mesh_operator.api.conditions import Condition
+from mesh_operator.api.meshnode import Backend
+
+SharingMode = Literal["exclusive", "shared"]
+
+DEFAULT_RPC_IMAGE = "ghcr.io/ggml-org/llama.cpp:full-b6900"
+DEFAULT_SERVER_IMAGE = "ghcr.io/ggml-org/llama.cpp:server-b6900"
+DEFAULT_MESH_IMAGE = "ghcr.io/mesh-dev/mesh:0.1.0"
+
+
+class Toleration(ApiModel):
+    key: str | None = Field(default=None, max_length=316)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(default=None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(default=None, ge=0)
+
+
+class Images(ApiModel):
+    rpc_server: str = Field(
+        default=DEFAULT_RPC_IMAGE, min_length=1, description="Image with ggml-rpc-server."
+    )
+    llama_server: str = Field(
+        default=DEFAULT_SERVER_IMAGE, min_length=1, description="Image with llama-server."
+    )
+    mesh: str = Field(
+        default=DEFAULT_MESH_IMAGE, min_length=1, description="Image with `mesh fetch` (init container)."
+    )
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+
+
+class RpcCache(ApiModel):
+    enabled: bool = Field(
+        default=True, description="Run ggml-rpc-server with -c so restarts reuse tensors."
+    )
+    host_path: str = Field(
+        default="/var/lib/mesh/rpc-cache",
+        pattern=r"^/.*",
+        description="Per-node directory for the RPC tensor cache (LLAMA_CACHE).",
+    )
+
+
+class ModelCache(ApiModel):
+    host_path: str = Field(
+        default="/var/lib/mesh/models",
+        pattern=r"^/.*",
+        description="Per-node directory where host pods keep downloaded models.",
+    )
+
+
+class MeshPoolSpec(ApiModel):
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    backend: Backend = "cuda"
+    images: Images = Field(default_factory=Images)
+    sharing: SharingMode = Field(
+        default="exclusive",
+        description="exclusive: RPC server pods request nvidia.com/gpu; "
+        "shared: several models share a GPU, kept apart by the memory ledger.",
+    )
+    reserve_percent: int = Field(default=10, ge=0, le=90)
+    device_memory_cap_mib: int | None = Field(
+        default=None,
+        ge=64,
+        alias="deviceMemoryCapMiB",
+        description="Plan with at most this much memory per device (e.g. to keep CPU pools small).",
+    )
+    rpc_cache: RpcCache = Field(default_factory=RpcCache)
+    model_cache: ModelCache = Field(default_factory=ModelCache)
+    max_nodes_per_model: int = Field(default=16, ge=1, le=16)
+    max_rtt_ms: int | None = Field(default=None, ge=1, le=1000, alias="maxRttMs")
+    rpc_port: int = Field(default=50052, ge=1024, le=65535)
+    stale_after_seconds: int = Field(
+        default=30, ge=5, le=3600, description="A MeshNode older than this is stale."
+    )
+
+
+class NodeLedger(ApiModel):
+    node: str
+    devices: int = Field(ge=0)
+    memory_total_mib: int = Field(ge=0, alias="memoryTotalMiB")
+    memory_free_mib: int = Field(ge=0, alias="memoryFreeMiB")
+    memory_claimed_mib: int = Field(ge=0, alias="memoryClaimedMiB")
+    healthy: bool
+    stale: bool
+
+
+class MeshPoolStatus(ApiModel):
+    nodes: int = 0
+    ready_nodes: int = 0
+    devices: int = 0
+    memory_total_mib: int = Field(default=0, alias="memoryTotalMiB")
+    memory_free_mib: int = Field(default=0, alias="memoryFreeMiB")
+    memory_claimed_mib: int = Field(default=0, alias="memoryClaimedMiB")
+    ledger: list[NodeLedger] = Field(default_factory=list)
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)

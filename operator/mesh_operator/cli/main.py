@@ -1,0 +1,60 @@
+"""Entry point of the `mesh` console script."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from mesh_operator import __version__
+
+# Subcommands in help order; a module that is not there yet is simply not offered.
+SUBCOMMANDS = ("operator", "agent", "gateway", "plan", "fetch", "status", "doctor")
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on bad usage already; keep its message to one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _modules() -> dict[str, ModuleType]:
+    found: dict[str, ModuleType] = {}
+    for name in SUBCOMMANDS:
+        qualified = f"mesh_operator.cli.{name}_cmd"
+        if importlib.util.find_spec(qualified) is not None:
+            found[name] = importlib.import_module(qualified)
+    return found
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
+    parser = _Parser(
+        prog="mesh",
+        description="Pool the GPUs of a Kubernetes cluster to serve llama.cpp models.",
+    )
+    parser.add_argument("--version", action="version", version=f"mesh {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    modules = _modules()
+    for module in modules.values():
+        module.add_parser(sub)
+    return parser, modules
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
+    result: int = modules[args.command].run(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
