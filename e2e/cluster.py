@@ -187,9 +187,7 @@ class LocalCluster:
                 },
             },
             "spec": {
-                "taints": [
-                    {"key": KWOK_NODE_ANNOTATION, "value": "fake", "effect": "NoSchedule"}
-                ]
+                "taints": [{"key": KWOK_NODE_ANNOTATION, "value": "fake", "effect": "NoSchedule"}]
             },
             "status": {"capacity": capacity, "allocatable": capacity},
         }
@@ -366,9 +364,7 @@ class LocalCluster:
             except (urllib.error.URLError, OSError) as exc:
                 last = str(getattr(exc, "reason", exc))
             time.sleep(0.3)
-        raise ClusterError(
-            f"{what} not ready at {url} ({last}); logs in {self.procs.log_dir}"
-        )
+        raise ClusterError(f"{what} not ready at {url} ({last}); logs in {self.procs.log_dir}")
 
     def _check_alive(self) -> None:
         if not self.procs.pid_dir.is_dir():

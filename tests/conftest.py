@@ -78,3 +78,17 @@ def namespace(cluster: LocalCluster) -> Iterator[str]:
         yield name
     finally:
         cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: LocalCluster) -> LocalCluster:
+    """The generated CRDs from crds/, installed and Established."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
+    for plural in ("meshpools", "meshmodels", "meshnodes"):
+        cluster.kubectl(
+            "wait", "--for=condition=Established", f"crd/{plural}.mesh.dev", "--timeout=60s"
+        )
+    return cluster

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 
 GROUP = "mesh.dev"
 VERSION = "v1alpha1"
@@ -32,3 +33,8 @@ class ApiModel(BaseModel):
     def to_wire(self) -> dict[str, object]:
         """The JSON-ready dict that goes to the API server (aliases, no unset Nones)."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def cel_rule(rule: str, message: str) -> JsonDict:
+    """A CEL rule for the generated CRD, checked by the API server at admission."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message}]}

@@ -10,6 +10,7 @@ import datetime as dt
 from typing import Literal
 
 from pydantic import Field
+from pydantic.config import JsonDict
 
 from mesh_operator.api.base import ApiModel
 
@@ -19,10 +20,14 @@ ConditionState = Literal["True", "False", "Unknown"]
 class Condition(ApiModel):
     type: str = Field(min_length=1, max_length=316)
     status: ConditionState
-    reason: str = Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    reason: str = Field(
+        min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+    )
     message: str = Field(default="", max_length=32768)
     observed_generation: int | None = Field(default=None, ge=0)
-    last_transition_time: str | None = None
+    last_transition_time: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}
+    )
 
 
 def rfc3339(moment: dt.datetime) -> str:
@@ -47,7 +52,8 @@ def set_condition(
             out.append(cond)
             continue
         transition = (
-            cond.last_transition_time if cond.status == status and cond.last_transition_time
+            cond.last_transition_time
+            if cond.status == status and cond.last_transition_time
             else rfc3339(now)
         )
         out.append(
@@ -80,3 +86,10 @@ def condition_status(conditions: list[Condition], type_: str) -> ConditionState:
         if cond.type == type_:
             return cond.status
     return "Unknown"
+
+
+# Conditions are a map keyed by `type` for server-side apply and strategic merges.
+CONDITIONS_SCHEMA: JsonDict = {
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["type"],
+}

@@ -8,12 +8,12 @@ conditions Planned / WorkersReady / Ready / Degraded and the endpoint.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from mesh_operator.api.base import ApiModel
-from mesh_operator.api.conditions import Condition
+from mesh_operator.api.base import ApiModel, cel_rule
+from mesh_operator.api.conditions import CONDITIONS_SCHEMA, Condition
 
 CacheType = Literal["f16", "q8_0", "q4_0"]
 Strategy = Literal["latency", "balanced"]
@@ -24,13 +24,53 @@ SHA256_PATTERN = r"^[a-f0-9]{64}$"
 
 # llama-server flags the operator computes itself; extraArgs may not set them.
 OWNED_FLAGS = (
-    "-m", "--model", "-mu", "--model-url", "-hf", "--hf-repo", "-hff", "--hf-file",
-    "--rpc", "-ts", "--tensor-split", "-ngl", "--gpu-layers", "--n-gpu-layers",
-    "-fit", "--fit", "-fitt", "--fit-target", "-c", "--ctx-size", "-np", "--parallel",
-    "-ctk", "--cache-type-k", "-ctv", "--cache-type-v", "-fa", "--flash-attn",
-    "--alias", "--host", "--port", "--metrics", "--api-key", "--api-key-file",
-    "-md", "--model-draft", "-sm", "--split-mode", "-mg", "--main-gpu", "-dev", "--device",
-    "--embedding", "--embeddings", "--ssl-key-file", "--ssl-cert-file", "--path",
+    "-m",
+    "--model",
+    "-mu",
+    "--model-url",
+    "-hf",
+    "--hf-repo",
+    "-hff",
+    "--hf-file",
+    "--rpc",
+    "-ts",
+    "--tensor-split",
+    "-ngl",
+    "--gpu-layers",
+    "--n-gpu-layers",
+    "-fit",
+    "--fit",
+    "-fitt",
+    "--fit-target",
+    "-c",
+    "--ctx-size",
+    "-np",
+    "--parallel",
+    "-ctk",
+    "--cache-type-k",
+    "-ctv",
+    "--cache-type-v",
+    "-fa",
+    "--flash-attn",
+    "--alias",
+    "--host",
+    "--port",
+    "--metrics",
+    "--api-key",
+    "--api-key-file",
+    "-md",
+    "--model-draft",
+    "-sm",
+    "--split-mode",
+    "-mg",
+    "--main-gpu",
+    "-dev",
+    "--device",
+    "--embedding",
+    "--embeddings",
+    "--ssl-key-file",
+    "--ssl-cert-file",
+    "--path",
 )
 
 
@@ -51,7 +91,19 @@ class PvcSource(ApiModel):
     path: str = Field(min_length=1, max_length=1024, pattern=r"^[^/].*\.gguf$")
 
 
+_OWNED_FLAGS_RE = "^(" + "|".join(OWNED_FLAGS) + ")(=.*)?$"
+
+ExtraArg = Annotated[str, Field(min_length=1, max_length=512)]
+
+
 class ModelSource(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel_rule(
+            "[has(self.huggingface), has(self.url), has(self.pvc)].filter(x, x).size() == 1",
+            "source must set exactly one of huggingface, url, pvc",
+        )
+    )
+
     huggingface: HuggingFaceSource | None = None
     url: str | None = Field(default=None, pattern=r"^(https?|file)://.+", max_length=2048)
     pvc: PvcSource | None = None
@@ -84,9 +136,20 @@ class HostResources(ApiModel):
 
 
 class MeshModelSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel_rule(
+            "!has(self.servedName) || !has(self.aliases) || !(self.servedName in self.aliases)",
+            "aliases must not repeat servedName",
+        )
+    )
+
     source: ModelSource
     sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
-    pool_ref: str = Field(min_length=1, max_length=253)
+    pool_ref: str = Field(
+        min_length=1,
+        max_length=253,
+        json_schema_extra=cel_rule("self == oldSelf", "poolRef is immutable"),
+    )
     context_size: int = Field(default=4096, ge=128, le=1048576)
     parallel: int = Field(default=1, ge=1, le=64)
     cache_type_k: CacheType = "f16"
@@ -95,11 +158,21 @@ class MeshModelSpec(ApiModel):
     strategy: Strategy = "latency"
     draft: DraftModel | None = None
     served_name: str | None = Field(default=None, pattern=NAME_PATTERN)
-    aliases: list[str] = Field(default_factory=list, max_length=16)
+    aliases: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=128)]] = Field(
+        default_factory=list, max_length=16
+    )
     embeddings: bool = False
     host_resources: HostResources | None = None
     api_key_secret_ref: SecretKeyRef | None = None
-    extra_args: list[str] = Field(default_factory=list, max_length=64)
+    extra_args: list[ExtraArg] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra=cel_rule(
+            f"self.all(a, !a.matches('{_OWNED_FLAGS_RE}'))",
+            "extraArgs may not set a flag the operator computes "
+            "(--rpc, -ts, -ngl, -c, -np, --host, --port, ...)",
+        ),
+    )
 
     @model_validator(mode="after")
     def _extra_args_not_owned(self) -> MeshModelSpec:
@@ -107,6 +180,12 @@ class MeshModelSpec(ApiModel):
             flag = arg.split("=", 1)[0]
             if flag in OWNED_FLAGS:
                 raise ValueError(f"extraArgs may not set {flag}: the operator computes it")
+        return self
+
+    @model_validator(mode="after")
+    def _aliases_distinct(self) -> MeshModelSpec:
+        if self.served_name is not None and self.served_name in self.aliases:
+            raise ValueError("aliases must not repeat servedName")
         return self
 
     def served_names(self, metadata_name: str) -> list[str]:
@@ -137,7 +216,9 @@ class Plan(ApiModel):
 
 class MeshModelStatus(ApiModel):
     observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, json_schema_extra=CONDITIONS_SCHEMA
+    )
     plan: Plan | None = None
     plan_generation: int | None = Field(default=None, description="Bumped on every re-plan.")
     nodes: str | None = Field(default=None, description="Planned nodes, comma-separated.")

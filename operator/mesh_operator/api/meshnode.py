@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from mesh_operator.api.base import ApiModel
-from mesh_operator.api.conditions import Condition
+from mesh_operator.api.conditions import CONDITIONS_SCHEMA, Condition
 
 Backend = Literal["cuda", "rocm", "vulkan", "cpu"]
 HealthState = Literal["Healthy", "Degraded", "Unhealthy"]
@@ -30,7 +30,9 @@ HEALTH_REASONS = (
 
 
 class MeshNodeSpec(ApiModel):
-    node_name: str = Field(min_length=1, max_length=253, description="The Kubernetes Node this reports on.")
+    node_name: str = Field(
+        min_length=1, max_length=253, description="The Kubernetes Node this reports on."
+    )
 
 
 class Health(ApiModel):
@@ -93,13 +95,19 @@ class SystemInfo(ApiModel):
 
 
 class MeshNodeStatus(ApiModel):
-    heartbeat_time: str | None = Field(default=None, description="RFC 3339 time of the last report.")
+    heartbeat_time: str | None = Field(
+        default=None, description="RFC 3339 time of the last report."
+    )
     interval_seconds: int = Field(default=10, ge=1, le=3600)
     agent_version: str | None = None
-    address: str | None = Field(default=None, description="The node's address as the agent sees it.")
+    address: str | None = Field(
+        default=None, description="The node's address as the agent sees it."
+    )
     health: Health = Field(default_factory=Health)
     devices: list[Device] = Field(default_factory=list, max_length=64)
     cached_models: list[CachedModel] = Field(default_factory=list, max_length=256)
     rpc_servers: list[RpcServer] = Field(default_factory=list, max_length=64)
     system: SystemInfo | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, json_schema_extra=CONDITIONS_SCHEMA
+    )

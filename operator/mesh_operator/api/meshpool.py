@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from mesh_operator.api.base import ApiModel
-from mesh_operator.api.conditions import Condition
+from mesh_operator.api.base import ApiModel, cel_rule
+from mesh_operator.api.conditions import CONDITIONS_SCHEMA, Condition
 from mesh_operator.api.meshnode import Backend
 
 SharingMode = Literal["exclusive", "shared"]
@@ -38,7 +38,9 @@ class Images(ApiModel):
         default=DEFAULT_SERVER_IMAGE, min_length=1, description="Image with llama-server."
     )
     mesh: str = Field(
-        default=DEFAULT_MESH_IMAGE, min_length=1, description="Image with `mesh fetch` (init container)."
+        default=DEFAULT_MESH_IMAGE,
+        min_length=1,
+        description="Image with `mesh fetch` (init container).",
     )
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
@@ -65,7 +67,10 @@ class ModelCache(ApiModel):
 class MeshPoolSpec(ApiModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
-    backend: Backend = "cuda"
+    backend: Backend = Field(
+        default="cuda",
+        json_schema_extra=cel_rule("self == oldSelf", "backend is immutable"),
+    )
     images: Images = Field(default_factory=Images)
     sharing: SharingMode = Field(
         default="exclusive",
@@ -108,4 +113,6 @@ class MeshPoolStatus(ApiModel):
     memory_claimed_mib: int = Field(default=0, alias="memoryClaimedMiB")
     ledger: list[NodeLedger] = Field(default_factory=list)
     observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, json_schema_extra=CONDITIONS_SCHEMA
+    )
