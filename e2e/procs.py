@@ -94,7 +94,10 @@ class ProcessTable:
             record = json.loads(path.read_text())
             pid = int(record["pid"])
             cmd = _cmdline(pid)
-            if cmd is not None and cmd[:1] == record["argv"][:1] and alive(pid):
+            # Right after fork the child's cmdline can still be empty (it has not
+            # exec'd yet): that is our process, not a reused pid.
+            ours = cmd is not None and (not cmd or cmd[:1] == record["argv"][:1])
+            if ours and alive(pid):
                 found[path.stem] = pid
             else:
                 path.unlink(missing_ok=True)

@@ -47,7 +47,7 @@ class Kind:
     spec_required: bool
     columns: tuple[Schema, ...] = ()
     categories: tuple[str, ...] = ("mesh",)
-    spec_rules: tuple[Schema, ...] = field(default=())
+    root_rules: tuple[Schema, ...] = field(default=())
 
 
 def _column(name: str, path: str, type_: str = "string", **extra: Any) -> Schema:
@@ -84,6 +84,15 @@ KINDS = (
         spec=MeshModelSpec,
         status=MeshModelStatus,
         spec_required=True,
+        root_rules=(
+            {
+                # Children are named <model>-rpc, <model>-host and the name is a
+                # label value: keep it a short DNS-1035 label.
+                "rule": "self.metadata.name.size() <= 45 && "
+                "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+                "message": "metadata.name must be a DNS-1035 label of at most 45 characters",
+            },
+        ),
         columns=(
             _column("Ready", '.status.conditions[?(@.type=="Ready")].status'),
             _column("Nodes", ".status.nodes"),
@@ -173,6 +182,8 @@ def build_crd(kind: Kind) -> Schema:
     }
     if kind.spec_required:
         root["required"] = ["spec"]
+    if kind.root_rules:
+        root["x-kubernetes-validations"] = list(kind.root_rules)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

@@ -8,6 +8,7 @@ conditions Planned / WorkersReady / Ready / Degraded and the endpoint.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -221,8 +222,26 @@ class MeshModelStatus(ApiModel):
     )
     plan: Plan | None = None
     plan_generation: int | None = Field(default=None, description="Bumped on every re-plan.")
+    planned_for_generation: int | None = Field(
+        default=None, description="metadata.generation of the spec the plan was made for."
+    )
+    pool_generation: int | None = Field(
+        default=None, description="metadata.generation of the pool the plan was made for."
+    )
     nodes: str | None = Field(default=None, description="Planned nodes, comma-separated.")
     split: str | None = Field(default=None, description="Tensor split, comma-separated.")
     endpoint: str | None = None
     model_size_bytes: int | None = Field(default=None, ge=0)
     served_names: list[str] = Field(default_factory=list)
+
+
+MODEL_NAME_MAX = 45  # keep in step with the CRD rule in crdgen
+_MODEL_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def check_model_name(name: str) -> None:
+    """The rule the CRD enforces on metadata.name (children are named after it)."""
+    if len(name) > MODEL_NAME_MAX or not _MODEL_NAME_RE.match(name):
+        raise ValueError(
+            f"metadata.name must be a DNS-1035 label of at most {MODEL_NAME_MAX} characters"
+        )

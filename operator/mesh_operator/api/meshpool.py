@@ -42,6 +42,24 @@ class Images(ApiModel):
         min_length=1,
         description="Image with `mesh fetch` (init container).",
     )
+    rpc_server_command: list[str] = Field(
+        default_factory=lambda: ["/app/ggml-rpc-server"],
+        min_length=1,
+        max_length=8,
+        description="Entrypoint of ggml-rpc-server in the rpcServer image.",
+    )
+    llama_server_command: list[str] = Field(
+        default_factory=lambda: ["/app/llama-server"],
+        min_length=1,
+        max_length=8,
+        description="Entrypoint of llama-server in the llamaServer image.",
+    )
+    mesh_command: list[str] = Field(
+        default_factory=lambda: ["mesh"],
+        min_length=1,
+        max_length=8,
+        description="Entrypoint of the mesh CLI in the mesh image.",
+    )
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
 
@@ -77,6 +95,11 @@ class MeshPoolSpec(ApiModel):
         description="exclusive: RPC server pods request nvidia.com/gpu; "
         "shared: several models share a GPU, kept apart by the memory ledger.",
     )
+    runtime_class_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description="RuntimeClass of the RPC server pods (e.g. nvidia), if not the default.",
+    )
     reserve_percent: int = Field(default=10, ge=0, le=90)
     device_memory_cap_mib: int | None = Field(
         default=None,
@@ -89,8 +112,8 @@ class MeshPoolSpec(ApiModel):
     max_nodes_per_model: int = Field(default=16, ge=1, le=16)
     max_rtt_ms: int | None = Field(default=None, ge=1, le=1000, alias="maxRttMs")
     rpc_port: int = Field(default=50052, ge=1024, le=65535)
-    stale_after_seconds: int = Field(
-        default=30, ge=5, le=3600, description="A MeshNode older than this is stale."
+    rpc_threads: int | None = Field(
+        default=None, ge=1, le=1024, description="CPU threads of each RPC server (-t)."
     )
 
 

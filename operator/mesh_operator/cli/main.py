@@ -24,31 +24,42 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
-def _modules() -> dict[str, ModuleType]:
+def _modules(only: str | None = None) -> dict[str, ModuleType]:
     found: dict[str, ModuleType] = {}
     for name in SUBCOMMANDS:
+        if only is not None and name != only:
+            continue
         qualified = f"mesh_operator.cli.{name}_cmd"
         if importlib.util.find_spec(qualified) is not None:
             found[name] = importlib.import_module(qualified)
     return found
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
+def build_parser(
+    only: str | None = None,
+) -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
+    """The parser; with `only`, just that subcommand's module is imported.
+
+    Importing every subcommand would load kopf, huggingface_hub and the rest
+    into each process: the node agent on every node would pay for the operator.
+    """
     parser = _Parser(
         prog="mesh",
         description="Pool the GPUs of a Kubernetes cluster to serve llama.cpp models.",
     )
     parser.add_argument("--version", action="version", version=f"mesh {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    modules = _modules()
+    modules = _modules(only)
     for module in modules.values():
         module.add_parser(sub)
     return parser, modules
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, modules = build_parser()
-    args = parser.parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    chosen = args_list[0] if args_list and args_list[0] in SUBCOMMANDS else None
+    parser, modules = build_parser(chosen)
+    args = parser.parse_args(args_list)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT

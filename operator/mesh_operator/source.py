@@ -1,0 +1,156 @@
+"""Where a MeshModel's file comes from, where it lands on a node, and its header.
+
+The pure half (`model_file_name`, `cache_key`, `container_model_path`,
+`build_fetch_args`) decides names and paths that the operator, the init
+container (`mesh fetch`) and the node agent's cache scan agree on. The I/O half
+(`fetch_header_bytes`) reads just the GGUF header of a remote file, with HTTP range
+requests, so the operator can plan before anything is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+
+from mesh_operator.api.meshmodel import ModelSource
+
+MODELS_MOUNT = "/models"
+HF_ENDPOINT_DEFAULT = "https://huggingface.co"
+# A GGUF header (metadata + tensor infos) is rarely above a few MiB; the vocabulary
+# of large tokenizers is what makes it big. Read in growing chunks up to a bound.
+HEADER_FIRST_READ = 4 * 1024 * 1024
+HEADER_MAX = 256 * 1024 * 1024
+
+
+class SourceError(RuntimeError):
+    """The model source cannot be read; `reason` is a CamelCase condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def model_file_name(source: ModelSource) -> str:
+    if source.huggingface is not None:
+        return source.huggingface.file.rsplit("/", 1)[-1]
+    if source.pvc is not None:
+        return source.pvc.path.rsplit("/", 1)[-1]
+    assert source.url is not None
+    path = urllib.parse.urlparse(source.url).path
+    return path.rsplit("/", 1)[-1] or "model.gguf"
+
+
+def cache_key(source: ModelSource) -> str:
+    """A short stable key of the source, the folder the file is cached in on a node."""
+    canonical = json.dumps(source.to_wire(), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def container_model_path(source: ModelSource) -> str:
+    """Path of the model file inside the host container."""
+    if source.pvc is not None:
+        return f"{MODELS_MOUNT}/{source.pvc.path}"
+    return f"{MODELS_MOUNT}/{cache_key(source)}/{model_file_name(source)}"
+
+
+def build_fetch_args(source: ModelSource, sha256: str | None) -> list[str]:
+    """Arguments of `mesh fetch` for the host pod's init container."""
+    args = ["--dest", container_model_path(source)]
+    if source.huggingface is not None:
+        hf = source.huggingface
+        args += ["--hf-repo", hf.repo, "--hf-file", hf.file, "--revision", hf.revision]
+    elif source.url is not None:
+        args += ["--url", source.url]
+    if sha256:
+        args += ["--sha256", sha256]
+    return args
+
+
+def source_url(source: ModelSource, hf_endpoint: str = HF_ENDPOINT_DEFAULT) -> str:
+    """The HTTP(S) or file URL the bytes of the model are read from."""
+    if source.huggingface is not None:
+        hf = source.huggingface
+        quoted = urllib.parse.quote(hf.file)
+        revision = urllib.parse.quote(hf.revision, safe="")
+        return f"{hf_endpoint.rstrip('/')}/{hf.repo}/resolve/{revision}/{quoted}"
+    if source.url is not None:
+        return source.url
+    raise SourceError("SourceUnreadable", "a pvc source cannot be read by the operator")
+
+
+def _read_range(url: str, start: int, length: int, token: str | None, timeout: float) -> bytes:
+    req = urllib.request.Request(url, headers={"Range": f"bytes={start}-{start + length - 1}"})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            if resp.status == 206:
+                data: bytes = resp.read(length)
+                return data
+            # The server ignored the range: read the prefix we need and close.
+            body = b""
+            while len(body) < start + length:
+                chunk = resp.read(min(1 << 20, start + length - len(body)))
+                if not chunk:
+                    break
+                body += chunk
+            return body[start : start + length]
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416:
+            return b""
+        if exc.code in (401, 403):
+            raise SourceError(
+                "SourceForbidden", f"{_redact(url)} answered {exc.code}: check the token Secret"
+            ) from exc
+        if exc.code == 404:
+            raise SourceError("SourceNotFound", f"{_redact(url)} answered 404") from exc
+        raise SourceError("SourceUnreachable", f"{_redact(url)} answered {exc.code}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SourceError("SourceUnreachable", f"{_redact(url)}: {reason}") from exc
+
+
+def _redact(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+
+
+def fetch_header_bytes(
+    source: ModelSource,
+    parse: Callable[[bytes], object],
+    *,
+    token: str | None = None,
+    hf_endpoint: str = HF_ENDPOINT_DEFAULT,
+    timeout: float = 30.0,
+) -> bytes:
+    """Read the smallest prefix of the remote file that `parse` accepts.
+
+    `parse` raises `EOFError` while the prefix ends before the tensor infos, and
+    any other exception when the bytes are not a GGUF model.
+    """
+    url = source_url(source, hf_endpoint)
+    data = b""
+    want = HEADER_FIRST_READ
+    while True:
+        chunk = _read_range(url, len(data), want - len(data), token, timeout)
+        data += chunk
+        try:
+            parse(data)
+            return data
+        except EOFError as exc:
+            if not chunk or len(data) < want or want >= HEADER_MAX:
+                raise SourceError(
+                    "SourceInvalid",
+                    f"{_redact(url)} ends inside its GGUF header ({len(data)} bytes)",
+                ) from exc
+            want = min(want * 4, HEADER_MAX)
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise SourceError(
+                "SourceInvalid", f"{_redact(url)} is not a GGUF model: {exc}"
+            ) from exc
