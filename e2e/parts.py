@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,9 @@ def model_path(name: str = MODEL_FILE) -> Path:
 
 def mesh_cli() -> Path:
     """The `mesh` console script of the environment running the tests."""
+    beside = Path(sys.executable).parent / "mesh"
+    if beside.exists():
+        return beside
     found = shutil.which("mesh")
     if found is None:
         raise PartMissingError("the mesh console script is not on PATH: pip install -e .")

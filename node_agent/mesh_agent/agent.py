@@ -25,6 +25,7 @@ from typing import TypeVar
 from kubernetes import client
 
 from mesh_agent import __version__
+from mesh_agent.discovery import discover_rpc_targets
 from mesh_agent.health import HealthRules
 from mesh_agent.inventory import CollectorConfig, InventoryCollector
 from mesh_agent.inventory.nvml import MESH_SERVER_NAMES, NvmlLib, NvmlReader, load_nvml
@@ -58,6 +59,8 @@ class AgentConfig:
     kubeconfig: Path | None = None
     address: str | None = None
     rpc_targets: tuple[RpcTarget, ...] = ()
+    # Also probe the RPC servers of the operator's worker pods on this node.
+    discover_rpc: bool = True
     rpc_timeout_seconds: float = 1.0
     nvml_module: str = "pynvml"
     nvml_retry_seconds: float = 60.0
@@ -97,6 +100,7 @@ class Agent:
         self.collector = InventoryCollector(config.collector, self._nvml)
         self._api_factory = api_factory or (lambda: make_api_client(config.kubeconfig))
         self._publisher: MeshNodePublisher | None = None
+        self._discovery_api: client.ApiClient | None = None
         self._rng = rng or random.Random()
         self.failures = 0
         self.cycles = 0
@@ -134,8 +138,27 @@ class Agent:
 
     # -- one cycle -------------------------------------------------------------
 
+    def _targets(self) -> tuple[RpcTarget, ...]:
+        targets = list(self.config.rpc_targets)
+        if self.config.discover_rpc:
+            try:
+                if self._discovery_api is None:
+                    self._discovery_api = self._api_factory()
+                found = discover_rpc_targets(self._discovery_api, self.config.node_name)
+            except Exception as exc:  # the API may be down: probe what is known
+                self.transitions.record(
+                    "discovery", "failing", f"RPC server discovery failing: {exc}"
+                )
+                self._discovery_api = None
+                found = ()
+            else:
+                self.transitions.record("discovery", "ok", "RPC server discovery working")
+            targets += [t for t in found if t not in targets]
+        return tuple(targets)
+
     def _probe_all(self) -> tuple[RpcProbe, ...]:
-        if not self.config.rpc_targets:
+        targets = self._targets()
+        if not targets:
             return ()
         # Which processes' tables to read is found once per cycle; the tables
         # themselves are read afresh by each look (the probe waits on them).
@@ -145,8 +168,7 @@ class Agent:
             return read_socket_rows(sources)
 
         return tuple(
-            probe(t, timeout=self.config.rpc_timeout_seconds, socket_rows=rows)
-            for t in self.config.rpc_targets
+            probe(t, timeout=self.config.rpc_timeout_seconds, socket_rows=rows) for t in targets
         )
 
     def _publish(self, status: MeshNodeStatus) -> None:

@@ -49,6 +49,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "MESH_AGENT_RPC_SERVERS",
         "comma-separated [namespace/model=]host:port of RPC servers to probe",
     ),
+    "discover_rpc": (
+        "MESH_AGENT_DISCOVER_RPC",
+        "probe the operator's RPC server pods on this node: true or false (default true)",
+    ),
     "rpc_timeout": ("MESH_AGENT_RPC_TIMEOUT", "seconds to wait for an RPC HELLO (default 1)"),
     "backend": ("MESH_AGENT_BACKEND", "auto, cuda or cpu (default auto)"),
     "state_dir": ("MESH_AGENT_STATE_DIR", "folder for the cached bandwidth figure"),
@@ -88,6 +92,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         flag = "--" + dest.replace("_", "-")
         parser.add_argument(flag, dest=dest, default=None, help=f"{text} [${env}]")
     return parser
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
 
 
 def _setting(args: argparse.Namespace, dest: str) -> str | None:
@@ -161,6 +174,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         kubeconfig=Path(kubeconfig.split(os.pathsep)[0]) if kubeconfig else None,
         address=_setting(args, "address"),
         rpc_targets=targets,
+        discover_rpc=_convert(args, "discover_rpc", _boolean, True),
         rpc_timeout_seconds=_convert(args, "rpc_timeout", float, 1.0),
         nvml_module=_setting(args, "nvml_module") or "pynvml",
         collector=collector,

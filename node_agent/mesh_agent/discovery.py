@@ -1,0 +1,50 @@
+"""Which llama.cpp RPC servers run on this node: found from the pods the operator
+made for them (label `app.kubernetes.io/component=rpc-server`), so the agent
+follows models as they are planned onto and off its node.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes import client
+
+from mesh_agent.rpc_liveness import RpcTarget
+
+RPC_SELECTOR = "app.kubernetes.io/component=rpc-server,app.kubernetes.io/managed-by=mesh-operator"
+MODEL_LABEL = "mesh.dev/model"
+DEFAULT_RPC_PORT = 50052
+
+
+def target_of(pod: Mapping[str, Any]) -> RpcTarget | None:
+    """The RPC endpoint of one running rpc-server pod, or None if it has none yet."""
+    status = pod.get("status") or {}
+    ip = status.get("podIP")
+    if not ip or status.get("phase") != "Running":
+        return None
+    meta = pod.get("metadata") or {}
+    model = (meta.get("labels") or {}).get(MODEL_LABEL, "")
+    port = DEFAULT_RPC_PORT
+    for container in (pod.get("spec") or {}).get("containers", []) or []:
+        for p in container.get("ports", []) or []:
+            if p.get("name") == "rpc" and p.get("containerPort"):
+                port = int(p["containerPort"])
+    return RpcTarget(
+        model=f"{meta.get('namespace', '')}/{model}" if model else "", host=ip, port=port
+    )
+
+
+def discover_rpc_targets(api: client.ApiClient, node_name: str) -> tuple[RpcTarget, ...]:
+    """RPC servers of mesh's worker pods bound to `node_name` (blocking: call off-loop)."""
+    core = client.CoreV1Api(api)
+    raw: Any = core.list_pod_for_all_namespaces(
+        label_selector=RPC_SELECTOR,
+        field_selector=f"spec.nodeName={node_name}",
+        _preload_content=False,
+        _request_timeout=10,
+    )
+    pods = json.loads(raw.data).get("items", [])
+    found = [t for t in (target_of(p) for p in pods) if t is not None]
+    return tuple(sorted(found, key=lambda t: (t.model, t.host, t.port)))
