@@ -1,0 +1,63 @@
+"""`python -m bench planner`: the scenario suite, then the real measurement.
+
+Prints two tables. The suite needs nothing but this package; the real run
+needs llama.cpp and the model from `scripts/setup.sh` and is skipped, saying
+why, when they are missing (or with --no-real).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bench.planner.real import format_real, measure
+from bench.planner.shapes import write_fixtures
+from bench.planner.suite import format_suite, run_suite
+from e2e import parts
+from e2e.parts import PartMissingError
+
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "planner" / "models"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench planner")
+    parser.add_argument("--no-real", action="store_true", help="skip the llama.cpp measurement")
+    parser.add_argument("--no-suite", action="store_true", help="skip the scenario suite")
+    parser.add_argument("--rtt-ms", type=float, default=5.0, help="RTT the proxy adds")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per generation")
+    parser.add_argument("--runs", type=int, default=5, help="generations per configuration")
+    parser.add_argument(
+        "--write-fixtures",
+        action="store_true",
+        help="write the header-only GGUFs of the planner's tests and exit",
+    )
+    args = parser.parse_args(argv)
+
+    if args.write_fixtures:
+        try:
+            real: Path | None = parts.model_path()
+        except PartMissingError:
+            real = None
+        for path in write_fixtures(FIXTURES, real):
+            print(path)
+        return 0
+
+    if not args.no_suite:
+        started = time.monotonic()
+        print("== planner scenario suite (predicted, same estimate and time model for all)")
+        print(format_suite(run_suite()))
+        print(f"suite took {time.monotonic() - started:.0f} s", flush=True)
+    if not args.no_real:
+        print()
+        print("== real run on llama.cpp")
+        started = time.monotonic()
+        try:
+            results, measured_rtt, plan = measure(args.rtt_ms, args.tokens, args.runs)
+        except PartMissingError as exc:
+            print(f"skipped: {exc}")
+            return 0
+        print(f"mesh plan: {plan.reason}; tensor split {','.join(map(str, plan.tensor_split))}")
+        print(format_real(results, measured_rtt, args.rtt_ms))
+        print(f"real run took {time.monotonic() - started:.0f} s")
+    return 0

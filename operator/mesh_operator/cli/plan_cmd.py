@@ -1,0 +1,238 @@
+"""`mesh plan`: plan a model on an inventory and print the plan as JSON or a table.
+
+Owns the flags, reading the inventory file and the output formats; the planning
+itself is `mesh_operator.planner`. Exit codes: 0 feasible, 3 infeasible (the
+plan is still printed), 2 bad input with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mesh_operator.planner import (
+    CACHE_TYPES,
+    DEFAULT_RPC_PORT,
+    STRATEGIES,
+    CurrentPlan,
+    PlacementRequest,
+    PlacementResult,
+    PlannerInputError,
+    ServerSettings,
+    ServingParams,
+    build_llama_server_args,
+    build_rpc_server_commands,
+    parse_inventory,
+    plan_placement,
+    read_model_profile,
+)
+from mesh_operator.planner.api_plan import mib_ceil
+from mesh_operator.planner.profile import ModelProfile
+
+EXIT_FEASIBLE = 0
+EXIT_BAD_INPUT = 2
+EXIT_INFEASIBLE = 3
+# Kubernetes expands this from the pod's downward API: workers bind to the pod IP.
+POD_IP = "$(POD_IP)"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 100:
+        raise argparse.ArgumentTypeError(f"must be in [0, 100), got {value:g}")
+    return value
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="plan a model on a pool: devices, tensor split, command lines",
+        description=(
+            "Read a GGUF header and an inventory of nodes, choose the devices, their order "
+            "and the tensor split, and print the plan. Exit 0 feasible, 3 infeasible, "
+            "2 bad input."
+        ),
+    )
+    parser.add_argument("--model", required=True, metavar="FILE.gguf", help="model file")
+    parser.add_argument(
+        "--inventory", required=True, metavar="nodes.yaml", help="nodes and devices (YAML)"
+    )
+    parser.add_argument("--ctx", type=_positive, default=4096, metavar="N", help="context size")
+    parser.add_argument(
+        "--parallel", type=_positive, default=1, metavar="N", help="server slots (-np)"
+    )
+    parser.add_argument("--cache-type-k", choices=list(CACHE_TYPES), default="f16", metavar="T")
+    parser.add_argument("--cache-type-v", choices=list(CACHE_TYPES), default="f16", metavar="T")
+    parser.add_argument("--flash-attn", choices=["on", "off", "auto"], default="auto")
+    parser.add_argument("--strategy", choices=list(STRATEGIES), default="latency")
+    parser.add_argument("--reserve-percent", type=_percent, default=10.0, metavar="P")
+    parser.add_argument("--output", choices=["json", "table"], default="json")
+    parser.add_argument(
+        "--current",
+        metavar="PLAN.json",
+        help="a previous `mesh plan` JSON output: keep it unless a plan is clearly better",
+    )
+    parser.add_argument("--rpc-port", type=_positive, default=DEFAULT_RPC_PORT, metavar="PORT")
+    parser.add_argument("--port", type=_positive, default=8080, metavar="PORT")
+
+
+def _read_inventory(path: str) -> Any:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise PlannerInputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise PlannerInputError(f"{path}: {where}{problem}") from None
+
+
+def _read_current(path: str) -> CurrentPlan:
+    try:
+        data = json.loads(Path(path).read_text())
+        layout = tuple(
+            (str(d["node"]), str(d["device"]), (int(d["layers"][0]), int(d["layers"][1])))
+            for d in data["devices"]
+        )
+        host = data.get("hostNode")
+    except OSError as exc:
+        raise PlannerInputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise PlannerInputError(f"{path}: not a `mesh plan` JSON output ({exc})") from None
+    return CurrentPlan(layout=layout, host_node=str(host) if host else None)
+
+
+def _report(
+    result: PlacementResult, profile: ModelProfile, args: argparse.Namespace
+) -> dict[str, Any]:
+    commands: dict[str, Any] = {"llama-server": [], "ggml-rpc-server": {}}
+    if result.feasible:
+        settings = ServerSettings(serving=_serving(args), port=args.port)
+        endpoints = {n: f"{n}:{args.rpc_port}" for n in result.rpc}
+        commands["llama-server"] = build_llama_server_args(result, args.model, settings, endpoints)
+        commands["ggml-rpc-server"] = build_rpc_server_commands(
+            result, host=POD_IP, port=args.rpc_port
+        )
+    return {
+        "feasible": result.feasible,
+        "reason": result.reason,
+        "strategy": result.strategy,
+        "devices": [
+            {
+                "node": d.node,
+                "device": d.device,
+                "layers": [d.first_layer, d.last_layer],
+                "weightsMiB": mib_ceil(d.weights_bytes),
+                "kvMiB": mib_ceil(d.kv_bytes),
+                "computeMiB": mib_ceil(d.compute_bytes),
+                "totalMiB": mib_ceil(d.total_bytes),
+                "freeMiB": d.free_mib,
+            }
+            for d in result.devices
+        ],
+        "tensorSplit": list(result.tensor_split),
+        "rpc": list(result.rpc),
+        "hostNode": result.host_node,
+        "predictedTokenMs": round(result.predicted_token_ms, 3) if result.feasible else None,
+        "hostMemoryMiB": mib_ceil(result.host_memory_bytes) if result.feasible else None,
+        "model": {
+            "file": profile.file_name,
+            "architecture": profile.architecture,
+            "layers": profile.n_device_layers,
+            "weightsMiB": mib_ceil(profile.weight_bytes),
+        },
+        "args": commands,
+    }
+
+
+def _table(report: dict[str, Any], args: argparse.Namespace) -> str:
+    model = report["model"]
+    lines = [
+        f"model {model['file']} ({model['architecture']}, {model['layers']} device layers, "
+        f"{model['weightsMiB']} MiB on devices); ctx {args.ctx} x {args.parallel} slot(s), "
+        f"strategy {report['strategy']}",
+        ("feasible: " if report["feasible"] else "INFEASIBLE: ") + report["reason"],
+    ]
+    if report["devices"]:
+        header = ("NODE", "DEVICE", "LAYERS", "WEIGHTS", "KV", "COMPUTE", "TOTAL", "FREE")
+        rows = [
+            (
+                d["node"],
+                d["device"],
+                f"{d['layers'][0]}-{d['layers'][1] - 1}",
+                *(
+                    f"{d[k]} MiB"
+                    for k in ("weightsMiB", "kvMiB", "computeMiB", "totalMiB", "freeMiB")
+                ),
+            )
+            for d in report["devices"]
+        ]
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        lines.append("")
+        for row in [header, *rows]:
+            lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+        lines += [
+            "",
+            f"tensor split {','.join(map(str, report['tensorSplit']))}; "
+            f"--rpc order {','.join(report['rpc'])}; host on {report['hostNode']}; "
+            f"{report['predictedTokenMs']} ms/token; host RAM {report['hostMemoryMiB']} MiB",
+            "",
+            "llama-server " + shlex.join(report["args"]["llama-server"]),
+        ]
+        for node, node_args in report["args"]["ggml-rpc-server"].items():
+            lines.append(f"ggml-rpc-server ({node}) " + shlex.join(node_args))
+    return "\n".join(lines)
+
+
+def _serving(args: argparse.Namespace) -> ServingParams:
+    return ServingParams(
+        ctx=args.ctx,
+        parallel=args.parallel,
+        cache_type_k=args.cache_type_k,
+        cache_type_v=args.cache_type_v,
+        flash_attention=args.flash_attn,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        profile = read_model_profile(args.model)
+        inventory = parse_inventory(_read_inventory(args.inventory), source=args.inventory)
+        current = _read_current(args.current) if args.current else None
+        request = PlacementRequest(
+            serving=_serving(args),
+            strategy=args.strategy,
+            reserve_percent=args.reserve_percent,
+        )
+        result = plan_placement(profile, inventory, request, current=current)
+        report = _report(result, profile, args)
+    except PlannerInputError as exc:
+        print(f"mesh plan: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.output == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        print(_table(report, args))
+    return EXIT_FEASIBLE if result.feasible else EXIT_INFEASIBLE

@@ -1,0 +1,52 @@
+"""Conversion between the planner's result and the plan stored in MeshModel status.
+
+Owns the rounding: the API keeps integers only (MiB rounded up, microseconds per
+token), and a stored plan comes back as the `CurrentPlan` the stability rule
+compares new plans against.
+"""
+
+from __future__ import annotations
+
+import math
+
+from mesh_operator.api.meshmodel import Plan, PlannedDevice
+from mesh_operator.planner.memory import MIB
+from mesh_operator.planner.placement import CurrentPlan, PlacementResult
+
+
+def mib_ceil(n_bytes: int) -> int:
+    return math.ceil(n_bytes / MIB)
+
+
+def to_api_plan(result: PlacementResult) -> Plan:
+    """The plan as MeshModel status stores it (an infeasible one keeps its reason)."""
+    if not result.feasible:
+        return Plan(strategy=result.strategy, reason=result.reason)
+    return Plan(
+        devices=[
+            PlannedDevice(
+                node=d.node,
+                device=d.device,
+                layers=[d.first_layer, d.last_layer],
+                weights_mib=mib_ceil(d.weights_bytes),
+                kv_mib=mib_ceil(d.kv_bytes),
+                compute_mib=mib_ceil(d.compute_bytes),
+                total_mib=mib_ceil(d.total_bytes),
+            )
+            for d in result.devices
+        ],
+        tensor_split=list(result.tensor_split),
+        rpc=list(result.rpc),
+        host_node=result.host_node,
+        predicted_token_us=round(result.predicted_token_ms * 1000),
+        strategy=result.strategy,
+        reason=result.reason,
+    )
+
+
+def current_plan_from_api(plan: Plan | None) -> CurrentPlan | None:
+    """The stored plan as the input of the stability rule, or None if empty."""
+    if plan is None or not plan.devices:
+        return None
+    layout = tuple((d.node, d.device, (d.layers[0], d.layers[1])) for d in plan.devices)
+    return CurrentPlan(layout=layout, host_node=plan.host_node)

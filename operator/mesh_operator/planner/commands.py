@@ -1,0 +1,156 @@
+"""Command lines of a plan: `llama-server` on the host, `ggml-rpc-server` per node.
+
+Owns the flags. Pure builders shared by the operator (container args) and the
+tests (processes on this machine), so what is tested is what is deployed. The
+lists hold arguments only, not the binary. Every flag the operator owns
+(`OWNED_FLAGS` in the API) is set here; `-fit off` stops recent llama-server
+from rewriting the computed split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from mesh_operator.api.meshmodel import Plan
+from mesh_operator.planner.errors import PlannerInputError
+from mesh_operator.planner.memory import ServingParams
+from mesh_operator.planner.placement import PlacementResult
+
+DEFAULT_RPC_PORT = 50052
+DEFAULT_UBATCH = 512
+DEFAULT_BATCH = 2048
+
+
+@dataclass(frozen=True)
+class DraftSettings:
+    """A draft model for speculative decoding, loaded by the host."""
+
+    model_path: str
+    max_tokens: int = 16
+    gpu_layers: int | None = None
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything about the host's llama-server that is not in the plan."""
+
+    serving: ServingParams = field(default_factory=ServingParams)
+    host: str = "0.0.0.0"
+    port: int = 8080
+    aliases: tuple[str, ...] = ()
+    metrics: bool = True
+    api_key_file: str | None = None
+    draft: DraftSettings | None = None
+    threads: int | None = None
+    embeddings: bool = False
+    extra_args: tuple[str, ...] = ()
+
+
+def _layout(plan: Plan | PlacementResult) -> tuple[list[str], list[int], int]:
+    """Nodes in --rpc order, the split, and how many layers go to devices."""
+    if isinstance(plan, PlacementResult):
+        if not plan.feasible:
+            raise PlannerInputError(f"no command line for an infeasible plan: {plan.reason}")
+        return list(plan.rpc), list(plan.tensor_split), plan.n_device_layers
+    if not plan.rpc or not plan.tensor_split or not plan.devices:
+        raise PlannerInputError("the plan has no devices")
+    last = max(d.layers[1] for d in plan.devices)
+    return list(plan.rpc), list(plan.tensor_split), last
+
+
+def build_llama_server_args(
+    plan: Plan | PlacementResult,
+    model_path: str,
+    settings: ServerSettings,
+    rpc_endpoints: Mapping[str, str],
+) -> list[str]:
+    """Arguments of the host's llama-server; `rpc_endpoints` maps node -> host:port."""
+    nodes, split, gpu_layers = _layout(plan)
+    missing = [n for n in nodes if n not in rpc_endpoints]
+    if missing:
+        raise PlannerInputError(f"no RPC endpoint for node(s) {', '.join(missing)}")
+    serving = settings.serving
+    args = [
+        "-m", model_path,
+        "--rpc", ",".join(rpc_endpoints[n] for n in nodes),
+        "-ts", ",".join(str(s) for s in split),
+        "-ngl", str(gpu_layers),
+        "-fit", "off",
+        "-c", str(serving.ctx),
+        "-np", str(serving.parallel),
+        "-ctk", serving.cache_type_k,
+        "-ctv", serving.cache_type_v,
+        "-fa", serving.flash_attention,
+        "--host", settings.host,
+        "--port", str(settings.port),
+    ]  # fmt: skip
+    if serving.ubatch != DEFAULT_UBATCH:
+        args += ["-ub", str(serving.ubatch)]
+    if serving.batch != DEFAULT_BATCH:
+        args += ["-b", str(serving.batch)]
+    if settings.aliases:
+        args += ["--alias", ",".join(settings.aliases)]
+    if settings.metrics:
+        args.append("--metrics")
+    if settings.api_key_file:
+        args += ["--api-key-file", settings.api_key_file]
+    if settings.embeddings:
+        args.append("--embeddings")
+    if settings.threads:
+        args += ["-t", str(settings.threads)]
+    if settings.draft is not None:
+        args += ["-md", settings.draft.model_path]
+        args += ["--spec-draft-n-max", str(settings.draft.max_tokens)]
+        if settings.draft.gpu_layers is not None:
+            args += ["-ngld", str(settings.draft.gpu_layers)]
+    args += list(settings.extra_args)
+    return args
+
+
+def build_rpc_server_args(
+    devices: Sequence[str],
+    *,
+    host: str,
+    port: int = DEFAULT_RPC_PORT,
+    cache: bool = True,
+    threads: int | None = None,
+) -> list[str]:
+    """Arguments of one node's ggml-rpc-server exposing `devices` in plan order.
+
+    `cache` turns on the server's tensor cache (`-c`, in `$LLAMA_CACHE`), which
+    makes restarts and re-plans load from the node's disk instead of the network.
+    """
+    if not devices:
+        raise PlannerInputError("an RPC server needs at least one device")
+    args = ["-H", host, "-p", str(port), "-d", ",".join(devices)]
+    if cache:
+        args.append("-c")
+    if threads:
+        args += ["-t", str(threads)]
+    return args
+
+
+def rpc_devices_by_node(plan: Plan | PlacementResult) -> dict[str, list[str]]:
+    """Device ids each planned node's server exposes, in llama.cpp order."""
+    if isinstance(plan, PlacementResult):
+        return plan.rpc_devices()
+    out: dict[str, list[str]] = {}
+    for d in plan.devices:
+        out.setdefault(d.node, []).append(d.device)
+    return out
+
+
+def build_rpc_server_commands(
+    plan: Plan | PlacementResult,
+    *,
+    host: str,
+    port: int = DEFAULT_RPC_PORT,
+    cache: bool = True,
+    threads: int | None = None,
+) -> dict[str, list[str]]:
+    """ggml-rpc-server arguments for every planned node."""
+    return {
+        node: build_rpc_server_args(devices, host=host, port=port, cache=cache, threads=threads)
+        for node, devices in rpc_devices_by_node(plan).items()
+    }

@@ -1,0 +1,230 @@
+"""`mesh plan`: flags, JSON and table output, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mesh_operator.cli.main import main
+from tests.unit.planner.builders import raw_gguf
+from tests.unit.planner.llama_log import GEMMA_HEADER, MODEL_HEADERS
+
+pytestmark = pytest.mark.unit
+
+INVENTORY = {
+    "nodes": [
+        {
+            "name": "gpu-a",
+            "rttMs": 0.4,
+            "cachedModels": [],
+            "devices": [
+                {"id": "CUDA0", "backend": "cuda", "memoryTotalMiB": 24576,
+                 "memoryFreeMiB": 23800, "bandwidthGBps": 936}
+            ],
+        },
+        {
+            "name": "gpu-b",
+            "rttMs": 2.0,
+            "devices": [
+                {"id": "CUDA0", "backend": "cuda", "memoryTotalMiB": 8192,
+                 "memoryFreeMiB": 8000, "bandwidthGBps": 300},
+                {"id": "CUDA1", "backend": "cuda", "memoryTotalMiB": 8192,
+                 "memoryFreeMiB": 8000, "bandwidthGBps": 300},
+            ],
+        },
+    ]
+}  # fmt: skip
+KEYS = {
+    "feasible", "reason", "strategy", "devices", "tensorSplit", "rpc", "hostNode",
+    "predictedTokenMs", "args",
+}  # fmt: skip
+DEVICE_KEYS = {
+    "node", "device", "layers", "weightsMiB", "kvMiB", "computeMiB", "totalMiB", "freeMiB"
+}  # fmt: skip
+
+
+def _write(tmp_path: Path, doc: Any, name: str = "nodes.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _plan(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any] | str, str]:
+    code = main(["plan", *args])
+    out, err = capsys.readouterr()
+    try:
+        return code, json.loads(out), err
+    except json.JSONDecodeError:
+        return code, out, err
+
+
+def test_feasible_plan_prints_the_documented_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inv = _write(tmp_path, INVENTORY)
+    model = str(MODEL_HEADERS / "llama-3.1-8b.header.gguf")
+    code, report, err = _plan(capsys, "--model", model, "--inventory", str(inv), "--ctx", "8192")
+    assert code == 0 and err == "" and isinstance(report, dict)
+    assert set(report) >= KEYS
+    assert report["feasible"] is True and report["strategy"] == "latency"
+    assert report["rpc"] == ["gpu-a"] and report["hostNode"] == "gpu-a"
+    assert [set(d) for d in report["devices"]] == [DEVICE_KEYS]
+    assert report["devices"][0]["layers"] == [0, 33] and report["tensorSplit"] == [33]
+    assert isinstance(report["predictedTokenMs"], float)
+    server = report["args"]["llama-server"]
+    assert server[server.index("--rpc") + 1] == "gpu-a:50052"
+    assert report["args"]["ggml-rpc-server"] == {
+        "gpu-a": ["-H", "$(POD_IP)", "-p", "50052", "-d", "CUDA0", "-c"]
+    }
+
+
+def test_infeasible_plan_exits_3_and_still_prints_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    small = {
+        "nodes": [
+            {
+                "name": "a",
+                "devices": [{"id": "CUDA0", "memoryTotalMiB": 4096, "memoryFreeMiB": 4096}],
+            }
+        ]
+    }
+    inv = _write(tmp_path, small)
+    model = str(MODEL_HEADERS / "qwen3-30b-a3b.header.gguf")
+    code, report, _ = _plan(capsys, "--model", model, "--inventory", str(inv))
+    assert code == 3 and isinstance(report, dict)
+    assert report["feasible"] is False and report["reason"].startswith("needs ")
+    assert report["devices"] == [] and report["args"]["llama-server"] == []
+
+
+def test_table_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inv = _write(tmp_path, INVENTORY)
+    model = str(MODEL_HEADERS / "qwen3-30b-a3b.header.gguf")
+    code, text, _ = _plan(
+        capsys, "--model", model, "--inventory", str(inv), "--strategy", "balanced",
+        "--cache-type-k", "q8_0", "--cache-type-v", "q8_0", "--output", "table",
+    )  # fmt: skip
+    assert code == 0 and isinstance(text, str)
+    assert "NODE" in text and "TOTAL" in text and "strategy balanced" in text
+    assert "llama-server -m " in text and "-ctk q8_0" in text
+
+
+def test_current_plan_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inv = _write(tmp_path, INVENTORY)
+    model = str(GEMMA_HEADER)
+    code, report, _ = _plan(capsys, "--model", model, "--inventory", str(inv))
+    assert code == 0
+    current = tmp_path / "plan.json"
+    current.write_text(json.dumps(report))
+    code, again, _ = _plan(
+        capsys, "--model", model, "--inventory", str(inv), "--current", str(current)
+    )
+    assert code == 0 and isinstance(again, dict) and isinstance(report, dict)
+    assert again["reason"].startswith("kept the current plan")
+    assert again["devices"] == report["devices"]
+
+
+def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    inv = str(_write(tmp_path, INVENTORY))
+    good = str(GEMMA_HEADER)
+
+    def model_file(name: str, data: bytes) -> str:
+        (tmp_path / name).write_bytes(data)
+        return str(tmp_path / name)
+
+    def inventory_with(**device: Any) -> str:
+        doc = json.loads(json.dumps(INVENTORY))
+        doc["nodes"][1]["devices"][0].update(device)
+        return str(_write(tmp_path, doc, "bad.yaml"))
+
+    missing = json.loads(json.dumps(INVENTORY))
+    del missing["nodes"][0]["devices"][0]["memoryFreeMiB"]
+    header = GEMMA_HEADER.read_bytes()
+    ctx = ["--model", good, "--inventory", inv, "--ctx"]
+    gemma = ["--model", good, "--inventory", inv]
+    unknown_arch = raw_gguf(metadata=[("general.architecture", "rwkv7")])
+    unknown_type = raw_gguf(tensors=[("blk.0.x", (32,), 77)])
+    return {
+        "not-gguf": (
+            ["--model", model_file("x.gguf", b"hello world, not a model"), "--inventory", inv],
+            "not a GGUF file",
+        ),
+        "truncated": (
+            ["--model", model_file("t.gguf", header[:2000]), "--inventory", inv],
+            "truncated at byte",
+        ),
+        "unknown-arch": (
+            ["--model", model_file("a.gguf", unknown_arch), "--inventory", inv],
+            "unknown architecture 'rwkv7'",
+        ),
+        "unknown-type": (
+            ["--model", model_file("u.gguf", unknown_type), "--inventory", inv],
+            "unknown tensor type 77",
+        ),
+        "no-model": (["--model", str(tmp_path / "absent.gguf"), "--inventory", inv], "cannot read"),
+        "negative-memory": (
+            ["--model", good, "--inventory", inventory_with(memoryFreeMiB=-1)],
+            "nodes[1].devices[0].memoryFreeMiB",
+        ),
+        "missing-memory": (
+            ["--model", good, "--inventory", str(_write(tmp_path, missing, "m.yaml"))],
+            "memoryFreeMiB: missing",
+        ),
+        "ctx-zero": ([*ctx, "0"], "--ctx: must be > 0"),
+        "ctx-negative": ([*ctx, "-4096"], "--ctx: must be > 0"),
+        "ctx-text": ([*ctx, "big"], "--ctx: expected an integer"),
+        "bad-yaml": (
+            ["--model", good, "--inventory", model_file("y.yaml", b"nodes: [\n  - {name: a")],
+            "line",
+        ),
+        "no-inventory": (
+            ["--model", good, "--inventory", str(tmp_path / "none.yaml")],
+            "cannot read",
+        ),
+        "bad-cache": ([*gemma, "--cache-type-k", "q2"], "invalid choice"),
+        "reserve": ([*gemma, "--reserve-percent", "120"], "must be in [0, 100)"),
+        "v-cache-without-fa": (
+            [*gemma, "--flash-attn", "off", "--cache-type-v", "q4_0"],
+            "needs flash attention",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not-gguf", "truncated", "unknown-arch", "unknown-type", "no-model", "negative-memory",
+        "missing-memory", "ctx-zero", "ctx-negative", "ctx-text", "bad-yaml", "no-inventory",
+        "bad-cache", "reserve", "v-cache-without-fa",
+    ],
+)  # fmt: skip
+def test_bad_input_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    args, message = _bad_cases(tmp_path)[case]
+    try:
+        code = main(["plan", *args])
+    except SystemExit as exc:  # argparse rejects some flags itself, also with 2
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("mesh plan: error: "), err
+    assert message in err
+
+
+def test_no_traceback_from_the_console_script(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(GEMMA_HEADER.read_bytes()[:50])
+    inv = _write(tmp_path, INVENTORY)
+    argv = [sys.executable, "-m", "mesh_operator.cli.main", "plan"]
+    argv += ["--model", str(bad), "--inventory", str(inv)]
+    run = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.count("\n") == 1
