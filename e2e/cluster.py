@@ -91,8 +91,17 @@ class LocalCluster:
 
     # -- lifecycle -----------------------------------------------------------
 
-    def up(self, timeout: float = 180.0, node_lease_seconds: int = 40) -> ClusterConfig:
-        """Start every component not already running and wait until the cluster works."""
+    def up(
+        self,
+        timeout: float = 180.0,
+        node_lease_seconds: int = 40,
+        node_monitor_grace_seconds: int = 50,
+    ) -> ClusterConfig:
+        """Start every component not already running and wait until the cluster works.
+
+        The two node settings apply to a new cluster; a running one keeps its own
+        (see `set_node_monitor_grace`).
+        """
         bins = {name: parts.binary(name) for name in COMPONENTS}
         running = self.procs.recorded()
         if running and self.config_file.exists():
@@ -100,7 +109,10 @@ class LocalCluster:
         else:
             self.procs.stop_all(STOP_ORDER)
             shutil.rmtree(self.state_dir / "etcd-data", ignore_errors=True)
-            cfg = ClusterConfig.pick(node_lease_seconds=node_lease_seconds)
+            cfg = ClusterConfig.pick(
+                node_lease_seconds=node_lease_seconds,
+                node_monitor_grace_seconds=node_monitor_grace_seconds,
+            )
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.config_file.write_text(json.dumps(asdict(cfg), indent=2))
             running = {}
@@ -135,6 +147,43 @@ class LocalCluster:
             authenticated=True,
         )
         return cfg
+
+    def set_node_monitor_grace(self, seconds: int, timeout: float = 60.0) -> int:
+        """Restart the controller-manager with another node-monitor-grace-period.
+
+        Node-loss tests use a short grace so the node lifecycle controller marks a
+        stopped node NotReady quickly. Returns the previous value.
+        """
+        cfg = self.config()
+        previous = cfg.node_monitor_grace_seconds
+        if previous == seconds and self.procs.running("kube-controller-manager"):
+            return previous
+        cfg.node_monitor_grace_seconds = seconds
+        self.config_file.write_text(json.dumps(asdict(cfg), indent=2))
+        bins = {name: parts.binary(name) for name in COMPONENTS}
+        files = self._write_pki(cfg)
+        self.procs.stop("kube-controller-manager")
+        self.procs.start("kube-controller-manager", self._cm_argv(bins, cfg, files))
+        self._wait(
+            f"https://127.0.0.1:{cfg.controller_manager_port}/healthz",
+            time.monotonic() + timeout,
+            "kube-controller-manager",
+        )
+        return previous
+
+    def node_kubeconfig(self, node: str) -> Path:
+        """A kubeconfig with the node's own identity (CN=system:node:<node>,
+        O=system:nodes), judged by the Node authorizer and NodeRestriction."""
+        cfg = self.config()
+        ca = pki.CertificateAuthority(self.pki_dir)
+        pair = ca.issue(f"node-{node}", f"system:node:{node}", organization="system:nodes")
+        return pki.write_kubeconfig(
+            self.pki_dir / f"node-{node}.kubeconfig",
+            cfg.server,
+            ca.pair.cert,
+            pair,
+            f"system:node:{node}",
+        )
 
     def down(self) -> list[str]:
         stopped = self.procs.stop_all(STOP_ORDER)
@@ -278,6 +327,9 @@ class LocalCluster:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=Node,RBAC",
+            # Not on by default; real clusters enable it so a node can only touch
+            # its own Node, Lease and pods (simulated nodes use node credentials).
+            "--enable-admission-plugins=NodeRestriction",
             "--allow-privileged=true",
             # No kubelet registers an endpoint for the `kubernetes` Service here and
             # a loopback address is not a valid endpoint.

@@ -29,7 +29,7 @@ def main() -> int:
                 "nodes",
                 "-o",
                 "custom-columns=NAME:.metadata.name,"
-                "READY:.status.conditions[?(@.type==\"Ready\")].status,"
+                'READY:.status.conditions[?(@.type=="Ready")].status,'
                 "GPUS:.status.capacity.nvidia\\.com/gpu",
             )
         )

@@ -1,0 +1,33 @@
+"""Simulated Kubernetes nodes that really run their pods, as local processes.
+
+Test infrastructure for the end-to-end scenario and integration tests: there is
+no container engine and no kubelet on this machine, so each simulated node is
+one Python process (`e2e.nodesim.kubelet`) that registers a Node on the local
+control plane (`e2e.cluster`), keeps its Lease, and runs the pods the real
+scheduler binds to it:
+
+* containers are local processes chosen by image/command (`images`), with the
+  kubelet's environment rules (`environment`) and volumes as directories, paths
+  under a mountPath rewritten to them (`volumes`);
+* each pod gets its own IP in its own network namespace on a bridge, or a
+  127.x address without root (`network`); pods reach the API server at their
+  own 127.0.0.1 (`apiproxy`) with their service account's token through
+  KUBECONFIG; KUBERNETES_SERVICE_HOST/PORT stay unset, since in-cluster loaders
+  would then read the token from a fixed path that cannot exist here;
+* probes, restarts with back-off, status and graceful deletion follow the
+  kubelet (`probes`, `containers`, `pods`, `status`);
+* tests drive it through `SimulatedCluster` (`harness`) or
+  `python -m e2e.nodesim up|down|status|...`.
+
+What is real: the API server, scheduler, controller-manager (DaemonSets,
+ReplicaSets, EndpointSlices, node lifecycle), RBAC with the Node authorizer and
+NodeRestriction, the TokenRequest API, the processes and their sockets. What
+is simplified: no images, filesystems or resource limits (containers share the
+machine's files, except for volumes); no Services' virtual IPs (no kube-proxy:
+clients use pod IPs from EndpointSlices); NetworkPolicies are not enforced;
+preStop/postStart hooks, ephemeral containers and in-place updates are not run.
+"""
+
+from e2e.nodesim.harness import NodeSimError, SimulatedCluster, SimulatedNode
+
+__all__ = ["NodeSimError", "SimulatedCluster", "SimulatedNode"]
