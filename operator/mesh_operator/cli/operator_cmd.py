@@ -1,0 +1,63 @@
+"""`mesh operator`: run the kopf operator that reconciles MeshPools and MeshModels."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+
+def add_parser(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "operator",
+        help="run the operator (reconciles MeshPool and MeshModel)",
+        description="Reconcile MeshPools and MeshModels cluster-wide: plan each model over "
+        "the pool's devices and run its RPC servers and llama-server host.",
+    )
+    parser.add_argument(
+        "--health-address",
+        default="0.0.0.0:8080",
+        help="host:port of the liveness endpoint /healthz (%(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        default="0.0.0.0:9090",
+        help="host:port of Prometheus /metrics (%(default)s)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="log every handler call")
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host or "0.0.0.0", int(port)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        health_host, health_port = _split(args.health_address)
+        metrics_host, metrics_port = _split(args.metrics_address)
+    except ValueError:
+        print("mesh operator: error: addresses must be host:port", flush=True)
+        return 2
+    # Importing registers the handlers with kopf's default registry; only here,
+    # so that other subcommands do not pay for it.
+    importlib.import_module("mesh_operator.handlers.registration")
+
+    start_http_server(metrics_port, addr=metrics_host)
+    asyncio.run(
+        kopf.operator(
+            clusterwide=True,
+            standalone=True,
+            liveness_endpoint=f"http://{health_host}:{health_port}/healthz",
+        )
+    )
+    return 0

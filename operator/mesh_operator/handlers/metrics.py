@@ -1,0 +1,34 @@
+"""The operator's own Prometheus metrics (reconciles, errors, plan latency).
+
+Served by `mesh operator` on its metrics port; the Operator dashboard reads them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECONCILES = Counter(
+    "mesh_operator_reconciles_total",
+    "Reconciles by kind and outcome (ok, blocked, error).",
+    ["kind", "outcome"],
+)
+RECONCILE_SECONDS = Histogram(
+    "mesh_operator_reconcile_duration_seconds",
+    "Time one reconcile took, by kind.",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PLANS = Counter(
+    "mesh_operator_plans_total",
+    "Plans computed, by outcome (planned, replanned, infeasible).",
+    ["outcome"],
+)
+PLAN_SECONDS = Histogram(
+    "mesh_operator_plan_duration_seconds",
+    "Time the planner took for one placement.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+PLANNED_MODELS = Gauge(
+    "mesh_operator_planned_models",
+    "MeshModels that hold a plan (and so claim pool memory).",
+)

@@ -1,0 +1,500 @@
+"""Reconcile one MeshModel: plan, workers, host, Service, NetworkPolicy, status.
+
+Level-based: every call computes the desired state from the whole snapshot and
+converges to it with server-side apply; nothing here remembers what it did
+before except the plan written in the model's status (and caches that only save
+work). Called by kopf on create/update/resume and by a timer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from kubernetes.client import ApiException
+from pydantic import ValidationError
+
+from mesh_operator import planning
+from mesh_operator.api.base import API_VERSION
+from mesh_operator.api.conditions import Condition, ConditionState, condition_status, set_condition
+from mesh_operator.api.meshmodel import MeshModelSpec, MeshModelStatus, Plan
+from mesh_operator.gateway.contract import HOST_PORT, host_service_name
+from mesh_operator.handlers import metrics
+from mesh_operator.handlers.kube import Kube, Obj, api_message
+from mesh_operator.handlers.snapshot import (
+    SPEC_HASH_ANNOTATION,
+    PodInfo,
+    PoolInfo,
+    Snapshot,
+    model_key,
+)
+from mesh_operator.ledger import (
+    Capacity,
+    PoolView,
+    build_pool_view,
+    capacity_grew,
+    capacity_steps,
+    plan_problems,
+    silent_nodes,
+    to_inventory,
+)
+from mesh_operator.manifests.labels import HOST, RPC_COMPONENT
+from mesh_operator.manifests.workloads import (
+    ModelWorkload,
+    build_host_deployment,
+    build_network_policy,
+    build_rpc_daemonsets,
+    build_service,
+    host_deployment_name,
+)
+from mesh_operator.source import SourceError
+
+log = logging.getLogger(__name__)
+
+PLANNED, WORKERS_READY, READY, DEGRADED = "Planned", "WorkersReady", "Ready", "Degraded"
+# A worker stuck in one of these is lost: re-plan without waiting for it.
+FAILED_WAITING = {"CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "CreateContainerError"}
+# Reasons that count as losing part of the serving group.
+LOSS_REASONS = {"NodeLost", "WorkerFailed"}
+
+
+@dataclass
+class LocalClaims:
+    """Plans written by this operator that the watch may not have delivered yet.
+
+    Without this, two models planned within one watch round trip would both see
+    the same free memory. Entries expire once the index has surely caught up.
+    """
+
+    ttl_seconds: float = 120.0
+    _entries: dict[str, tuple[str, Plan | None, float]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, key: str, pool: str, plan: Plan | None) -> None:
+        with self._lock:
+            self._entries[key] = (pool, plan, time.monotonic())
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def overlay(self, plans: Mapping[str, tuple[str, Plan]]) -> dict[str, tuple[str, Plan]]:
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, (_, _, t) in self._entries.items() if now - t > self.ttl_seconds]:
+                del self._entries[key]
+            merged = dict(plans)
+            for key, (pool, plan, _) in self._entries.items():
+                if plan is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = (pool, plan)
+            return merged
+
+
+@dataclass
+class Failures:
+    """Consecutive failures per model, for exponential retry delays."""
+
+    _counts: dict[str, int] = field(default_factory=dict)
+
+    def delay(self, key: str, base: float = 5.0, cap: float = 300.0) -> float:
+        count = self._counts.get(key, 0)
+        self._counts[key] = count + 1
+        return float(min(cap, base * 2.0**count))
+
+    def clear(self, key: str) -> None:
+        self._counts.pop(key, None)
+
+
+def spec_hash(obj: Obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _with_hash(obj: Obj) -> tuple[Obj, str]:
+    digest = spec_hash(obj)
+    obj["metadata"].setdefault("annotations", {})[SPEC_HASH_ANNOTATION] = digest
+    return obj, digest
+
+
+class ModelReconciler:
+    """Everything one MeshModel reconcile needs besides the snapshot."""
+
+    # Serialize planning per pool: the ledger must see each plan before the next.
+    _pool_locks: dict[str, threading.Lock]
+
+    def __init__(self, kube: Kube, profiles: planning.ProfileCache) -> None:
+        self.kube = kube
+        self.profiles = profiles
+        self.claims = LocalClaims()
+        self.failures = Failures()
+        self._pool_locks = {}
+        self._locks_guard = threading.Lock()
+        self._capacity_seen: dict[str, Capacity] = {}
+
+    def _pool_lock(self, pool: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._pool_locks.setdefault(pool, threading.Lock())
+
+    # -- entry point -------------------------------------------------------------------
+
+    def reconcile(self, body: Mapping[str, Any], snapshot: Snapshot, now: dt.datetime) -> None:
+        meta = body["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        key = model_key(namespace, name)
+        generation = int(meta.get("generation", 1))
+        started = time.perf_counter()
+        try:
+            status = MeshModelStatus.model_validate(body.get("status") or {})
+        except ValidationError:
+            status = MeshModelStatus()
+        original = status.to_wire()
+        run = _Run(
+            self, body, key=key, generation=generation, status=status, snapshot=snapshot, now=now
+        )
+        try:
+            run.execute()
+        finally:
+            new = run.status.to_wire()
+            if new != original:
+                # A merge patch keeps keys it does not mention: clear removed ones.
+                new.update({k: None for k in original if k not in new})
+                self.kube.patch_status(API_VERSION, "MeshModel", name, namespace, new)
+            metrics.RECONCILES.labels(kind="MeshModel", outcome=run.outcome).inc()
+            metrics.RECONCILE_SECONDS.labels(kind="MeshModel").observe(
+                time.perf_counter() - started
+            )
+
+    def forget(self, namespace: str, name: str) -> None:
+        key = model_key(namespace, name)
+        self.claims.record(key, "", None)
+        self.failures.clear(key)
+        self._capacity_seen.pop(key, None)
+
+
+class _Run:
+    """One reconcile of one model (state kept on the instance for readability)."""
+
+    def __init__(
+        self,
+        owner: ModelReconciler,
+        body: Mapping[str, Any],
+        *,
+        key: str,
+        generation: int,
+        status: MeshModelStatus,
+        snapshot: Snapshot,
+        now: dt.datetime,
+    ) -> None:
+        self.o = owner
+        self.body = body
+        self.name: str = body["metadata"]["name"]
+        self.namespace: str = body["metadata"]["namespace"]
+        self.uid: str = body["metadata"].get("uid", "")
+        self.key = key
+        self.generation = generation
+        self.status = status
+        self.snapshot = snapshot
+        self.now = now
+        self.outcome = "ok"
+
+    # -- conditions ------------------------------------------------------------------
+
+    def cond(self, type_: str, state: ConditionState, reason: str, message: str = "") -> None:
+        self.status.conditions = set_condition(
+            self.status.conditions,
+            type_,
+            state,
+            reason,
+            message,
+            observed_generation=self.generation,
+            now=self.now,
+        )
+
+    def stop(self, reason: str, message: str, *, retry: bool, planned: bool = False) -> None:
+        """Record why the model cannot progress and end this reconcile."""
+        if not planned:
+            self.cond(PLANNED, "False", reason, message)
+        self.cond(READY, "False", reason, message)
+        self.status.observed_generation = self.generation
+        self.outcome = "blocked"
+        if retry:
+            delay = self.o.failures.delay(self.key)
+            raise kopf.TemporaryError(f"{reason}: {message}", delay=delay)
+
+    # -- steps --------------------------------------------------------------------
+
+    def execute(self) -> None:
+        try:
+            spec = MeshModelSpec.model_validate(self.body.get("spec") or {})
+        except ValidationError as exc:
+            self.stop("InvalidSpec", str(exc.errors()[0]["msg"]), retry=False)
+            return
+        self.status.served_names = spec.served_names(self.name)
+        pool = self.snapshot.pools.get(spec.pool_ref)
+        if pool is None:
+            self.stop("PoolNotFound", f"MeshPool {spec.pool_ref!r} does not exist", retry=True)
+            return
+        token = self._secret_value(spec)
+        try:
+            profile = self.o.profiles.get(spec.source, spec.sha256, token)
+        except SourceError as exc:
+            self.stop(exc.reason, str(exc), retry=True)
+            return
+        self.status.model_size_bytes = profile.file_bytes
+        with self.o._pool_lock(spec.pool_ref):
+            plan = self._plan(spec, pool, profile)
+        if plan is None:
+            return
+        self.o.failures.clear(self.key)
+        self._converge(spec, pool, plan)
+
+    def _secret_value(self, spec: MeshModelSpec) -> str | None:
+        refs = []
+        hf = spec.source.huggingface
+        if hf is not None and hf.token_secret_ref is not None:
+            refs.append(("token", hf.token_secret_ref))
+        if spec.api_key_secret_ref is not None:
+            refs.append(("apiKey", spec.api_key_secret_ref))
+        token = None
+        for role, ref in refs:
+            value = self.o.kube.read_secret_value(self.namespace, ref.name, ref.key)
+            if value is None:
+                self.stop(
+                    "SecretNotFound",
+                    f"Secret {ref.name!r} with key {ref.key!r} ({role}) "
+                    f"not found in {self.namespace}",
+                    retry=True,
+                )
+            if role == "token":
+                token = value
+        return token
+
+    def _plan(
+        self, spec: MeshModelSpec, pool: PoolInfo, profile: planning.ModelProfile
+    ) -> Plan | None:
+        snap = self.snapshot
+        plans = self.o.claims.overlay(snap.plans)
+        others = {k: p for k, (pl, p) in plans.items() if pl == spec.pool_ref and k != self.key}
+        view = build_pool_view(pool.spec, snap.nodes, snap.meshnodes, others, self.now)
+        current = self.status.plan if self.status.plan and self.status.plan.devices else None
+        reason, message = self._replan_reason(current, view, pool)
+        if reason is None:
+            assert current is not None
+            return current
+        if current is not None and reason == "NodeLost":
+            self._release_silent_nodes(current, view)
+        request = planning.placement_request(spec, pool.spec, profile)
+        inventory = to_inventory(view)
+        started = time.perf_counter()
+        result = planning.plan(profile, inventory, request, current, pool.spec)
+        metrics.PLAN_SECONDS.observe(time.perf_counter() - started)
+        if not result.feasible:
+            metrics.PLANS.labels(outcome="infeasible").inc()
+            if current is not None:
+                self.o.kube.event(self.body, "PlanLost", f"{reason}: {message}", "Warning")
+            self.status.plan = None
+            self.status.nodes = None
+            self.status.split = None
+            self.status.endpoint = None
+            self.o.claims.record(self.key, spec.pool_ref, None)
+            self._delete_workloads()
+            self.cond(WORKERS_READY, "False", "NotPlanned", "")
+            if reason in LOSS_REASONS:
+                self.cond(DEGRADED, "True", reason, message)
+            self.o.kube.event(self.body, "NoCapacity", result.reason, "Warning")
+            self.stop("NoCapacity", result.reason, retry=True)
+            return None
+        new_plan = planning.to_plan(result)
+        changed = current is None or planning.layout_of(current) != planning.layout_of(new_plan)
+        if reason == "Consolidate" and not changed:
+            return current
+        self.status.planned_for_generation = self.generation
+        self.status.pool_generation = pool.generation
+        if changed:
+            self.status.plan_generation = (self.status.plan_generation or 0) + 1
+            metrics.PLANS.labels(outcome="replanned" if current else "planned").inc()
+            verb = "Replanned" if current else "Planned"
+            self.o.kube.event(
+                self.body,
+                verb,
+                f"{reason}: {message + '; ' if message else ''}{new_plan.reason}",
+            )
+        self.status.plan = new_plan
+        self.status.nodes = ",".join(dict.fromkeys(d.node for d in new_plan.devices))
+        self.status.split = ",".join(str(x) for x in new_plan.tensor_split)
+        self.o.claims.record(self.key, spec.pool_ref, new_plan)
+        if reason in LOSS_REASONS:
+            self.cond(DEGRADED, "True", reason, message)
+        self.cond(PLANNED, "True", reason if changed else "PlanKept", new_plan.reason)
+        return new_plan
+
+    def _replan_reason(
+        self, current: Plan | None, view: PoolView, pool: PoolInfo
+    ) -> tuple[str | None, str]:
+        if current is None:
+            return "Initial", ""
+        problems = plan_problems(current, view)
+        if problems:
+            return "NodeLost", "; ".join(problems)
+        failed = self._failed_workers(current)
+        if failed:
+            return "WorkerFailed", "; ".join(failed)
+        if self.status.planned_for_generation != self.generation:
+            return "SpecChanged", f"generation {self.generation}"
+        if self.status.pool_generation != pool.generation:
+            return "PoolChanged", f"pool generation {pool.generation}"
+        steps = capacity_steps(view)
+        grew = capacity_grew(self.o._capacity_seen.get(self.key), steps)
+        self.o._capacity_seen[self.key] = steps
+        if grew:
+            return "Consolidate", "the pool has more room"
+        return None, ""
+
+    def _release_silent_nodes(self, plan: Plan, view: PoolView) -> None:
+        silent = set(silent_nodes(plan, view))
+        for pod in self.snapshot.pods.get(self.key, ()):
+            if pod.node in silent:
+                self.o.kube.force_delete_pod(self.namespace, pod.name)
+                self.o.kube.event(
+                    self.body,
+                    "PodReleased",
+                    f"deleted {pod.name} on {pod.node}: its node stopped reporting",
+                    "Warning",
+                )
+
+    def _pods(self, component: str) -> list[PodInfo]:
+        return [
+            p
+            for p in self.snapshot.pods.get(self.key, ())
+            if p.component == component and not p.deleting
+        ]
+
+    def _failed_workers(self, plan: Plan) -> list[str]:
+        current = str(self.status.plan_generation)
+        planned = {d.node for d in plan.devices}
+        failed = []
+        for pod in self._pods(RPC_COMPONENT):
+            if pod.plan_generation != current or pod.node not in planned:
+                continue
+            if pod.phase == "Failed" or pod.waiting_reason in FAILED_WAITING:
+                failed.append(f"{pod.node}: worker {pod.name} {pod.waiting_reason or pod.phase}")
+        return failed
+
+    # -- children --------------------------------------------------------------------
+
+    def _apply(self, obj: Obj) -> None:
+        obj, digest = _with_hash(obj)
+        existing = self.snapshot.children.get(self.key, {})
+        if existing.get((obj["kind"], obj["metadata"]["name"])) == digest:
+            return
+        self.o.kube.apply(obj)
+
+    def _delete_workloads(self) -> None:
+        for kind, name in self.snapshot.children.get(self.key, {}):
+            if kind in ("DaemonSet", "Deployment"):
+                self.o.kube.delete("apps/v1", kind, name, self.namespace)
+
+    def _converge(self, spec: MeshModelSpec, pool: PoolInfo, plan: Plan) -> None:
+        addresses = self._worker_addresses(plan, pool)
+        workload = ModelWorkload(
+            name=self.name,
+            namespace=self.namespace,
+            uid=self.uid,
+            spec=spec,
+            pool_name=spec.pool_ref,
+            pool=pool.spec,
+            plan_generation=self.status.plan_generation or 1,
+            rpc_nodes=list(plan.rpc),
+            host_node=plan.host_node or plan.rpc[-1],
+            rpc_args=planning.rpc_args(plan, pool.spec),
+            llama_args=planning.llama_args(plan, spec, self.name, addresses),
+            model_path=planning.model_path(spec),
+            fetch_args=planning.fetch_args(spec),
+            gpus_per_node=planning.gpus_per_node(plan),
+        )
+        try:
+            daemonsets = build_rpc_daemonsets(workload)
+            wanted = {ds["metadata"]["name"] for ds in daemonsets}
+            for ds in daemonsets:
+                self._apply(ds)
+            for kind, name in self.snapshot.children.get(self.key, {}):
+                if kind == "DaemonSet" and name not in wanted:
+                    self.o.kube.delete("apps/v1", "DaemonSet", name, self.namespace)
+            self._apply(build_service(workload))
+            self._apply(build_network_policy(workload))
+            # Until every worker of this plan is up, keep the host stopped: an RPC
+            # client cannot start without all its servers.
+            self._apply(build_host_deployment(workload, replicas=1 if addresses else 0))
+        except ApiException as exc:
+            self.outcome = "error"
+            raise kopf.TemporaryError(
+                f"applying children failed: {api_message(exc)}",
+                delay=self.o.failures.delay(self.key),
+            ) from exc
+        self._report(plan, addresses)
+
+    def _worker_addresses(self, plan: Plan, pool: PoolInfo) -> list[str] | None:
+        current = str(self.status.plan_generation)
+        by_node = {
+            p.node: p
+            for p in self._pods(RPC_COMPONENT)
+            if p.plan_generation == current and p.ready and p.ip
+        }
+        missing = [n for n in plan.rpc if n not in by_node]
+        if missing:
+            self.cond(
+                WORKERS_READY,
+                "False",
+                "WorkersStarting",
+                f"waiting for RPC servers on {', '.join(missing)}",
+            )
+            return None
+        self.cond(WORKERS_READY, "True", "WorkersReady", f"{len(plan.rpc)} RPC servers ready")
+        return [f"{by_node[n].ip}:{pool.spec.rpc_port}" for n in plan.rpc]
+
+    def _report(self, plan: Plan, addresses: list[str] | None) -> None:
+        current = str(self.status.plan_generation)
+        service = host_service_name(self.name)
+        self.status.endpoint = f"http://{service}.{self.namespace}.svc:{HOST_PORT}/v1"
+        hosts = [p for p in self._pods(HOST) if p.plan_generation == current]
+        if addresses is None:
+            self.cond(
+                READY, "False", "WaitingForWorkers", "the host starts once every worker is up"
+            )
+        elif any(p.ready for p in hosts):
+            was_ready = condition_status(self.status.conditions, READY) == "True"
+            self.cond(READY, "True", "Serving", f"llama-server on {plan.host_node} answers /health")
+            self.cond(DEGRADED, "False", "AsPlanned", "")
+            if not was_ready:
+                self.o.kube.event(self.body, "Ready", f"serving on {self.status.nodes}")
+        elif hosts:
+            pod = hosts[0]
+            reason = (
+                "Fetching"
+                if pod.waiting_reason == "PodInitializing" or pod.phase == "Pending"
+                else "Loading"
+            )
+            self.cond(
+                READY, "False", reason, f"host pod {pod.name} is {pod.waiting_reason or pod.phase}"
+            )
+        else:
+            self.cond(READY, "False", "HostStarting", "host pod not created yet")
+        if condition_status(self.status.conditions, DEGRADED) == "Unknown":
+            self.cond(DEGRADED, "False", "AsPlanned", "")
+        self.status.observed_generation = self.generation
+
+
+def conditions_summary(conditions: list[Condition]) -> str:
+    return ", ".join(f"{c.type}={c.status}({c.reason})" for c in conditions)
+
+
+__all__ = ["LocalClaims", "ModelReconciler", "conditions_summary", "host_deployment_name"]

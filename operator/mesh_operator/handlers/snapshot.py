@@ -1,0 +1,136 @@
+"""What the operator knows of the cluster at one moment, read from kopf's indices.
+
+The index functions in `registration` turn watched objects into the small
+records below; a reconcile takes one `Snapshot` and decides from it alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from mesh_operator.api.meshmodel import Plan
+from mesh_operator.api.meshnode import MeshNodeStatus
+from mesh_operator.api.meshpool import MeshPoolSpec
+from mesh_operator.gateway.contract import COMPONENT_LABEL, MODEL_LABEL
+from mesh_operator.ledger import NodeInfo
+from mesh_operator.manifests.labels import PLAN_ANNOTATION
+
+SPEC_HASH_ANNOTATION = "mesh.dev/spec-hash"
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    name: str
+    component: str
+    node: str | None
+    ip: str | None
+    phase: str
+    ready: bool
+    plan_generation: str | None
+    waiting_reason: str | None
+    restarts: int
+    deleting: bool
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    spec: MeshPoolSpec
+    generation: int
+
+
+@dataclass
+class Snapshot:
+    pools: Mapping[str, PoolInfo] = field(default_factory=dict)
+    nodes: Sequence[NodeInfo] = ()
+    meshnodes: Mapping[str, MeshNodeStatus] = field(default_factory=dict)
+    # "namespace/name" of a MeshModel -> (pool name, its current plan)
+    plans: Mapping[str, tuple[str, Plan]] = field(default_factory=dict)
+    # "namespace/name" -> pods of its workers and host
+    pods: Mapping[str, Sequence[PodInfo]] = field(default_factory=dict)
+    # "namespace/name" -> {(kind, name): spec hash annotation}
+    children: Mapping[str, Mapping[tuple[str, str], str]] = field(default_factory=dict)
+
+    def claims(self, pool: str, exclude: str | None = None) -> dict[str, Plan]:
+        return {k: p for k, (pl, p) in self.plans.items() if pl == pool and k != exclude}
+
+
+def model_key(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+def node_info(body: Mapping[str, Any]) -> NodeInfo:
+    meta = body.get("metadata", {})
+    spec = body.get("spec", {}) or {}
+    conditions = (body.get("status", {}) or {}).get("conditions", []) or []
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    return NodeInfo(
+        name=meta.get("name", ""),
+        labels=dict(meta.get("labels", {}) or {}),
+        ready=ready,
+        unschedulable=bool(spec.get("unschedulable", False)),
+    )
+
+
+def meshnode_status(body: Mapping[str, Any]) -> MeshNodeStatus | None:
+    status = body.get("status")
+    if not status:
+        return None
+    try:
+        return MeshNodeStatus.model_validate(status)
+    except ValidationError:
+        return None
+
+
+def pool_info(body: Mapping[str, Any]) -> PoolInfo | None:
+    try:
+        spec = MeshPoolSpec.model_validate(body.get("spec", {}) or {})
+    except ValidationError:
+        return None
+    return PoolInfo(spec=spec, generation=int(body.get("metadata", {}).get("generation", 0)))
+
+
+def model_plan(body: Mapping[str, Any]) -> tuple[str, Plan] | None:
+    pool = (body.get("spec", {}) or {}).get("poolRef")
+    plan = (body.get("status", {}) or {}).get("plan")
+    if not pool or not plan:
+        return None
+    try:
+        return pool, Plan.model_validate(plan)
+    except ValidationError:
+        return None
+
+
+def pod_info(body: Mapping[str, Any]) -> PodInfo:
+    meta = body.get("metadata", {})
+    status = body.get("status", {}) or {}
+    conditions = status.get("conditions", []) or []
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    waiting = None
+    restarts = 0
+    for cs in status.get("containerStatuses", []) or []:
+        restarts += int(cs.get("restartCount", 0) or 0)
+        state = cs.get("state", {}) or {}
+        if "waiting" in state:
+            waiting = (state.get("waiting") or {}).get("reason")
+    return PodInfo(
+        name=meta.get("name", ""),
+        component=(meta.get("labels", {}) or {}).get(COMPONENT_LABEL, ""),
+        node=(body.get("spec", {}) or {}).get("nodeName"),
+        ip=status.get("podIP"),
+        phase=status.get("phase", "Pending"),
+        ready=ready,
+        plan_generation=(meta.get("annotations", {}) or {}).get(PLAN_ANNOTATION),
+        waiting_reason=waiting,
+        restarts=restarts,
+        deleting=meta.get("deletionTimestamp") is not None,
+    )
+
+
+def pod_model_key(body: Mapping[str, Any]) -> str | None:
+    meta = body.get("metadata", {})
+    model = (meta.get("labels", {}) or {}).get(MODEL_LABEL)
+    return model_key(meta.get("namespace", ""), model) if model else None

@@ -1,0 +1,256 @@
+"""The pool's memory ledger: what each device can still take, and who holds what.
+
+Pure. A device's capacity for a new plan is its total memory (capped by the pool)
+minus what other models' current plans claim on it, minus what processes that are
+not mesh's use; the planner then holds back the pool's reserve. Free memory as the device reports
+it is not enough: two models planned at the same moment would both see the same
+free memory. In `exclusive` pools a device claimed by another model is not
+offered at all.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from mesh_operator.api.heartbeat import is_stale
+from mesh_operator.api.meshmodel import Plan
+from mesh_operator.api.meshnode import Backend, MeshNodeStatus
+from mesh_operator.api.meshpool import MeshPoolSpec, NodeLedger
+from mesh_operator.planner.inventory import Inventory, InventoryDevice, InventoryNode
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the operator knows of a Kubernetes Node."""
+
+    name: str
+    labels: Mapping[str, str]
+    ready: bool = True
+    unschedulable: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceCapacity:
+    node: str
+    device: str
+    backend: Backend
+    total_mib: int
+    capacity_mib: int
+    claimed_mib: int
+    bandwidth_gbps: float
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    name: str
+    fresh: bool
+    healthy: bool
+    devices: tuple[DeviceCapacity, ...]
+    cached_models: tuple[str, ...] = ()
+    rtt_ms: float | None = None  # unknown: the planner assumes a LAN round trip
+    problem: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.fresh and self.healthy
+
+
+@dataclass
+class PoolView:
+    """The pool as one model's planner sees it."""
+
+    nodes: list[NodeCapacity] = field(default_factory=list)
+
+    def usable_nodes(self) -> list[NodeCapacity]:
+        return [n for n in self.nodes if n.usable]
+
+    def by_name(self) -> dict[str, NodeCapacity]:
+        return {n.name: n for n in self.nodes}
+
+
+def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def pool_members(pool: MeshPoolSpec, nodes: Iterable[NodeInfo]) -> list[NodeInfo]:
+    return sorted((n for n in nodes if selects(pool.node_selector, n.labels)), key=lambda n: n.name)
+
+
+def claims_by_device(claims: Mapping[str, Plan]) -> dict[tuple[str, str], int]:
+    """MiB claimed per (node, device) by the given plans."""
+    out: dict[tuple[str, str], int] = {}
+    for plan in claims.values():
+        for dev in plan.devices:
+            key = (dev.node, dev.device)
+            out[key] = out.get(key, 0) + dev.total_mib
+    return out
+
+
+def build_pool_view(
+    pool: MeshPoolSpec,
+    nodes: Iterable[NodeInfo],
+    meshnodes: Mapping[str, MeshNodeStatus],
+    other_claims: Mapping[str, Plan],
+    now: dt.datetime,
+) -> PoolView:
+    """Capacity of every device of the pool for a plan, excluding `other_claims`."""
+    claimed = claims_by_device(other_claims)
+    view = PoolView()
+    for node in pool_members(pool, nodes):
+        status = meshnodes.get(node.name)
+        if status is None:
+            view.nodes.append(
+                NodeCapacity(node.name, False, False, (), problem="no MeshNode (agent not running)")
+            )
+            continue
+        fresh = not is_stale(status, now)
+        healthy = status.health.state != "Unhealthy" and node.ready and not node.unschedulable
+        problem = ""
+        if not fresh:
+            problem = f"heartbeat stale (last {status.heartbeat_time or 'never'})"
+        elif not healthy:
+            problem = (
+                f"{status.health.reason}: {status.health.message}".rstrip(": ")
+                if status.health.state == "Unhealthy"
+                else "node not ready or cordoned"
+            )
+        devices = []
+        for dev in status.devices:
+            total = dev.memory_total_mib
+            if pool.device_memory_cap_mib is not None:
+                total = min(total, pool.device_memory_cap_mib)
+            held = claimed.get((node.name, dev.id), 0)
+            if dev.health.state == "Unhealthy" or (pool.sharing == "exclusive" and held > 0):
+                capacity = 0
+            else:
+                capacity = max(0, total - held - dev.memory_used_by_others_mib)
+            devices.append(
+                DeviceCapacity(
+                    node=node.name,
+                    device=dev.id,
+                    backend=dev.backend,
+                    total_mib=total,
+                    capacity_mib=capacity,
+                    claimed_mib=held,
+                    bandwidth_gbps=dev.bandwidth_gbps,
+                )
+            )
+        view.nodes.append(
+            NodeCapacity(
+                name=node.name,
+                fresh=fresh,
+                healthy=healthy,
+                devices=tuple(devices),
+                cached_models=tuple(
+                    sorted(c.file.rsplit("/", 1)[-1] for c in status.cached_models)
+                ),
+                problem=problem,
+            )
+        )
+    return view
+
+
+def plan_problems(plan: Plan, view: PoolView) -> list[str]:
+    """Why a current plan can no longer be served as is (empty when it can)."""
+    problems = []
+    nodes = view.by_name()
+    for node_name in dict.fromkeys(d.node for d in plan.devices):
+        node = nodes.get(node_name)
+        if node is None:
+            problems.append(f"{node_name}: left the pool")
+        elif not node.usable:
+            problems.append(f"{node_name}: {node.problem}")
+    return problems
+
+
+def silent_nodes(plan: Plan, view: PoolView) -> list[str]:
+    """Planned nodes whose agent has gone silent (stale heartbeat or no MeshNode).
+
+    Their kubelet is presumably gone too, so pods there will never confirm their
+    termination: the operator force-deletes them, or a Recreate host Deployment
+    would wait forever for the old host pod.
+    """
+    nodes = view.by_name()
+    out = []
+    for name in dict.fromkeys(d.node for d in plan.devices):
+        node = nodes.get(name)
+        if node is not None and not node.fresh:
+            out.append(name)
+    return out
+
+
+def build_ledger_rows(
+    view_all: PoolView, meshnodes: Mapping[str, MeshNodeStatus]
+) -> list[NodeLedger]:
+    """Per-node totals for the MeshPool status (view built with every model's claims)."""
+    rows = []
+    for node in view_all.nodes:
+        status = meshnodes.get(node.name)
+        free = sum(d.memory_free_mib for d in status.devices) if status else 0
+        rows.append(
+            NodeLedger(
+                node=node.name,
+                devices=len(node.devices),
+                memory_total_mib=sum(d.total_mib for d in node.devices),
+                memory_free_mib=free,
+                memory_claimed_mib=sum(d.claimed_mib for d in node.devices),
+                healthy=node.healthy,
+                stale=not node.fresh,
+            )
+        )
+    return rows
+
+
+def to_inventory(view: PoolView, *, only: Iterable[str] | None = None) -> Inventory:
+    """The planner's inventory: usable nodes, free memory as the ledger computes it."""
+    keep = set(only) if only is not None else None
+    nodes = []
+    for node in view.usable_nodes():
+        if keep is not None and node.name not in keep:
+            continue
+        nodes.append(
+            InventoryNode(
+                name=node.name,
+                rtt_ms=node.rtt_ms,
+                cached_models=node.cached_models,
+                devices=tuple(
+                    InventoryDevice(
+                        id=d.device,
+                        backend=d.backend,
+                        memory_total_mib=d.total_mib,
+                        memory_free_mib=min(d.total_mib, d.capacity_mib),
+                        bandwidth_gbps=d.bandwidth_gbps,
+                        healthy=d.capacity_mib > 0,
+                    )
+                    for d in node.devices
+                ),
+            )
+        )
+    return Inventory(nodes=tuple(nodes))
+
+
+# A serving model looks for a clearly better plan (fewer nodes, faster) when some
+# device's capacity has grown by a step since it last looked: smaller changes of
+# free memory are noise, and planning is not free.
+CONSOLIDATE_STEP_MIB = 1024
+
+Capacity = dict[tuple[str, str], int]
+
+
+def capacity_steps(view: PoolView) -> Capacity:
+    """Usable devices and their capacity in coarse steps (what consolidation watches)."""
+    return {
+        (d.node, d.device): d.capacity_mib // CONSOLIDATE_STEP_MIB
+        for n in view.usable_nodes()
+        for d in n.devices
+    }
+
+
+def capacity_grew(before: Capacity | None, now: Capacity) -> bool:
+    """Whether a device appeared or gained a step: only more room can make a
+    better plan possible; other models taking memory never does."""
+    if before is None:
+        return False
+    return any(step > before.get(key, -1) for key, step in now.items())

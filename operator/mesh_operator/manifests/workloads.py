@@ -1,0 +1,414 @@
+"""Builders of a MeshModel's children: the RPC-server DaemonSet(s), the host
+Deployment, the Service and the NetworkPolicy.
+
+Pure: every function takes a `ModelWorkload` (plain data gathered by the
+handlers) and returns a JSON-ready dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh_operator.api.base import API_VERSION
+from mesh_operator.api.meshmodel import MeshModelSpec
+from mesh_operator.api.meshpool import MeshPoolSpec
+from mesh_operator.gateway.contract import (
+    APP_NAME,
+    COMPONENT_LABEL,
+    HOST_PORT,
+    HOST_PORT_NAME,
+    MODEL_LABEL,
+    NAME_LABEL,
+    host_service_name,
+)
+from mesh_operator.manifests.labels import (
+    ARGS_HASH_ANNOTATION,
+    HOST,
+    PLAN_ANNOTATION,
+    POLICY_COMPONENT,
+    RPC_COMPONENT,
+    build_labels,
+    build_selector,
+)
+
+Obj = dict[str, Any]
+
+MODELS_MOUNT = "/models"
+RPC_CACHE_MOUNT = "/var/cache/llama"
+API_KEY_MOUNT = "/etc/mesh/api-key"
+GATEWAY_COMPONENT = "gateway"
+AGENT_COMPONENT = "agent"
+SCRAPER_LABEL = "mesh.dev/metrics-scraper"
+RPC_CLASS_LABEL = "mesh.dev/rpc-class"
+# A big model can take long to download: the startup probe allows an hour.
+STARTUP_PROBE_SECONDS = 3600
+POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+NODE_NAME_ENV = {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+
+
+@dataclass(frozen=True)
+class ModelWorkload:
+    """Everything the builders need to know about one MeshModel and its plan."""
+
+    name: str
+    namespace: str
+    uid: str
+    spec: MeshModelSpec
+    pool_name: str
+    pool: MeshPoolSpec
+    plan_generation: int
+    rpc_nodes: Sequence[str]
+    host_node: str
+    # ggml-rpc-server arguments per node (the devices it exposes may differ).
+    rpc_args: Mapping[str, Sequence[str]]
+    llama_args: Sequence[str]
+    model_path: str
+    fetch_args: Sequence[str] = ()
+    # Exclusive CUDA pools request this many GPUs per node.
+    gpus_per_node: Mapping[str, int] = field(default_factory=dict)
+
+
+def _owner(w: ModelWorkload) -> list[Obj]:
+    return [
+        {
+            "apiVersion": API_VERSION,
+            "kind": "MeshModel",
+            "name": w.name,
+            "uid": w.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+
+
+def _metadata(w: ModelWorkload, name: str, component: str) -> Obj:
+    return {
+        "name": name,
+        "namespace": w.namespace,
+        "labels": build_labels(w.name, component),
+        "ownerReferences": _owner(w),
+    }
+
+
+def _pin_to_nodes(nodes: Sequence[str]) -> Obj:
+    # A matchFields term on metadata.name (one name per term, terms are ORed) is
+    # what the DaemonSet controller itself uses to pin pods, and unlike a label
+    # it cannot be changed by whoever edits the node.
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
+                    for node in sorted(nodes)
+                ]
+            }
+        }
+    }
+
+
+def _hardened_container() -> Obj:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _pod_common(w: ModelWorkload, nodes: Sequence[str]) -> Obj:
+    spec: Obj = {
+        "affinity": _pin_to_nodes(nodes),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    if w.pool.node_selector:
+        spec["nodeSelector"] = dict(w.pool.node_selector)
+    if w.pool.tolerations:
+        spec["tolerations"] = [t.to_wire() for t in w.pool.tolerations]
+    return spec
+
+
+def args_hash(args: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(args)).encode()).hexdigest()[:16]
+
+
+def rpc_daemonset_name(model: str, index: int = 0) -> str:
+    return f"{model}-rpc" if index == 0 else f"{model}-rpc-{index}"
+
+
+def _requests_gpus(w: ModelWorkload) -> bool:
+    return w.pool.backend == "cuda" and w.pool.sharing == "exclusive"
+
+
+def rpc_node_classes(w: ModelWorkload) -> list[tuple[tuple[str, ...], int, list[str]]]:
+    """Planned nodes grouped by identical pod templates: (args, GPUs, nodes).
+
+    A DaemonSet has one pod template, so nodes whose RPC server needs other
+    arguments (other devices) or another GPU count get a DaemonSet of their own.
+    Most pools have one class. Ordered by each class's first node in --rpc order.
+    """
+    classes: dict[tuple[tuple[str, ...], int], list[str]] = {}
+    for node in w.rpc_nodes:
+        gpus = w.gpus_per_node.get(node, 1) if _requests_gpus(w) else 0
+        classes.setdefault((tuple(w.rpc_args[node]), gpus), []).append(node)
+    return [(args, gpus, nodes) for (args, gpus), nodes in classes.items()]
+
+
+def build_rpc_daemonsets(w: ModelWorkload) -> list[Obj]:
+    """The ggml-rpc-server DaemonSet(s) of a model, pinned to its planned nodes."""
+    out = []
+    for index, (args, gpus, nodes) in enumerate(rpc_node_classes(w)):
+        # Each DaemonSet selects only its own pods: selectors must not overlap.
+        labels = {**build_labels(w.name, RPC_COMPONENT), RPC_CLASS_LABEL: str(index)}
+        selector = {**build_selector(w.name, RPC_COMPONENT), RPC_CLASS_LABEL: str(index)}
+        container: Obj = {
+            "name": "rpc-server",
+            "image": w.pool.images.rpc_server,
+            "imagePullPolicy": w.pool.images.pull_policy,
+            "command": list(w.pool.images.rpc_server_command),
+            "args": list(args),
+            "env": [POD_IP_ENV, NODE_NAME_ENV],
+            "ports": [{"name": "rpc", "containerPort": w.pool.rpc_port, "protocol": "TCP"}],
+            "securityContext": _hardened_container(),
+            # The kernel answers a TCP probe on a busy RPC port from its backlog,
+            # so liveness of the server is judged by the node agent, not a probe;
+            # this only says the port is open after start.
+            "startupProbe": {
+                "tcpSocket": {"port": "rpc"},
+                "periodSeconds": 2,
+                "failureThreshold": 60,
+            },
+        }
+        if w.pool.backend == "cuda":
+            # Number GPUs by PCI bus as NVML does, so the agent's CUDA<n> is llama.cpp's.
+            container["env"].append({"name": "CUDA_DEVICE_ORDER", "value": "PCI_BUS_ID"})
+        if gpus:
+            container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
+        elif w.pool.backend == "cuda":
+            # Shared GPUs: no device-plugin request; the memory ledger keeps
+            # models apart and the NVIDIA runtime exposes every GPU.
+            container["env"].append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"})
+        volumes: list[Obj] = []
+        if w.pool.rpc_cache.enabled:
+            container["env"].append({"name": "LLAMA_CACHE", "value": RPC_CACHE_MOUNT})
+            container["volumeMounts"] = [{"name": "rpc-cache", "mountPath": RPC_CACHE_MOUNT}]
+            volumes.append(
+                {
+                    "name": "rpc-cache",
+                    "hostPath": {"path": w.pool.rpc_cache.host_path, "type": "DirectoryOrCreate"},
+                }
+            )
+        pod_spec = _pod_common(w, nodes)
+        pod_spec["containers"] = [container]
+        pod_spec["terminationGracePeriodSeconds"] = 10
+        if volumes:
+            pod_spec["volumes"] = volumes
+        if w.pool.runtime_class_name:
+            pod_spec["runtimeClassName"] = w.pool.runtime_class_name
+        out.append(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "DaemonSet",
+                "metadata": _metadata(w, rpc_daemonset_name(w.name, index), RPC_COMPONENT),
+                "spec": {
+                    "selector": {"matchLabels": selector},
+                    # Host and workers restart as a group on a re-plan: replace
+                    # every worker at once rather than one node at a time.
+                    "updateStrategy": {
+                        "type": "RollingUpdate",
+                        "rollingUpdate": {"maxUnavailable": "100%"},
+                    },
+                    "template": {
+                        "metadata": {
+                            "labels": labels,
+                            "annotations": {
+                                PLAN_ANNOTATION: str(w.plan_generation),
+                                ARGS_HASH_ANNOTATION: args_hash(args),
+                            },
+                        },
+                        "spec": pod_spec,
+                    },
+                },
+            }
+        )
+    return out
+
+
+def _model_volume(w: ModelWorkload) -> Obj:
+    pvc = w.spec.source.pvc
+    if pvc is not None:
+        return {
+            "name": "models",
+            "persistentVolumeClaim": {"claimName": pvc.claim_name, "readOnly": True},
+        }
+    if w.pool.model_cache.host_path:
+        return {
+            "name": "models",
+            "hostPath": {"path": w.pool.model_cache.host_path, "type": "DirectoryOrCreate"},
+        }
+    return {"name": "models", "emptyDir": {}}
+
+
+def _fetch_container(w: ModelWorkload) -> Obj:
+    env: list[Obj] = []
+    hf = w.spec.source.huggingface
+    if hf is not None and hf.token_secret_ref is not None:
+        env.append(
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {
+                    "secretKeyRef": {
+                        "name": hf.token_secret_ref.name,
+                        "key": hf.token_secret_ref.key,
+                    }
+                },
+            }
+        )
+    container: Obj = {
+        "name": "fetch",
+        "image": w.pool.images.mesh,
+        "imagePullPolicy": w.pool.images.pull_policy,
+        "command": list(w.pool.images.mesh_command),
+        "args": ["fetch", *w.fetch_args],
+        "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
+        "securityContext": _hardened_container(),
+    }
+    if env:
+        container["env"] = env
+    return container
+
+
+def _probe(path: str, period: int, failures: int) -> Obj:
+    return {
+        "httpGet": {"path": path, "port": HOST_PORT_NAME},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 5,
+    }
+
+
+def build_host_deployment(w: ModelWorkload, replicas: int = 1) -> Obj:
+    """The llama-server Deployment; `llama_args` carry the workers in device order.
+
+    `replicas` is 0 while the workers of the current plan are not all up.
+    """
+    args = list(w.llama_args)
+    mounts: list[Obj] = [{"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True}]
+    volumes: list[Obj] = [_model_volume(w)]
+    if w.spec.api_key_secret_ref is not None:
+        ref = w.spec.api_key_secret_ref
+        mounts.append({"name": "api-key", "mountPath": API_KEY_MOUNT, "readOnly": True})
+        volumes.append({"name": "api-key", "secret": {"secretName": ref.name}})
+    server: Obj = {
+        "name": "llama-server",
+        "image": w.pool.images.llama_server,
+        "imagePullPolicy": w.pool.images.pull_policy,
+        "command": list(w.pool.images.llama_server_command),
+        "args": args,
+        "env": [POD_IP_ENV],
+        "ports": [{"name": HOST_PORT_NAME, "containerPort": HOST_PORT, "protocol": "TCP"}],
+        "startupProbe": _probe("/health", 5, STARTUP_PROBE_SECONDS // 5),
+        "readinessProbe": _probe("/health", 5, 2),
+        "livenessProbe": _probe("/health", 15, 4),
+        "volumeMounts": mounts,
+        "securityContext": _hardened_container(),
+    }
+    if w.spec.host_resources is not None:
+        server["resources"] = w.spec.host_resources.to_wire()
+    pod_spec = _pod_common(w, [w.host_node])
+    pod_spec["containers"] = [server]
+    pod_spec["volumes"] = volumes
+    pod_spec["terminationGracePeriodSeconds"] = 30
+    if w.spec.source.pvc is None:
+        pod_spec["initContainers"] = [_fetch_container(w)]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(w, host_deployment_name(w.name), HOST),
+        "spec": {
+            "replicas": replicas,
+            # An RPC server serves one client at a time: a second host started
+            # before the first stops would wait forever on busy workers.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": build_selector(w.name, HOST)},
+            "template": {
+                "metadata": {
+                    "labels": build_labels(w.name, HOST),
+                    "annotations": {
+                        PLAN_ANNOTATION: str(w.plan_generation),
+                        ARGS_HASH_ANNOTATION: args_hash(args),
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def host_deployment_name(model: str) -> str:
+    return f"{model}-host"
+
+
+def build_service(w: ModelWorkload) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(w, host_service_name(w.name), HOST),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": build_selector(w.name, HOST),
+            "ports": [
+                {
+                    "name": HOST_PORT_NAME,
+                    "port": HOST_PORT,
+                    "targetPort": HOST_PORT_NAME,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def network_policy_name(model: str) -> str:
+    return f"{model}-mesh"
+
+
+def build_network_policy(w: ModelWorkload) -> Obj:
+    """RPC port only from this model's host pod (and the node agents that check
+    it answers); host port only from the gateway and pods labelled as scrapers."""
+    gateway = {NAME_LABEL: APP_NAME, COMPONENT_LABEL: GATEWAY_COMPONENT}
+    agent = {NAME_LABEL: APP_NAME, COMPONENT_LABEL: AGENT_COMPONENT}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(w, network_policy_name(w.name), POLICY_COMPONENT),
+        "spec": {
+            "podSelector": {"matchLabels": {NAME_LABEL: APP_NAME, MODEL_LABEL: w.name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    # The node agent checks that the servers answer (see DESIGN: a
+                    # TCP probe alone is answered by the kernel's backlog).
+                    "from": [
+                        {"podSelector": {"matchLabels": build_selector(w.name, HOST)}},
+                        {"namespaceSelector": {}, "podSelector": {"matchLabels": agent}},
+                    ],
+                    "ports": [{"protocol": "TCP", "port": w.pool.rpc_port}],
+                },
+                {
+                    "from": [
+                        {"namespaceSelector": {}, "podSelector": {"matchLabels": gateway}},
+                        {
+                            "namespaceSelector": {},
+                            "podSelector": {"matchLabels": {SCRAPER_LABEL: "true"}},
+                        },
+                    ],
+                    "ports": [{"protocol": "TCP", "port": HOST_PORT}],
+                },
+            ],
+        },
+    }

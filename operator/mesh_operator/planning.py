@@ -1,0 +1,207 @@
+"""The operator's use of the planner: from a MeshModel and its pool to a plan and
+the command lines of its pods.
+
+Pure, except `ProfileCache.get`, which reads a model's header from its source
+once per source and keeps the profile in memory.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+from mesh_operator.api.meshmodel import MeshModelSpec, ModelSource, Plan
+from mesh_operator.api.meshpool import MeshPoolSpec
+from mesh_operator.gateway.contract import HOST_PORT
+from mesh_operator.manifests.workloads import API_KEY_MOUNT
+from mesh_operator.planner import (
+    PlacementRequest,
+    PlacementResult,
+    ServerSettings,
+    ServingParams,
+    build_llama_server_args,
+    build_rpc_server_args,
+    current_plan_from_api,
+    plan_placement,
+    read_model_profile,
+    rpc_devices_by_node,
+    to_api_plan,
+)
+from mesh_operator.planner.errors import PlannerInputError
+from mesh_operator.planner.inventory import Inventory
+from mesh_operator.planner.profile import ModelProfile
+from mesh_operator.source import (
+    HF_ENDPOINT_DEFAULT,
+    SourceError,
+    build_fetch_args,
+    cache_key,
+    container_model_path,
+    fetch_header_bytes,
+    model_file_name,
+)
+
+__all__ = ["ModelProfile", "ProfileCache"]
+
+# Placeholder for worker addresses before the workers have pod IPs; the host is
+# kept at zero replicas until they do, so it never starts with these.
+PENDING_ENDPOINT = "0.0.0.0:0"
+
+
+def _parse_header(data: bytes) -> ModelProfile:
+    try:
+        return read_model_profile(data)
+    except PlannerInputError as exc:
+        if "truncated at byte" in str(exc):
+            raise EOFError(str(exc)) from exc
+        raise
+
+
+class ProfileCache:
+    """Model profiles by source, read from the remote header once."""
+
+    def __init__(self, hf_endpoint: str = HF_ENDPOINT_DEFAULT) -> None:
+        self.hf_endpoint = hf_endpoint
+        self._profiles: dict[tuple[str, str | None], ModelProfile] = {}
+        self._lock = threading.Lock()
+
+    def get(self, source: ModelSource, sha256: str | None, token: str | None) -> ModelProfile:
+        key = (cache_key(source), sha256)
+        with self._lock:
+            cached = self._profiles.get(key)
+        if cached is not None:
+            return cached
+        if source.pvc is not None:
+            raise SourceError(
+                "SourceUnreadable",
+                "the operator cannot read a model on a PVC before planning; "
+                "serve it from a URL or Hugging Face, or copy it to the node cache",
+            )
+        data = fetch_header_bytes(source, _parse_header, token=token, hf_endpoint=self.hf_endpoint)
+        profile = read_model_profile(data, file_name=model_file_name(source))
+        with self._lock:
+            self._profiles[key] = profile
+        return profile
+
+
+def serving_params(spec: MeshModelSpec) -> ServingParams:
+    return ServingParams(
+        ctx=spec.context_size,
+        parallel=spec.parallel,
+        cache_type_k=spec.cache_type_k,
+        cache_type_v=spec.cache_type_v,
+        flash_attention=spec.flash_attention,
+    )
+
+
+def placement_request(
+    spec: MeshModelSpec, pool: MeshPoolSpec, profile: ModelProfile
+) -> PlacementRequest:
+    return PlacementRequest(
+        serving=serving_params(spec),
+        strategy=spec.strategy,
+        reserve_percent=float(pool.reserve_percent),
+        model_file=profile.file_name or model_file_name(spec.source),
+    )
+
+
+def limit_inventory(inventory: Inventory, pool: MeshPoolSpec) -> Inventory:
+    """Drop nodes beyond the pool's RTT limit."""
+    if pool.max_rtt_ms is None:
+        return inventory
+    limit = float(pool.max_rtt_ms)
+    return Inventory(
+        nodes=tuple(n for n in inventory.nodes if n.rtt_ms is None or n.rtt_ms <= limit)
+    )
+
+
+def plan(
+    profile: ModelProfile,
+    inventory: Inventory,
+    request: PlacementRequest,
+    current: Plan | None,
+    pool: MeshPoolSpec,
+) -> PlacementResult:
+    """Place the model; a result using more nodes than the pool allows is refused."""
+    result = plan_placement(
+        profile, limit_inventory(inventory, pool), request, current_plan_from_api(current)
+    )
+    if result.feasible and len(result.rpc) > pool.max_nodes_per_model:
+        return PlacementResult(
+            feasible=False,
+            reason=(
+                f"needs {len(result.rpc)} nodes; the pool allows {pool.max_nodes_per_model} "
+                f"per model (maxNodesPerModel)"
+            ),
+            strategy=result.strategy,
+        )
+    return result
+
+
+def to_plan(result: PlacementResult) -> Plan:
+    return to_api_plan(result)
+
+
+def layout_of(plan: Plan) -> tuple[object, ...]:
+    """What identifies a plan's placement (a change of it restarts the group)."""
+    return (
+        tuple((d.node, d.device, tuple(d.layers)) for d in plan.devices),
+        tuple(plan.tensor_split),
+        tuple(plan.rpc),
+        plan.host_node,
+    )
+
+
+def model_path(spec: MeshModelSpec) -> str:
+    return container_model_path(spec.source)
+
+
+def fetch_args(spec: MeshModelSpec) -> list[str]:
+    return build_fetch_args(spec.source, spec.sha256)
+
+
+def gpus_per_node(plan: Plan) -> dict[str, int]:
+    return {node: len(devs) for node, devs in rpc_devices_by_node(plan).items()}
+
+
+def rpc_args(
+    plan: Plan, pool: MeshPoolSpec, threads: Mapping[str, int] | None = None
+) -> dict[str, list[str]]:
+    """ggml-rpc-server arguments per planned node, bound to the pod's own IP."""
+    out = {}
+    for node, devices in rpc_devices_by_node(plan).items():
+        exposed = devices
+        if pool.backend == "cuda" and pool.sharing == "exclusive":
+            # The device plugin hands the container its GPUs renumbered from 0.
+            exposed = [f"CUDA{i}" for i in range(len(devices))]
+        out[node] = build_rpc_server_args(
+            exposed,
+            host="$(POD_IP)",
+            port=pool.rpc_port,
+            cache=pool.rpc_cache.enabled,
+            threads=(threads or {}).get(node) or pool.rpc_threads,
+        )
+    return out
+
+
+def llama_args(
+    plan: Plan,
+    spec: MeshModelSpec,
+    name: str,
+    worker_addresses: list[str] | None,
+) -> list[str]:
+    """llama-server arguments of the host, workers in --rpc order."""
+    addresses = worker_addresses or [PENDING_ENDPOINT] * len(plan.rpc)
+    settings = ServerSettings(
+        serving=serving_params(spec),
+        host="$(POD_IP)",
+        port=HOST_PORT,
+        aliases=tuple(spec.served_names(name)),
+        metrics=True,
+        api_key_file=(
+            f"{API_KEY_MOUNT}/{spec.api_key_secret_ref.key}" if spec.api_key_secret_ref else None
+        ),
+        embeddings=spec.embeddings,
+        extra_args=tuple(spec.extra_args),
+    )
+    endpoints = dict(zip(plan.rpc, addresses, strict=True))
+    return build_llama_server_args(plan, model_path(spec), settings, endpoints)

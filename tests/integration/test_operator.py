@@ -1,0 +1,286 @@
+"""The operator, run by kopf's KopfRunner, against the real API server with kwok GPU
+nodes: plans, children, re-plans, deletion, and every failure it must report."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kopf.testing import KopfRunner
+
+from e2e.cluster import LocalCluster
+from tests.fileserver import serve_directory
+from tests.integration.kube_helpers import (
+    apply,
+    condition,
+    get,
+    gpu_device,
+    now_rfc3339,
+    put_meshnode,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
+
+
+@pytest.fixture(scope="module")
+def model_url(model_file: Path) -> Iterator[str]:
+    with serve_directory(model_file.parent) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def operator(crds: LocalCluster) -> Iterator[KopfRunner]:
+    os.environ["KUBECONFIG"] = str(crds.kubeconfig)
+    os.environ["MESH_MODEL_INTERVAL"] = "2"
+    os.environ["MESH_POOL_INTERVAL"] = "2"
+    args = ["run", "--all-namespaces", "--standalone", "-m", "mesh_operator.handlers.registration"]
+    with KopfRunner(args, timeout=60) as runner:
+        yield runner
+    assert runner.exit_code == 0, runner.output
+    assert runner.exception is None
+    assert "Traceback" not in runner.output, runner.output[-5000:]
+
+
+@pytest.fixture
+def cleanup(crds: LocalCluster) -> Iterator[list[str]]:
+    """Cluster-scoped objects a test made (`kind/name`), deleted afterwards."""
+    made: list[str] = []
+    yield made
+    if made:
+        crds.kubectl("delete", *made, "--wait=false", "--ignore-not-found", check=False)
+
+
+def _pool(cluster: LocalCluster, name: str, label: str, cleanup: list[str], **spec: Any) -> None:
+    cleanup.append(f"meshpool/{name}")
+    apply(
+        cluster,
+        {
+            "apiVersion": "mesh.dev/v1alpha1",
+            "kind": "MeshPool",
+            "metadata": {"name": name},
+            "spec": {
+                "backend": "cuda",
+                "nodeSelector": {"mesh-test-pool": label},
+                "tolerations": [KWOK_TOLERATION],
+                **spec,
+            },
+        },
+    )
+
+
+def _model(cluster: LocalCluster, namespace: str, name: str, pool: str, **spec: Any) -> None:
+    body: dict[str, Any] = {"poolRef": pool, "contextSize": 1024, **spec}
+    apply(
+        cluster,
+        {
+            "apiVersion": "mesh.dev/v1alpha1",
+            "kind": "MeshModel",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": body,
+        },
+    )
+
+
+def _gpu_nodes(
+    cluster: LocalCluster, label: str, sizes: list[tuple[int, float]], cleanup: list[str]
+) -> list[str]:
+    names = []
+    for i, (total_mib, bandwidth) in enumerate(sizes):
+        name = f"gpu-{label}-{i}"
+        cleanup += [f"node/{name}", f"meshnode/{name}"]
+        cluster.add_kwok_node(name, gpus=1, labels={"mesh-test-pool": label})
+        put_meshnode(
+            cluster, name, [gpu_device(0, total_mib, total_mib - 10, bandwidth, f"Test GPU {i}")]
+        )
+        names.append(name)
+    return names
+
+
+def _model_obj(cluster: LocalCluster, namespace: str, name: str) -> dict[str, Any] | None:
+    obj: dict[str, Any] | None = get(cluster, "meshmodel", name, "-n", namespace)
+    return obj
+
+
+def _planned(cluster: LocalCluster, namespace: str, name: str) -> dict[str, Any] | None:
+    obj = _model_obj(cluster, namespace, name)
+    cond = condition(obj, "Planned")
+    if obj and cond and cond["status"] == "True" and obj["status"].get("plan"):
+        return obj
+    return None
+
+
+def _children(cluster: LocalCluster, namespace: str, name: str) -> list[str]:
+    out = cluster.kubectl(
+        "get", "daemonsets,deployments,services,networkpolicies,pods", "-n", namespace,
+        "-l", f"mesh.dev/model={name}", "-o", "name",
+    )  # fmt: skip
+    return out.split()
+
+
+def test_model_is_planned_across_nodes_and_replanned_when_a_node_goes_stale(
+    operator: KopfRunner,
+    crds: LocalCluster,
+    namespace: str,
+    model_url: str,
+    cleanup: list[str],
+) -> None:
+    cluster = crds
+    label = namespace
+    # Three mismatched GPUs too small for the whole model alone (gemma-3-270m
+    # needs about 300 MiB at this context): the plan must span two of them.
+    nodes = _gpu_nodes(cluster, label, [(300, 900.0), (300, 500.0), (300, 300.0)], cleanup)
+    pool = f"pool-{label}"
+    _pool(cluster, pool, label, cleanup)
+    _model(cluster, namespace, "gemma", pool, source={"url": f"{model_url}/{MODEL_FILE}"})
+
+    obj = wait_for("the plan", lambda: _planned(cluster, namespace, "gemma"), timeout=90)
+    plan = obj["status"]["plan"]
+    planned_nodes = plan["rpc"]
+    assert len(planned_nodes) == 2 and set(planned_nodes) <= set(nodes), plan
+    assert plan["hostNode"] in planned_nodes
+    assert obj["status"]["split"] == ",".join(str(x) for x in plan["tensorSplit"])
+    assert all(d["totalMiB"] <= 300 * 0.9 for d in plan["devices"])
+
+    # The real controller-manager and scheduler put one RPC server on each planned node.
+    def rpc_pods() -> dict[str, str] | None:
+        pods = get(cluster, "pods", "-n", namespace, "-l", "app.kubernetes.io/component=rpc-server")
+        bound = {
+            p["spec"].get("nodeName"): p["status"].get("podIP")
+            for p in pods["items"]
+            if p["status"].get("phase") == "Running" and p["status"].get("podIP")
+        }
+        return bound if set(bound) == set(planned_nodes) else None
+
+    ips = wait_for("RPC server pods on the planned nodes", rpc_pods, timeout=90)
+
+    def host_args() -> list[str] | None:
+        dep = get(cluster, "deployment", "gemma-host", "-n", namespace)
+        if not dep or dep["spec"]["replicas"] != 1:
+            return None
+        args: list[str] = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        return args
+
+    args = wait_for("the host Deployment with its workers", host_args, timeout=90)
+    expected_rpc = ",".join(f"{ips[n]}:50052" for n in planned_nodes)
+    assert args[args.index("--rpc") + 1] == expected_rpc
+    assert args[args.index("-ts") + 1] == obj["status"]["split"]
+    assert args[args.index("-fit") + 1] == "off"
+    dep = get(cluster, "deployment", "gemma-host", "-n", namespace)
+    assert dep["spec"]["strategy"]["type"] == "Recreate"
+    assert get(cluster, "service", "gemma-host", "-n", namespace)["spec"]["type"] == "ClusterIP"
+    assert get(cluster, "networkpolicy", "gemma-mesh", "-n", namespace) is not None
+    for kind in ("daemonset/gemma-rpc", "deployment/gemma-host", "service/gemma-host"):
+        owners = get(cluster, kind, "-n", namespace)["metadata"]["ownerReferences"]
+        assert owners[0]["kind"] == "MeshModel" and owners[0]["controller"] is True
+
+    # The MeshNode of a planned node stops heartbeating: the model moves.
+    lost = planned_nodes[0]
+    put_meshnode(
+        cluster, lost, [gpu_device(0, 300, 290, 900.0, "Test GPU")],
+        heartbeat=now_rfc3339(-7200), interval_seconds=10,
+    )  # fmt: skip
+
+    def replanned() -> dict[str, Any] | None:
+        current = _planned(cluster, namespace, "gemma")
+        if current and lost not in current["status"]["plan"]["rpc"]:
+            return current
+        return None
+
+    moved = wait_for("a re-plan without the stale node", replanned, timeout=60)
+    assert set(moved["status"]["plan"]["rpc"]) == set(nodes) - {lost}
+    assert moved["status"]["planGeneration"] == obj["status"]["planGeneration"] + 1
+    events = get(cluster, "events", "-n", namespace, "--field-selector", "reason=Replanned")
+    assert any(lost in e["message"] for e in events["items"]), events["items"]
+
+    # Pods on the silent node are released at once (its kubelet will never confirm).
+    def released() -> bool:
+        pods = get(cluster, "pods", "-n", namespace, "-l", "mesh.dev/model=gemma")["items"]
+        return all(p["spec"].get("nodeName") != lost for p in pods)
+
+    wait_for(f"no pod of the model left on {lost}", released, timeout=30)
+
+    # Deleting the model leaves nothing of it behind (garbage collection).
+    cluster.kubectl("delete", "meshmodel", "gemma", "-n", namespace)
+    wait_for("no children left", lambda: not _children(cluster, namespace, "gemma"), timeout=90)
+
+
+def test_model_that_cannot_fit_reports_the_numbers(
+    operator: KopfRunner,
+    crds: LocalCluster,
+    namespace: str,
+    model_url: str,
+    cleanup: list[str],
+) -> None:
+    label = namespace
+    _gpu_nodes(crds, label, [(120, 900.0), (100, 500.0)], cleanup)
+    pool = f"pool-{label}"
+    _pool(crds, pool, label, cleanup, maxNodesPerModel=2)
+    _model(crds, namespace, "big", pool, source={"url": f"{model_url}/{MODEL_FILE}"})
+
+    def refused() -> dict[str, Any] | None:
+        cond = condition(_model_obj(crds, namespace, "big"), "Planned")
+        return cond if cond and cond["reason"] == "NoCapacity" else None
+
+    cond = wait_for("Planned=False NoCapacity", refused, timeout=60)
+    assert cond["status"] == "False"
+    assert "needs" in cond["message"] and "GiB" in cond["message"], cond["message"]
+    assert not [c for c in _children(crds, namespace, "big") if "daemonset" in c]
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("unknown-pool", "PoolNotFound"),
+        ("missing-file", "SourceNotFound"),
+        ("not-gguf", "SourceInvalid"),
+        ("missing-secret", "SecretNotFound"),
+    ],
+)
+def test_bad_references_are_reported_in_conditions(
+    operator: KopfRunner,
+    crds: LocalCluster,
+    namespace: str,
+    model_url: str,
+    tmp_path: Path,
+    cleanup: list[str],
+    case: str,
+    reason: str,
+) -> None:
+    label = namespace
+    _gpu_nodes(crds, label, [(4096, 900.0)], cleanup)
+    pool = f"pool-{label}"
+    _pool(crds, pool, label, cleanup)
+    source: dict[str, Any] = {"url": f"{model_url}/{MODEL_FILE}"}
+    extra: dict[str, Any] = {}
+    if case == "unknown-pool":
+        pool = f"no-such-pool-{uuid.uuid4().hex[:6]}"
+    elif case == "missing-file":
+        source = {"url": f"{model_url}/absent.gguf"}
+    elif case == "missing-secret":
+        extra = {"apiKeySecretRef": {"name": "absent", "key": "key"}}
+    with contextlib.ExitStack() as stack:
+        if case == "not-gguf":
+            (tmp_path / "notes.gguf").write_text("these are notes, not a model\n" * 100)
+            source = {"url": f"{stack.enter_context(serve_directory(tmp_path))}/notes.gguf"}
+        _model(crds, namespace, "m", pool, source=source, **extra)
+
+        def reported() -> dict[str, Any] | None:
+            cond = condition(_model_obj(crds, namespace, "m"), "Planned")
+            return cond if cond and cond["reason"] == reason else None
+
+        cond = wait_for(f"Planned=False {reason}", reported, timeout=60)
+    assert cond["status"] == "False" and cond["message"]
+    ready = condition(_model_obj(crds, namespace, "m"), "Ready")
+    assert ready is not None and ready["status"] == "False"
+    assert _children(crds, namespace, "m") == []
+    assert json.dumps(cond).count("\n") == 0

@@ -1,0 +1,146 @@
+"""The memory ledger: capacity per device after other models' claims, staleness."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from mesh_operator.api.meshmodel import Plan
+from mesh_operator.api.meshnode import MeshNodeStatus
+from mesh_operator.api.meshpool import MeshPoolSpec
+from mesh_operator.ledger import (
+    NodeInfo,
+    build_pool_view,
+    capacity_grew,
+    plan_problems,
+    to_inventory,
+)
+
+pytestmark = pytest.mark.unit
+
+NOW = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def status(
+    free: int = 20000, *, total: int = 24576, others: int = 0, age: int = 5, **kw: Any
+) -> MeshNodeStatus:
+    beat = (NOW - dt.timedelta(seconds=age)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return MeshNodeStatus.model_validate(
+        {
+            "heartbeatTime": beat,
+            "intervalSeconds": 10,
+            "devices": [
+                {
+                    "id": "CUDA0",
+                    "index": 0,
+                    "backend": "cuda",
+                    "memoryTotalMiB": total,
+                    "memoryFreeMiB": free,
+                    "memoryUsedByOthersMiB": others,
+                    "bandwidthGBps": 936,
+                }
+            ],
+            **kw,
+        }
+    )
+
+
+def plan_on(node: str, mib: int) -> Plan:
+    return Plan.model_validate(
+        {
+            "devices": [
+                {
+                    "node": node,
+                    "device": "CUDA0",
+                    "layers": [0, 10],
+                    "weightsMiB": mib,
+                    "kvMiB": 0,
+                    "computeMiB": 0,
+                    "totalMiB": mib,
+                }
+            ],
+            "tensorSplit": [10],
+            "rpc": [node],
+            "hostNode": node,
+        }
+    )
+
+
+NODES = [NodeInfo("a", {"pool": "x"}), NodeInfo("b", {"pool": "x"}), NodeInfo("c", {"pool": "y"})]
+
+
+def capacity(view: Any, node: str) -> int:
+    return int(view.by_name()[node].devices[0].capacity_mib)
+
+
+def test_pool_membership_follows_the_node_selector() -> None:
+    view = build_pool_view(
+        MeshPoolSpec(node_selector={"pool": "x"}), NODES, {"a": status(), "b": status()}, {}, NOW
+    )
+    assert [n.name for n in view.nodes] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("sharing", "claim", "others", "expected"),
+    [
+        ("shared", 0, 0, 24576),
+        ("shared", 8000, 0, 16576),
+        ("shared", 8000, 1000, 15576),
+        ("exclusive", 8000, 0, 0),  # a device another model holds is not offered
+        ("exclusive", 0, 1000, 23576),
+    ],
+)
+def test_capacity_subtracts_other_claims_and_foreign_use(
+    sharing: str, claim: int, others: int, expected: int
+) -> None:
+    pool = MeshPoolSpec.model_validate({"sharing": sharing, "nodeSelector": {"pool": "x"}})
+    claims = {"ns/other": plan_on("a", claim)} if claim else {}
+    view = build_pool_view(pool, NODES, {"a": status(others=others), "b": status()}, claims, NOW)
+    assert capacity(view, "a") == expected
+
+
+def test_two_plans_at_once_do_not_see_the_same_memory() -> None:
+    # Free memory as reported is the same before both plans land; the ledger is not.
+    pool = MeshPoolSpec(sharing="shared", node_selector={"pool": "x"})
+    first = build_pool_view(pool, NODES, {"a": status(), "b": status()}, {}, NOW)
+    second = build_pool_view(
+        pool, NODES, {"a": status(), "b": status()}, {"ns/first": plan_on("a", 20000)}, NOW
+    )
+    assert capacity(first, "a") - capacity(second, "a") == 20000
+
+
+def test_device_cap_limits_what_a_cpu_pool_offers() -> None:
+    pool = MeshPoolSpec.model_validate({"deviceMemoryCapMiB": 300, "nodeSelector": {"pool": "x"}})
+    view = build_pool_view(pool, NODES, {"a": status(), "b": status()}, {}, NOW)
+    assert capacity(view, "a") == 300
+    inventory = to_inventory(view)
+    assert [d.memory_total_mib for n in inventory.nodes for d in n.devices] == [300, 300]
+
+
+def test_stale_and_missing_nodes_are_not_planned_on() -> None:
+    pool = MeshPoolSpec(node_selector={"pool": "x"})
+    view = build_pool_view(pool, NODES, {"a": status(age=31)}, {}, NOW)
+    nodes = view.by_name()
+    assert not nodes["a"].usable and "stale" in nodes["a"].problem
+    assert not nodes["b"].usable and "no MeshNode" in nodes["b"].problem
+    assert to_inventory(view).nodes == ()
+    assert plan_problems(plan_on("a", 100), view) == [nodes["a"].name + ": " + nodes["a"].problem]
+
+
+def test_an_unhealthy_node_breaks_its_plan() -> None:
+    pool = MeshPoolSpec(node_selector={"pool": "x"})
+    sick = status(health={"state": "Unhealthy", "reason": "XidError", "message": "Xid 79"})
+    view = build_pool_view(pool, NODES, {"a": sick, "b": status()}, {}, NOW)
+    assert plan_problems(plan_on("a", 100), view) == ["a: XidError: Xid 79"]
+    assert plan_problems(plan_on("b", 100), view) == []
+    assert plan_problems(plan_on("gone", 100), view) == ["gone: left the pool"]
+
+
+def test_consolidation_looks_only_when_the_pool_gains_room() -> None:
+    before = {("a", "CUDA0"): 10, ("b", "CUDA0"): 4}
+    assert not capacity_grew(None, before)
+    assert not capacity_grew(before, {("a", "CUDA0"): 9, ("b", "CUDA0"): 4})  # others took memory
+    assert capacity_grew(before, {("a", "CUDA0"): 11, ("b", "CUDA0"): 4})
+    assert capacity_grew(before, {**before, ("c", "CUDA0"): 1})  # a node came back

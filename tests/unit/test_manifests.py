@@ -1,0 +1,181 @@
+"""The pure builders of a model's children, grouped by what they build."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mesh_operator.api.meshmodel import MeshModelSpec
+from mesh_operator.api.meshpool import MeshPoolSpec
+from mesh_operator.manifests.labels import PLAN_ANNOTATION, build_labels
+from mesh_operator.manifests.workloads import (
+    ModelWorkload,
+    build_host_deployment,
+    build_network_policy,
+    build_rpc_daemonsets,
+    build_service,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def workload(
+    *,
+    pool: dict[str, Any] | None = None,
+    spec: dict[str, Any] | None = None,
+    rpc_args: dict[str, list[str]] | None = None,
+    gpus: dict[str, int] | None = None,
+) -> ModelWorkload:
+    nodes = ["node-a", "node-b"]
+    return ModelWorkload(
+        name="gemma",
+        namespace="ai",
+        uid="uid-1",
+        spec=MeshModelSpec.model_validate(
+            {"source": {"url": "https://m.example/gemma.gguf"}, "poolRef": "gpus", **(spec or {})}
+        ),
+        pool_name="gpus",
+        pool=MeshPoolSpec.model_validate(pool or {}),
+        plan_generation=3,
+        rpc_nodes=nodes,
+        host_node="node-b",
+        rpc_args=rpc_args or {n: ["-H", "$(POD_IP)", "-p", "50052", "-d", "CUDA0"] for n in nodes},
+        llama_args=["-m", "/models/x/gemma.gguf", "--rpc", "10.0.0.1:50052,10.0.0.2:50052"],
+        model_path="/models/x/gemma.gguf",
+        fetch_args=["--dest", "/models/x/gemma.gguf", "--url", "https://m.example/gemma.gguf"],
+        gpus_per_node=gpus or {},
+    )
+
+
+class TestLabels:
+    def test_every_recommended_label_and_the_model_selector(self) -> None:
+        labels = build_labels("gemma", "host")
+        assert labels == {
+            "app.kubernetes.io/name": "mesh",
+            "app.kubernetes.io/instance": "gemma",
+            "app.kubernetes.io/component": "host",
+            "app.kubernetes.io/part-of": "mesh",
+            "app.kubernetes.io/managed-by": "mesh-operator",
+            "mesh.dev/model": "gemma",
+        }
+
+
+class TestRpcDaemonSets:
+    def test_pinned_to_planned_nodes_and_bound_to_the_pod_ip(self) -> None:
+        (ds,) = build_rpc_daemonsets(workload())
+        pod = ds["spec"]["template"]["spec"]
+        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        names = [t["matchFields"][0]["values"] for t in terms["nodeSelectorTerms"]]
+        assert names == [["node-a"], ["node-b"]]
+        container = pod["containers"][0]
+        assert container["args"][:2] == ["-H", "$(POD_IP)"]
+        assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in (
+            container["env"]
+        )
+        assert "hostNetwork" not in pod
+        assert pod["automountServiceAccountToken"] is False
+        assert ds["spec"]["template"]["metadata"]["annotations"][PLAN_ANNOTATION] == "3"
+        assert ds["metadata"]["ownerReferences"][0]["controller"] is True
+
+    @pytest.mark.parametrize(
+        ("pool", "gpus", "expected"),
+        [
+            ({"backend": "cuda", "sharing": "exclusive"}, {}, "1"),
+            ({"backend": "cuda", "sharing": "exclusive"}, {"node-a": 2, "node-b": 2}, "2"),
+            ({"backend": "cuda", "sharing": "shared"}, {}, None),
+            ({"backend": "cpu"}, {}, None),
+        ],
+    )
+    def test_gpu_requests_follow_the_sharing_mode(
+        self, pool: dict[str, Any], gpus: dict[str, int], expected: str | None
+    ) -> None:
+        (ds,) = build_rpc_daemonsets(workload(pool=pool, gpus=gpus))
+        limits = ds["spec"]["template"]["spec"]["containers"][0].get("resources", {}).get("limits")
+        assert (limits or {}).get("nvidia.com/gpu") == expected
+
+    def test_nodes_needing_other_arguments_get_their_own_daemonset(self) -> None:
+        args = {
+            "node-a": ["-H", "$(POD_IP)", "-d", "CUDA0,CUDA1"],
+            "node-b": ["-H", "$(POD_IP)", "-d", "CUDA0"],
+        }
+        sets = build_rpc_daemonsets(workload(rpc_args=args))
+        assert [d["metadata"]["name"] for d in sets] == ["gemma-rpc", "gemma-rpc-1"]
+        selectors = [d["spec"]["selector"]["matchLabels"] for d in sets]
+        assert selectors[0] != selectors[1]  # overlapping selectors would fight over pods
+
+    def test_tensor_cache_on_a_host_path(self) -> None:
+        (ds,) = build_rpc_daemonsets(workload(pool={"rpcCache": {"hostPath": "/data/rpc"}}))
+        pod = ds["spec"]["template"]["spec"]
+        assert pod["volumes"][0]["hostPath"]["path"] == "/data/rpc"
+        assert {"name": "LLAMA_CACHE", "value": "/var/cache/llama"} in pod["containers"][0]["env"]
+
+
+class TestHostDeployment:
+    def test_recreate_pinned_to_the_host_node_with_probes(self) -> None:
+        dep = build_host_deployment(workload())
+        assert dep["spec"]["strategy"] == {"type": "Recreate"}
+        pod = dep["spec"]["template"]["spec"]
+        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert terms["nodeSelectorTerms"] == [
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-b"]}]}
+        ]
+        server = pod["containers"][0]
+        assert server["readinessProbe"]["httpGet"]["path"] == "/health"
+        startup = server["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 3600
+        assert pod["initContainers"][0]["args"][0] == "fetch"
+
+    def test_zero_replicas_until_workers_are_up(self) -> None:
+        assert build_host_deployment(workload(), replicas=0)["spec"]["replicas"] == 0
+
+    def test_pvc_source_mounts_the_claim_instead_of_fetching(self) -> None:
+        spec = {"source": {"pvc": {"claimName": "models", "path": "g/gemma.gguf"}}}
+        pod = build_host_deployment(workload(spec=spec))["spec"]["template"]["spec"]
+        assert "initContainers" not in pod
+        assert pod["volumes"][0]["persistentVolumeClaim"] == {
+            "claimName": "models",
+            "readOnly": True,
+        }
+
+    def test_token_secret_reaches_only_the_fetcher(self) -> None:
+        spec = {
+            "source": {
+                "huggingface": {
+                    "repo": "org/model",
+                    "file": "m.gguf",
+                    "tokenSecretRef": {"name": "hf", "key": "token"},
+                }
+            }
+        }
+        pod = build_host_deployment(workload(spec=spec))["spec"]["template"]["spec"]
+        fetch_env = pod["initContainers"][0]["env"]
+        assert fetch_env[0]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+        assert all(e["name"] != "HF_TOKEN" for e in pod["containers"][0]["env"])
+
+    def test_api_key_secret_is_mounted(self) -> None:
+        spec = {"apiKeySecretRef": {"name": "keys", "key": "key"}}
+        pod = build_host_deployment(workload(spec=spec))["spec"]["template"]["spec"]
+        assert {"name": "api-key", "secret": {"secretName": "keys"}} in pod["volumes"]
+
+
+class TestServiceAndPolicy:
+    def test_service_selects_the_host_pods(self) -> None:
+        svc = build_service(workload())
+        assert svc["metadata"]["name"] == "gemma-host"
+        assert svc["spec"]["selector"]["app.kubernetes.io/component"] == "host"
+        assert svc["spec"]["ports"][0]["port"] == 8080
+
+    def test_rpc_port_only_from_the_host_and_host_port_only_from_gateway(self) -> None:
+        policy = build_network_policy(workload(pool={"rpcPort": 50100}))
+        rpc_rule, http_rule = policy["spec"]["ingress"]
+        assert rpc_rule["ports"] == [{"protocol": "TCP", "port": 50100}]
+        assert rpc_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == (
+            "host"
+        )
+        assert http_rule["ports"] == [{"protocol": "TCP", "port": 8080}]
+        sources = [f["podSelector"]["matchLabels"] for f in http_rule["from"]]
+        assert {
+            "app.kubernetes.io/name": "mesh",
+            "app.kubernetes.io/component": "gateway",
+        } in sources
