@@ -161,6 +161,15 @@ def _describe(cond: Obj) -> str:
     return f"{cond.get('reason', 'NotReconciled')} {cond.get('message', '')}".rstrip()
 
 
+def _without_defaults(schema: object) -> object:
+    """A schema without its `default`s: the chart may set image defaults of its own."""
+    if isinstance(schema, dict):
+        return {k: _without_defaults(v) for k, v in schema.items() if k != "default"}
+    if isinstance(schema, list):
+        return [_without_defaults(v) for v in schema]
+    return schema
+
+
 def _crd_findings(crds: dict[str, Obj | None], expected: dict[str, Obj]) -> list[Finding]:
     out = []
     for name, want in expected.items():
@@ -175,7 +184,9 @@ def _crd_findings(crds: dict[str, Obj | None], expected: dict[str, Obj]) -> list
             c.get("type") == "Established" and c.get("status") == "True" for c in conditions
         ):
             out.append(Finding("fail", f"CRD {name} is not Established"))
-        elif have["spec"].get("versions") != want["spec"]["versions"]:
+        elif _without_defaults(have["spec"].get("versions")) != _without_defaults(
+            want["spec"]["versions"]
+        ):
             out.append(
                 Finding("warn", f"CRD {name} differs from this mesh version", "helm upgrade mesh")
             )

@@ -183,6 +183,13 @@ def rpc_args(
     return out
 
 
+def _pooling(spec: MeshModelSpec) -> tuple[str, ...]:
+    # Models like gemma default to no pooling, which /v1/embeddings refuses.
+    if spec.embeddings and not any(a.split("=")[0] == "--pooling" for a in spec.extra_args):
+        return ("--pooling", "mean")
+    return ()
+
+
 def llama_args(
     plan: Plan,
     spec: MeshModelSpec,
@@ -201,7 +208,7 @@ def llama_args(
             f"{API_KEY_MOUNT}/{spec.api_key_secret_ref.key}" if spec.api_key_secret_ref else None
         ),
         embeddings=spec.embeddings,
-        extra_args=tuple(spec.extra_args),
+        extra_args=tuple(spec.extra_args) + _pooling(spec),
     )
     endpoints = dict(zip(plan.rpc, addresses, strict=True))
     return build_llama_server_args(plan, model_path(spec), settings, endpoints)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import sys
 from typing import Any
 
 import kopf
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         health_host, health_port = _split(args.health_address)
         metrics_host, metrics_port = _split(args.metrics_address)
     except ValueError:
-        print("mesh operator: error: addresses must be host:port", flush=True)
+        print("mesh operator: error: addresses must be host:port", file=sys.stderr)
         return 2
     # Importing registers the handlers with kopf's default registry; only here,
     # so that other subcommands do not pay for it.

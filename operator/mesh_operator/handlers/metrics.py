@@ -32,3 +32,9 @@ PLANNED_MODELS = Gauge(
     "mesh_operator_planned_models",
     "MeshModels that hold a plan (and so claim pool memory).",
 )
+POOL_MEMORY = Gauge(
+    "mesh_operator_pool_memory_bytes",
+    "Memory of a pool's devices as the ledger sees it: total, free (reported by "
+    "fresh agents) and claimed by models' plans.",
+    ["pool", "state"],
+)

@@ -83,6 +83,12 @@ def reconcile_pool(
         snapshot=snapshot,
         now=now,
     )
+    for state, mib in (
+        ("total", status.memory_total_mib),
+        ("free", status.memory_free_mib),
+        ("claimed", status.memory_claimed_mib),
+    ):
+        metrics.POOL_MEMORY.labels(pool=meta["name"], state=state).set(mib * 1024 * 1024)
     if status.to_wire() != previous.to_wire():
         kube.patch_status(API_VERSION_POOL, "MeshPool", meta["name"], None, status.to_wire())
     metrics.RECONCILES.labels(kind="MeshPool", outcome=outcome).inc()

@@ -73,6 +73,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
+    # The resources are known; scanning CRDs would need list/watch on them.
+    settings.scanning.disabled = True
     settings.watching.server_timeout = 300
     settings.execution.max_workers = int(os.environ.get("MESH_WORKERS", "8"))
     _State.kube = Kube()

@@ -277,6 +277,11 @@ def _fetch_container(w: ModelWorkload) -> Obj:
         "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
         "securityContext": _hardened_container(),
     }
+    if w.pool.model_cache.host_path:
+        # The kubelet creates a missing hostPath folder owned by root, and images
+        # run as non-root users: the fetcher writes there as root (no capability
+        # beyond being the folder's owner), llama-server only reads.
+        container["securityContext"] |= {"runAsUser": 0, "runAsNonRoot": False}
     if env:
         container["env"] = env
     return container

@@ -18,13 +18,22 @@ it still fits (allowing the free memory it was planned on to have dropped by
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import combinations
 from typing import Literal
 
+from mesh_operator.planner.bounds import (
+    Envelope,
+    ReadCurve,
+    bucket_of,
+    devices_needed,
+    fixed_lower_bound,
+    reads_lower_bound,
+    speed_buckets,
+)
 from mesh_operator.planner.errors import PlannerInputError
 from mesh_operator.planner.inventory import Inventory
 from mesh_operator.planner.memory import (
@@ -44,12 +53,8 @@ STRATEGIES: tuple[Strategy, ...] = ("latency", "balanced")
 
 MAX_RPC_SERVERS = 16  # GGML_RPC_MAX_SERVERS
 MAX_DEVICES = 15  # ggml's scheduler holds 16 backends, one of them the host CPU
-_EXHAUSTIVE_LIMIT = 128  # node sets per size searched exhaustively
-_BEAM_WIDTH = 12
-_EXTRA_NODES = 2  # sizes explored past the last that improved
-_SMALL_POOL = 8  # pools this small are searched at every size
-_ALL_OUTPUTS = 4  # node sets this small try every node as the output node
 _TIE = 0.02  # plans within 2% of the best count as equally fast
+_BOUND_SLACK = 1e-10  # relative float error a bound may carry against a plan's sum
 _GIB = 1 << 30
 
 # (node, device id, (first layer, last layer exclusive)) in llama.cpp device order.
@@ -413,122 +418,466 @@ def _split_balanced(
     return _split_latency(problem, caps, fixed, per_byte, time_cap=hi * (1 + 1e-9))
 
 
-def _device_order(devices: Sequence[_Device], output_node: str) -> list[_Device]:
-    """llama.cpp order: nodes contiguous, the output node last, its fastest device last."""
-    by_node: dict[str, list[_Device]] = {}
-    for d in devices:
-        by_node.setdefault(d.node, []).append(d)
-    names = [*sorted(n for n in by_node if n != output_node), output_node]
-    order: list[_Device] = []
-    for name in names:
-        # Fastest last; among equals the roomiest, which then holds the output layer.
-        order.extend(sorted(by_node[name], key=lambda d: (d.bandwidth, d.capacity, d.id)))
-    return order
+def _node_devices(devices: Sequence[_Device]) -> list[_Device]:
+    """A node's devices in llama.cpp order: its RPC server exposes them together,
+    fastest last; among equals the roomiest last, which then holds the output layer."""
+    return sorted(devices, key=lambda d: (d.bandwidth, d.capacity, d.id))
 
 
-def _plan_subset(
-    problem: _Problem, devices: Sequence[_Device], cached: frozenset[str]
-) -> list[_Candidate]:
-    """Candidates on exactly this set of nodes' devices (some may stay unused)."""
-    if len(devices) > MAX_DEVICES:
+def _ns(ms: float) -> int:
+    """Objectives compare in whole nanoseconds, so float noise never orders two
+    plans that are equally fast; names break those ties deterministically."""
+    return round(ms * 1e6)
+
+
+def _bound_ns(ms: float) -> float:
+    """A lower bound in the units of `_ns`, safely below despite rounding."""
+    if ms == math.inf:
+        return math.inf
+    return float(round(ms * (1 - _BOUND_SLACK) * 1e6))
+
+
+@dataclass(frozen=True)
+class _Node:
+    """A pool node as the search sees it."""
+
+    name: str
+    devices: tuple[_Device, ...]  # capacity > 0, in llama.cpp order
+    cached: bool
+    remote_ms: float  # fixed ms per device and token while not the host's node
+    saving_ms: float  # how much less each device costs when the host runs here
+    profile: tuple[float, ...]  # bytes it can hold at each speed bucket or faster
+
+
+@dataclass(frozen=True)
+class _Set:
+    """A node set with its devices (at most MAX_DEVICES) and its lower bounds."""
+
+    members: tuple[int, ...]  # node indices, ascending (= name order)
+    devices: tuple[tuple[_Device, ...], ...]  # per member, in llama.cpp order
+    cached: int
+    latency_bound: tuple[float, ...]  # per host position: least summed ms/token
+    objective_bound: tuple[float, ...]  # per host position: least objective
+    fewest_devices: int
+
+
+@dataclass
+class _Prefix:
+    """Running sums of a partial node set in the depth-first enumeration."""
+
+    members: tuple[int, ...] = ()
+    profile: tuple[float, ...] = ()
+    remote_ms: float = 0.0
+    max_saving: float = -math.inf
+    slowest_remote: tuple[float, float] = (-math.inf, -math.inf)  # the two largest
+    cached: int = 0
+
+
+# (candidate, its node indices) with the rank `_Search.key` gives it.
+_Ranked = tuple[tuple[object, ...], _Candidate]
+
+
+class _Search:
+    """Branch and bound over node sets; the exact optimum of `_search_every_set`.
+
+    What a node set may do: every node holds at least one device (a node left
+    empty is the smaller set's plan), each node's devices are contiguous in
+    llama.cpp order with the non-output nodes in name order and the output node
+    last, at most MAX_DEVICES devices (the fastest, ties by node name and id),
+    any member as the output node and any member as the host, and the split the
+    dynamic program finds for that order. Among plans within 2% of the fastest,
+    fewer nodes win, then more cached nodes, then the faster, then fewer
+    devices, then lower node names.
+
+    Two passes. The first finds the best objective: sets are enumerated by size
+    and, within a size, depth first in order of promise; a partial set is
+    dropped when a lower bound (`bounds`) for every set it can grow into is no
+    better than the best plan found. The second finds the winner among plans
+    within 2% of that objective: sizes from one up, sets in name order, dropping
+    a partial set when its bound rules out beating the best candidate so far on
+    (cached nodes, objective, summed time, devices, names).
+    """
+
+    def __init__(self, problem: _Problem, pool: Sequence[_Device], cached: frozenset[str]) -> None:
+        self.problem = problem
+        self.strategy = problem.request.strategy
+        self.cached_names = cached
+        cost = problem.cost
+        self.local_ms = cost.device_overhead_ms + cost.hop_ms(0.0, True)
+        by_node: dict[str, list[_Device]] = {}
+        for d in pool:
+            if d.capacity > 0:
+                by_node.setdefault(d.node, []).append(d)
+        memory = [b - a for a, b in itertools.pairwise(problem.mem_prefix)]
+        reads = [b - a for a, b in itertools.pairwise(problem.read_prefix)]
+        self.curve = ReadCurve(memory, reads)
+        self.buckets = speed_buckets([d.bandwidth for ds in by_node.values() for d in ds])
+        self.speeds = [cost.ms_per_byte(b) for b in self.buckets]
+        nodes = []
+        for name in sorted(by_node):
+            devices = tuple(_node_devices(by_node[name]))
+            rtt = devices[0].rtt
+            remote = cost.device_overhead_ms + cost.hop_ms(rtt, False)
+            nodes.append(
+                _Node(
+                    name=name,
+                    devices=devices,
+                    cached=name in cached,
+                    remote_ms=remote,
+                    saving_ms=remote - self.local_ms,
+                    # A lone device needs the smaller compute buffer: the most room.
+                    profile=self._profile(devices, problem.compute_single),
+                )
+            )
+        self.nodes = nodes
+        self.sets: dict[tuple[int, ...], _Set | None] = {}
+        self.evaluated: dict[tuple[tuple[int, ...], int, int], _Candidate | None] = {}
+        self.best_ns: float = math.inf  # best objective found (first pass)
+        self.winner: _Ranked | None = None  # best candidate of this size (second pass)
+        self.window_ns: float = math.inf
+
+    # -- bounds ---------------------------------------------------------------
+
+    def _profile(self, devices: Iterable[_Device], compute: int) -> tuple[float, ...]:
+        per_bucket = [0.0] * len(self.buckets)
+        for d in devices:
+            room = d.capacity - compute
+            if room > 0:
+                per_bucket[bucket_of(self.buckets, d.bandwidth)] += room
+        return tuple(itertools.accumulate(per_bucket))
+
+    def _reads_bound(self, profile: Sequence[float]) -> float:
+        return reads_lower_bound(self.curve, self.speeds, profile)
+
+    def _objective_from(self, latency: float, fixed_floor: float) -> float:
+        """The strategy's objective bound from a summed-time bound.
+
+        The slowest stage is at least the largest fixed cost of a used device
+        and at least the average of at most MAX_DEVICES stages.
+        """
+        if self.strategy == "latency":
+            return latency
+        return max(fixed_floor, latency / MAX_DEVICES)
+
+    def set_devices(self, members: tuple[int, ...]) -> tuple[tuple[_Device, ...], ...] | None:
+        """Each member's devices, keeping the MAX_DEVICES fastest; None if a member
+        keeps none (the set cannot use every node)."""
+        per_node = [self.nodes[i].devices for i in members]
+        if sum(len(ds) for ds in per_node) <= MAX_DEVICES:
+            return tuple(per_node)
         # Orders never depend on free memory, so a small change of it cannot
         # reshuffle a plan (see the stability rule).
-        devices = sorted(devices, key=lambda d: (-d.bandwidth, d.node, d.id))[:MAX_DEVICES]
-    nodes = sorted({d.node for d in devices})
-    potential: dict[str, float] = {}
-    for d in devices:
-        potential[d.node] = potential.get(d.node, 0.0) + d.rtt
-    hosts = sorted(nodes, key=lambda n: (-potential[n], n))[:2]
-    # The output layer (often the biggest) sits on the last device: try every node
-    # there in small sets, else the fastest, the roomiest and the host candidates.
-    if len(nodes) <= _ALL_OUTPUTS:
-        outputs = nodes
-    else:
-        fastest = min(devices, key=lambda d: (-d.bandwidth, d.node, d.id))
-        roomiest = min(devices, key=lambda d: (-d.capacity, d.node, d.id))
-        outputs = list(dict.fromkeys([fastest.node, roomiest.node, *hosts]))
-    plans = list(dict.fromkeys((o, h) for o in outputs for h in dict.fromkeys([*hosts, o])))
-    out = []
-    for output_node, host in plans:
-        order = _device_order(devices, output_node)
-        compute = problem.compute_multi if len(order) > 1 else problem.compute_single
-        caps = [d.capacity - compute for d in order]
-        fixed = [_fixed_ms(problem, d, host) for d in order]
-        per_byte = [problem.cost.ms_per_byte(d.bandwidth) for d in order]
-        if problem.request.strategy == "latency":
-            ranges = _split_latency(problem, caps, fixed, per_byte)
-        else:
-            ranges = _split_balanced(problem, caps, fixed, per_byte)
-        if ranges is None:
-            continue
-        candidate = _finish(problem, order=order, ranges=ranges, host=host, cached=cached)
-        if candidate is not None:
-            out.append(candidate)
-    return out
+        ranked = sorted(
+            (d for ds in per_node for d in ds), key=lambda d: (-d.bandwidth, d.node, d.id)
+        )
+        kept = {(d.node, d.id) for d in ranked[:MAX_DEVICES]}
+        out = tuple(tuple(d for d in ds if (d.node, d.id) in kept) for ds in per_node)
+        return None if any(not ds for ds in out) else out
 
+    def node_set(self, members: tuple[int, ...]) -> _Set | None:
+        """The set with its bounds, or None when it cannot hold the model."""
+        if members in self.sets:
+            return self.sets[members]
+        result = None
+        devices = self.set_devices(members)
+        if devices is not None:
+            flat = [d for ds in devices for d in ds]
+            problem = self.problem
+            compute = problem.compute_multi if len(flat) > 1 else problem.compute_single
+            reads = self._reads_bound(self._profile(flat, compute))
+            fewest = devices_needed([d.capacity - compute for d in flat], self.curve.total_mass)
+            if reads < math.inf and fewest > 0:
+                remote = [self.nodes[i].remote_ms for i in members]
+                spare = [len(ds) - 1 for ds in devices]
+                extra = fewest - len(members)
+                latency = []
+                objective = []
+                for h in range(len(members)):
+                    bound = reads + fixed_lower_bound(remote, spare, self.local_ms, h, extra)
+                    others = [ms for i, ms in enumerate(remote) if i != h]
+                    latency.append(bound)
+                    objective.append(self._objective_from(bound, max([self.local_ms, *others])))
+                result = _Set(
+                    members=members,
+                    devices=devices,
+                    cached=sum(1 for i in members if self.nodes[i].cached),
+                    latency_bound=tuple(latency),
+                    objective_bound=tuple(objective),
+                    fewest_devices=max(fewest, len(members)),
+                )
+        self.sets[members] = result
+        return result
 
-def _choose(candidates: Iterable[_Candidate], strategy: Strategy) -> _Candidate | None:
-    pool = list(candidates)
-    if not pool:
-        return None
-    best = min(c.objective(strategy) for c in pool)
-    near = [c for c in pool if c.objective(strategy) <= best * (1 + _TIE) + 1e-9]
-    return min(
-        near,
-        key=lambda c: (
-            len(c.nodes),
+    # -- one plan -------------------------------------------------------------
+
+    def evaluate(self, members: tuple[int, ...], output: int, host: int) -> _Candidate | None:
+        """The plan for this set, output node and host (node indices), if it uses
+        every member."""
+        key = (members, output, host)
+        if key in self.evaluated:
+            return self.evaluated[key]
+        devices = self.set_devices(members)
+        candidate = None
+        if devices is not None:
+            problem = self.problem
+            position = {m: p for p, m in enumerate(members)}
+            order = [d for m, ds in zip(members, devices, strict=True) if m != output for d in ds]
+            order.extend(devices[position[output]])
+            host_name = self.nodes[host].name
+            compute = problem.compute_multi if len(order) > 1 else problem.compute_single
+            caps = [d.capacity - compute for d in order]
+            fixed = [_fixed_ms(problem, d, host_name) for d in order]
+            per_byte = [problem.cost.ms_per_byte(d.bandwidth) for d in order]
+            if self.strategy == "latency":
+                ranges = _split_latency(problem, caps, fixed, per_byte)
+            else:
+                ranges = _split_balanced(problem, caps, fixed, per_byte)
+            if ranges is not None:
+                found = _finish(
+                    problem, order=order, ranges=ranges, host=host_name, cached=self.cached_names
+                )
+                if found is not None and len(found.nodes) == len(members):
+                    candidate = found
+        self.evaluated[key] = candidate
+        return candidate
+
+    def key(self, members: tuple[int, ...], c: _Candidate) -> tuple[object, ...]:
+        """Rank among plans of one size that are within 2% of the fastest."""
+        return (
             -c.cached,
-            c.objective(strategy),
-            c.total_ms,
+            _ns(c.objective(self.strategy)),
+            _ns(c.total_ms),
             len(c.devices),
+            members,
+            c.nodes,
             c.signature(),
-        ),
-    )
+            c.host,
+        )
+
+    # -- enumeration ------------------------------------------------------------
+
+    def _descend(self, walk: _Walk, start: int, prefix: _Prefix) -> None:
+        """Visit k-sets extending `prefix` with nodes of order[start:], dropping
+        branches whose bound says they cannot matter."""
+        order, k, envelope, tails = walk.order, walk.k, walk.envelope, walk.tails
+        second_pass = walk.second_pass
+        rest = k - len(prefix.members) - 1  # nodes still to add after the next one
+        local = self.local_ms
+        for p in range(start, len(order) - rest):
+            index = order[p]
+            node = self.nodes[index]
+            extra = envelope.at(p + 1, rest)
+            base = prefix.profile or (0.0,) * len(node.profile)
+            profile = [a + b + c for a, b, c in zip(base, node.profile, extra, strict=True)]
+            reads = self._reads_bound(profile)
+            if reads == math.inf:
+                continue
+            saving = max(prefix.max_saving, node.saving_ms)
+            remote = prefix.remote_ms + node.remote_ms
+            if rest:
+                saving = max(saving, tails.max_saving[p + 1])
+                remote += rest * tails.min_remote[p + 1]
+            latency = reads + remote - saving
+            high, second = prefix.slowest_remote
+            if node.remote_ms > high:
+                high, second = node.remote_ms, high
+            elif node.remote_ms > second:
+                second = node.remote_ms
+            objective = self._objective_from(latency, max(local, second))
+            members = (*prefix.members, index)
+            cached = prefix.cached + node.cached
+            if second_pass:
+                most_cached = cached + min(rest, tails.cached[p + 1])
+                if self._beyond(most_cached, objective, latency, k, members):
+                    continue
+            elif _bound_ns(objective) >= self.best_ns:
+                continue
+            child = _Prefix(
+                members=members,
+                profile=tuple(a + b for a, b in zip(base, node.profile, strict=True)),
+                remote_ms=prefix.remote_ms + node.remote_ms,
+                max_saving=max(prefix.max_saving, node.saving_ms),
+                slowest_remote=(high, second),
+                cached=cached,
+            )
+            if rest:
+                self._descend(walk, p + 1, child)
+            else:
+                self._leaf(tuple(sorted(members)), second_pass)
+
+    def _beyond(
+        self, most_cached: int, objective: float, latency: float, devices: int, members: object
+    ) -> bool:
+        """Whether sets with these bounds can neither be within 2% of the fastest
+        nor beat the second pass's best candidate."""
+        bound = _bound_ns(objective)
+        if bound > self.window_ns:
+            return True
+        if self.winner is None:
+            return False
+        floor = (-most_cached, bound, _bound_ns(latency), devices, members)
+        return floor > self.winner[0][:5]
+
+    def _leaf(self, members: tuple[int, ...], second_pass: bool) -> None:
+        node_set = self.node_set(members)
+        if node_set is None:
+            return
+        hosts = sorted(range(len(members)), key=lambda h: node_set.objective_bound[h])
+        for h in hosts:
+            bound = node_set.objective_bound[h]
+            if second_pass:
+                if self._beyond(
+                    node_set.cached,
+                    bound,
+                    node_set.latency_bound[h],
+                    node_set.fewest_devices,
+                    members,
+                ):
+                    continue
+            elif _bound_ns(bound) >= self.best_ns:
+                break
+            for output in members:
+                candidate = self.evaluate(members, output, members[h])
+                if candidate is None:
+                    continue
+                objective = _ns(candidate.objective(self.strategy))
+                if not second_pass:
+                    self.best_ns = min(self.best_ns, objective)
+                elif objective <= self.window_ns:
+                    self._offer(members, candidate)
+
+    def _offer(self, members: tuple[int, ...], candidate: _Candidate) -> None:
+        ranked = (self.key(members, candidate), candidate)
+        if self.winner is None or ranked[0] < self.winner[0]:
+            self.winner = ranked
+
+    def _level(self, order: Sequence[int], k: int, second_pass: bool) -> None:
+        walk = _Walk(
+            order=order,
+            k=k,
+            envelope=Envelope([self.nodes[i].profile for i in order], k - 1),
+            tails=_Tails(self.nodes, order),
+            second_pass=second_pass,
+        )
+        self._descend(walk, 0, _Prefix())
+
+    def _level_bounds(self, k: int, pool_top: Sequence[Sequence[float]]) -> tuple[float, float]:
+        """Bounds on the objective of any k-set, and of any set of k or more nodes."""
+        remote = min(n.remote_ms for n in self.nodes)
+        fixed = min(self.local_ms, remote) + (k - 1) * remote
+        floor = max(self.local_ms, remote) if k > 1 else self.local_ms
+        this = self._reads_bound(pool_top[k]) + fixed
+        beyond = self._reads_bound(pool_top[-1]) + fixed
+        return self._objective_from(this, floor), self._objective_from(beyond, floor)
+
+    def run(self) -> _Candidate | None:
+        if not self.nodes:
+            return None
+        largest = min(MAX_RPC_SERVERS, len(self.nodes))
+        pool_top = _top_profiles([n.profile for n in self.nodes], largest)
+        # First pass, most promising nodes first: the best objective.
+        promise = sorted(
+            range(len(self.nodes)),
+            key=lambda i: (self._reads_bound(self.nodes[i].profile), self.nodes[i].name),
+        )
+        for k in range(1, largest + 1):
+            this, beyond = self._level_bounds(k, pool_top)
+            if _bound_ns(beyond) >= self.best_ns:
+                break
+            if _bound_ns(this) < self.best_ns:
+                self._level(promise, k, second_pass=False)
+        if self.best_ns == math.inf:
+            return None
+        # Second pass, by size: the best-ranked plan within 2% of that objective.
+        self.window_ns = self.best_ns * (1 + _TIE) + 1e-3
+        by_name = range(len(self.nodes))
+        for k in range(1, largest + 1):
+            this, _ = self._level_bounds(k, pool_top)
+            if _bound_ns(this) > self.window_ns:
+                continue
+            self.winner = None
+            for (members, _, _), c in self.evaluated.items():
+                if (
+                    c is not None
+                    and len(members) == k
+                    and _ns(c.objective(self.strategy)) <= self.window_ns
+                ):
+                    self._offer(members, c)
+            self._level(by_name, k, second_pass=True)
+            if self.winner is not None:
+                return self.winner[1]
+        return None
+
+
+class _Tails:
+    """Per suffix of a node order: what the nodes still to choose can at best bring."""
+
+    def __init__(self, nodes: Sequence[_Node], order: Sequence[int]) -> None:
+        size = len(order)
+        self.min_remote = [math.inf] * (size + 1)
+        self.max_saving = [-math.inf] * (size + 1)
+        self.cached = [0] * (size + 1)
+        for p in range(size - 1, -1, -1):
+            node = nodes[order[p]]
+            self.min_remote[p] = min(self.min_remote[p + 1], node.remote_ms)
+            self.max_saving[p] = max(self.max_saving[p + 1], node.saving_ms)
+            self.cached[p] = self.cached[p + 1] + node.cached
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """One depth-first enumeration of the k-sets of a node order."""
+
+    order: Sequence[int]
+    k: int
+    envelope: Envelope
+    tails: _Tails
+    second_pass: bool
+
+
+def _top_profiles(profiles: Sequence[Sequence[float]], r_max: int) -> list[list[float]]:
+    """For r = 0..r_max, the most capacity any r nodes have at each speed or faster."""
+    buckets = len(profiles[0])
+    out = [[0.0] * buckets for _ in range(r_max + 1)]
+    for t in range(buckets):
+        column = sorted((p[t] for p in profiles), reverse=True)
+        total = 0.0
+        for r in range(1, r_max + 1):
+            total += column[r - 1] if r <= len(column) else 0.0
+            out[r][t] = total
+    return out
 
 
 def _search(
     problem: _Problem, pool: Sequence[_Device], cached: frozenset[str]
 ) -> _Candidate | None:
-    by_node: dict[str, list[_Device]] = {}
-    for d in pool:
-        if d.capacity > 0:
-            by_node.setdefault(d.node, []).append(d)
-    names = sorted(by_node)
-    if not names:
+    return _Search(problem, pool, cached).run()
+
+
+def _search_every_set(
+    problem: _Problem, pool: Sequence[_Device], cached: frozenset[str]
+) -> _Candidate | None:
+    """What `_search` finds, by planning every node set, output node and host.
+
+    The definition the branch and bound is tested against; exponential in the
+    pool's size.
+    """
+    search = _Search(problem, pool, cached)
+    count = len(search.nodes)
+    plans: list[tuple[int, tuple[int, ...], _Candidate]] = []
+    for k in range(1, min(MAX_RPC_SERVERS, count) + 1):
+        for members in itertools.combinations(range(count), k):
+            for output in members:
+                for host in members:
+                    c = search.evaluate(members, output, host)
+                    if c is not None:
+                        plans.append((k, members, c))
+    if not plans:
         return None
-    capacity = {n: sum(d.capacity for d in by_node[n]) for n in names}
-    need = problem.mem_prefix[-1] + problem.compute_single
-    strategy = problem.request.strategy
-    found: list[_Candidate] = []
-    beam: list[tuple[str, ...]] = [()]
-    best = math.inf
-    improved_at: int | None = None  # size of node set that last improved the best
-    for k in range(1, min(MAX_RPC_SERVERS, len(names)) + 1):
-        if len(names) > _SMALL_POOL and improved_at is not None and k > improved_at + _EXTRA_NODES:
-            break
-        if math.comb(len(names), k) <= _EXHAUSTIVE_LIMIT:
-            subsets: Iterable[tuple[str, ...]] = combinations(names, k)
-        else:
-            subsets = sorted({tuple(sorted((*s, n))) for s in beam for n in names if n not in s})
-        ranked: list[tuple[tuple[int, float, float], tuple[str, ...]]] = []
-        for subset in subsets:
-            total_cap = sum(capacity[n] for n in subset)
-            chosen = None
-            if total_cap >= need:
-                devices = [d for n in subset for d in by_node[n]]
-                chosen = _choose(_plan_subset(problem, devices, cached), strategy)
-            if chosen is None:
-                ranked.append(((1, -float(total_cap), 0.0), subset))
-                continue
-            found.append(chosen)
-            objective = chosen.objective(strategy)
-            ranked.append(((0, objective, -float(total_cap)), subset))
-            if objective < best * (1 - _TIE):
-                improved_at = k
-            best = min(best, objective)
-        ranked.sort()
-        beam = [s for _, s in ranked[:_BEAM_WIDTH]]
-    return _choose(found, strategy)
+    best = min(_ns(c.objective(search.strategy)) for _, _, c in plans)
+    window = best * (1 + _TIE) + 1e-3
+    near = [(k, m, c) for k, m, c in plans if _ns(c.objective(search.strategy)) <= window]
+    return min(near, key=lambda p: (p[0], search.key(p[1], p[2])))[2]
 
 
 def _gib(n: float) -> str:

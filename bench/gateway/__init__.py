@@ -1,0 +1,1 @@
+"""Benchmark of the gateway: `python -m bench gateway` (see run.py)."""

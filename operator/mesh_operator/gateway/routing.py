@@ -1,0 +1,104 @@
+"""The routing table: which model a requested name means, and what `/v1/models` lists.
+
+Pure. A discovery source (static file or Kubernetes watch) describes every model
+as a `ModelRecord`; `RouteTable` indexes their served names and aliases.
+
+Name rule, the same for requests and for the listing:
+- a served name or alias that exactly one model has routes to that model;
+- `<namespace>/<name>` routes to the model serving `<name>` in that namespace,
+  which is how a name served in two namespaces is reached (the bare name is then
+  ambiguous and refused, listing the qualified forms);
+- an exact served name wins over the qualified reading, because served names may
+  themselves contain a `/` (e.g. `google/gemma-3`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """One model as discovery sees it: names, readiness, and where its hosts listen."""
+
+    namespace: str
+    name: str
+    served_names: tuple[str, ...]
+    slots: int
+    ready: bool
+    backends: tuple[str, ...]
+    created: int = 0
+    # The key llama-server wants (MeshModel spec.apiKeySecretRef); never printed.
+    upstream_api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One entry of `/v1/models`."""
+
+    id: str
+    owned_by: str
+    created: int
+    key: str
+
+
+class ResolveError(Exception):
+    """The requested name does not pick exactly one model."""
+
+    def __init__(self, requested: str, candidates: tuple[str, ...]) -> None:
+        super().__init__(requested)
+        self.requested = requested
+        self.candidates = candidates
+
+
+class UnknownModelError(ResolveError):
+    """No model serves that name; `candidates` are the names that would work."""
+
+
+class AmbiguousModelError(ResolveError):
+    """Several namespaces serve that name; `candidates` are its qualified forms."""
+
+
+class RouteTable:
+    """Immutable index of served names over a set of records."""
+
+    def __init__(self, records: Iterable[ModelRecord] = ()) -> None:
+        self.records: dict[str, ModelRecord] = {}
+        self._by_name: dict[str, list[str]] = {}
+        for record in records:
+            self.records[record.key] = record
+            for served in dict.fromkeys(record.served_names):
+                self._by_name.setdefault(served, []).append(record.key)
+
+    def resolve(self, requested: str) -> ModelRecord:
+        """The record `requested` names, or `UnknownModelError` / `AmbiguousModelError`."""
+        keys = self._by_name.get(requested, [])
+        if len(keys) == 1:
+            return self.records[keys[0]]
+        if len(keys) > 1:
+            qualified = tuple(sorted(f"{self.records[k].namespace}/{requested}" for k in keys))
+            raise AmbiguousModelError(requested, qualified)
+        namespace, sep, rest = requested.partition("/")
+        if sep:
+            for key in self._by_name.get(rest, []):
+                if self.records[key].namespace == namespace:
+                    return self.records[key]
+        raise UnknownModelError(requested, tuple(entry.id for entry in self.names()))
+
+    def names(self, *, ready_only: bool = False) -> list[Listed]:
+        """Every routable id, sorted: bare where unique, `namespace/name` where not."""
+        out: list[Listed] = []
+        for served, keys in self._by_name.items():
+            for key in keys:
+                record = self.records[key]
+                if ready_only and not record.ready:
+                    continue
+                ident = served if len(keys) == 1 else f"{record.namespace}/{served}"
+                out.append(Listed(ident, record.namespace, record.created, key))
+        out.sort(key=lambda entry: entry.id)
+        return out
