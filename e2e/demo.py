@@ -1,42 +1,56 @@
-"""The README's main command: bring the local cluster up and show what it runs.
+"""The README's main command: the whole mission on the embedded default of three
+CPU nodes, from `helm install mesh` to a chat answer that survives losing a node.
 
-Test infrastructure driving a demonstration: starts the local control plane
-(`e2e.cluster`), registers simulated GPU nodes and prints them.
+Test infrastructure driving the real product (`e2e.scenario`). Prints each step,
+the chat answer and the figures, and writes them to .mesh/e2e-report.json.
+`--keep` leaves the cluster running afterwards.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 from e2e import parts
-from e2e.cluster import ClusterError, LocalCluster, default_state_dir
+from e2e.cluster import ClusterError
+from e2e.nodesim import NodeSimError
+from e2e.scenario import Scenario, ScenarioError, write_report
 
-DEMO_NODES = (("gpu-a", 2), ("gpu-b", 1), ("gpu-c", 1))
 
-
-def main() -> int:
-    cluster = LocalCluster(default_state_dir())
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m e2e.demo", description=__doc__)
+    parser.add_argument("--keep", action="store_true", help="leave the cluster running")
+    parser.add_argument("--workdir", type=Path, help="state folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mesh-demo-"))
     try:
-        cfg = cluster.up()
-        for name, gpus in DEMO_NODES:
-            cluster.add_kwok_node(name, gpus=gpus, labels={"mesh.dev/pool": "demo"})
-        cluster.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=60s")
-        print(f"local cluster at {cfg.server}; KUBECONFIG={cluster.kubeconfig}")
-        print(cluster.kubectl("get", "--raw", "/version"))
-        print(
-            cluster.kubectl(
-                "get",
-                "nodes",
-                "-o",
-                "custom-columns=NAME:.metadata.name,"
-                'READY:.status.conditions[?(@.type=="Ready")].status,'
-                "GPUS:.status.capacity.nvidia\\.com/gpu",
-            )
-        )
-        print("stop it with: python -m e2e.cluster down")
-    except (ClusterError, parts.PartMissingError) as exc:
+        figures = Scenario(workdir, keep=args.keep).run()
+    except (ScenarioError, ClusterError, NodeSimError, parts.PartMissingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    report = parts.mesh_dir() / "e2e-report.json"
+    write_report(figures, report)
+    print()
+    print(f"chat answer:            {figures.answer}")
+    print(f"planned on:             {', '.join(figures.planned_nodes)}")
+    print(f"apply -> first token:   {figures.apply_to_first_token_seconds:.1f} s")
+    print(f"node lost:              {figures.lost_node}")
+    print(
+        f"node loss -> serving:   {figures.node_loss_to_serving_seconds:.1f} s "
+        f"(re-planned on {', '.join(figures.replanned_nodes)})"
+    )
+    print(
+        f"client during the loss: {figures.requests_during_loss} requests, "
+        f"{figures.errors_during_loss} errors, "
+        f"slowest {figures.max_latency_during_loss_seconds:.1f} s"
+    )
+    print(
+        f"tokens/s split / solo:  {figures.split_tokens_per_second:.1f} / "
+        f"{figures.solo_tokens_per_second:.1f}"
+    )
+    print(f"figures written to {report}")
     return 0
 
 

@@ -118,14 +118,18 @@ def build_pool_view(
             )
         devices = []
         for dev in status.devices:
+            held = claimed.get((node.name, dev.id), 0)
+            available = dev.memory_total_mib - held - dev.memory_used_by_others_mib
             total = dev.memory_total_mib
             if pool.device_memory_cap_mib is not None:
+                # The cap bounds what the pool plans on the device; what others
+                # use counts only against the memory beyond the cap.
                 total = min(total, pool.device_memory_cap_mib)
-            held = claimed.get((node.name, dev.id), 0)
+                available = min(available, total - held)
             if dev.health.state == "Unhealthy" or (pool.sharing == "exclusive" and held > 0):
                 capacity = 0
             else:
-                capacity = max(0, total - held - dev.memory_used_by_others_mib)
+                capacity = max(0, available)
             devices.append(
                 DeviceCapacity(
                     node=node.name,
@@ -163,22 +167,6 @@ def plan_problems(plan: Plan, view: PoolView) -> list[str]:
         elif not node.usable:
             problems.append(f"{node_name}: {node.problem}")
     return problems
-
-
-def silent_nodes(plan: Plan, view: PoolView) -> list[str]:
-    """Planned nodes whose agent has gone silent (stale heartbeat or no MeshNode).
-
-    Their kubelet is presumably gone too, so pods there will never confirm their
-    termination: the operator force-deletes them, or a Recreate host Deployment
-    would wait forever for the old host pod.
-    """
-    nodes = view.by_name()
-    out = []
-    for name in dict.fromkeys(d.node for d in plan.devices):
-        node = nodes.get(name)
-        if node is not None and not node.fresh:
-            out.append(name)
-    return out
 
 
 def build_ledger_rows(

@@ -113,8 +113,11 @@ def test_two_plans_at_once_do_not_see_the_same_memory() -> None:
 
 def test_device_cap_limits_what_a_cpu_pool_offers() -> None:
     pool = MeshPoolSpec.model_validate({"deviceMemoryCapMiB": 300, "nodeSelector": {"pool": "x"}})
-    view = build_pool_view(pool, NODES, {"a": status(), "b": status()}, {}, NOW)
+    # A CPU node's other processes use 2 GiB of its memory: the cap still fits.
+    view = build_pool_view(pool, NODES, {"a": status(others=2048), "b": status()}, {}, NOW)
     assert capacity(view, "a") == 300
+    crowded = build_pool_view(pool, NODES, {"a": status(others=24400), "b": status()}, {}, NOW)
+    assert capacity(crowded, "a") == 24576 - 24400
     inventory = to_inventory(view)
     assert [d.memory_total_mib for n in inventory.nodes for d in n.devices] == [300, 300]
 

@@ -80,15 +80,17 @@ class Kube:
             raise
         return True
 
-    def force_delete_pod(self, namespace: str, name: str) -> None:
-        """Delete a pod without waiting for its kubelet (which is gone)."""
+    def force_delete_pod(self, namespace: str, name: str) -> bool:
+        """Delete a pod without waiting for its kubelet (which is gone); False if absent."""
         try:
             self.core.delete_namespaced_pod(
                 name, namespace, grace_period_seconds=0, _preload_content=False
             )
         except ApiException as exc:
-            if exc.status != 404:
-                raise
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     def patch_status(
         self, api_version: str, kind: str, name: str, namespace: str | None, status: Obj

@@ -43,7 +43,6 @@ from mesh_operator.ledger import (
     capacity_grew,
     capacity_steps,
     plan_problems,
-    silent_nodes,
     to_inventory,
 )
 from mesh_operator.manifests.labels import HOST, RPC_COMPONENT
@@ -205,6 +204,7 @@ class _Run:
         self.snapshot = snapshot
         self.now = now
         self.outcome = "ok"
+        self.view: PoolView | None = None
 
     # -- conditions ------------------------------------------------------------------
 
@@ -285,13 +285,12 @@ class _Run:
         plans = self.o.claims.overlay(snap.plans)
         others = {k: p for k, (pl, p) in plans.items() if pl == spec.pool_ref and k != self.key}
         view = build_pool_view(pool.spec, snap.nodes, snap.meshnodes, others, self.now)
+        self.view = view
         current = self.status.plan if self.status.plan and self.status.plan.devices else None
         reason, message = self._replan_reason(current, view, pool)
         if reason is None:
             assert current is not None
             return current
-        if current is not None and reason == "NodeLost":
-            self._release_silent_nodes(current, view)
         request = planning.placement_request(spec, pool.spec, profile)
         inventory = to_inventory(view)
         started = time.perf_counter()
@@ -310,7 +309,13 @@ class _Run:
             self.cond(WORKERS_READY, "False", "NotPlanned", "")
             if reason in LOSS_REASONS:
                 self.cond(DEGRADED, "True", reason, message)
-            self.o.kube.event(self.body, "NoCapacity", result.reason, "Warning")
+            planned = next((c for c in self.status.conditions if c.type == PLANNED), None)
+            if planned is None or (planned.reason, planned.message) != (
+                "NoCapacity",
+                result.reason,
+            ):
+                # Once per change: retries must not flood the namespace with Events.
+                self.o.kube.event(self.body, "NoCapacity", result.reason, "Warning")
             self.stop("NoCapacity", result.reason, retry=True)
             return None
         new_plan = planning.to_plan(result)
@@ -359,17 +364,33 @@ class _Run:
             return "Consolidate", "the pool has more room"
         return None, ""
 
-    def _release_silent_nodes(self, plan: Plan, view: PoolView) -> None:
-        silent = set(silent_nodes(plan, view))
+    def _release_silent_nodes(self) -> None:
+        """Force-delete this model's pods on nodes whose agent went silent.
+
+        Their kubelet is presumably gone and will never confirm a termination: a
+        Recreate host Deployment would wait for the old host pod forever. Done
+        after the new plan's children are applied, so no controller recreates a
+        pod there from the old template.
+        """
+        if self.view is None:
+            return
+        silent = {n.name for n in self.view.nodes if not n.fresh}
         for pod in self.snapshot.pods.get(self.key, ()):
-            if pod.node in silent:
-                self.o.kube.force_delete_pod(self.namespace, pod.name)
-                self.o.kube.event(
-                    self.body,
-                    "PodReleased",
-                    f"deleted {pod.name} on {pod.node}: its node stopped reporting",
-                    "Warning",
-                )
+            if pod.node not in silent:
+                continue
+            try:
+                deleted = self.o.kube.force_delete_pod(self.namespace, pod.name)
+            except ApiException as exc:  # the re-plan must go on regardless
+                log.warning("could not release pod %s: %s", pod.name, api_message(exc))
+                continue
+            if not deleted:
+                continue
+            self.o.kube.event(
+                self.body,
+                "PodReleased",
+                f"deleted {pod.name} on {pod.node}: its node stopped reporting",
+                "Warning",
+            )
 
     def _pods(self, component: str) -> list[PodInfo]:
         return [
@@ -434,6 +455,7 @@ class _Run:
             # Until every worker of this plan is up, keep the host stopped: an RPC
             # client cannot start without all its servers.
             self._apply(build_host_deployment(workload, replicas=1 if addresses else 0))
+            self._release_silent_nodes()
         except ApiException as exc:
             self.outcome = "error"
             raise kopf.TemporaryError(

@@ -57,6 +57,11 @@ class _State:
     kube: Kube | None = None
     models: ModelReconciler | None = None
     model_locks: ClassVar[dict[str, threading.Lock]] = {}
+    # Objects kopf's own handlers have reconciled in this process. kopf runs them
+    # only once its indices are filled; the resync loop waits for that too, or a
+    # reconcile on half-filled indices would see a serving model's workers
+    # missing and stop its host.
+    resumed: ClassVar[set[str]] = set()
     guard = threading.Lock()
 
     @classmethod
@@ -201,6 +206,7 @@ def _reconcile_model(body: Mapping[str, Any], indices: Mapping[str, Any]) -> Non
 @kopf.on.create(GROUP, VERSION, MESHMODEL_PLURAL)
 @kopf.on.update(GROUP, VERSION, MESHMODEL_PLURAL, field="spec")
 def model_changed(body: kopf.Body, **kwargs: Any) -> None:
+    _State.resumed.add(model_key(body["metadata"]["namespace"], body["metadata"]["name"]))
     _reconcile_model(body, kwargs)
 
 
@@ -224,6 +230,7 @@ def _reconcile_pool(body: Mapping[str, Any], indices: Mapping[str, Any]) -> None
 @kopf.on.create(GROUP, VERSION, MESHPOOL_PLURAL)
 @kopf.on.update(GROUP, VERSION, MESHPOOL_PLURAL, field="spec")
 def pool_changed(body: kopf.Body, **kwargs: Any) -> None:
+    _State.resumed.add(f"pool/{body['metadata']['name']}")
     _reconcile_pool(body, kwargs)
 
 
@@ -265,7 +272,7 @@ class _Resync:
             if body["metadata"].get("deletionTimestamp"):
                 continue
             key = model_key(body["metadata"]["namespace"], body["metadata"]["name"])
-            if self.not_before.get(key, 0.0) > now:
+            if key not in _State.resumed or self.not_before.get(key, 0.0) > now:
                 continue
             try:
                 _reconcile_model(body, self.indices)
@@ -280,7 +287,7 @@ class _Resync:
     def pools_once(self) -> None:
         for store in list(self.indices["pool_body_index"].values()):
             body = _one(store)
-            if body is None:
+            if body is None or f"pool/{body['metadata']['name']}" not in _State.resumed:
                 continue
             try:
                 _reconcile_pool(body, self.indices)

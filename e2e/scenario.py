@@ -1,0 +1,427 @@
+"""The end-to-end scenario: from `helm install mesh` to a chat answer that survives
+losing a node, on one machine.
+
+Test infrastructure driving the real product. A local control plane
+(`e2e.cluster`) and simulated nodes that run their pods as real processes
+(`e2e.nodesim`); the chart installed with helm; the CPU pool example capped so
+that gemma-3-270m needs two nodes; the model served from a local mirror (no hub
+access here); the official `openai` client talking to the gateway. Then one
+planned node is lost while a client sends a request every 0.5 s, and the model
+is deleted. Used by `e2e/test_scenario.py` and by the README's main command
+(`make demo` -> `python -m e2e.demo`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import json
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from openai import OpenAI
+
+from e2e import parts
+from e2e.cluster import LocalCluster
+from e2e.llama import start_llama_server
+from e2e.nodesim import SimulatedCluster
+
+T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parent.parent
+NAMESPACE = "mesh-system"
+MODEL_NAMESPACE = "ai"
+MODEL = "gemma-3-270m"
+POOL_LABEL = "mesh.dev/cpu-pool"
+SYSTEM_LABEL = "mesh.dev/role"
+POOL_NODES = ("node-a", "node-b", "node-c")
+SYSTEM_NODE = "node-system"
+# Capacity the pool may plan on each node (the nodes share this machine's memory,
+# so the agents all report the same; the pool caps it). gemma-3-270m at this
+# context needs about 300 MiB over its devices: two nodes, not one.
+DEVICE_CAP_MIB = 280
+CONTEXT = 2048
+PROMPT = "What is the capital of France?"
+NODE_GRACE_SECONDS = 20
+
+
+class ScenarioError(RuntimeError):
+    """A step of the scenario did not happen in time."""
+
+
+@dataclass
+class Figures:
+    """What the scenario measured, written to the report and the README."""
+
+    apply_to_ready_seconds: float = 0.0
+    apply_to_first_token_seconds: float = 0.0
+    node_loss_to_serving_seconds: float = 0.0
+    requests_during_loss: int = 0
+    errors_during_loss: int = 0
+    max_latency_during_loss_seconds: float = 0.0
+    split_tokens_per_second: float = 0.0
+    solo_tokens_per_second: float = 0.0
+    planned_nodes: list[str] = field(default_factory=list)
+    replanned_nodes: list[str] = field(default_factory=list)
+    lost_node: str = ""
+    answer: str = ""
+    streamed_answer: str = ""
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 0.5) -> T:
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(every)
+    raise ScenarioError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # Readers of a GGUF header hang up after the bytes they need: expected.
+        pass
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def model_mirror(directory: Path, address: str) -> Iterator[str]:
+    """A plain HTTP server for the model folder, where the simulated pods reach it."""
+    handler = functools.partial(_Quiet, directory=str(directory))
+    server = _Server((address, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{address}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Scenario:
+    def __init__(self, workdir: Path, *, keep: bool = False) -> None:
+        self.workdir = workdir
+        self.keep = keep
+        self.cluster = LocalCluster(workdir / "cluster")
+        self.sim: SimulatedCluster | None = None
+        self.figures = Figures()
+
+    # -- helpers -------------------------------------------------------------------
+
+    def kubectl(self, *args: str, input_text: str | None = None, check: bool = True) -> str:
+        return self.cluster.kubectl(*args, input_text=input_text, check=check)
+
+    def get(self, *args: str) -> Any:
+        out = self.kubectl("get", *args, "-o", "json", check=False)
+        return json.loads(out) if out.strip() else None
+
+    def helm(self, *args: str) -> str:
+        result = subprocess.run(
+            [str(parts.binary("helm")), "--kubeconfig", str(self.cluster.kubeconfig), *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ScenarioError(f"helm {args[0]} failed: {result.stderr.strip()[-800:]}")
+        return result.stdout
+
+    def model(self) -> dict[str, Any] | None:
+        obj: dict[str, Any] | None = self.get("meshmodel", MODEL, "-n", MODEL_NAMESPACE)
+        return obj
+
+    def ready(self) -> dict[str, Any] | None:
+        obj = self.model()
+        for cond in ((obj or {}).get("status") or {}).get("conditions", []):
+            if cond["type"] == "Ready" and cond["status"] == "True":
+                return obj
+        return None
+
+    def gateway_url(self) -> str:
+        slices = self.get(
+            "endpointslices", "-n", NAMESPACE, "-l", "kubernetes.io/service-name=mesh-gateway"
+        )
+        for item in (slices or {}).get("items", []):
+            port = next((p["port"] for p in item.get("ports") or [] if p.get("port")), None)
+            for ep in item.get("endpoints") or []:
+                if (ep.get("conditions") or {}).get("ready") and port:
+                    return f"http://{ep['addresses'][0]}:{port}"
+        raise ScenarioError("the gateway has no ready endpoint")
+
+    # -- steps -------------------------------------------------------------------------
+
+    def start_cluster(self) -> None:
+        log("starting the control plane (etcd, apiserver, controller-manager, scheduler)")
+        self.cluster.up(node_monitor_grace_seconds=NODE_GRACE_SECONDS)
+        self.sim = SimulatedCluster(
+            self.cluster, self.workdir / "nodes", backoff_base_seconds=2, backoff_cap_seconds=10
+        )
+        self.sim.add_node(SYSTEM_NODE, labels={SYSTEM_LABEL: "system"}, cpu="4", memory="8Gi")
+        for name in POOL_NODES:
+            self.sim.add_node(name, labels={POOL_LABEL: "true"}, cpu="4", memory="8Gi")
+        log(f"nodes: {', '.join((SYSTEM_NODE, *POOL_NODES))} (each a process running its pods)")
+
+    def install(self) -> None:
+        log("helm install mesh charts/mesh")
+        self.helm(
+            "install", "mesh", str(REPO / "charts" / "mesh"),
+            "--namespace", NAMESPACE, "--create-namespace",
+            "-f", str(REPO / "e2e" / "values-e2e.yaml"),
+            "--wait", "--timeout", "5m",
+        )  # fmt: skip
+        log("operator, gateway and three agents running")
+
+    def apply_pool(self) -> None:
+        pool = yaml.safe_load((REPO / "manifests" / "examples" / "cpu-pool.yaml").read_text())
+        # The example as shipped, with per-node capacity capped so the model needs
+        # two of the three nodes, and one RPC thread per node (they share 2 cores).
+        pool["spec"].update(
+            {"deviceMemoryCapMiB": DEVICE_CAP_MIB, "rpcThreads": 1, "maxNodesPerModel": 3}
+        )
+        self.kubectl("apply", "-f", "-", input_text=json.dumps(pool))
+        wait_for(
+            "three fresh MeshNodes",
+            lambda: (
+                len(
+                    [
+                        n
+                        for n in (self.get("meshnodes") or {}).get("items", [])
+                        if (n.get("status") or {}).get("devices")
+                    ]
+                )
+                >= len(POOL_NODES)
+            ),
+            timeout=120,
+        )
+
+    def apply_model(self, mirror: str, sha256: str) -> float:
+        model = yaml.safe_load((REPO / "manifests" / "examples" / "model.yaml").read_text())
+        model["metadata"]["namespace"] = MODEL_NAMESPACE
+        spec = model["spec"]
+        spec.update(
+            {
+                "poolRef": "cpu",
+                "source": {"url": f"{mirror}/{parts.MODEL_FILE}"},
+                "sha256": sha256,
+                "contextSize": CONTEXT,
+                "parallel": 2,
+            }
+        )
+        self.kubectl("create", "namespace", MODEL_NAMESPACE, check=False)
+        log(f"kubectl apply MeshModel {MODEL} (gemma-3-270m from the local mirror)")
+        applied = time.monotonic()
+        self.kubectl("apply", "-f", "-", input_text=json.dumps(model))
+        obj = wait_for("the model to be Ready", self.ready, timeout=600)
+        self.figures.apply_to_ready_seconds = time.monotonic() - applied
+        self.figures.planned_nodes = list(obj["status"]["plan"]["rpc"])
+        log(
+            f"Ready in {self.figures.apply_to_ready_seconds:.1f}s on "
+            f"{obj['status']['nodes']} (split {obj['status']['split']})"
+        )
+        return applied
+
+    def chat(self, applied: float) -> OpenAI:
+        client = OpenAI(base_url=f"{self.gateway_url()}/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=24,
+            temperature=0,
+        )
+        self.figures.apply_to_first_token_seconds = time.monotonic() - applied
+        self.figures.answer = (reply.choices[0].message.content or "").strip()
+        log(f"chat answer: {self.figures.answer!r}")
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+        )
+        parts_ = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        self.figures.streamed_answer = "".join(parts_).strip()
+        log(f"streamed answer ({len(parts_)} chunks): {self.figures.streamed_answer!r}")
+        self.figures.split_tokens_per_second = self._tokens_per_second(client)
+        return client
+
+    def _tokens_per_second(self, client: OpenAI) -> float:
+        rates = []
+        for _ in range(3):
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Count from one to thirty in words."}],
+                max_tokens=48,
+                temperature=0,
+            )
+            body = json.loads(raw.http_response.text)
+            rate = (body.get("timings") or {}).get("predicted_per_second")
+            if rate:
+                rates.append(float(rate))
+        return statistics.median(rates) if rates else 0.0
+
+    def lose_a_node(self, client: OpenAI) -> None:
+        assert self.sim is not None
+        obj = self.model()
+        assert obj is not None
+        plan = obj["status"]["plan"]
+        # Lose the node that hosts llama-server: the hardest case (host and a worker).
+        lost = plan["hostNode"]
+        self.figures.lost_node = lost
+        latencies: list[float] = []
+        errors: list[str] = []
+        stop = threading.Event()
+
+        def client_loop() -> None:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    client.chat.completions.create(
+                        model=MODEL,
+                        messages=[{"role": "user", "content": "Say yes."}],
+                        max_tokens=4,
+                        temperature=0,
+                        timeout=180,
+                    )
+                    latencies.append(time.monotonic() - started)
+                except Exception as exc:  # counted, not raised: the figure is the count
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                stop.wait(max(0.0, 0.5 - (time.monotonic() - started)))
+
+        worker = threading.Thread(target=client_loop, daemon=True)
+        worker.start()
+        time.sleep(2)
+        log(f"losing {lost}: its node process and every pod process killed, Lease left to expire")
+        lost_at = time.monotonic()
+        self.sim.stop_node(lost)
+
+        def moved() -> dict[str, Any] | None:
+            obj = self.ready()
+            if obj and lost not in obj["status"]["plan"]["rpc"]:
+                return obj
+            return None
+
+        obj = wait_for("the model to serve again without the lost node", moved, timeout=600)
+        self.figures.node_loss_to_serving_seconds = time.monotonic() - lost_at
+        self.figures.replanned_nodes = list(obj["status"]["plan"]["rpc"])
+        time.sleep(3)
+        stop.set()
+        worker.join(200)
+        self.figures.requests_during_loss = len(latencies) + len(errors)
+        self.figures.errors_during_loss = len(errors)
+        self.figures.max_latency_during_loss_seconds = max(latencies, default=0.0)
+        log(
+            f"re-planned onto {obj['status']['nodes']} in "
+            f"{self.figures.node_loss_to_serving_seconds:.1f}s; "
+            f"{len(latencies)} requests answered, {len(errors)} errors, "
+            f"slowest {self.figures.max_latency_during_loss_seconds:.1f}s"
+        )
+        for error in errors[:5]:
+            log(f"client error: {error}")
+
+    def delete_model(self) -> list[str]:
+        log(f"kubectl delete meshmodel {MODEL}")
+        self.kubectl("delete", "meshmodel", MODEL, "-n", MODEL_NAMESPACE)
+
+        def leftovers() -> list[str]:
+            out = self.kubectl(
+                "get", "pods,services,networkpolicies,daemonsets,deployments",
+                "-n", MODEL_NAMESPACE, "-l", f"mesh.dev/model={MODEL}", "-o", "name",
+            )  # fmt: skip
+            return out.split()
+
+        wait_for("nothing of the model left", lambda: not leftovers(), timeout=180)
+        log("no pod, Service, NetworkPolicy or workload of the model remains")
+        return leftovers()
+
+    def solo_baseline(self) -> None:
+        """The same prompt on one llama-server with no RPC, on this machine."""
+        host = start_llama_server(
+            self.workdir / "solo",
+            ["-m", str(parts.model_path()), "-c", str(CONTEXT), "-np", "1", "-t", "1"],
+        )
+        try:
+            rates = []
+            for _ in range(3):
+                req = urllib.request.Request(
+                    f"{host.url}/v1/chat/completions",
+                    data=json.dumps(
+                        {
+                            "messages": [
+                                {"role": "user", "content": "Count from one to thirty in words."}
+                            ],
+                            "max_tokens": 48,
+                            "temperature": 0,
+                        }
+                    ).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(req, timeout=120) as resp:
+                    rate = (json.loads(resp.read()).get("timings") or {}).get(
+                        "predicted_per_second"
+                    )
+                if rate:
+                    rates.append(float(rate))
+            self.figures.solo_tokens_per_second = statistics.median(rates) if rates else 0.0
+        finally:
+            host.stop()
+
+    def teardown(self) -> None:
+        if self.keep:
+            log(f"kept running: KUBECONFIG={self.cluster.kubeconfig}")
+            return
+        if self.sim is not None:
+            self.sim.down()
+        self.cluster.down()
+
+    # -- the whole thing ------------------------------------------------------------
+
+    def run(self) -> Figures:
+        sha256 = (REPO / ".mesh" / "models").joinpath(parts.MODEL_FILE)
+        digest = Path(f"{sha256.resolve()}.sha256").read_text().strip()
+        try:
+            self.start_cluster()
+            assert self.sim is not None
+            with model_mirror(parts.model_path().parent, self.sim.host_address) as mirror:
+                self.install()
+                self.apply_pool()
+                applied = self.apply_model(mirror, digest)
+                client = self.chat(applied)
+                self.lose_a_node(client)
+                self.delete_model()
+            self.solo_baseline()
+        finally:
+            self.teardown()
+        return self.figures
+
+
+def write_report(figures: Figures, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(figures), indent=2) + "\n")
+
+
+def clean_workdir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)

@@ -1,0 +1,37 @@
+"""The acceptance test: helm install, a model split over two simulated nodes, chat
+through the gateway, a node lost under load with no client error, deletion."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from e2e import parts
+from e2e.scenario import Scenario, write_report
+from tests.conftest import require_part
+
+pytestmark = pytest.mark.e2e
+
+REPORT = Path(os.environ.get("MESH_E2E_REPORT", str(parts.mesh_dir() / "e2e-report.json")))
+
+
+def test_the_whole_mission(tmp_path: Path) -> None:
+    for name in ("kube-apiserver", "etcd", "helm", "llama-server", "ggml-rpc-server"):
+        require_part(lambda name=name: parts.binary(name))  # type: ignore[misc]
+    require_part(parts.model_path)
+    figures = Scenario(tmp_path).run()
+    write_report(figures, REPORT)
+
+    # Split over two nodes because each node's capacity is capped below the model.
+    assert len(figures.planned_nodes) >= 2, figures
+    assert figures.answer and figures.streamed_answer
+    # The planned node that was lost is out of the new plan, and nobody noticed.
+    assert figures.lost_node in figures.planned_nodes
+    assert figures.lost_node not in figures.replanned_nodes
+    assert figures.requests_during_loss >= 5
+    assert figures.errors_during_loss == 0
+    # Held, not failed: at most the gateway's hold delay (values-e2e.yaml).
+    assert figures.max_latency_during_loss_seconds <= 180
+    assert figures.split_tokens_per_second > 0 and figures.solo_tokens_per_second > 0
