@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from e2e import parts, pki
 from e2e.procs import ProcessTable
+from e2e.waiting import free_port
 
 K8S_VERSION = "v1.34.4"
 SERVICE_CIDR = "10.96.0.0/16"
@@ -40,12 +40,6 @@ STOP_ORDER = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserv
 
 class ClusterError(RuntimeError):
     """The local control plane could not be started or reached."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

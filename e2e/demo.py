@@ -17,6 +17,7 @@ from e2e import parts
 from e2e.cluster import ClusterError
 from e2e.nodesim import NodeSimError
 from e2e.scenario import Scenario, ScenarioError, write_report
+from e2e.waiting import WaitTimeoutError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mesh-demo-"))
     try:
         figures = Scenario(workdir, keep=args.keep).run()
-    except (ScenarioError, ClusterError, NodeSimError, parts.PartMissingError) as exc:
+    except (
+        ScenarioError,
+        WaitTimeoutError,
+        ClusterError,
+        NodeSimError,
+        parts.PartMissingError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     report = parts.mesh_dir() / "e2e-report.json"

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from e2e.llama import LlamaProcess, free_port, start_llama_server
+from e2e.llama import LlamaProcess, start_llama_server
+from e2e.waiting import free_port
 
 
 @dataclass

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -20,12 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from e2e import parts
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+from e2e.procs import stop_popen
+from e2e.waiting import free_port
 
 
 @dataclass
@@ -54,13 +48,7 @@ class LlamaProcess:
         if self._closed:
             return
         self._closed = True
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_popen(self.proc, grace)
 
 
 def _spawn(argv: Sequence[str], log: Path, port: int, host: str) -> LlamaProcess:

@@ -121,6 +121,18 @@ class ProcessTable:
         return names
 
 
+def stop_popen(proc: subprocess.Popen[bytes], grace: float = 10.0) -> int:
+    """SIGTERM a child we hold, SIGKILL after `grace`; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
+
+
 def _terminate(pid: int, grace: float) -> None:
     # Signal the process group the process leads (it was started in its own
     # session), so children it spawned go with it.

@@ -13,9 +13,6 @@ is deleted. Used by `e2e/test_scenario.py` and by the README's main command
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import http.server
 import json
 import shutil
 import statistics
@@ -23,7 +20,6 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,8 +29,10 @@ from openai import OpenAI
 
 from e2e import parts
 from e2e.cluster import LocalCluster
+from e2e.fileserver import serve_directory
 from e2e.llama import start_llama_server
 from e2e.nodesim import SimulatedCluster
+from e2e.waiting import wait_for
 
 T = TypeVar("T")
 
@@ -56,7 +54,7 @@ NODE_GRACE_SECONDS = 20
 
 
 class ScenarioError(RuntimeError):
-    """A step of the scenario did not happen in time."""
+    """A step of the scenario failed (a wait that runs out raises WaitTimeout)."""
 
 
 @dataclass
@@ -78,46 +76,8 @@ class Figures:
     streamed_answer: str = ""
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 0.5) -> T:
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(every)
-    raise ScenarioError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        # Readers of a GGUF header hang up after the bytes they need: expected.
-        pass
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def model_mirror(directory: Path, address: str) -> Iterator[str]:
-    """A plain HTTP server for the model folder, where the simulated pods reach it."""
-    handler = functools.partial(_Quiet, directory=str(directory))
-    server = _Server((address, 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://{address}:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 class Scenario:
@@ -404,7 +364,7 @@ class Scenario:
         try:
             self.start_cluster()
             assert self.sim is not None
-            with model_mirror(parts.model_path().parent, self.sim.host_address) as mirror:
+            with serve_directory(parts.model_path().parent, self.sim.host_address) as mirror:
                 self.install()
                 self.apply_pool()
                 applied = self.apply_model(mirror, digest)

@@ -38,7 +38,8 @@ import aiohttp
 
 from e2e import parts
 from e2e.gateway import GatewayProcess, llama_args, start_gateway
-from e2e.llama import LlamaProcess, free_port, start_llama_server
+from e2e.llama import LlamaProcess, start_llama_server
+from e2e.waiting import free_port
 
 PROMPTS = (
     "Write a short story about a lighthouse keeper.",

@@ -30,8 +30,9 @@ import kubernetes
 from kubernetes.client import ApiClient
 
 from e2e import parts
-from e2e.cluster import KWOK_NODE_ANNOTATION, LocalCluster, free_port
-from tests.fileserver import serve_directory
+from e2e.cluster import KWOK_NODE_ANNOTATION, LocalCluster
+from e2e.fileserver import serve_directory
+from e2e.waiting import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 HEADERS = REPO / "tests" / "fixtures" / "planner" / "models"

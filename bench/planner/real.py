@@ -19,8 +19,9 @@ from pathlib import Path
 
 from bench.planner.delay_proxy import delayed, measure_rtt_ms
 from e2e import parts
-from e2e.llama import LlamaProcess, free_port, post_json, running, start_llama_server
+from e2e.llama import LlamaProcess, post_json, running, start_llama_server
 from e2e.llama import start_rpc_server as start_worker
+from e2e.waiting import free_port
 from mesh_operator.planner import (
     PlacementRequest,
     PlacementResult,

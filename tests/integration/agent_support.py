@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from e2e.cluster import LocalCluster
+from e2e.waiting import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 MESHNODE_CRD = REPO / "crds" / "mesh.dev_meshnodes.yaml"
@@ -32,19 +30,4 @@ def get_meshnode(cluster: LocalCluster, name: str) -> dict[str, Any] | None:
     return json.loads(out) if out.strip() else None
 
 
-def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0) -> T:
-    """Poll `check` until it returns something truthy; fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["free_port", "get_meshnode", "wait_for"]

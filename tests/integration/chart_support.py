@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -21,6 +19,7 @@ import yaml
 
 from e2e import parts
 from e2e.cluster import LocalCluster
+from e2e.procs import stop_popen
 from tests.conftest import require_part
 
 REPO = Path(__file__).resolve().parents[2]
@@ -213,20 +212,7 @@ class MeshProcess:
         return self.proc.poll() is None
 
     def stop(self, grace: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        return stop_popen(self.proc, grace)
 
 
 def http_ok(url: str) -> bool:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 from e2e.cluster import LocalCluster
@@ -25,18 +23,6 @@ def apply(cluster: LocalCluster, obj: dict[str, Any]) -> None:
 def get(cluster: LocalCluster, *args: str) -> Any:
     out = cluster.kubectl("get", *args, "-o", "json", check=False)
     return json.loads(out) if out.strip() else None
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0) -> T:
-    """Poll `probe` until it returns something truthy; fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:

@@ -23,21 +23,21 @@ import pytest
 
 from e2e import parts
 from e2e.cluster import LocalCluster
+from e2e.fileserver import serve_directory
 from e2e.gateway import start_gateway
-from tests.fileserver import serve_directory
+from e2e.waiting import free_port, wait_for
 from tests.integration.chart_support import (
     CHART,
     KWOK_TOLERATION,
     MeshProcess,
     adopt_crds,
-    free_port,
     helm,
     http_ok,
     kwok_tolerations,
     service_account_token,
     write_token_kubeconfig,
 )
-from tests.integration.kube_helpers import apply, condition, get, wait_for
+from tests.integration.kube_helpers import apply, condition, get
 
 pytestmark = pytest.mark.integration
 

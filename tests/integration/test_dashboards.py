@@ -29,18 +29,18 @@ import yaml
 
 from e2e import parts
 from e2e.cluster import LocalCluster
+from e2e.fileserver import serve_directory
 from e2e.gateway import GatewayProcess, start_gateway
 from e2e.llama import LlamaProcess, start_llama_server, start_rpc_server
+from e2e.waiting import free_port, wait_for
 from tests.conftest import require_part
-from tests.fileserver import serve_directory
 from tests.integration.chart_support import (
     CHART,
     KWOK_TOLERATION,
     MeshProcess,
-    free_port,
     http_ok,
 )
-from tests.integration.kube_helpers import apply, condition, get, wait_for
+from tests.integration.kube_helpers import apply, condition, get
 
 pytestmark = pytest.mark.integration
 

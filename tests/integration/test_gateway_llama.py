@@ -24,7 +24,8 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from e2e.gateway import GatewayProcess, llama_args, start_gateway, start_host
-from e2e.llama import LlamaProcess, free_port, start_llama_server, wait_healthy
+from e2e.llama import LlamaProcess, start_llama_server, wait_healthy
+from e2e.waiting import free_port
 
 pytestmark = pytest.mark.integration
 

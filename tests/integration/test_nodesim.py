@@ -18,7 +18,8 @@ import pytest
 from e2e.cluster import LocalCluster
 from e2e.nodesim import SimulatedCluster
 from e2e.nodesim.pidrecords import live_records, process_start_time
-from tests.integration.kube_helpers import apply, wait_for
+from e2e.waiting import wait_for
+from tests.integration.kube_helpers import apply
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,8 @@ import pytest
 from kopf.testing import KopfRunner
 
 from e2e.cluster import LocalCluster
-from tests.fileserver import serve_directory
+from e2e.fileserver import serve_directory
+from e2e.waiting import wait_for
 from tests.integration.kube_helpers import (
     apply,
     condition,
@@ -23,7 +24,6 @@ from tests.integration.kube_helpers import (
     gpu_device,
     now_rfc3339,
     put_meshnode,
-    wait_for,
 )
 
 pytestmark = pytest.mark.integration

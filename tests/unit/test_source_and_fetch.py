@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from e2e.fileserver import serve_directory
 from mesh_operator.api.meshmodel import ModelSource
 from mesh_operator.cli.main import main
 from mesh_operator.fetch import FetchError, FetchRequest, fetch_model
@@ -20,7 +21,6 @@ from mesh_operator.source import (
     fetch_header_bytes,
     source_url,
 )
-from tests.fileserver import serve_directory
 
 pytestmark = pytest.mark.unit
 

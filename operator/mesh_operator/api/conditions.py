@@ -45,40 +45,23 @@ def set_condition(
     now: dt.datetime,
 ) -> list[Condition]:
     """Return a new list with `type_` set; order of the other conditions is kept."""
-    out: list[Condition] = []
-    replaced = False
-    for cond in conditions:
-        if cond.type != type_:
-            out.append(cond)
-            continue
-        transition = (
-            cond.last_transition_time
-            if cond.status == status and cond.last_transition_time
+    previous = next((c for c in conditions if c.type == type_), None)
+    keep_time = previous is not None and previous.status == status
+    updated = Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message,
+        observed_generation=observed_generation,
+        last_transition_time=(
+            previous.last_transition_time
+            if keep_time and previous is not None and previous.last_transition_time
             else rfc3339(now)
-        )
-        out.append(
-            Condition(
-                type=type_,
-                status=status,
-                reason=reason,
-                message=message,
-                observed_generation=observed_generation,
-                last_transition_time=transition,
-            )
-        )
-        replaced = True
-    if not replaced:
-        out.append(
-            Condition(
-                type=type_,
-                status=status,
-                reason=reason,
-                message=message,
-                observed_generation=observed_generation,
-                last_transition_time=rfc3339(now),
-            )
-        )
-    return out
+        ),
+    )
+    if previous is None:
+        return [*conditions, updated]
+    return [updated if c.type == type_ else c for c in conditions]
 
 
 def condition_status(conditions: list[Condition], type_: str) -> ConditionState:

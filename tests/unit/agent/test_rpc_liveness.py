@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from e2e.waiting import free_port
 from mesh_agent.rpc_liveness import (
     RpcState,
     RpcTarget,
@@ -82,12 +83,6 @@ def test_target_parsing(text: str, expected: RpcTarget) -> None:
 def test_bad_targets_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="host:port"):
         RpcTarget.parse(text)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_nobody_listening_is_down() -> None:

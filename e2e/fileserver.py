@@ -1,4 +1,4 @@
-"""Serve a folder over HTTP on loopback, as a model mirror would (tests only)."""
+"""Serve a folder over HTTP, as a model mirror would. Test infrastructure."""
 
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve_directory(directory: Path) -> Iterator[str]:
+def serve_directory(directory: Path, address: str = "127.0.0.1") -> Iterator[str]:
     """Serve `directory` over HTTP on loopback; yield the base URL."""
     handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = _Server(("127.0.0.1", 0), handler)
+    server = _Server((address, 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://{address}:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
