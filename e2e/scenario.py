@@ -72,6 +72,8 @@ class Figures:
     planned_nodes: list[str] = field(default_factory=list)
     replanned_nodes: list[str] = field(default_factory=list)
     lost_node: str = ""
+    # Planned nodes whose agent reported the model's RPC server answering.
+    agents_saw_workers: list[str] = field(default_factory=list)
     answer: str = ""
     streamed_answer: str = ""
 
@@ -197,11 +199,25 @@ class Scenario:
         obj = wait_for("the model to be Ready", self.ready, timeout=600)
         self.figures.apply_to_ready_seconds = time.monotonic() - applied
         self.figures.planned_nodes = list(obj["status"]["plan"]["rpc"])
+        self.figures.agents_saw_workers = wait_for(
+            "the agents to report the model's RPC servers",
+            lambda: self._agents_seeing_workers(self.figures.planned_nodes),
+            timeout=30,
+        )
         log(
             f"Ready in {self.figures.apply_to_ready_seconds:.1f}s on "
             f"{obj['status']['nodes']} (split {obj['status']['split']})"
         )
         return applied
+
+    def _agents_seeing_workers(self, nodes: list[str]) -> list[str] | None:
+        seen = []
+        for node in nodes:
+            status = (self.get("meshnode", node) or {}).get("status") or {}
+            for server in status.get("rpcServers") or []:
+                if server.get("model") == f"{MODEL_NAMESPACE}/{MODEL}" and server.get("answering"):
+                    seen.append(node)
+        return seen if set(seen) == set(nodes) else None
 
     def chat(self, applied: float) -> OpenAI:
         client = OpenAI(base_url=f"{self.gateway_url()}/v1", api_key="none", max_retries=0)

@@ -27,6 +27,8 @@ def test_the_whole_mission(tmp_path: Path) -> None:
     # Split over two nodes because each node's capacity is capped below the model.
     assert len(figures.planned_nodes) >= 2, figures
     assert figures.answer and figures.streamed_answer
+    # Each planned node's agent found the model's RPC server and it answered.
+    assert sorted(figures.agents_saw_workers) == sorted(figures.planned_nodes)
     # The planned node that was lost is out of the new plan, and nobody noticed.
     assert figures.lost_node in figures.planned_nodes
     assert figures.lost_node not in figures.replanned_nodes

@@ -7,6 +7,7 @@ once per source and keeps the profile in memory.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 
@@ -59,8 +60,9 @@ def _parse_header(data: bytes) -> ModelProfile:
 class ProfileCache:
     """Model profiles by source, read from the remote header once."""
 
-    def __init__(self, hf_endpoint: str = HF_ENDPOINT_DEFAULT) -> None:
-        self.hf_endpoint = hf_endpoint
+    def __init__(self, hf_endpoint: str | None = None) -> None:
+        # The same variable huggingface_hub (and so `mesh fetch`) reads: a mirror.
+        self.hf_endpoint = hf_endpoint or os.environ.get("HF_ENDPOINT") or HF_ENDPOINT_DEFAULT
         self._profiles: dict[tuple[str, str | None], ModelProfile] = {}
         self._lock = threading.Lock()
 

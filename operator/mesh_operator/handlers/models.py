@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 PLANNED, WORKERS_READY, READY, DEGRADED = "Planned", "WorkersReady", "Ready", "Degraded"
 # A worker stuck in one of these is lost: re-plan without waiting for it.
 FAILED_WAITING = {"CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "CreateContainerError"}
+# How long a status this operator wrote is preferred to an older one in a body.
+WRITTEN_TTL_SECONDS = 60.0
 # Reasons that count as losing part of the serving group.
 LOSS_REASONS = {"NodeLost", "WorkerFailed"}
 
@@ -138,6 +140,7 @@ class ModelReconciler:
         self._pool_locks = {}
         self._locks_guard = threading.Lock()
         self._capacity_seen: dict[str, Capacity] = {}
+        self._written: dict[str, tuple[MeshModelStatus, float]] = {}
 
     def _pool_lock(self, pool: str) -> threading.Lock:
         with self._locks_guard:
@@ -156,6 +159,7 @@ class ModelReconciler:
         except ValidationError:
             status = MeshModelStatus()
         original = status.to_wire()
+        status = self._freshest(key, status)
         run = _Run(
             self, body, key=key, generation=generation, status=status, snapshot=snapshot, now=now
         )
@@ -163,6 +167,7 @@ class ModelReconciler:
             run.execute()
         finally:
             new = run.status.to_wire()
+            self._written[key] = (run.status.model_copy(deep=True), time.monotonic())
             if new != original:
                 # A merge patch keeps keys it does not mention: clear removed ones.
                 new.update({k: None for k in original if k not in new})
@@ -172,8 +177,24 @@ class ModelReconciler:
                 time.perf_counter() - started
             )
 
+    def _freshest(self, key: str, status: MeshModelStatus) -> MeshModelStatus:
+        """The status this operator wrote last, when the watch has not caught up.
+
+        The body comes from a watch that may lag behind our own status patch by a
+        moment; planning again from the older status would re-plan for nothing
+        and restart the group.
+        """
+        written = self._written.get(key)
+        if written is None or time.monotonic() - written[1] > WRITTEN_TTL_SECONDS:
+            return status
+        ours = written[0]
+        if (ours.plan_generation or 0) > (status.plan_generation or 0):
+            return ours.model_copy(deep=True)
+        return status
+
     def forget(self, namespace: str, name: str) -> None:
         key = model_key(namespace, name)
+        self._written.pop(key, None)
         self.claims.record(key, "", None)
         self.failures.clear(key)
         self._capacity_seen.pop(key, None)
