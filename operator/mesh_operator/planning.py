@@ -16,6 +16,7 @@ from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.gateway.contract import HOST_PORT
 from mesh_operator.manifests.workloads import API_KEY_MOUNT
 from mesh_operator.planner import (
+    DraftSettings,
     PlacementRequest,
     PlacementResult,
     ServerSettings,
@@ -161,6 +162,24 @@ def fetch_args(spec: MeshModelSpec) -> list[str]:
     return build_fetch_args(spec.source, spec.sha256)
 
 
+def draft_fetch_args(spec: MeshModelSpec) -> list[str]:
+    """`mesh fetch` arguments of the draft model; none when it sits on the model's PVC."""
+    if spec.draft is None or spec.draft.source.pvc is not None:
+        return []
+    return build_fetch_args(spec.draft.source, spec.draft.sha256)
+
+
+def draft_problem(spec: MeshModelSpec) -> str | None:
+    """Why the draft model cannot be served with this spec, if it cannot."""
+    draft = spec.draft
+    if draft is None or draft.source.pvc is None:
+        return None
+    model_pvc = spec.source.pvc
+    if model_pvc is None or model_pvc.claim_name != draft.source.pvc.claim_name:
+        return "a draft model on a PVC must be on the model's own PVC (spec.source.pvc)"
+    return None
+
+
 def gpus_per_node(plan: Plan) -> dict[str, int]:
     return {node: len(devs) for node, devs in rpc_devices_by_node(plan).items()}
 
@@ -210,6 +229,14 @@ def llama_args(
             f"{API_KEY_MOUNT}/{spec.api_key_secret_ref.key}" if spec.api_key_secret_ref else None
         ),
         embeddings=spec.embeddings,
+        draft=(
+            DraftSettings(
+                model_path=container_model_path(spec.draft.source),
+                max_tokens=spec.draft.max_tokens,
+            )
+            if spec.draft is not None
+            else None
+        ),
         extra_args=tuple(spec.extra_args) + _pooling(spec),
     )
     endpoints = dict(zip(plan.rpc, addresses, strict=True))

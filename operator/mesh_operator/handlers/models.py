@@ -260,6 +260,10 @@ class _Run:
             self.stop("InvalidSpec", str(exc.errors()[0]["msg"]), retry=False)
             return
         self.status.served_names = spec.served_names(self.name)
+        problem = planning.draft_problem(spec)
+        if problem is not None:
+            self.stop("InvalidSpec", problem, retry=False)
+            return
         pool = self.snapshot.pools.get(spec.pool_ref)
         if pool is None:
             self.stop("PoolNotFound", f"MeshPool {spec.pool_ref!r} does not exist", retry=True)
@@ -461,6 +465,7 @@ class _Run:
             llama_args=planning.llama_args(plan, spec, self.name, addresses),
             model_path=planning.model_path(spec),
             fetch_args=planning.fetch_args(spec),
+            draft_fetch_args=planning.draft_fetch_args(spec),
             gpus_per_node=planning.gpus_per_node(plan),
         )
         try:

@@ -68,6 +68,8 @@ class ModelWorkload:
     llama_args: Sequence[str]
     model_path: str
     fetch_args: Sequence[str] = ()
+    # `mesh fetch` arguments of the draft model, when there is one to download.
+    draft_fetch_args: Sequence[str] = ()
     # Exclusive CUDA pools request this many GPUs per node.
     gpus_per_node: Mapping[str, int] = field(default_factory=dict)
 
@@ -253,7 +255,7 @@ def _model_volume(w: ModelWorkload) -> Obj:
     return {"name": "models", "emptyDir": {}}
 
 
-def _fetch_container(w: ModelWorkload) -> Obj:
+def _fetch_container(w: ModelWorkload, name: str, fetch_args: Sequence[str]) -> Obj:
     env: list[Obj] = []
     hf = w.spec.source.huggingface
     if hf is not None and hf.token_secret_ref is not None:
@@ -269,11 +271,11 @@ def _fetch_container(w: ModelWorkload) -> Obj:
             }
         )
     container: Obj = {
-        "name": "fetch",
+        "name": name,
         "image": w.pool.images.mesh,
         "imagePullPolicy": w.pool.images.pull_policy,
         "command": list(w.pool.images.mesh_command),
-        "args": ["fetch", *w.fetch_args],
+        "args": ["fetch", *fetch_args],
         "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
         "securityContext": _hardened_container(),
     }
@@ -328,8 +330,13 @@ def build_host_deployment(w: ModelWorkload, replicas: int = 1) -> Obj:
     pod_spec["containers"] = [server]
     pod_spec["volumes"] = volumes
     pod_spec["terminationGracePeriodSeconds"] = 30
+    init = []
     if w.spec.source.pvc is None:
-        pod_spec["initContainers"] = [_fetch_container(w)]
+        init.append(_fetch_container(w, "fetch", w.fetch_args))
+    if w.draft_fetch_args:
+        init.append(_fetch_container(w, "fetch-draft", w.draft_fetch_args))
+    if init:
+        pod_spec["initContainers"] = init
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -1,0 +1,95 @@
+"""The operator's use of the planner: command lines of a plan for a MeshModel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mesh_operator import planning
+from mesh_operator.api.meshmodel import MeshModelSpec, Plan
+from mesh_operator.api.meshpool import MeshPoolSpec
+from mesh_operator.manifests.workloads import build_host_deployment
+from tests.unit.test_manifests import workload
+
+pytestmark = pytest.mark.unit
+
+PLAN = Plan.model_validate(
+    {
+        "devices": [
+            {"node": "b", "device": "CUDA1", "layers": [0, 10], "weightsMiB": 1,
+             "kvMiB": 1, "computeMiB": 1, "totalMiB": 3},
+            {"node": "a", "device": "CUDA0", "layers": [10, 19], "weightsMiB": 1,
+             "kvMiB": 1, "computeMiB": 1, "totalMiB": 3},
+        ],
+        "tensorSplit": [10, 9],
+        "rpc": ["b", "a"],
+        "hostNode": "a",
+    }
+)  # fmt: skip
+
+
+def spec(**extra: Any) -> MeshModelSpec:
+    return MeshModelSpec.model_validate(
+        {"source": {"url": "https://m.example/big.gguf"}, "poolRef": "p", **extra}
+    )
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_host_arguments_carry_workers_in_plan_order() -> None:
+    args = planning.llama_args(PLAN, spec(), "big", ["10.0.0.2:50052", "10.0.0.1:50052"])
+    assert flag(args, "--rpc") == "10.0.0.2:50052,10.0.0.1:50052"
+    assert flag(args, "-ts") == "10,9"
+    assert flag(args, "-fit") == "off"
+    assert flag(args, "--host") == "$(POD_IP)"
+    assert flag(args, "-m") == planning.model_path(spec())
+    assert "--metrics" in args
+
+
+def test_embeddings_model_gets_a_pooling() -> None:
+    args = planning.llama_args(PLAN, spec(embeddings=True), "big", None)
+    assert "--embeddings" in args and flag(args, "--pooling") == "mean"
+    own = planning.llama_args(
+        PLAN, spec(embeddings=True, extraArgs=["--pooling", "cls"]), "big", None
+    )
+    assert own.count("--pooling") == 1 and flag(own, "--pooling") == "cls"
+
+
+def test_draft_model_is_fetched_and_loaded() -> None:
+    s = spec(draft={"source": {"url": "https://m.example/small.gguf"}, "maxTokens": 8})
+    args = planning.llama_args(PLAN, s, "big", None)
+    assert flag(args, "-md").endswith("/small.gguf")
+    assert flag(args, "--spec-draft-n-max") == "8"
+    fetch = planning.draft_fetch_args(s)
+    assert fetch[fetch.index("--dest") + 1] == flag(args, "-md")
+    w = workload(spec=s.to_wire())
+    w = type(w)(**{**w.__dict__, "draft_fetch_args": fetch})
+    init = build_host_deployment(w)["spec"]["template"]["spec"]["initContainers"]
+    assert [c["name"] for c in init] == ["fetch", "fetch-draft"]
+
+
+def test_draft_on_a_pvc_needs_the_models_pvc() -> None:
+    pvc = {"pvc": {"claimName": "models", "path": "small.gguf"}}
+    assert planning.draft_problem(spec(draft={"source": pvc})) is not None
+    same = spec(source={"pvc": {"claimName": "models", "path": "big.gguf"}}, draft={"source": pvc})
+    assert planning.draft_problem(same) is None
+    assert planning.draft_fetch_args(same) == []
+
+
+@pytest.mark.parametrize(
+    ("pool", "devices"),
+    [
+        ({"backend": "cuda", "sharing": "exclusive"}, {"b": "CUDA0", "a": "CUDA0"}),
+        ({"backend": "cuda", "sharing": "shared"}, {"b": "CUDA1", "a": "CUDA0"}),
+    ],
+)
+def test_rpc_servers_expose_the_planned_devices(
+    pool: dict[str, Any], devices: dict[str, str]
+) -> None:
+    # The device plugin renumbers an exclusive pod's GPUs from 0.
+    args = planning.rpc_args(PLAN, MeshPoolSpec.model_validate(pool))
+    assert {node: flag(a, "-d") for node, a in args.items()} == devices
+    assert all(flag(a, "-H") == "$(POD_IP)" for a in args.values())
