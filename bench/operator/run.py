@@ -28,6 +28,7 @@ from typing import Any
 
 import kubernetes
 from kubernetes.client import ApiClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from e2e import parts
 from e2e.cluster import KWOK_NODE_ANNOTATION, LocalCluster
@@ -98,8 +99,8 @@ def _nodes(api: ApiClient, count: int, rng: random.Random) -> None:
 
 
 @contextlib.contextmanager
-def _operator(kubeconfig: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    health, metrics = free_port(), free_port()
+def _operator(kubeconfig: Path, log: Path, metrics: int) -> Iterator[subprocess.Popen[bytes]]:
+    health = free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -127,6 +128,31 @@ def _operator(kubeconfig: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _operator_timings(port: int) -> tuple[float, float]:
+    """Mean planner and MeshModel reconcile times (ms), from the operator's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("kind", "MeshModel") != "MeshModel":
+                continue
+            sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+
+    def mean(prefix: str) -> float:
+        count = sums.get(f"{prefix}_count", 0.0)
+        return 1000 * sums.get(f"{prefix}_sum", 0.0) / count if count else 0.0
+
+    return mean("mesh_operator_plan_duration_seconds"), mean(
+        "mesh_operator_reconcile_duration_seconds"
+    )
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -181,7 +207,10 @@ def run(n_nodes: int, n_models: int, cluster_dir: Path | None) -> int:
         )  # fmt: skip
         namespace = f"bench-{rng.randrange(1 << 30):x}"
         cluster.kubectl("create", "namespace", namespace)
-        proc = stack.enter_context(_operator(cluster.kubeconfig, work / "operator.log"))
+        metrics_port = free_port()
+        proc = stack.enter_context(
+            _operator(cluster.kubeconfig, work / "operator.log", metrics_port)
+        )
         seen: dict[str, float] = {}
         stop = threading.Event()
         watcher = threading.Thread(
@@ -206,6 +235,8 @@ def run(n_nodes: int, n_models: int, cluster_dir: Path | None) -> int:
             time.sleep(0.5)
         stop.set()
         peak = _peak_rss_mib(proc.pid)
+        cpu = _cpu_seconds(proc.pid)
+        plan_ms, reconcile_ms = _operator_timings(metrics_port)
         latencies = [seen[n] - applied[n] for n in applied if n in seen]
         if not latencies:
             print("no model was planned", file=sys.stderr)
@@ -213,13 +244,14 @@ def run(n_nodes: int, n_models: int, cluster_dir: Path | None) -> int:
         total = max(seen.values()) - min(applied.values())
         print()
         print(
-            "| nodes | models | planned | p50 apply->plan | p99 apply->plan "
-            "| all planned | operator peak RSS |"
+            "| nodes | models | planned | p50 apply->plan | p99 apply->plan | all planned "
+            "| mean plan | mean reconcile | operator CPU | operator peak RSS |"
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         print(
             f"| {n_nodes} | {n_models} | {len(latencies)} | {_percentile(latencies, 0.5):.2f} s "
-            f"| {_percentile(latencies, 0.99):.2f} s | {total:.1f} s | {peak:.0f} MiB |"
+            f"| {_percentile(latencies, 0.99):.2f} s | {total:.1f} s | {plan_ms:.0f} ms "
+            f"| {reconcile_ms:.0f} ms | {cpu:.0f} s | {peak:.0f} MiB |"
         )
         return 0 if len(latencies) == n_models else 1
     return 1

@@ -11,6 +11,7 @@ offered at all.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -94,11 +95,17 @@ def build_pool_view(
     meshnodes: Mapping[str, MeshNodeStatus],
     other_claims: Mapping[str, Plan],
     now: dt.datetime,
+    *,
+    only: Iterable[str] | None = None,
 ) -> PoolView:
-    """Capacity of every device of the pool for a plan, excluding `other_claims`."""
+    """Capacity of every device of the pool (or of the `only` nodes) for a plan,
+    with `other_claims` held."""
     claimed = claims_by_device(other_claims)
     view = PoolView()
+    keep = set(only) if only is not None else None
     for node in pool_members(pool, nodes):
+        if keep is not None and node.name not in keep:
+            continue
         status = meshnodes.get(node.name)
         if status is None:
             view.nodes.append(
@@ -194,29 +201,36 @@ def build_ledger_rows(
 def to_inventory(view: PoolView, *, only: Iterable[str] | None = None) -> Inventory:
     """The planner's inventory: usable nodes, free memory as the ledger computes it."""
     keep = set(only) if only is not None else None
-    nodes = []
-    for node in view.usable_nodes():
-        if keep is not None and node.name not in keep:
-            continue
-        nodes.append(
-            InventoryNode(
-                name=node.name,
-                rtt_ms=node.rtt_ms,
-                cached_models=node.cached_models,
-                devices=tuple(
-                    InventoryDevice(
-                        id=d.device,
-                        backend=d.backend,
-                        memory_total_mib=d.total_mib,
-                        memory_free_mib=min(d.total_mib, d.capacity_mib),
-                        bandwidth_gbps=d.bandwidth_gbps,
-                        healthy=d.capacity_mib > 0,
-                    )
-                    for d in node.devices
-                ),
-            )
+    nodes = tuple(
+        _inventory_node(node) for node in view.usable_nodes() if keep is None or node.name in keep
+    )
+    return Inventory.model_construct(nodes=nodes)
+
+
+@functools.lru_cache(maxsize=8192)
+def _inventory_node(node: NodeCapacity) -> InventoryNode:
+    # Built without validation (`model_construct`) and cached by value: the
+    # values come from validated MeshNodes and the ledger keeps free <= total, and
+    # on a pool of hundreds of nodes building them again for every plan would
+    # cost more than planning.
+    devices = tuple(
+        InventoryDevice.model_construct(
+            id=d.device,
+            backend=d.backend,
+            memory_total_mib=d.total_mib,
+            memory_free_mib=min(d.total_mib, d.capacity_mib),
+            bandwidth_gbps=d.bandwidth_gbps,
+            healthy=d.capacity_mib > 0,
         )
-    return Inventory(nodes=tuple(nodes))
+        for d in node.devices
+    )
+    return InventoryNode.model_construct(
+        name=node.name,
+        rtt_ms=node.rtt_ms,
+        cached_models=node.cached_models,
+        healthy=True,
+        devices=devices,
+    )
 
 
 # A serving model looks for a clearly better plan (fewer nodes, faster) when some

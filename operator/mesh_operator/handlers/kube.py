@@ -59,21 +59,23 @@ class Kube:
         """Server-side apply `obj` as mesh's field manager, taking over conflicts."""
         meta = obj["metadata"]
         patch, _ = self._namespaced[(obj["apiVersion"], obj["kind"])]
-        patch(
-            meta["name"],
-            meta["namespace"],
-            obj,
-            field_manager=FIELD_MANAGER,
-            force=True,
-            _content_type="application/apply-patch+yaml",
-            _preload_content=False,
+        _drain(
+            patch(
+                meta["name"],
+                meta["namespace"],
+                obj,
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+                _preload_content=False,
+            )
         )
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str) -> bool:
         """Delete one object (dependents in the background); False when already gone."""
         _, delete = self._namespaced[(api_version, kind)]
         try:
-            delete(name, namespace, propagation_policy="Background", _preload_content=False)
+            _drain(delete(name, namespace, propagation_policy="Background", _preload_content=False))
         except ApiException as exc:
             if exc.status == 404:
                 return False
@@ -83,8 +85,10 @@ class Kube:
     def force_delete_pod(self, namespace: str, name: str) -> bool:
         """Delete a pod without waiting for its kubelet (which is gone); False if absent."""
         try:
-            self.core.delete_namespaced_pod(
-                name, namespace, grace_period_seconds=0, _preload_content=False
+            _drain(
+                self.core.delete_namespaced_pod(
+                    name, namespace, grace_period_seconds=0, _preload_content=False
+                )
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -100,15 +104,15 @@ class Kube:
         plural = {"MeshModel": MESHMODEL_PLURAL, "MeshPool": MESHPOOL_PLURAL}[kind]
         try:
             if namespace:
-                self.custom.patch_namespaced_custom_object_status(
+                _drain(self.custom.patch_namespaced_custom_object_status(
                     group, version, namespace, plural, name, {"status": status},
                     _content_type="application/merge-patch+json", _preload_content=False,
-                )  # fmt: skip
+                ))  # fmt: skip
             else:
-                self.custom.patch_cluster_custom_object_status(
+                _drain(self.custom.patch_cluster_custom_object_status(
                     group, version, plural, name, {"status": status},
                     _content_type="application/merge-patch+json", _preload_content=False,
-                )  # fmt: skip
+                ))  # fmt: skip
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile: nothing to report on
                 raise
@@ -160,13 +164,25 @@ class Kube:
         }
         try:
             # A plain dict is what the API takes; the typed model would only copy it.
-            self.core.create_namespaced_event(
-                namespace,
-                body,  # type: ignore[arg-type]
-                _preload_content=False,
+            _drain(
+                self.core.create_namespaced_event(
+                    namespace,
+                    body,  # type: ignore[arg-type]
+                    _preload_content=False,
+                )
             )
         except ApiException as exc:  # an Event is best effort: never fail a reconcile on it
             log.warning("could not record event %s on %s: %s", reason, meta["name"], exc.reason)
+
+
+def _drain(response: Any) -> None:
+    """Read a raw response to its end and hand its connection back to the pool.
+
+    Unread, a `_preload_content=False` response keeps its connection, and every
+    next request pays a new TLS handshake.
+    """
+    response.read()
+    response.release_conn()
 
 
 def follow_kubeconfig_env() -> None:

@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 PLANNED, WORKERS_READY, READY, DEGRADED = "Planned", "WorkersReady", "Ready", "Degraded"
 # A worker stuck in one of these is lost: re-plan without waiting for it.
 FAILED_WAITING = {"CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "CreateContainerError"}
+# How long a pool's capacity steps are shared by its models' reconciles.
+POOL_CAPACITY_TTL_SECONDS = 2.0
 # How long a status this operator wrote is preferred to an older one in a body.
 WRITTEN_TTL_SECONDS = 60.0
 # Reasons that count as losing part of the serving group.
@@ -141,6 +143,7 @@ class ModelReconciler:
         self._locks_guard = threading.Lock()
         self._capacity_seen: dict[str, Capacity] = {}
         self._written: dict[str, tuple[MeshModelStatus, float]] = {}
+        self._pool_capacity: dict[str, tuple[Capacity, float]] = {}
 
     def _pool_lock(self, pool: str) -> threading.Lock:
         with self._locks_guard:
@@ -172,10 +175,32 @@ class ModelReconciler:
                 # A merge patch keeps keys it does not mention: clear removed ones.
                 new.update({k: None for k in original if k not in new})
                 self.kube.patch_status(API_VERSION, "MeshModel", name, namespace, new)
+            for reason, message, type_ in run.events:
+                self.kube.event(body, reason, message, type_)
             metrics.RECONCILES.labels(kind="MeshModel", outcome=run.outcome).inc()
             metrics.RECONCILE_SECONDS.labels(kind="MeshModel").observe(
                 time.perf_counter() - started
             )
+
+    def pool_capacity(
+        self,
+        name: str,
+        pool: PoolInfo,
+        snapshot: Snapshot,
+        plans: Mapping[str, tuple[str, Plan]],
+        now: dt.datetime,
+    ) -> Capacity:
+        """The pool's capacity steps with every plan held, shared by its models for
+        a moment (what consolidation watches; the plan itself uses an exact view)."""
+        cached = self._pool_capacity.get(name)
+        if cached is not None and time.monotonic() - cached[1] < POOL_CAPACITY_TTL_SECONDS:
+            return cached[0]
+        claims = {k: p for k, (pl, p) in plans.items() if pl == name}
+        steps = capacity_steps(
+            build_pool_view(pool.spec, snapshot.nodes, snapshot.meshnodes, claims, now)
+        )
+        self._pool_capacity[name] = (steps, time.monotonic())
+        return steps
 
     def _freshest(self, key: str, status: MeshModelStatus) -> MeshModelStatus:
         """The status this operator wrote last, when the watch has not caught up.
@@ -226,6 +251,7 @@ class _Run:
         self.now = now
         self.outcome = "ok"
         self.view: PoolView | None = None
+        self.events: list[tuple[str, str, str]] = []
 
     # -- conditions ------------------------------------------------------------------
 
@@ -239,6 +265,10 @@ class _Run:
             observed_generation=self.generation,
             now=self.now,
         )
+
+    def note(self, reason: str, message: str, type_: str = "Normal") -> None:
+        """An Event to record once the reconcile is done (never under the pool lock)."""
+        self.events.append((reason, message, type_))
 
     def stop(self, reason: str, message: str, *, retry: bool, planned: bool = False) -> None:
         """Record why the model cannot progress and end this reconcile."""
@@ -309,13 +339,22 @@ class _Run:
         snap = self.snapshot
         plans = self.o.claims.overlay(snap.plans)
         others = {k: p for k, (pl, p) in plans.items() if pl == spec.pool_ref and k != self.key}
-        view = build_pool_view(pool.spec, snap.nodes, snap.meshnodes, others, self.now)
-        self.view = view
         current = self.status.plan if self.status.plan and self.status.plan.devices else None
-        reason, message = self._replan_reason(current, view, pool)
+        # A serving model is checked on its own nodes only, and against the pool's
+        # capacity as a whole: building every node's view for every model on every
+        # resync would cost more than all the planning.
+        planned_nodes = {d.node for d in current.devices} if current is not None else None
+        view = build_pool_view(
+            pool.spec, snap.nodes, snap.meshnodes, others, self.now, only=planned_nodes
+        )
+        reason, message = self._replan_reason(current, view, pool, spec.pool_ref, plans)
         if reason is None:
+            self.view = view
             assert current is not None
             return current
+        if planned_nodes is not None:
+            view = build_pool_view(pool.spec, snap.nodes, snap.meshnodes, others, self.now)
+        self.view = view
         request = planning.placement_request(spec, pool.spec, profile)
         inventory = to_inventory(view)
         started = time.perf_counter()
@@ -324,7 +363,7 @@ class _Run:
         if not result.feasible:
             metrics.PLANS.labels(outcome="infeasible").inc()
             if current is not None:
-                self.o.kube.event(self.body, "PlanLost", f"{reason}: {message}", "Warning")
+                self.note("PlanLost", f"{reason}: {message}", "Warning")
             self.status.plan = None
             self.status.nodes = None
             self.status.split = None
@@ -340,7 +379,7 @@ class _Run:
                 result.reason,
             ):
                 # Once per change: retries must not flood the namespace with Events.
-                self.o.kube.event(self.body, "NoCapacity", result.reason, "Warning")
+                self.note("NoCapacity", result.reason, "Warning")
             self.stop("NoCapacity", result.reason, retry=True)
             return None
         new_plan = planning.to_plan(result)
@@ -353,8 +392,7 @@ class _Run:
             self.status.plan_generation = (self.status.plan_generation or 0) + 1
             metrics.PLANS.labels(outcome="replanned" if current else "planned").inc()
             verb = "Replanned" if current else "Planned"
-            self.o.kube.event(
-                self.body,
+            self.note(
                 verb,
                 f"{reason}: {message + '; ' if message else ''}{new_plan.reason}",
             )
@@ -368,7 +406,12 @@ class _Run:
         return new_plan
 
     def _replan_reason(
-        self, current: Plan | None, view: PoolView, pool: PoolInfo
+        self,
+        current: Plan | None,
+        view: PoolView,
+        pool: PoolInfo,
+        pool_name: str,
+        plans: Mapping[str, tuple[str, Plan]],
     ) -> tuple[str | None, str]:
         if current is None:
             return "Initial", ""
@@ -382,7 +425,7 @@ class _Run:
             return "SpecChanged", f"generation {self.generation}"
         if self.status.pool_generation != pool.generation:
             return "PoolChanged", f"pool generation {pool.generation}"
-        steps = capacity_steps(view)
+        steps = self.o.pool_capacity(pool_name, pool, self.snapshot, plans, self.now)
         grew = capacity_grew(self.o._capacity_seen.get(self.key), steps)
         self.o._capacity_seen[self.key] = steps
         if grew:
@@ -410,8 +453,7 @@ class _Run:
                 continue
             if not deleted:
                 continue
-            self.o.kube.event(
-                self.body,
+            self.note(
                 "PodReleased",
                 f"deleted {pod.name} on {pod.node}: its node stopped reporting",
                 "Warning",
@@ -523,7 +565,7 @@ class _Run:
             self.cond(READY, "True", "Serving", f"llama-server on {plan.host_node} answers /health")
             self.cond(DEGRADED, "False", "AsPlanned", "")
             if not was_ready:
-                self.o.kube.event(self.body, "Ready", f"serving on {self.status.nodes}")
+                self.note("Ready", f"serving on {self.status.nodes}")
         elif hosts:
             pod = hosts[0]
             reason = (
