@@ -4,8 +4,9 @@ Pure code: no Kubernetes and no I/O except reading a model's header. Used by
 the operator (MeshModel reconciliation) and by `mesh plan`. Modules:
 `gguf_header` (the byte format), `profile` (what a model needs per layer),
 `memory` (per-device buffers), `timing` (predicted ms/token), `tensor_split`
-(llama.cpp's `-ts` rule), `placement` (the search), `commands` (argument
-lists), `api_plan` (MeshModel status), `inventory` (the pool).
+(llama.cpp's `-ts` rule), `placement` (the search), `bounds` (lower bounds that
+let the search skip node sets), `commands` (argument lists), `api_plan`
+(MeshModel status), `inventory` (the pool).
 
 Public API::
 

@@ -22,6 +22,8 @@ than a plan in hand never changes the result.
 from __future__ import annotations
 
 import bisect
+import heapq
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -106,16 +108,34 @@ def reads_lower_bound(
     return math.inf
 
 
-def devices_needed(capacities: Sequence[float], mass: float) -> int:
-    """Fewest devices (largest first) whose capacities add up to `mass`; 0 if none do."""
+def devices_needed(
+    capacities: Sequence[float],
+    mass: float,
+    *,
+    unknown_capacity: float = 0.0,
+    unknown_count: int = 0,
+) -> int:
+    """Fewest devices whose capacities add up to `mass`, largest first; 0 if they
+    cannot. Up to `unknown_count` more devices of at most `unknown_capacity`
+    each may join (devices of nodes not chosen yet)."""
+    if mass <= 0:
+        return 1
+    known = sorted((c for c in capacities if c > 0), reverse=True)
     total = 0.0
-    for count, capacity in enumerate(sorted(capacities, reverse=True), start=1):
-        if capacity <= 0:
-            break
-        total += capacity
-        if total >= mass:
-            return count
-    return 0
+    count = 0
+    i = 0
+    left = unknown_count if unknown_capacity > 0 else 0
+    while total < mass:
+        if i < len(known) and (left == 0 or known[i] >= unknown_capacity):
+            total += known[i]
+            i += 1
+        elif left > 0:
+            total += unknown_capacity
+            left -= 1
+        else:
+            return 0
+        count += 1
+    return count
 
 
 def fixed_lower_bound(
@@ -171,3 +191,97 @@ class Envelope:
         if r > self.r_max:
             raise ValueError(f"envelope built for at most {self.r_max} nodes, asked for {r}")
         return self.table[start][r]
+
+
+def least_fixed(
+    remote_ms: Sequence[float], spare_devices: Sequence[int], local_ms: float, extra_devices: int
+) -> float:
+    """`fixed_lower_bound` with the best host for it."""
+    if extra_devices <= 0:
+        # The host saves most on the node whose remote devices cost most.
+        return local_ms + sum(remote_ms) - max(remote_ms)
+    return min(
+        fixed_lower_bound(remote_ms, spare_devices, local_ms, h, extra_devices)
+        for h in range(len(remote_ms))
+    )
+
+
+class StageCurve:
+    """The layers in llama.cpp's order, for the bound on the slowest stage.
+
+    A device whose stage stays within T ms holds j consecutive layers with
+    `fixed + ms_per_byte * reads <= T` and their memory within its budget, so
+    the j consecutive layers that read least, and the j that store least, fit
+    too. Counting, for every device, how many layers can fit under T gives an
+    upper bound on the layers the devices can take; T is feasible only if that
+    count reaches the model's layer count.
+    """
+
+    def __init__(self, memory: Sequence[int], reads: Sequence[float]) -> None:
+        self.layers = len(reads)
+        read_prefix = list(itertools.accumulate(reads, initial=0.0))
+        memory_prefix = list(itertools.accumulate(memory, initial=0))
+        n = self.layers
+        # Least reads and memory of any j consecutive layers, j = 0..n.
+        self.reads = [0.0] + [
+            min(read_prefix[s + j] - read_prefix[s] for s in range(n - j + 1))
+            for j in range(1, n + 1)
+        ]
+        self.memory = [0] + [
+            min(memory_prefix[s + j] - memory_prefix[s] for s in range(n - j + 1))
+            for j in range(1, n + 1)
+        ]
+        # The last layer (the output layer) ends the last device's range.
+        self.last = (reads[-1], memory[-1]) if reads else (0.0, 0)
+
+    def most_layers(self, capacity: float) -> int:
+        return bisect.bisect_right(self.memory, capacity) - 1
+
+
+# A kind of device for the stage bound: fixed ms, ms per byte, budget, how many.
+StageDevice = tuple[float, float, float, int]
+
+
+def stage_lower_bound(
+    curve: StageCurve, devices: Sequence[StageDevice], floor: float, max_devices: int
+) -> float:
+    """Least slowest stage of any split of the layers over at most `max_devices`
+    of these devices, at least `floor`; infinite if they cannot hold every layer.
+
+    Raising T from below, each device's count of layers steps up at its
+    breakpoints `fixed + ms_per_byte * reads[j]`; the answer is the first
+    breakpoint at which the `max_devices` largest counts add up to the layers.
+    """
+    last_reads, last_memory = curve.last
+    needed = curve.layers
+    limits = [curve.most_layers(capacity) for _, _, capacity, _ in devices]
+    heap: list[tuple[float, int, int]] = []
+    holds_last = math.inf
+    for i, (fixed, speed, capacity, _) in enumerate(devices):
+        if limits[i] >= 1:
+            heapq.heappush(heap, (fixed + speed * curve.reads[1], i, 1))
+        if capacity >= last_memory:
+            holds_last = min(holds_last, fixed + speed * last_reads)
+    capped = sum(n for _, _, _, n in devices) > max_devices
+    counts = [0] * len(devices)
+    total = 0
+    while heap:
+        value, i, j = heapq.heappop(heap)
+        counts[i] = j
+        if capped:
+            left = max_devices
+            total = 0
+            for c, k in sorted(((counts[k], k) for k in range(len(devices))), reverse=True):
+                take = min(left, devices[k][3])
+                total += take * c
+                left -= take
+                if not left:
+                    break
+        else:
+            total += devices[i][3]
+        if total >= needed:
+            return max(value, floor, holds_last)
+        if j < limits[i]:
+            fixed, speed, _, _ = devices[i]
+            heapq.heappush(heap, (fixed + speed * curve.reads[j + 1], i, j + 1))
+    return math.inf

@@ -1,14 +1,16 @@
 """Placement: which devices serve a model, in which order, with which layers.
 
-Owns the search. For a set of nodes, a host node and an output node, the
+Owns the search. For a set of nodes, an output node and a host node, the
 devices are laid out in llama.cpp's order (each node's RPC server exposes its
 devices together; the output node last, its fastest device last, so that device
 holds the output layer) and a dynamic program over contiguous layer ranges finds
 the split that minimizes the predicted time per token (`latency`) — or the
 slowest stage, for prefill pipelines (`balanced`) — with every device's weights
-+ KV + compute buffer within its free memory minus the reserve. Sets of nodes are searched from one
-node upwards, exhaustively while small and by beam search beyond; among plans
-within 2% of the best, fewer nodes, then nodes that cache the model, win.
++ KV + compute buffer (the one its own range needs) within its free memory minus
+the reserve. Every set of nodes, output node and host is in scope; a branch and
+bound (`_Search`, with the lower bounds of `bounds`) finds the same plan as
+planning them all (`_search_every_set`) while planning only a handful. Among
+plans within 2% of the best, fewer nodes, then nodes that cache the model, win.
 
 Stability: given the plan a model is served with, the planner keeps it while
 it still fits (allowing the free memory it was planned on to have dropped by
@@ -18,21 +20,26 @@ it still fits (allowing the free memory it was planned on to have dropped by
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from mesh_operator.planner.bounds import (
     Envelope,
     ReadCurve,
+    StageCurve,
+    StageDevice,
     bucket_of,
     devices_needed,
     fixed_lower_bound,
+    least_fixed,
     reads_lower_bound,
     speed_buckets,
+    stage_lower_bound,
 )
 from mesh_operator.planner.errors import PlannerInputError
 from mesh_operator.planner.inventory import Inventory
@@ -55,6 +62,14 @@ MAX_RPC_SERVERS = 16  # GGML_RPC_MAX_SERVERS
 MAX_DEVICES = 15  # ggml's scheduler holds 16 backends, one of them the host CPU
 _TIE = 0.02  # plans within 2% of the best count as equally fast
 _BOUND_SLACK = 1e-10  # relative float error a bound may carry against a plan's sum
+# Work one pass of the search may do, in units of about 5 us of this Python:
+# bounding a partial node set is one, a bound on the slowest stage one per layer,
+# a plan one per device and layer (three for `balanced`, which bisects). Latency
+# plans of 500-node pools need a few thousand to some 80 000. The budget stops
+# the search (once it holds a plan) where very many node sets are nearly as
+# good, as happens for `balanced` on pools of many equal or near-equal nodes.
+_WORK_BUDGET = 200_000
+_SEED_PLANS = 2  # hosts and output nodes tried per seed set, most promising first
 _GIB = 1 << 30
 
 # (node, device id, (first layer, last layer exclusive)) in llama.cpp device order.
@@ -193,13 +208,58 @@ class _Problem:
             self.mem_prefix.append(self.mem_prefix[-1] + m)
             self.read_prefix.append(self.read_prefix[-1] + r)
         self.largest_layer = max(memory)
-        # Budget the most a device of this model can need; the exact estimate of
-        # each device's range is checked afterwards.
+        # The most a device of this model can need, for the reasons given when
+        # nothing fits.
         self.compute_multi = compute_buffer_bytes(profile, self.serving, self.geometry, n_devices=2)
         self.compute_single = compute_buffer_bytes(
             profile, self.serving, self.geometry, n_devices=1
         )
+        # A device's compute buffer depends on its range: which kinds of attention
+        # it holds and whether it holds the output layer (llama.cpp's logs show
+        # it), and on whether the model spans several devices. Indexed by
+        # 4 * has_full + 2 * has_swa + holds_output; 0 (no layer at all) never occurs.
+        self.n_layer = profile.n_layer
+        self.full_prefix = [0]
+        self.swa_prefix = [0]
+        for layer in profile.layers:
+            self.full_prefix.append(self.full_prefix[-1] + (not layer.is_swa))
+            self.swa_prefix.append(self.swa_prefix[-1] + layer.is_swa)
+        self.compute_table = {
+            several: tuple(
+                compute_buffer_bytes(
+                    profile,
+                    self.serving,
+                    self.geometry,
+                    n_devices=2 if several else 1,
+                    has_full=bool(code & 4),
+                    has_swa=bool(code & 2),
+                    holds_output=bool(code & 1),
+                )
+                for code in range(8)
+            )
+            for several in (False, True)
+        }
+        # The least any device needs, and any device holding the output layer.
+        self.compute_floor = {k: min(t[1:]) for k, t in self.compute_table.items()}
+        self.output_compute_floor = {k: min(t[1::2]) for k, t in self.compute_table.items()}
         self.model_file = request.model_file or profile.file_name
+
+    def range_bytes(self, several: bool, worst_case: bool = False) -> Callable[[int, int], int]:
+        """Bytes a device needs for layers [s, j): weights, KV and its compute buffer
+        (with `worst_case`, the largest buffer any range can need, as the previous
+        search budgeted)."""
+        mem, table = self.mem_prefix, self.compute_table[several]
+        full, swa, top, n = self.full_prefix, self.swa_prefix, self.n_layer, self.n
+        if worst_case:
+            largest = table[7]  # both kinds of attention and the output layer
+            return lambda s, j: mem[j] - mem[s] + largest
+
+        def needs(s: int, j: int) -> int:
+            t = j if j <= top else top
+            code = 4 * (full[t] > full[s]) + 2 * (swa[t] > swa[s]) + (j == n)
+            return mem[j] - mem[s] + table[code]
+
+        return needs
 
 
 def _pool(inventory: Inventory, request: PlacementRequest, scale: float = 1.0) -> list[_Device]:
@@ -318,15 +378,19 @@ def _split_latency(
     fixed: Sequence[float],
     per_byte: Sequence[float],
     time_cap: float = math.inf,
+    *,
+    worst_case: bool = False,
 ) -> list[tuple[int, int]] | None:
     """Contiguous ranges minimizing the summed time, or None if nothing fits.
 
     dp[j] is the least time to place layers [0, j) on the devices so far; a
     device either is skipped or takes [s, j) with s in a window bounded below by
-    its memory (and by `time_cap`), kept as a sliding minimum.
+    its memory (and by `time_cap`), kept as a sliding minimum. `caps` are the
+    devices' capacities; each range is charged its own compute buffer, which
+    only grows with the range, so the window stays a window.
     """
     n = problem.n
-    mem = problem.mem_prefix
+    needs = problem.range_bytes(len(caps) > 1, worst_case)
     rd = problem.read_prefix
     inf = math.inf
     prev = [inf] * (n + 1)
@@ -346,7 +410,7 @@ def _split_latency(
                     while window and prev[window[-1]] - rd[window[-1]] * m >= value:
                         window.pop()
                     window.append(s)
-                while lo < j and (mem[j] - mem[lo] > cap or rd[j] - rd[lo] > budget):
+                while lo < j and (needs(lo, j) > cap or rd[j] - rd[lo] > budget):
                     lo += 1
                 while window and window[0] < lo:
                     window.popleft()
@@ -378,20 +442,18 @@ def _fill(
     fixed: Sequence[float],
     per_byte: Sequence[float],
     limit: float,
+    *,
+    worst_case: bool = False,
 ) -> bool:
     """Whether every layer fits with no device's stage above `limit` ms."""
-    mem = problem.mem_prefix
+    needs = problem.range_bytes(len(caps) > 1, worst_case)
     rd = problem.read_prefix
     pos = 0
     for cap, f, m in zip(caps, fixed, per_byte, strict=True):
         if cap <= 0 or f > limit:
             continue
         j = pos
-        while (
-            j < problem.n
-            and mem[j + 1] - mem[pos] <= cap
-            and f + (rd[j + 1] - rd[pos]) * m <= limit
-        ):
+        while j < problem.n and needs(pos, j + 1) <= cap and f + (rd[j + 1] - rd[pos]) * m <= limit:
             j += 1
         pos = j
         if pos == problem.n:
@@ -400,22 +462,33 @@ def _fill(
 
 
 def _split_balanced(
-    problem: _Problem, caps: Sequence[int], fixed: Sequence[float], per_byte: Sequence[float]
+    problem: _Problem,
+    caps: Sequence[int],
+    fixed: Sequence[float],
+    per_byte: Sequence[float],
+    *,
+    worst_case: bool = False,
 ) -> list[tuple[int, int]] | None:
     """Ranges minimizing the slowest stage, then the summed time."""
-    if not _fill(problem, caps, fixed, per_byte, math.inf):
+
+    def fits(limit: float) -> bool:
+        return _fill(problem, caps, fixed, per_byte, limit, worst_case=worst_case)
+
+    if not fits(math.inf):
         return None
     lo = 0.0
     hi = sum(fixed) + problem.read_prefix[-1] * max(per_byte)
-    while not _fill(problem, caps, fixed, per_byte, hi):
+    while not fits(hi):
         hi *= 2
     for _ in range(48):
         mid = (lo + hi) / 2
-        if _fill(problem, caps, fixed, per_byte, mid):
+        if fits(mid):
             hi = mid
         else:
             lo = mid
-    return _split_latency(problem, caps, fixed, per_byte, time_cap=hi * (1 + 1e-9))
+    return _split_latency(
+        problem, caps, fixed, per_byte, time_cap=hi * (1 + 1e-9), worst_case=worst_case
+    )
 
 
 def _node_devices(devices: Sequence[_Device]) -> list[_Device]:
@@ -446,7 +519,15 @@ class _Node:
     cached: bool
     remote_ms: float  # fixed ms per device and token while not the host's node
     saving_ms: float  # how much less each device costs when the host runs here
-    profile: tuple[float, ...]  # bytes it can hold at each speed bucket or faster
+    # Bytes it can hold at each speed bucket or faster: alone (a lone device
+    # budgets the smaller compute buffer), and in a set of several devices.
+    alone: tuple[float, ...]
+    shared: tuple[float, ...]
+    alone_caps: tuple[float, ...]  # device budgets, as alone
+    shared_caps: tuple[float, ...]  # device budgets, as shared
+    # (ms per byte, budget, how many) of its devices, for the slowest-stage bound.
+    alone_kinds: tuple[tuple[float, float, int], ...]
+    shared_kinds: tuple[tuple[float, float, int], ...]
 
 
 @dataclass(frozen=True)
@@ -456,24 +537,72 @@ class _Set:
     members: tuple[int, ...]  # node indices, ascending (= name order)
     devices: tuple[tuple[_Device, ...], ...]  # per member, in llama.cpp order
     cached: int
-    latency_bound: tuple[float, ...]  # per host position: least summed ms/token
-    objective_bound: tuple[float, ...]  # per host position: least objective
+    # (objective bound, summed-time bound, host, output node) for every host and
+    # output node that can hold the output layer, most promising first.
+    plans: tuple[tuple[float, float, int, int], ...]
     fewest_devices: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Prefix:
     """Running sums of a partial node set in the depth-first enumeration."""
 
     members: tuple[int, ...] = ()
     profile: tuple[float, ...] = ()
-    remote_ms: float = 0.0
+    caps: tuple[float, ...] = ()
+    remote: tuple[float, ...] = ()  # per member
+    spare: tuple[int, ...] = ()  # per member: devices beyond the first
     max_saving: float = -math.inf
     slowest_remote: tuple[float, float] = (-math.inf, -math.inf)  # the two largest
     cached: int = 0
+    stages: tuple[StageDevice, ...] = ()  # its devices, for the slowest-stage bound
+    stage_floor: float = 0.0  # every member holds a layer: the least stage of each
 
 
-# (candidate, its node indices) with the rank `_Search.key` gives it.
+class _Tails:
+    """Per suffix of a node order: the best the nodes still to choose can bring."""
+
+    def __init__(self, nodes: Sequence[_Node], order: Sequence[int], k: int) -> None:
+        size = len(order)
+        self.min_remote = [math.inf] * (size + 1)
+        self.max_saving = [-math.inf] * (size + 1)
+        self.cached = [0] * (size + 1)
+        self.max_cap = [0.0] * (size + 1)
+        self.max_devices = [0] * (size + 1)
+        self.min_speed = [math.inf] * (size + 1)  # ms per byte of the fastest device
+        # The k smallest node indices (= names) of each suffix, ascending.
+        self.first_names: list[tuple[int, ...]] = [()] * (size + 1)
+        for p in range(size - 1, -1, -1):
+            index = order[p]
+            node = nodes[index]
+            caps = node.alone_caps if k == 1 else node.shared_caps
+            self.min_remote[p] = min(self.min_remote[p + 1], node.remote_ms)
+            self.max_saving[p] = max(self.max_saving[p + 1], node.saving_ms)
+            self.cached[p] = self.cached[p + 1] + node.cached
+            self.max_cap[p] = max(self.max_cap[p + 1], caps[0] if caps else 0.0)
+            self.max_devices[p] = max(self.max_devices[p + 1], len(caps))
+            fastest = min((speed for speed, _, _ in node.shared_kinds), default=math.inf)
+            self.min_speed[p] = min(self.min_speed[p + 1], fastest)
+            names = self.first_names[p + 1]
+            if len(names) < k or index < names[-1]:
+                cut = bisect.bisect_left(names, index)
+                self.first_names[p] = (*names[:cut], index, *names[cut:])[:k]
+            else:
+                self.first_names[p] = names
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """One depth-first enumeration of the k-sets of a node order."""
+
+    order: Sequence[int]
+    k: int
+    envelope: Envelope
+    tails: _Tails
+    second_pass: bool
+
+
+# A plan with its rank among plans of its size (`_Search.key`).
 _Ranked = tuple[tuple[object, ...], _Candidate]
 
 
@@ -486,16 +615,18 @@ class _Search:
     last, at most MAX_DEVICES devices (the fastest, ties by node name and id),
     any member as the output node and any member as the host, and the split the
     dynamic program finds for that order. Among plans within 2% of the fastest,
-    fewer nodes win, then more cached nodes, then the faster, then fewer
-    devices, then lower node names.
+    fewer nodes win, then more cached nodes, then the faster, then the smaller
+    summed time, then fewer devices, then lower node names.
 
-    Two passes. The first finds the best objective: sets are enumerated by size
-    and, within a size, depth first in order of promise; a partial set is
-    dropped when a lower bound (`bounds`) for every set it can grow into is no
-    better than the best plan found. The second finds the winner among plans
-    within 2% of that objective: sizes from one up, sets in name order, dropping
-    a partial set when its bound rules out beating the best candidate so far on
-    (cached nodes, objective, summed time, devices, names).
+    Sets are enumerated by size and, within a size, depth first in order of
+    promise (how fast a node could serve the model, the rest going to the
+    pool's slowest device); a partial set is dropped when a lower bound
+    (`bounds`) for every set it can grow into rules it out. The first pass finds
+    the best objective, dropping what cannot beat the best plan found. The second
+    finds the winner among plans within 2% of it, sizes from one up, dropping
+    what cannot beat the best candidate so far on (cached nodes, objective,
+    summed time, devices, names): for names, the smallest completion of a
+    partial set is its smallest node indices still to come.
     """
 
     def __init__(self, problem: _Problem, pool: Sequence[_Device], cached: frozenset[str]) -> None:
@@ -511,13 +642,19 @@ class _Search:
         memory = [b - a for a, b in itertools.pairwise(problem.mem_prefix)]
         reads = [b - a for a, b in itertools.pairwise(problem.read_prefix)]
         self.curve = ReadCurve(memory, reads)
+        # The output layer (the last) apart: it must sit on the output node.
+        self.body_curve = ReadCurve(memory[:-1], reads[:-1])
+        self.output_layer = (memory[-1], reads[-1])
+        self.stage_curve = StageCurve(memory, reads)
         self.buckets = speed_buckets([d.bandwidth for ds in by_node.values() for d in ds])
         self.speeds = [cost.ms_per_byte(b) for b in self.buckets]
+        floor = problem.compute_floor
+        balanced = self.strategy == "balanced"  # only its bound needs device kinds
         nodes = []
         for name in sorted(by_node):
             devices = tuple(_node_devices(by_node[name]))
-            rtt = devices[0].rtt
-            remote = cost.device_overhead_ms + cost.hop_ms(rtt, False)
+            remote = cost.device_overhead_ms + cost.hop_ms(devices[0].rtt, False)
+            alone, multi = floor[len(devices) > 1], floor[True]
             nodes.append(
                 _Node(
                     name=name,
@@ -525,13 +662,21 @@ class _Search:
                     cached=name in cached,
                     remote_ms=remote,
                     saving_ms=remote - self.local_ms,
-                    # A lone device needs the smaller compute buffer: the most room.
-                    profile=self._profile(devices, problem.compute_single),
+                    alone=self._profile(devices, alone),
+                    shared=self._profile(devices, multi),
+                    alone_caps=_budgets(devices, alone),
+                    shared_caps=_budgets(devices, multi),
+                    alone_kinds=self._kinds(devices, alone) if balanced else (),
+                    shared_kinds=self._kinds(devices, multi) if balanced else (),
                 )
             )
         self.nodes = nodes
         self.sets: dict[tuple[int, ...], _Set | None] = {}
         self.evaluated: dict[tuple[tuple[int, ...], int, int], _Candidate | None] = {}
+        self.walks: dict[int, _Walk] = {}
+        self.work = 0  # spent in this pass
+        self.exhausted = False  # the budget ran out: stop enumerating
+        self.stopped = False  # it ran out in some pass: the plan is not proven best
         self.best_ns: float = math.inf  # best objective found (first pass)
         self.winner: _Ranked | None = None  # best candidate of this size (second pass)
         self.window_ns: float = math.inf
@@ -546,18 +691,44 @@ class _Search:
                 per_bucket[bucket_of(self.buckets, d.bandwidth)] += room
         return tuple(itertools.accumulate(per_bucket))
 
-    def _reads_bound(self, profile: Sequence[float]) -> float:
-        return reads_lower_bound(self.curve, self.speeds, profile)
+    def _reads_bound(self, profile: Sequence[float], curve: ReadCurve | None = None) -> float:
+        return reads_lower_bound(curve or self.curve, self.speeds, profile)
 
-    def _objective_from(self, latency: float, fixed_floor: float) -> float:
+    def _kinds(
+        self, devices: Iterable[_Device], compute: int
+    ) -> tuple[tuple[float, float, int], ...]:
+        counts: dict[tuple[float, float], int] = {}
+        for d in devices:
+            kind = (self.problem.cost.ms_per_byte(d.bandwidth), float(d.capacity - compute))
+            counts[kind] = counts.get(kind, 0) + 1
+        return tuple((speed, budget, n) for (speed, budget), n in sorted(counts.items()))
+
+    def _stages(
+        self, kinds: Iterable[tuple[float, float, int]], fixed: float
+    ) -> tuple[tuple[StageDevice, ...], float]:
+        """Stage-bound devices of one node at this fixed cost, and the least stage
+        of the node holding one layer."""
+        stages = tuple((fixed, speed, budget, n) for speed, budget, n in kinds)
+        one = self.stage_curve.reads[1] if self.stage_curve.layers else 0.0
+        least = min((fixed + speed * one for _, speed, _, _ in stages), default=math.inf)
+        return stages, least
+
+    def _objective_from(
+        self, latency: float, floor: float, stages: Sequence[StageDevice] = ()
+    ) -> float:
         """The strategy's objective bound from a summed-time bound.
 
-        The slowest stage is at least the largest fixed cost of a used device
-        and at least the average of at most MAX_DEVICES stages.
+        The slowest stage is at least `floor` (the largest fixed cost of a used
+        device, or more), at least the average of at most MAX_DEVICES stages,
+        and at least what `stage_lower_bound` gives for the devices.
         """
         if self.strategy == "latency":
             return latency
-        return max(fixed_floor, latency / MAX_DEVICES)
+        bound = max(floor, latency / MAX_DEVICES)
+        if stages:
+            self._spend(self.stage_curve.layers)
+            bound = max(bound, stage_lower_bound(self.stage_curve, stages, bound, MAX_DEVICES))
+        return bound
 
     def set_devices(self, members: tuple[int, ...]) -> tuple[tuple[_Device, ...], ...] | None:
         """Each member's devices, keeping the MAX_DEVICES fastest; None if a member
@@ -575,7 +746,7 @@ class _Search:
         return None if any(not ds for ds in out) else out
 
     def node_set(self, members: tuple[int, ...]) -> _Set | None:
-        """The set with its bounds, or None when it cannot hold the model."""
+        """The set with its bounds per host, or None when it cannot hold the model."""
         if members in self.sets:
             return self.sets[members]
         result = None
@@ -583,28 +754,63 @@ class _Search:
         if devices is not None:
             flat = [d for ds in devices for d in ds]
             problem = self.problem
-            compute = problem.compute_multi if len(flat) > 1 else problem.compute_single
+            compute = problem.compute_floor[len(flat) > 1]
+            output_compute = problem.output_compute_floor[len(flat) > 1]
             reads = self._reads_bound(self._profile(flat, compute))
-            fewest = devices_needed([d.capacity - compute for d in flat], self.curve.total_mass)
+            fewest = devices_needed(_budgets(flat, compute), self.curve.total_mass)
             if reads < math.inf and fewest > 0:
                 remote = [self.nodes[i].remote_ms for i in members]
                 spare = [len(ds) - 1 for ds in devices]
                 extra = fewest - len(members)
-                latency = []
-                objective = []
+                # The output layer sits on the output node: its fastest device that holds it.
+                body = self._reads_bound(self._profile(flat, compute), self.body_curve)
+                out_memory, out_reads = self.output_layer
+                out_speed = [
+                    min(
+                        (
+                            problem.cost.ms_per_byte(d.bandwidth)
+                            for d in ds
+                            if d.capacity - output_compute >= out_memory
+                        ),
+                        default=math.inf,
+                    )
+                    for ds in devices
+                ]
+                plans = []
                 for h in range(len(members)):
-                    bound = reads + fixed_lower_bound(remote, spare, self.local_ms, h, extra)
-                    others = [ms for i, ms in enumerate(remote) if i != h]
-                    latency.append(bound)
-                    objective.append(self._objective_from(bound, max([self.local_ms, *others])))
-                result = _Set(
-                    members=members,
-                    devices=devices,
-                    cached=sum(1 for i in members if self.nodes[i].cached),
-                    latency_bound=tuple(latency),
-                    objective_bound=tuple(objective),
-                    fewest_devices=max(fewest, len(members)),
-                )
+                    fixed_floor = fixed_lower_bound(remote, spare, self.local_ms, h, extra)
+                    floor = 0.0
+                    stages: list[StageDevice] = []
+                    if self.strategy == "balanced":
+                        for i, ds in enumerate(devices):
+                            fixed = self.local_ms if i == h else remote[i]
+                            node_stages, least = self._stages(self._kinds(ds, compute), fixed)
+                            stages.extend(node_stages)
+                            floor = max(floor, least)
+                    objective = self._objective_from(reads + fixed_floor, floor, stages)
+                    for o, speed in enumerate(out_speed):
+                        if speed == math.inf:
+                            continue
+                        latency = max(reads, body + out_reads * speed) + fixed_floor
+                        out_fixed = self.local_ms if o == h else remote[o]
+                        out_stage = out_fixed + out_reads * speed
+                        plans.append(
+                            (
+                                max(objective, self._objective_from(latency, out_stage)),
+                                latency,
+                                h,
+                                o,
+                            )
+                        )
+                plans.sort()
+                if plans:
+                    result = _Set(
+                        members=members,
+                        devices=devices,
+                        cached=sum(1 for i in members if self.nodes[i].cached),
+                        plans=tuple(plans),
+                        fewest_devices=max(fewest, len(members)),
+                    )
         self.sets[members] = result
         return result
 
@@ -624,8 +830,8 @@ class _Search:
             order = [d for m, ds in zip(members, devices, strict=True) if m != output for d in ds]
             order.extend(devices[position[output]])
             host_name = self.nodes[host].name
-            compute = problem.compute_multi if len(order) > 1 else problem.compute_single
-            caps = [d.capacity - compute for d in order]
+            self._spend(len(order) * problem.n * (3 if self.strategy == "balanced" else 1))
+            caps = [d.capacity for d in order]
             fixed = [_fixed_ms(problem, d, host_name) for d in order]
             per_byte = [problem.cost.ms_per_byte(d.bandwidth) for d in order]
             if self.strategy == "latency":
@@ -656,143 +862,241 @@ class _Search:
 
     # -- enumeration ------------------------------------------------------------
 
+    def _walk(self, order: Sequence[int], k: int, second_pass: bool) -> _Walk:
+        if k not in self.walks:
+            profiles = [(self.nodes[i].alone if k == 1 else self.nodes[i].shared) for i in order]
+            self.walks[k] = _Walk(
+                order=order,
+                k=k,
+                envelope=Envelope(profiles, k - 1),
+                tails=_Tails(self.nodes, order, k),
+                second_pass=second_pass,
+            )
+        return replace(self.walks[k], second_pass=second_pass)
+
     def _descend(self, walk: _Walk, start: int, prefix: _Prefix) -> None:
-        """Visit k-sets extending `prefix` with nodes of order[start:], dropping
-        branches whose bound says they cannot matter."""
-        order, k, envelope, tails = walk.order, walk.k, walk.envelope, walk.tails
-        second_pass = walk.second_pass
+        """Visit the k-sets extending `prefix` with nodes of order[start:],
+        dropping every branch whose bound rules it out."""
+        order, k, tails = walk.order, walk.k, walk.tails
         rest = k - len(prefix.members) - 1  # nodes still to add after the next one
-        local = self.local_ms
+        mass = self.curve.total_mass
         for p in range(start, len(order) - rest):
+            if self.exhausted:
+                return
+            self._spend(1)
             index = order[p]
             node = self.nodes[index]
-            extra = envelope.at(p + 1, rest)
-            base = prefix.profile or (0.0,) * len(node.profile)
-            profile = [a + b + c for a, b, c in zip(base, node.profile, extra, strict=True)]
-            reads = self._reads_bound(profile)
+            own = node.alone if k == 1 else node.shared
+            own_caps = node.alone_caps if k == 1 else node.shared_caps
+            if prefix.members:
+                known = [a + b for a, b in zip(prefix.profile, own, strict=True)]
+            else:
+                known = list(own)
+            if rest:
+                extra = walk.envelope.at(p + 1, rest)
+                reads = self._reads_bound([a + b for a, b in zip(known, extra, strict=True)])
+            else:
+                reads = self._reads_bound(known)
             if reads == math.inf:
                 continue
+            caps = (*prefix.caps, *own_caps)
+            remote = (*prefix.remote, node.remote_ms)
+            spare = (*prefix.spare, len(own_caps) - 1)
             saving = max(prefix.max_saving, node.saving_ms)
-            remote = prefix.remote_ms + node.remote_ms
             if rest:
-                saving = max(saving, tails.max_saving[p + 1])
-                remote += rest * tails.min_remote[p + 1]
-            latency = reads + remote - saving
+                fewest = devices_needed(
+                    caps,
+                    mass,
+                    unknown_capacity=tails.max_cap[p + 1],
+                    unknown_count=rest * tails.max_devices[p + 1],
+                )
+                cheapest = min(self.local_ms, *remote, tails.min_remote[p + 1])
+                fixed = (
+                    sum(remote)
+                    + rest * tails.min_remote[p + 1]
+                    - max(saving, tails.max_saving[p + 1])
+                    + max(0, fewest - k) * cheapest
+                )
+            else:
+                fewest = devices_needed(caps, mass)
+                fixed = least_fixed(remote, spare, self.local_ms, fewest - k)
+            if fewest == 0:
+                continue
+            latency = reads + fixed
             high, second = prefix.slowest_remote
             if node.remote_ms > high:
                 high, second = node.remote_ms, high
             elif node.remote_ms > second:
                 second = node.remote_ms
-            objective = self._objective_from(latency, max(local, second))
+            stages = prefix.stages
+            stage_floor = prefix.stage_floor
+            objective = latency
+            if self.strategy == "balanced":
+                kinds = node.alone_kinds if k == 1 else node.shared_kinds
+                own_stages, least = self._stages(kinds, min(self.local_ms, node.remote_ms))
+                stages = (*stages, *own_stages)
+                stage_floor = max(stage_floor, least)
+                bound_stages: Sequence[StageDevice] = stages
+                if rest:
+                    # The nodes still to come, as copies of a device better than any of them.
+                    coming = (
+                        min(self.local_ms, tails.min_remote[p + 1]),
+                        tails.min_speed[p + 1],
+                        tails.max_cap[p + 1],
+                        rest * tails.max_devices[p + 1],
+                    )
+                    bound_stages = (*stages, coming)
+                floor = max(self.local_ms, second, stage_floor)
+                objective = self._objective_from(latency, floor, bound_stages)
             members = (*prefix.members, index)
             cached = prefix.cached + node.cached
-            if second_pass:
+            if walk.second_pass:
                 most_cached = cached + min(rest, tails.cached[p + 1])
-                if self._beyond(most_cached, objective, latency, k, members):
+                names = tails.first_names[p + 1][:rest]
+                if self._beyond(
+                    most_cached, objective, latency, max(k, fewest), members, to_come=names
+                ):
                     continue
             elif _bound_ns(objective) >= self.best_ns:
                 continue
+            if not rest:
+                self._leaf(tuple(sorted(members)), walk.second_pass)
+                continue
             child = _Prefix(
                 members=members,
-                profile=tuple(a + b for a, b in zip(base, node.profile, strict=True)),
-                remote_ms=prefix.remote_ms + node.remote_ms,
-                max_saving=max(prefix.max_saving, node.saving_ms),
+                profile=tuple(known),
+                caps=caps,
+                remote=remote,
+                spare=spare,
+                max_saving=saving,
                 slowest_remote=(high, second),
                 cached=cached,
+                stages=stages,
+                stage_floor=stage_floor,
             )
-            if rest:
-                self._descend(walk, p + 1, child)
-            else:
-                self._leaf(tuple(sorted(members)), second_pass)
+            self._descend(walk, p + 1, child)
 
     def _beyond(
-        self, most_cached: int, objective: float, latency: float, devices: int, members: object
+        self,
+        most_cached: int,
+        objective: float,
+        latency: float,
+        devices: int,
+        members: tuple[int, ...],
+        *,
+        to_come: tuple[int, ...] = (),
     ) -> bool:
         """Whether sets with these bounds can neither be within 2% of the fastest
-        nor beat the second pass's best candidate."""
+        nor beat the second pass's best candidate so far."""
         bound = _bound_ns(objective)
         if bound > self.window_ns:
             return True
         if self.winner is None:
             return False
-        floor = (-most_cached, bound, _bound_ns(latency), devices, members)
-        return floor > self.winner[0][:5]
+        floor = (-most_cached, bound, _bound_ns(latency), devices)
+        best = self.winner[0]
+        if floor != best[:4]:
+            return floor > best[:4]
+        # Equal so far: only a set with smaller names can still win.
+        smallest = tuple(sorted((*members, *to_come)))
+        assert isinstance(best[4], tuple)
+        return smallest > best[4]
 
     def _leaf(self, members: tuple[int, ...], second_pass: bool) -> None:
         node_set = self.node_set(members)
         if node_set is None:
             return
-        hosts = sorted(range(len(members)), key=lambda h: node_set.objective_bound[h])
-        for h in hosts:
-            bound = node_set.objective_bound[h]
+        for bound, latency, h, o in node_set.plans:
             if second_pass:
-                if self._beyond(
-                    node_set.cached,
-                    bound,
-                    node_set.latency_bound[h],
-                    node_set.fewest_devices,
-                    members,
-                ):
+                if self._beyond(node_set.cached, bound, latency, node_set.fewest_devices, members):
                     continue
             elif _bound_ns(bound) >= self.best_ns:
                 break
-            for output in members:
-                candidate = self.evaluate(members, output, members[h])
-                if candidate is None:
-                    continue
-                objective = _ns(candidate.objective(self.strategy))
-                if not second_pass:
-                    self.best_ns = min(self.best_ns, objective)
-                elif objective <= self.window_ns:
-                    self._offer(members, candidate)
+            candidate = self.evaluate(members, members[o], members[h])
+            if candidate is None:
+                continue
+            objective = _ns(candidate.objective(self.strategy))
+            if not second_pass:
+                self.best_ns = min(self.best_ns, objective)
+            elif objective <= self.window_ns:
+                self._offer(members, candidate)
 
     def _offer(self, members: tuple[int, ...], candidate: _Candidate) -> None:
         ranked = (self.key(members, candidate), candidate)
         if self.winner is None or ranked[0] < self.winner[0]:
             self.winner = ranked
 
-    def _level(self, order: Sequence[int], k: int, second_pass: bool) -> None:
-        walk = _Walk(
-            order=order,
-            k=k,
-            envelope=Envelope([self.nodes[i].profile for i in order], k - 1),
-            tails=_Tails(self.nodes, order),
-            second_pass=second_pass,
-        )
-        self._descend(walk, 0, _Prefix())
-
-    def _level_bounds(self, k: int, pool_top: Sequence[Sequence[float]]) -> tuple[float, float]:
+    def _level_bounds(
+        self, k: int, alone_top: Sequence[float], shared_top: Sequence[Sequence[float]]
+    ) -> tuple[float, float]:
         """Bounds on the objective of any k-set, and of any set of k or more nodes."""
         remote = min(n.remote_ms for n in self.nodes)
         fixed = min(self.local_ms, remote) + (k - 1) * remote
         floor = max(self.local_ms, remote) if k > 1 else self.local_ms
-        this = self._reads_bound(pool_top[k]) + fixed
-        beyond = self._reads_bound(pool_top[-1]) + fixed
-        return self._objective_from(this, floor), self._objective_from(beyond, floor)
+        this = self._reads_bound(alone_top if k == 1 else shared_top[k])
+        # A node alone has at least its room in a set: the widest profile of all.
+        widest = [max(a, b) for a, b in zip(alone_top, shared_top[-1], strict=True)]
+        beyond = self._reads_bound(widest if k == 1 else shared_top[-1])
+        return (
+            self._objective_from(this + fixed, floor),
+            self._objective_from(beyond + fixed, floor),
+        )
+
+    def _seed(self, order: Sequence[int], largest: int) -> None:
+        """Plans on the first k nodes in order of promise, for every k.
+
+        `balanced` spreads the model over many nodes, so the first pass, which
+        grows sets from one node up, would meet its best plans last; with these
+        in hand from the start it drops most smaller sets at once (and, should
+        the budget run out, has a good plan to return).
+        """
+        for k in range(1, largest + 1):
+            node_set = self.node_set(tuple(sorted(order[:k])))
+            if node_set is None:
+                continue
+            for _, _, h, o in node_set.plans[:_SEED_PLANS]:
+                found = self.evaluate(node_set.members, node_set.members[o], node_set.members[h])
+                if found is not None:
+                    self.best_ns = min(self.best_ns, _ns(found.objective(self.strategy)))
+
+    def _spend(self, work: int) -> None:
+        self.work += work
+        # Never before a plan is in hand: a pool that can serve the model gets a plan.
+        if self.work > _WORK_BUDGET and self.best_ns < math.inf:
+            self.exhausted = self.stopped = True
 
     def run(self) -> _Candidate | None:
         if not self.nodes:
             return None
-        largest = min(MAX_RPC_SERVERS, len(self.nodes))
-        pool_top = _top_profiles([n.profile for n in self.nodes], largest)
-        # First pass, most promising nodes first: the best objective.
-        promise = sorted(
-            range(len(self.nodes)),
-            key=lambda i: (self._reads_bound(self.nodes[i].profile), self.nodes[i].name),
-        )
+        # Every node holds at least one of the model's layers.
+        largest = min(MAX_RPC_SERVERS, len(self.nodes), self.problem.n)
+        alone_top = _top_profiles([n.alone for n in self.nodes], 1)[1]
+        shared_top = _top_profiles([n.shared for n in self.nodes], largest)
+
+        def promise(i: int) -> tuple[float, str]:
+            # As if the pool's slowest device could take whatever the node cannot.
+            room = [*self.nodes[i].alone[:-1], math.inf]
+            return reads_lower_bound(self.curve, self.speeds, room), self.nodes[i].name
+
+        order = sorted(range(len(self.nodes)), key=promise)
+        if self.strategy == "balanced":
+            self._seed(order, largest)
+        # First pass: the best objective.
         for k in range(1, largest + 1):
-            this, beyond = self._level_bounds(k, pool_top)
-            if _bound_ns(beyond) >= self.best_ns:
+            this, beyond = self._level_bounds(k, alone_top, shared_top)
+            if _bound_ns(beyond) >= self.best_ns or self.exhausted:
                 break
             if _bound_ns(this) < self.best_ns:
-                self._level(promise, k, second_pass=False)
+                self._descend(self._walk(order, k, second_pass=False), 0, _Prefix())
         if self.best_ns == math.inf:
             return None
         # Second pass, by size: the best-ranked plan within 2% of that objective.
+        # Past the budget, only among the plans made so far.
         self.window_ns = self.best_ns * (1 + _TIE) + 1e-3
-        by_name = range(len(self.nodes))
+        self.work = 0
+        self.exhausted = False
         for k in range(1, largest + 1):
-            this, _ = self._level_bounds(k, pool_top)
+            this, _ = self._level_bounds(k, alone_top, shared_top)
             if _bound_ns(this) > self.window_ns:
                 continue
             self.winner = None
@@ -803,36 +1107,15 @@ class _Search:
                     and _ns(c.objective(self.strategy)) <= self.window_ns
                 ):
                     self._offer(members, c)
-            self._level(by_name, k, second_pass=True)
+            self._descend(self._walk(order, k, second_pass=True), 0, _Prefix())
             if self.winner is not None:
                 return self.winner[1]
         return None
 
 
-class _Tails:
-    """Per suffix of a node order: what the nodes still to choose can at best bring."""
-
-    def __init__(self, nodes: Sequence[_Node], order: Sequence[int]) -> None:
-        size = len(order)
-        self.min_remote = [math.inf] * (size + 1)
-        self.max_saving = [-math.inf] * (size + 1)
-        self.cached = [0] * (size + 1)
-        for p in range(size - 1, -1, -1):
-            node = nodes[order[p]]
-            self.min_remote[p] = min(self.min_remote[p + 1], node.remote_ms)
-            self.max_saving[p] = max(self.max_saving[p + 1], node.saving_ms)
-            self.cached[p] = self.cached[p + 1] + node.cached
-
-
-@dataclass(frozen=True)
-class _Walk:
-    """One depth-first enumeration of the k-sets of a node order."""
-
-    order: Sequence[int]
-    k: int
-    envelope: Envelope
-    tails: _Tails
-    second_pass: bool
+def _budgets(devices: Iterable[_Device], compute: int) -> tuple[float, ...]:
+    """What each device can hold besides its compute buffer, largest first."""
+    return tuple(sorted((float(d.capacity - compute) for d in devices), reverse=True))
 
 
 def _top_profiles(profiles: Sequence[Sequence[float]], r_max: int) -> list[list[float]]:
@@ -851,7 +1134,160 @@ def _top_profiles(profiles: Sequence[Sequence[float]], r_max: int) -> list[list[
 def _search(
     problem: _Problem, pool: Sequence[_Device], cached: frozenset[str]
 ) -> _Candidate | None:
-    return _Search(problem, pool, cached).run()
+    search = _Search(problem, pool, cached)
+    best = search.run()
+    if search.stopped and len(search.nodes) <= _PREVIOUS_SEARCH_NODES:
+        # Out of budget (`balanced` on some pools of 12-16 equal-ish nodes): the
+        # plan is at least as good as the previous search's, which is affordable here.
+        previous = _previous_search(problem, pool, cached)
+        plans = [c for c in (best, previous) if c is not None]
+        if plans:
+            best = _choose(plans, search.strategy)
+    return best
+
+
+def _choose(candidates: Sequence[_Candidate], strategy: Strategy) -> _Candidate:
+    """The search's rule between plans found different ways: within 2% of the
+    fastest, fewer nodes, more cached nodes, faster, fewer devices, lower names."""
+    fastest = min(_ns(c.objective(strategy)) for c in candidates)
+    near = [c for c in candidates if _ns(c.objective(strategy)) <= fastest * (1 + _TIE) + 1e-3]
+    return min(
+        near,
+        key=lambda c: (
+            len(c.nodes),
+            -c.cached,
+            _ns(c.objective(strategy)),
+            _ns(c.total_ms),
+            len(c.devices),
+            tuple(sorted(c.nodes)),
+            c.nodes,
+            c.signature(),
+            c.host,
+        ),
+    )
+
+
+# -- the previous search ------------------------------------------------------
+#
+# What mesh searched before the branch and bound: every node set while few, a
+# beam of 12 beyond (stopping two sizes after the best last improved), output
+# nodes and hosts by rules of thumb, every device budgeted for the largest
+# compute buffer. Its plans are all in the branch and bound's scope, so it only
+# runs as a floor when the work budget cuts the branch and bound short.
+
+_PREVIOUS_SEARCH_NODES = 16  # pools it runs on: beyond, it took minutes
+_EXHAUSTIVE_LIMIT = 128  # node sets per size searched exhaustively
+_BEAM_WIDTH = 12
+_EXTRA_NODES = 2  # sizes explored past the last that improved
+_SMALL_POOL = 8  # pools this small are searched at every size
+_ALL_OUTPUTS = 4  # node sets this small try every node as the output node
+
+
+def _previous_order(devices: Sequence[_Device], output_node: str) -> list[_Device]:
+    by_node: dict[str, list[_Device]] = {}
+    for d in devices:
+        by_node.setdefault(d.node, []).append(d)
+    names = [*sorted(n for n in by_node if n != output_node), output_node]
+    return [d for name in names for d in _node_devices(by_node[name])]
+
+
+def _previous_plans(
+    problem: _Problem, devices: Sequence[_Device], cached: frozenset[str]
+) -> list[_Candidate]:
+    if len(devices) > MAX_DEVICES:
+        devices = sorted(devices, key=lambda d: (-d.bandwidth, d.node, d.id))[:MAX_DEVICES]
+    nodes = sorted({d.node for d in devices})
+    potential: dict[str, float] = {}
+    for d in devices:
+        potential[d.node] = potential.get(d.node, 0.0) + d.rtt
+    hosts = sorted(nodes, key=lambda n: (-potential[n], n))[:2]
+    if len(nodes) <= _ALL_OUTPUTS:
+        outputs = nodes
+    else:
+        fastest = min(devices, key=lambda d: (-d.bandwidth, d.node, d.id))
+        roomiest = min(devices, key=lambda d: (-d.capacity, d.node, d.id))
+        outputs = list(dict.fromkeys([fastest.node, roomiest.node, *hosts]))
+    plans = list(dict.fromkeys((o, h) for o in outputs for h in dict.fromkeys([*hosts, o])))
+    out = []
+    for output_node, host in plans:
+        order = _previous_order(devices, output_node)
+        caps = [d.capacity for d in order]
+        fixed = [_fixed_ms(problem, d, host) for d in order]
+        per_byte = [problem.cost.ms_per_byte(d.bandwidth) for d in order]
+        if problem.request.strategy == "latency":
+            ranges = _split_latency(problem, caps, fixed, per_byte, worst_case=True)
+        else:
+            ranges = _split_balanced(problem, caps, fixed, per_byte, worst_case=True)
+        if ranges is None:
+            continue
+        candidate = _finish(problem, order=order, ranges=ranges, host=host, cached=cached)
+        if candidate is not None:
+            out.append(candidate)
+    return out
+
+
+def _previous_choose(candidates: Iterable[_Candidate], strategy: Strategy) -> _Candidate | None:
+    pool = list(candidates)
+    if not pool:
+        return None
+    best = min(c.objective(strategy) for c in pool)
+    near = [c for c in pool if c.objective(strategy) <= best * (1 + _TIE) + 1e-9]
+    return min(
+        near,
+        key=lambda c: (
+            len(c.nodes),
+            -c.cached,
+            c.objective(strategy),
+            c.total_ms,
+            len(c.devices),
+            c.signature(),
+        ),
+    )
+
+
+def _previous_search(
+    problem: _Problem, pool: Sequence[_Device], cached: frozenset[str]
+) -> _Candidate | None:
+    by_node: dict[str, list[_Device]] = {}
+    for d in pool:
+        if d.capacity > 0:
+            by_node.setdefault(d.node, []).append(d)
+    names = sorted(by_node)
+    if not names:
+        return None
+    capacity = {n: sum(d.capacity for d in by_node[n]) for n in names}
+    need = problem.mem_prefix[-1] + problem.compute_single
+    strategy = problem.request.strategy
+    found: list[_Candidate] = []
+    beam: list[tuple[str, ...]] = [()]
+    best = math.inf
+    improved_at: int | None = None
+    for k in range(1, min(MAX_RPC_SERVERS, len(names)) + 1):
+        if len(names) > _SMALL_POOL and improved_at is not None and k > improved_at + _EXTRA_NODES:
+            break
+        if math.comb(len(names), k) <= _EXHAUSTIVE_LIMIT:
+            subsets: Iterable[tuple[str, ...]] = itertools.combinations(names, k)
+        else:
+            subsets = sorted({tuple(sorted((*s, n))) for s in beam for n in names if n not in s})
+        ranked: list[tuple[tuple[int, float, float], tuple[str, ...]]] = []
+        for subset in subsets:
+            total_cap = sum(capacity[n] for n in subset)
+            chosen = None
+            if total_cap >= need:
+                devices = [d for n in subset for d in by_node[n]]
+                chosen = _previous_choose(_previous_plans(problem, devices, cached), strategy)
+            if chosen is None:
+                ranked.append(((1, -float(total_cap), 0.0), subset))
+                continue
+            found.append(chosen)
+            objective = chosen.objective(strategy)
+            ranked.append(((0, objective, -float(total_cap)), subset))
+            if objective < best * (1 - _TIE):
+                improved_at = k
+            best = min(best, objective)
+        ranked.sort()
+        beam = [s for _, s in ranked[:_BEAM_WIDTH]]
+    return _previous_choose(found, strategy)
 
 
 def _search_every_set(

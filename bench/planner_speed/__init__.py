@@ -1,0 +1,1 @@
+"""How long `plan_placement` takes on big mixed pools: `python -m bench planner_speed`."""
