@@ -55,6 +55,7 @@ SEED = 20251122
 
 
 def mixed_pool(size: int, rng: random.Random, rtt_ms: float = 0.5) -> Inventory:
+    """Eight GPU kinds, 1-8 per node, free memory 70-100%, one RTT, nothing cached."""
     nodes = []
     for i in range(size):
         total, bandwidth = rng.choice(GPUS)

@@ -18,10 +18,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from bench.planner_speed.run import mixed_pool
 from mesh_operator.planner import (
-    Inventory,
-    InventoryDevice,
-    InventoryNode,
     PlacementRequest,
     ServingParams,
     parse_inventory,
@@ -218,42 +216,11 @@ def test_the_envelope_covers_every_choice_of_nodes(profiles_: list[list[float]],
                 assert sum(p[t] for p in chosen) <= top[t] + 1e-6
 
 
-GPUS = (
-    (81920, 2039.0),
-    (40960, 1555.0),
-    (46068, 864.0),
-    (24564, 1008.0),
-    (24576, 936.0),
-    (16376, 717.0),
-    (12288, 360.0),
-    (15360, 320.0),
-)
-
-
-def mixed_pool(size: int, seed: int) -> Inventory:
-    """Eight GPU kinds, 1-8 per node, free memory 70-100%, one RTT, nothing cached."""
-    rng = random.Random(seed)
-    nodes = []
-    for i in range(size):
-        total, bandwidth = rng.choice(GPUS)
-        devices = tuple(
-            InventoryDevice(
-                id=f"CUDA{j}",
-                memory_total_mib=total,
-                memory_free_mib=int(total * rng.uniform(0.7, 1.0)),
-                bandwidth_gbps=bandwidth,
-            )
-            for j in range(rng.choice((1, 2, 4, 8)))
-        )
-        nodes.append(InventoryNode(name=f"node-{i:03d}", rtt_ms=0.5, devices=devices))
-    return Inventory(nodes=tuple(nodes))
-
-
 def test_a_search_out_of_budget_still_returns_a_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     profile = read_model_profile(MODEL_HEADERS / "llama-3.1-8b.header.gguf")
     request = PlacementRequest(serving=ServingParams(ctx=8192), strategy="balanced")
     problem = _Problem(profile, request)
-    inventory = mixed_pool(40, seed=3)
+    inventory = mixed_pool(40, random.Random(3))
     devices = _pool(inventory, request)
     exact = _Search(problem, devices, frozenset())
     best = exact.run()
@@ -267,7 +234,7 @@ def test_a_search_out_of_budget_still_returns_a_plan(monkeypatch: pytest.MonkeyP
 
 def test_a_500_node_pool_is_planned_within_a_second() -> None:
     profile = read_model_profile(MODEL_HEADERS / "llama-3.1-8b.header.gguf")
-    pool = mixed_pool(500, seed=7)
+    pool = mixed_pool(500, random.Random(7))
     started = time.perf_counter()
     result = plan_placement(profile, pool, PlacementRequest(serving=ServingParams(ctx=8192)))
     elapsed = time.perf_counter() - started
