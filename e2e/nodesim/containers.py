@@ -34,6 +34,9 @@ from e2e.nodesim.probes import ProbeResult, ProbeSpec, ProbeTarget, run_probe
 from e2e.nodesim.status import ContainerView, now_rfc3339
 from e2e.nodesim.volumes import MountError
 
+# The kubelet keeps at most this much of a termination message.
+TERMINATION_MESSAGE_BYTES = 4096
+
 Obj = dict[str, Any]
 
 
@@ -46,6 +49,8 @@ class Launch:
     cwd: Path
     executable: Path
     probe_target: ProbeTarget
+    # Stands in for the container's terminationMessagePath.
+    termination_file: Path | None = None
 
 
 class PodHooks(Protocol):
@@ -80,6 +85,18 @@ class Backoff:
         delay = 0.0 if self.restarts == 0 else min(self.cap, self.base * 2 ** (self.restarts - 1))
         self.restarts += 1
         return delay
+
+
+def termination_message(path: Path | None) -> str | None:
+    """What the program wrote to its termination message file, as the kubelet keeps
+    it: at most the last 4096 bytes (FallbackToLogsOnError is not simulated)."""
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return data[-TERMINATION_MESSAGE_BYTES:].decode(errors="replace") or None
 
 
 def exit_code_of(returncode: int) -> tuple[int, int | None]:
@@ -256,6 +273,7 @@ class ContainerRunner:
         view.exit_code = code
         view.signal = sig
         view.reason = "Completed" if code == 0 else "Error"
+        view.message = termination_message(launch.termination_file)
         view.finished_at = now_rfc3339()
         view.ready = False
         view.started = False

@@ -50,6 +50,8 @@ BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_GRACE_SECONDS = 30
 STATUS_COALESCE_SECONDS = 0.1
 RETRY_SECONDS = 5.0
+# A container's terminationMessagePath when its spec names none.
+TERMINATION_LOG = "/dev/termination-log"
 
 
 def pod_key(pod: Obj) -> str:
@@ -288,12 +290,20 @@ class PodWorker:
         assert self.sandbox is not None
         env = await container_env(container, self._downward(), self.kubelet.objects)
         command, args = expand_command(container, env)
-        mounts = mount_table(container, self.volumes, env)
+        home = self.layout.container_dir(container["name"])
+        termination = home / "termination-log"
+        termination.parent.mkdir(parents=True, exist_ok=True)
+        termination.write_bytes(b"")
+        mounts = mount_table(
+            container,
+            self.volumes,
+            env,
+            files={container.get("terminationMessagePath") or TERMINATION_LOG: termination},
+        )
         cfg = self.kubelet.config
         image = container.get("image", "")
         resolved = images.resolve(image, command, args, cfg.executables)
         argv = [resolved.argv[0], *(mounts.rewrite(a) for a in resolved.argv[1:])]
-        home = self.layout.container_dir(container["name"])
         full_env = {
             "PATH": BASE_PATH,
             "HOSTNAME": cfg.name if self.host_network else self.pod_name,
@@ -332,7 +342,7 @@ class PodWorker:
             exec_argv=exec_argv,
             session=self.kubelet.http,
         )
-        return Launch([*prefix, *argv], full_env, cwd, resolved.executable, target)
+        return Launch([*prefix, *argv], full_env, cwd, resolved.executable, target, termination)
 
     def changed(self) -> None:
         self._dirty.set()

@@ -251,8 +251,15 @@ class MountTable:
         return value
 
 
-def mount_table(container: Obj, volumes: Mapping[str, Path], env: Mapping[str, str]) -> MountTable:
-    mounts: list[tuple[str, Path]] = []
+def mount_table(
+    container: Obj,
+    volumes: Mapping[str, Path],
+    env: Mapping[str, str],
+    files: Mapping[str, Path] | None = None,
+) -> MountTable:
+    """The container's mounts; `files` are single files the kubelet mounts itself
+    (the termination message file)."""
+    mounts: list[tuple[str, Path]] = [(os.path.normpath(k), v) for k, v in (files or {}).items()]
     for mount in container.get("volumeMounts") or []:
         base = volumes.get(mount.get("name", ""))
         if base is None:

@@ -67,22 +67,25 @@ class ProfileCache:
         self._profiles: dict[tuple[str, str | None], ModelProfile] = {}
         self._lock = threading.Lock()
 
-    def get(self, source: ModelSource, sha256: str | None, token: str | None) -> ModelProfile:
-        key = (cache_key(source), sha256)
+    def cached(self, source: ModelSource, sha256: str | None) -> ModelProfile | None:
         with self._lock:
-            cached = self._profiles.get(key)
+            return self._profiles.get((cache_key(source), sha256))
+
+    def put(self, source: ModelSource, sha256: str | None, profile: ModelProfile) -> None:
+        """Keep a profile read elsewhere (a model on a PVC, by its header-reader pod)."""
+        with self._lock:
+            self._profiles[(cache_key(source), sha256)] = profile
+
+    def get(self, source: ModelSource, sha256: str | None, token: str | None) -> ModelProfile:
+        """The profile of a remote source, read once; not for PVC sources."""
+        cached = self.cached(source, sha256)
         if cached is not None:
             return cached
         if source.pvc is not None:
-            raise SourceError(
-                "SourceUnreadable",
-                "the operator cannot read a model on a PVC before planning; "
-                "serve it from a URL or Hugging Face, or copy it to the node cache",
-            )
+            raise SourceError("SourceUnreadable", "a model on a PVC is read by its own pod")
         data = fetch_header_bytes(source, _parse_header, token=token, hf_endpoint=self.hf_endpoint)
         profile = read_model_profile(data, file_name=model_file_name(source))
-        with self._lock:
-            self._profiles[key] = profile
+        self.put(source, sha256, profile)
         return profile
 
 

@@ -16,7 +16,9 @@ from kopf.testing import KopfRunner
 
 from e2e.cluster import LocalCluster
 from e2e.fileserver import serve_directory
+from e2e.nodesim import SimulatedCluster
 from e2e.waiting import wait_for
+from mesh_operator.planner import read_model_profile
 from tests.integration.kube_helpers import (
     apply,
     condition,
@@ -284,3 +286,102 @@ def test_bad_references_are_reported_in_conditions(
     assert ready is not None and ready["status"] == "False"
     assert _children(crds, namespace, "m") == []
     assert json.dumps(cond).count("\n") == 0
+
+
+def _claim(cluster: LocalCluster, namespace: str, name: str, cleanup: list[str]) -> None:
+    """A PVC bound to a PV of its own (static binding; the nodesim node gives the files)."""
+    volume = f"pv-{namespace}-{name}"
+    cleanup.append(f"persistentvolume/{volume}")
+    apply(
+        cluster,
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": volume},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": "",
+                "hostPath": {"path": f"/srv/{volume}"},
+                "claimRef": {"namespace": namespace, "name": name},
+            },
+        },
+    )
+    apply(
+        cluster,
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": "",
+                "volumeName": volume,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+
+
+def test_model_on_a_pvc_is_read_by_its_header_pod_and_planned(
+    operator: KopfRunner,
+    crds: LocalCluster,
+    namespace: str,
+    model_file: Path,
+    tmp_path: Path,
+    cleanup: list[str],
+) -> None:
+    """The operator cannot open a file on a PVC: a pod of its own reads the header
+    (`mesh profile`, run for real on a simulated node) and the model is planned
+    from what it reports; a file that is not a model is reported, not planned."""
+    label = namespace
+    _gpu_nodes(crds, label, [(4096, 900.0)], cleanup)
+    pool = f"pool-{label}"
+    # No kwok toleration: the header pod must run on the simulated node, whose
+    # processes are real (kwok would only pretend).
+    _pool(crds, pool, label, cleanup, tolerations=[])
+    sim = SimulatedCluster(crds, tmp_path / "nodesim", lease_renew_seconds=5.0)
+    try:
+        sim.add_node(f"pvc-{label}", labels={"mesh-test-pool": label})
+        cleanup.append(f"node/pvc-{label}")
+        _claim(crds, namespace, "models", cleanup)
+        files = tmp_path / "nodesim" / "pvc" / namespace / "models" / "gguf"
+        files.mkdir(parents=True)
+        (files / "gemma.gguf").symlink_to(model_file)
+        (files / "notes.gguf").write_text("these are notes, not a model\n" * 100)
+        for name in ("gemma", "notes"):
+            source = {"pvc": {"claimName": "models", "path": f"gguf/{name}.gguf"}}
+            _model(crds, namespace, name, pool, source=source)
+
+        obj = wait_for("the plan", lambda: _planned(crds, namespace, "gemma"), timeout=120)
+        assert obj["status"]["modelSizeBytes"] == read_model_profile(model_file).file_bytes
+        reader = get(crds, "pod", "gemma-header", "-n", namespace)
+        assert reader["status"]["phase"] == "Succeeded"
+        (state,) = reader["status"]["containerStatuses"]
+        assert state["state"]["terminated"]["message"].startswith("mesh-profile/1:")
+        assert reader["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "models"
+
+        def host() -> dict[str, Any] | None:
+            found: dict[str, Any] | None = get(crds, "deployment", "gemma-host", "-n", namespace)
+            return found
+
+        pod_spec = wait_for("the host Deployment", host, timeout=60)["spec"]["template"]["spec"]
+        assert pod_spec["volumes"][0]["persistentVolumeClaim"] == {
+            "claimName": "models",
+            "readOnly": True,
+        }
+        assert "initContainers" not in pod_spec  # nothing to fetch
+        args = pod_spec["containers"][0]["args"]
+        assert args[args.index("-m") + 1] == "/models/gguf/gemma.gguf"
+
+        def refused() -> dict[str, Any] | None:
+            cond = condition(_model_obj(crds, namespace, "notes"), "Planned")
+            return cond if cond and cond["reason"] == "SourceUnreadable" else None
+
+        cond = wait_for("Planned=False SourceUnreadable", refused, timeout=120)
+        assert "gguf/notes.gguf on PVC models" in cond["message"]
+        assert "not a GGUF file" in cond["message"]
+        # Nothing but (at most) its header-reader pod: no workloads for a failed read.
+        assert not [c for c in _children(crds, namespace, "notes") if not c.startswith("pod/")]
+    finally:
+        sim.down()

@@ -11,6 +11,7 @@ from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.manifests.labels import PLAN_ANNOTATION, build_labels
 from mesh_operator.manifests.workloads import (
     ModelWorkload,
+    build_header_pod,
     build_host_deployment,
     build_network_policy,
     build_rpc_daemonsets,
@@ -179,3 +180,54 @@ class TestServiceAndPolicy:
             "app.kubernetes.io/name": "mesh",
             "app.kubernetes.io/component": "gateway",
         } in sources
+
+
+class TestHeaderPod:
+    def pod(self, pool: dict[str, Any] | None = None) -> dict[str, Any]:
+        spec = MeshModelSpec.model_validate(
+            {"source": {"pvc": {"claimName": "weights", "path": "g/gemma.gguf"}}, "poolRef": "p"}
+        )
+        return build_header_pod(
+            "gemma",
+            "ai",
+            "uid-1",
+            spec=spec,
+            pool=MeshPoolSpec.model_validate(pool or {}),
+            source_key="abc123",
+            model_path="/models/g/gemma.gguf",
+        )
+
+    def test_reads_the_file_read_only_and_reports_through_its_termination_message(self) -> None:
+        pod = self.pod()
+        (container,) = pod["spec"]["containers"]
+        assert container["args"] == [
+            "profile", "--model", "/models/g/gemma.gguf",
+            "--termination-log", container["terminationMessagePath"],
+        ]  # fmt: skip
+        assert container["volumeMounts"] == [
+            {"name": "models", "mountPath": "/models", "readOnly": True}
+        ]
+        assert pod["spec"]["volumes"] == [
+            {"name": "models", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}}
+        ]
+        assert pod["spec"]["restartPolicy"] == "Never"
+        assert pod["spec"]["activeDeadlineSeconds"] > 0
+        assert pod["metadata"]["annotations"] == {"mesh.dev/source": "abc123"}
+        assert pod["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+        assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "header-reader"
+
+    def test_meets_the_restricted_pod_security_standard(self) -> None:
+        pod = self.pod()
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert pod["spec"]["automountServiceAccountToken"] is False
+        context = pod["spec"]["containers"][0]["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert context["readOnlyRootFilesystem"] is True
+
+    def test_runs_on_a_pool_node(self) -> None:
+        toleration = {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}
+        pod = self.pod({"nodeSelector": {"pool": "a"}, "tolerations": [toleration]})
+        assert pod["spec"]["nodeSelector"] == {"pool": "a"}
+        assert pod["spec"]["tolerations"] == [toleration]

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from e2e.nodesim.containers import Backoff, exit_code_of
+from e2e.nodesim.containers import Backoff, exit_code_of, termination_message
 from e2e.nodesim.environment import ConfigError, Downward, container_env, expand
 from e2e.nodesim.images import ImageError, image_entrypoint, resolve
 from e2e.nodesim.status import ContainerView, build_conditions, pod_phase
-from e2e.nodesim.volumes import MountTable
+from e2e.nodesim.volumes import MountTable, mount_table
 
 pytestmark = pytest.mark.unit
 
@@ -115,6 +115,27 @@ TABLE = MountTable((("/data/cache", Path("/s/cache")), ("/data", Path("/s/data")
 )
 def test_paths_under_a_mount_are_rewritten(value: str, expected: str) -> None:
     assert TABLE.rewrite(value) == expected
+
+
+def test_the_termination_message_file_is_a_mount_of_its_own(tmp_path: Path) -> None:
+    log = tmp_path / "termination-log"
+    container = {"volumeMounts": [{"name": "dev", "mountPath": "/dev/shm"}]}
+    files = {"/dev/termination-log": log}
+    table = mount_table(container, {"dev": tmp_path / "shm"}, {}, files=files)
+    assert table.rewrite("/dev/termination-log") == str(log)
+    assert table.rewrite("/dev/shm/x") == str(tmp_path / "shm" / "x")
+    assert table.rewrite("/dev/null") == "/dev/null"
+
+
+def test_termination_message_keeps_the_last_4096_bytes(tmp_path: Path) -> None:
+    log = tmp_path / "termination-log"
+    assert termination_message(None) is None
+    assert termination_message(log) is None  # never written
+    log.write_bytes(b"")
+    assert termination_message(log) is None
+    log.write_bytes(b"a" * 5000 + b"tail")
+    message = termination_message(log)
+    assert message is not None and len(message) == 4096 and message.endswith("tail")
 
 
 def test_images_map_to_known_executables_only() -> None:

@@ -12,7 +12,7 @@ from types import ModuleType
 from mesh_operator import __version__
 
 # Subcommands in help order; a module that is not there yet is simply not offered.
-SUBCOMMANDS = ("operator", "agent", "gateway", "plan", "fetch", "status", "doctor")
+SUBCOMMANDS = ("operator", "agent", "gateway", "plan", "profile", "fetch", "status", "doctor")
 
 EXIT_BAD_INPUT = 2
 

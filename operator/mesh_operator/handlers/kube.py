@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import kubernetes
 from kubernetes.client import ApiClient, ApiException
@@ -53,6 +53,11 @@ class Kube:
                 self.net.patch_namespaced_network_policy,
                 self.net.delete_namespaced_network_policy,
             ),
+            # Header-reader pods are created, never applied (no patch on pods).
+            ("v1", "Pod"): (
+                self.core.patch_namespaced_pod,
+                self.core.delete_namespaced_pod,
+            ),
         }
 
     def apply(self, obj: Obj) -> None:
@@ -70,6 +75,23 @@ class Kube:
                 _preload_content=False,
             )
         )
+
+    def create_pod(self, obj: Obj) -> bool:
+        """Create a pod; False when one of that name exists already."""
+        try:
+            _drain(
+                self.core.create_namespaced_pod(
+                    obj["metadata"]["namespace"],
+                    cast(Any, obj),  # a dict body is sent as it is
+                    field_manager=FIELD_MANAGER,
+                    _preload_content=False,
+                )
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str) -> bool:
         """Delete one object (dependents in the background); False when already gone."""

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
 from kubernetes.client import ApiException
@@ -45,16 +45,20 @@ from mesh_operator.ledger import (
     plan_problems,
     to_inventory,
 )
-from mesh_operator.manifests.labels import HOST, RPC_COMPONENT
+from mesh_operator.manifests.labels import HEADER_COMPONENT, HOST, RPC_COMPONENT
 from mesh_operator.manifests.workloads import (
     ModelWorkload,
+    build_header_pod,
     build_host_deployment,
     build_network_policy,
     build_rpc_daemonsets,
     build_service,
+    header_pod_name,
     host_deployment_name,
 )
-from mesh_operator.source import SourceError
+from mesh_operator.planner.errors import PlannerInputError
+from mesh_operator.planner.profile_codec import decode_profile
+from mesh_operator.source import SourceError, cache_key, container_model_path
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,8 @@ POOL_CAPACITY_TTL_SECONDS = 2.0
 WRITTEN_TTL_SECONDS = 60.0
 # Reasons that count as losing part of the serving group.
 LOSS_REASONS = {"NodeLost", "WorkerFailed"}
+# How often a model waiting for its header-reader pod looks again.
+HEADER_POLL_SECONDS = 2.0
 
 
 @dataclass
@@ -299,11 +305,17 @@ class _Run:
             self.stop("PoolNotFound", f"MeshPool {spec.pool_ref!r} does not exist", retry=True)
             return
         token = self._secret_value(spec)
-        try:
-            profile = self.o.profiles.get(spec.source, spec.sha256, token)
-        except SourceError as exc:
-            self.stop(exc.reason, str(exc), retry=True)
-            return
+        if spec.source.pvc is not None:
+            pvc_profile = self._pvc_profile(spec, pool)
+            if pvc_profile is None:
+                return
+            profile = pvc_profile
+        else:
+            try:
+                profile = self.o.profiles.get(spec.source, spec.sha256, token)
+            except SourceError as exc:
+                self.stop(exc.reason, str(exc), retry=True)
+                return
         self.status.model_size_bytes = profile.file_bytes
         with self.o._pool_lock(spec.pool_ref):
             plan = self._plan(spec, pool, profile)
@@ -311,6 +323,64 @@ class _Run:
             return
         self.o.failures.clear(self.key)
         self._converge(spec, pool, plan)
+
+    def _pvc_profile(self, spec: MeshModelSpec, pool: PoolInfo) -> planning.ModelProfile | None:
+        """The profile of a model on a PVC, which only a pod mounting it can read.
+
+        Its header-reader pod leaves the profile in its termination message and
+        stays as the record of it; until it is done the model waits (ReadingHeader),
+        polled every few seconds. A failed read is reported and retried with backoff
+        by a new pod. None when this reconcile stops here.
+        """
+        cached = self.o.profiles.cached(spec.source, spec.sha256)
+        if cached is not None:
+            return cached
+        pvc = spec.source.pvc
+        assert pvc is not None
+        where = f"{pvc.path} on PVC {pvc.claim_name}"
+        source = cache_key(spec.source)
+        name = header_pod_name(self.name)
+        pod = next((p for p in self._pods(HEADER_COMPONENT) if p.name == name), None)
+        if pod is not None and pod.source_key != source:
+            # The source changed since: read the new one.
+            self.o.kube.delete("v1", "Pod", name, self.namespace)
+            self._reading(f"{where}: replacing header-reader pod {name}")
+        if pod is None:
+            wanted = build_header_pod(
+                self.name,
+                self.namespace,
+                self.uid,
+                spec=spec,
+                pool=pool.spec,
+                source_key=source,
+                model_path=container_model_path(spec.source),
+            )
+            self.o.kube.create_pod(wanted)
+            self._reading(f"reading the header of {where} (pod {name})")
+        if pod.phase == "Succeeded":
+            try:
+                profile = decode_profile(pod.message or "")
+            except PlannerInputError as exc:
+                self.o.kube.delete("v1", "Pod", name, self.namespace)
+                self.stop("SourceUnreadable", f"{where}: pod {name}: {exc}", retry=True)
+                return None
+            self.o.profiles.put(spec.source, spec.sha256, profile)
+            return profile
+        if pod.phase == "Failed":
+            # Deleted so the retry reads again; the reason stays in the condition.
+            self.o.kube.delete("v1", "Pod", name, self.namespace)
+            self.stop("SourceUnreadable", f"{where}: {pod.message or 'pod failed'}", retry=True)
+            return None
+        detail = f": {pod.message}" if pod.message else ""
+        self._reading(f"reading the header of {where} (pod {name} {pod.phase}{detail})")
+        return None
+
+    def _reading(self, message: str) -> NoReturn:
+        self.cond(PLANNED, "False", "ReadingHeader", message)
+        self.cond(READY, "False", "ReadingHeader", message)
+        self.status.observed_generation = self.generation
+        self.outcome = "blocked"
+        raise kopf.TemporaryError(f"ReadingHeader: {message}", delay=HEADER_POLL_SECONDS)
 
     def _secret_value(self, spec: MeshModelSpec) -> str | None:
         refs = []
@@ -444,7 +514,7 @@ class _Run:
             return
         silent = {n.name for n in self.view.nodes if not n.fresh}
         for pod in self.snapshot.pods.get(self.key, ()):
-            if pod.node not in silent:
+            if pod.node not in silent or pod.component not in {RPC_COMPONENT, HOST}:
                 continue
             try:
                 deleted = self.o.kube.force_delete_pod(self.namespace, pod.name)

@@ -17,7 +17,7 @@ from mesh_operator.api.meshnode import MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.gateway.contract import COMPONENT_LABEL, MODEL_LABEL
 from mesh_operator.ledger import NodeInfo
-from mesh_operator.manifests.labels import PLAN_ANNOTATION
+from mesh_operator.manifests.labels import PLAN_ANNOTATION, SOURCE_ANNOTATION
 
 SPEC_HASH_ANNOTATION = "mesh.dev/spec-hash"
 
@@ -34,6 +34,9 @@ class PodInfo:
     waiting_reason: str | None
     restarts: int
     deleting: bool
+    # The first container's termination message, else why the pod is not running.
+    message: str | None = None
+    source_key: str | None = None  # the model source a header pod reads
 
 
 @dataclass(frozen=True)
@@ -111,11 +114,18 @@ def pod_info(body: Mapping[str, Any]) -> PodInfo:
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
     waiting = None
     restarts = 0
+    message = next(
+        (c.get("message") for c in conditions if c.get("status") == "False" and c.get("message")),
+        None,
+    )
     for cs in status.get("containerStatuses", []) or []:
         restarts += int(cs.get("restartCount", 0) or 0)
         state = cs.get("state", {}) or {}
         if "waiting" in state:
             waiting = (state.get("waiting") or {}).get("reason")
+            message = (state.get("waiting") or {}).get("message") or message
+        if "terminated" in state:
+            message = (state.get("terminated") or {}).get("message") or message
     return PodInfo(
         name=meta.get("name", ""),
         component=(meta.get("labels", {}) or {}).get(COMPONENT_LABEL, ""),
@@ -127,6 +137,8 @@ def pod_info(body: Mapping[str, Any]) -> PodInfo:
         waiting_reason=waiting,
         restarts=restarts,
         deleting=meta.get("deletionTimestamp") is not None,
+        message=message,
+        source_key=(meta.get("annotations", {}) or {}).get(SOURCE_ANNOTATION),
     )
 
 

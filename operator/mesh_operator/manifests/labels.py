@@ -26,11 +26,15 @@ RPC_COMPONENT: Final = "rpc-server"
 HOST: Final = HOST_COMPONENT
 SERVICE_COMPONENT: Final = "host"
 POLICY_COMPONENT: Final = "network-policy"
+# The short-lived pod that reads the header of a model on a PVC.
+HEADER_COMPONENT: Final = "header-reader"
 
 # Pod template annotation that changes on every re-plan, so host and workers
 # restart together as a group.
 PLAN_ANNOTATION: Final = "mesh.dev/plan-generation"
 ARGS_HASH_ANNOTATION: Final = "mesh.dev/args-hash"
+# On a header-reader pod: the model source it reads (a `cache_key`).
+SOURCE_ANNOTATION: Final = "mesh.dev/source"
 
 
 def build_labels(model: str, component: str) -> dict[str, str]:

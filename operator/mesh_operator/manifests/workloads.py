@@ -27,10 +27,12 @@ from mesh_operator.gateway.contract import (
 )
 from mesh_operator.manifests.labels import (
     ARGS_HASH_ANNOTATION,
+    HEADER_COMPONENT,
     HOST,
     PLAN_ANNOTATION,
     POLICY_COMPONENT,
     RPC_COMPONENT,
+    SOURCE_ANNOTATION,
     build_labels,
     build_selector,
 )
@@ -40,6 +42,7 @@ Obj = dict[str, Any]
 MODELS_MOUNT = "/models"
 RPC_CACHE_MOUNT = "/var/cache/llama"
 API_KEY_MOUNT = "/etc/mesh/api-key"
+TERMINATION_LOG = "/dev/termination-log"
 GATEWAY_COMPONENT = "gateway"
 AGENT_COMPONENT = "agent"
 SCRAPER_LABEL = "mesh.dev/metrics-scraper"
@@ -75,12 +78,16 @@ class ModelWorkload:
 
 
 def _owner(w: ModelWorkload) -> list[Obj]:
+    return _owner_of(w.name, w.uid)
+
+
+def _owner_of(model: str, uid: str) -> list[Obj]:
     return [
         {
             "apiVersion": API_VERSION,
             "kind": "MeshModel",
-            "name": w.name,
-            "uid": w.uid,
+            "name": model,
+            "uid": uid,
             "controller": True,
             "blockOwnerDeletion": True,
         }
@@ -358,6 +365,81 @@ def build_host_deployment(w: ModelWorkload, replicas: int = 1) -> Obj:
                 "spec": pod_spec,
             },
         },
+    }
+
+
+def header_pod_name(model: str) -> str:
+    return f"{model}-header"
+
+
+# A header is read in seconds; a pod still not done after this is stuck.
+HEADER_POD_DEADLINE_SECONDS = 600
+
+
+def build_header_pod(
+    model: str,
+    namespace: str,
+    uid: str,
+    *,
+    spec: MeshModelSpec,
+    pool: MeshPoolSpec,
+    source_key: str,
+    model_path: str,
+) -> Obj:
+    """The pod that reads the header of a model on a PVC (`mesh profile`).
+
+    The operator cannot open a file on a PVC, so this pod does, read-only, and
+    leaves the profile in its termination message. Once done it stays (Completed,
+    using nothing) as the record of that profile, so a restarted operator need not
+    read the file again; it goes with its MeshModel.
+    """
+    pvc = spec.source.pvc
+    assert pvc is not None
+    reader: Obj = {
+        "name": "profile",
+        "image": pool.images.mesh,
+        "imagePullPolicy": pool.images.pull_policy,
+        "command": list(pool.images.mesh_command),
+        "args": ["profile", "--model", model_path, "--termination-log", TERMINATION_LOG],
+        "terminationMessagePath": TERMINATION_LOG,
+        "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True}],
+        "resources": {
+            "requests": {"cpu": "50m", "memory": "64Mi"},
+            # The vocabulary of a big tokenizer is read whole.
+            "limits": {"memory": "1Gi"},
+        },
+        "securityContext": _hardened_container() | {"readOnlyRootFilesystem": True},
+    }
+    pod_spec: Obj = {
+        "restartPolicy": "Never",
+        "activeDeadlineSeconds": HEADER_POD_DEADLINE_SECONDS,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [reader],
+        "volumes": [
+            {
+                "name": "models",
+                "persistentVolumeClaim": {"claimName": pvc.claim_name, "readOnly": True},
+            }
+        ],
+    }
+    # On a pool node: the host will mount the PVC there too.
+    if pool.node_selector:
+        pod_spec["nodeSelector"] = dict(pool.node_selector)
+    if pool.tolerations:
+        pod_spec["tolerations"] = [t.to_wire() for t in pool.tolerations]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": header_pod_name(model),
+            "namespace": namespace,
+            "labels": build_labels(model, HEADER_COMPONENT),
+            "annotations": {SOURCE_ANNOTATION: source_key},
+            "ownerReferences": _owner_of(model, uid),
+        },
+        "spec": pod_spec,
     }
 
 
