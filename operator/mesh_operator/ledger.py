@@ -30,6 +30,8 @@ class NodeInfo:
     labels: Mapping[str, str]
     ready: bool = True
     unschedulable: bool = False
+    # Round trip to the rest of the pool, declared on the Node (RTT_ANNOTATION).
+    rtt_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ def build_pool_view(
                 cached_models=tuple(
                     sorted(c.file.rsplit("/", 1)[-1] for c in status.cached_models)
                 ),
+                rtt_ms=node.rtt_ms,
                 problem=problem,
             )
         )

@@ -385,3 +385,21 @@ def test_model_on_a_pvc_is_read_by_its_header_pod_and_planned(
         assert not [c for c in _children(crds, namespace, "notes") if not c.startswith("pod/")]
     finally:
         sim.down()
+
+
+def test_a_node_declared_far_is_left_out_by_the_pools_rtt_limit(
+    operator: KopfRunner,
+    crds: LocalCluster,
+    namespace: str,
+    model_url: str,
+    cleanup: list[str],
+) -> None:
+    label = namespace
+    # The fastest of three GPUs sits behind a 20 ms link, declared on its Node.
+    nodes = _gpu_nodes(crds, label, [(300, 900.0), (300, 500.0), (300, 300.0)], cleanup)
+    crds.kubectl("annotate", "node", nodes[0], "mesh.dev/rtt-ms=20")
+    pool = f"pool-{label}"
+    _pool(crds, pool, label, cleanup, maxRttMs=5)
+    _model(crds, namespace, "gemma", pool, source={"url": f"{model_url}/{MODEL_FILE}"})
+    obj = wait_for("the plan", lambda: _planned(crds, namespace, "gemma"), timeout=90)
+    assert sorted(obj["status"]["plan"]["rpc"]) == sorted(nodes[1:])

@@ -10,6 +10,7 @@ import pytest
 from mesh_operator.api.meshmodel import Plan
 from mesh_operator.api.meshnode import MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec
+from mesh_operator.handlers.snapshot import node_info
 from mesh_operator.ledger import (
     NodeInfo,
     build_pool_view,
@@ -17,6 +18,7 @@ from mesh_operator.ledger import (
     plan_problems,
     to_inventory,
 )
+from mesh_operator.planning import limit_inventory
 
 pytestmark = pytest.mark.unit
 
@@ -147,3 +149,37 @@ def test_consolidation_looks_only_when_the_pool_gains_room() -> None:
     assert not capacity_grew(before, {("a", "CUDA0"): 9, ("b", "CUDA0"): 4})  # others took memory
     assert capacity_grew(before, {("a", "CUDA0"): 11, ("b", "CUDA0"): 4})
     assert capacity_grew(before, {**before, ("c", "CUDA0"): 1})  # a node came back
+
+
+@pytest.mark.parametrize(
+    ("annotations", "rtt"),
+    [
+        ({}, None),
+        ({"mesh.dev/rtt-ms": "2.5"}, 2.5),
+        ({"mesh.dev/rtt-ms": "0"}, 0.0),
+        ({"mesh.dev/rtt-ms": "fast"}, None),
+        ({"mesh.dev/rtt-ms": "-1"}, None),
+        ({"mesh.dev/rtt-ms": "nan"}, None),
+        ({"mesh.dev/rtt-ms": "5000"}, None),
+    ],
+)
+def test_a_nodes_declared_round_trip_is_read_from_its_annotation(
+    annotations: dict[str, str], rtt: float | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = {"metadata": {"name": "n", "annotations": annotations}}
+    assert node_info(body).rtt_ms == rtt
+    warned = [r.getMessage() for r in caplog.records]
+    if annotations and rtt is None:
+        assert len(warned) == 1 and "mesh.dev/rtt-ms" in warned[0] and "ignored" in warned[0]
+    else:
+        assert warned == []
+
+
+def test_declared_round_trips_reach_the_planner_and_the_pools_limit() -> None:
+    nodes = [NodeInfo("a", {"pool": "x"}, rtt_ms=20.0), NodeInfo("b", {"pool": "x"})]
+    meshnodes = {"a": status(), "b": status()}
+    view = build_pool_view(MeshPoolSpec(node_selector={"pool": "x"}), nodes, meshnodes, {}, NOW)
+    inventory = to_inventory(view)
+    assert {n.name: n.rtt_ms for n in inventory.nodes} == {"a": 20.0, "b": None}
+    limited = MeshPoolSpec.model_validate({"nodeSelector": {"pool": "x"}, "maxRttMs": 5})
+    assert [n.name for n in limit_inventory(inventory, limited).nodes] == ["b"]

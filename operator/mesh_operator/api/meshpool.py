@@ -110,7 +110,14 @@ class MeshPoolSpec(ApiModel):
     rpc_cache: RpcCache = Field(default_factory=RpcCache)
     model_cache: ModelCache = Field(default_factory=ModelCache)
     max_nodes_per_model: int = Field(default=16, ge=1, le=16)
-    max_rtt_ms: int | None = Field(default=None, ge=1, le=1000, alias="maxRttMs")
+    max_rtt_ms: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        alias="maxRttMs",
+        description="Leave out nodes whose declared round trip (Node annotation "
+        "mesh.dev/rtt-ms) is above this many milliseconds.",
+    )
     rpc_port: int = Field(default=50052, ge=1024, le=65535)
     rpc_threads: int | None = Field(
         default=None, ge=1, le=1024, description="CPU threads of each RPC server (-t)."

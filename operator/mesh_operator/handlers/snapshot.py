@@ -6,6 +6,8 @@ records below; a reconcile takes one `Snapshot` and decides from it alone.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,14 @@ from mesh_operator.ledger import NodeInfo
 from mesh_operator.manifests.labels import PLAN_ANNOTATION, SOURCE_ANNOTATION
 
 SPEC_HASH_ANNOTATION = "mesh.dev/spec-hash"
+# On a Node: its round trip in ms to the pool's other nodes, as the admin knows it
+# (a box on a slower link); the planner counts it per remote hop and a pool's
+# maxRttMs leaves such nodes out. Unset: a LAN round trip is assumed.
+RTT_ANNOTATION = "mesh.dev/rtt-ms"
+MAX_RTT_MS = 1000
+_warned_rtt: set[tuple[str, str]] = set()
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,16 +75,38 @@ def model_key(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
 
 
+def node_rtt_ms(name: str, annotations: Mapping[str, str]) -> float | None:
+    """The node's declared round trip (`mesh.dev/rtt-ms`); None when absent or bad."""
+    text = annotations.get(RTT_ANNOTATION)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_RTT_MS:
+        if (name, text) not in _warned_rtt:
+            _warned_rtt.add((name, text))
+            log.warning(
+                "node %s: annotation %s=%r is not a number of milliseconds in [0, %d]; ignored",
+                name, RTT_ANNOTATION, text, MAX_RTT_MS,
+            )  # fmt: skip
+        return None
+    return value
+
+
 def node_info(body: Mapping[str, Any]) -> NodeInfo:
     meta = body.get("metadata", {})
     spec = body.get("spec", {}) or {}
     conditions = (body.get("status", {}) or {}).get("conditions", []) or []
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    name = meta.get("name", "")
     return NodeInfo(
-        name=meta.get("name", ""),
+        name=name,
         labels=dict(meta.get("labels", {}) or {}),
         ready=ready,
         unschedulable=bool(spec.get("unschedulable", False)),
+        rtt_ms=node_rtt_ms(name, meta.get("annotations", {}) or {}),
     )
 
 
