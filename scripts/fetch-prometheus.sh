@@ -35,8 +35,12 @@ dpkg-deb -x "$deb" "$work/root" || die "cannot unpack $(basename "$deb")"
 
 stage="$work/out"
 mkdir -p "$stage/bin"
-cp "$work/root/usr/bin/prometheus" "$work/root/usr/bin/promtool" "$stage/bin/" \
-    || die "$(basename "$deb") has no usr/bin/prometheus or usr/bin/promtool"
+# The package's two programs, wherever it unpacks them.
+for program in prometheus promtool; do
+    found=$(find "$work/root" -type f -path "*/bin/$program" -perm -u+x | head -1)
+    [ -n "$found" ] || die "$(basename "$deb") has no $program program"
+    cp "$found" "$stage/bin/" || die "cannot copy $program out of $(basename "$deb")"
+done
 "$stage/bin/prometheus" --version >"$stage/VERSION" 2>&1 || die "unpacked prometheus does not run"
 mkdir -p "$(dirname "$dest")"
 rm -rf "$dest"
