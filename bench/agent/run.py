@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from e2e import parts
 from e2e.cluster import LocalCluster
+from e2e.waiting import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CPU_BUDGET_PERCENT = 1.0
@@ -44,12 +44,6 @@ def _status_kb(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise KeyError(key)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _meshnode_written(cluster: LocalCluster, node: str) -> bool:
@@ -84,7 +78,7 @@ def measure(
         "wait", "--for=condition=Established", "crd/meshnodes.mesh.dev", "--timeout=60s"
     )
     node = f"bench-agent-{os.getpid()}"
-    port = _free_port()
+    port = free_port()
     models = parts.mesh_dir() / "models"
     env = {
         **os.environ,

@@ -12,9 +12,11 @@ from typing import Any
 from kubernetes import client
 
 from mesh_agent.rpc_liveness import RpcTarget
+from mesh_operator.gateway.contract import COMPONENT_LABEL, MODEL_LABEL
+from mesh_operator.manifests.labels import MANAGED_BY, MANAGED_BY_LABEL, RPC_COMPONENT
 
-RPC_SELECTOR = "app.kubernetes.io/component=rpc-server,app.kubernetes.io/managed-by=mesh-operator"
-MODEL_LABEL = "mesh.dev/model"
+# The labels the operator's own builders put on its worker pods.
+RPC_SELECTOR = f"{COMPONENT_LABEL}={RPC_COMPONENT},{MANAGED_BY_LABEL}={MANAGED_BY}"
 DEFAULT_RPC_PORT = 50052
 
 

@@ -25,7 +25,6 @@ from mesh_agent.rpc_liveness import RpcProbe
 from mesh_operator.api.meshnode import MeshNodeStatus
 
 PREFIX = "mesh"
-MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -77,6 +76,9 @@ class AgentMetrics:
         self.node = node
         self.stats = stats or PublishStats()
         self.snapshot = Snapshot()
+        # The device rows of one snapshot, built once for all the instruments
+        # that read them in a scrape (scrapes run on one thread).
+        self._rows_of: tuple[Snapshot, list[_DeviceRow]] = (self.snapshot, [])
         self.registry = CollectorRegistry(auto_describe=False)
         reader = PrometheusMetricReader(
             disable_target_info=True,
@@ -229,6 +231,13 @@ class AgentMetrics:
 
     def _rows(self) -> list[_DeviceRow]:
         snap = self.snapshot
+        cached, rows = self._rows_of
+        if cached is not snap:
+            rows = self._build_rows(snap)
+            self._rows_of = (snap, rows)
+        return rows
+
+    def _build_rows(self, snap: Snapshot) -> list[_DeviceRow]:
         if snap.inventory is None or snap.status is None:
             return []
         inv = snap.inventory

@@ -14,7 +14,6 @@ version (Ready). A listener that never accepts is Hung; a refused port is Down.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import ipaddress
 import select
@@ -24,6 +23,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from mesh_agent.inventory.cpu import processes_named
 
 RPC_CMD_HELLO = 14
 # Protocol 3.x and later send a 24-byte capability block with HELLO and get
@@ -114,18 +115,7 @@ def socket_sources(proc: Path, server_names: Iterable[str]) -> list[Path]:
     """The /proc/<pid> folders whose socket tables can show our servers: this
     agent's own and every visible process named like a server (all of the node's
     when the agent runs with hostPID)."""
-    names = frozenset(server_names)
-    folders = [proc / "self"]
-    with contextlib.suppress(OSError):
-        for entry in proc.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if (entry / "comm").read_text().strip() in names:
-                    folders.append(entry)
-            except OSError:
-                continue
-    return folders
+    return [proc / "self", *processes_named(proc, server_names)]
 
 
 def read_socket_rows(folders: Iterable[Path]) -> list[SocketRow] | None:

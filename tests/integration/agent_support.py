@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from e2e.cluster import LocalCluster
 from e2e.waiting import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 MESHNODE_CRD = REPO / "crds" / "mesh.dev_meshnodes.yaml"
-
-T = TypeVar("T")
 
 
 def install_meshnode_crd(cluster: LocalCluster) -> None:

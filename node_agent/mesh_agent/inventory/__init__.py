@@ -83,7 +83,7 @@ class InventoryCollector:
         key = bandwidth.BandwidthKey(
             cpu_model=cpu.model,
             cpus=cpu.cores,
-            memory_total_mib=cpu.memory_total_bytes // (1024 * 1024),
+            memory_total_mib=cpu.memory_total_bytes // bandwidth.MIB,
             size_mib=self._config.bandwidth_size_mib,
             streams=streams,
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,21 +179,31 @@ def cpu_model(proc: Path) -> str:
     return "CPU"
 
 
-def mesh_server_rss(proc: Path) -> int:
-    """Resident memory of the visible processes named like mesh's servers."""
-    total = 0
+def processes_named(proc: Path, names: Iterable[str] = MESH_SERVER_NAMES) -> list[Path]:
+    """The /proc/<pid> folders of the visible processes whose name is in `names`."""
+    wanted = frozenset(names)
+    folders: list[Path] = []
     try:
         entries = list(proc.iterdir())
     except OSError:
-        return 0
+        return folders
     for entry in entries:
         if not entry.name.isdigit():
             continue
         try:
-            comm = (entry / "comm").read_text().strip()
             # comm is cut at 15 characters ("ggml-rpc-server" just fits).
-            if comm not in MESH_SERVER_NAMES:
-                continue
+            if (entry / "comm").read_text().strip() in wanted:
+                folders.append(entry)
+        except (OSError, ValueError):  # gone, or a name that is not UTF-8
+            continue
+    return folders
+
+
+def mesh_server_rss(proc: Path) -> int:
+    """Resident memory of the visible processes named like mesh's servers."""
+    total = 0
+    for entry in processes_named(proc):
+        try:
             for line in (entry / "status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024

@@ -37,8 +37,6 @@ MESH_SERVER_NAMES = frozenset({"ggml-rpc-server", "rpc-server", "llama-server"})
 # exception, 109 context switch timeout).
 APPLICATION_XIDS = frozenset({13, 31, 43, 45, 68, 109})
 
-MIB = 1024 * 1024
-
 
 class NvmlLib(Protocol):
     """The NVML calls the agent makes, as nvidia-ml-py's `pynvml` spells them."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from e2e.waiting import free_port
 from mesh_agent.agent import Agent, AgentConfig, backoff_delay
 from mesh_agent.inventory import BackendMode, CollectorConfig
 from mesh_agent.publisher import make_api_client
@@ -80,9 +80,7 @@ def test_backoff_is_jittered_and_capped(failures: int) -> None:
 
 
 def dead_kubeconfig(tmp_path: Path) -> Path:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again: nobody listens there
+    port = free_port()  # closed again: nobody listens there
     path = tmp_path / "kubeconfig"
     path.write_text(
         "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
