@@ -21,11 +21,11 @@ from e2e import parts
 from e2e.cluster import LocalCluster
 from e2e.procs import stop_popen
 from tests.conftest import require_part
+from tests.integration.kube_helpers import KWOK_TOLERATION
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "mesh"
 EXAMPLES = REPO / "manifests" / "examples"
-KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
 VALUES_FILES = sorted(EXAMPLES.glob("values-*.yaml"))
 
 

@@ -14,6 +14,10 @@ from e2e.cluster import LocalCluster
 T = TypeVar("T")
 
 
+# Lets a pod (or a pool's workers) onto kwok's simulated nodes.
+KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
+
+
 def apply(cluster: LocalCluster, obj: dict[str, Any]) -> None:
     cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", "-f", "-", input_text=json.dumps(obj)
@@ -84,3 +88,26 @@ def put_meshnode(
         "patch", "meshnode", name, "--subresource=status", "--type=merge",
         "-p", json.dumps({"status": status}),
     )  # fmt: skip
+
+
+def apply_pool_and_model(
+    cluster: LocalCluster,
+    *,
+    pool: str,
+    node_selector: dict[str, str],
+    namespace: str,
+    model: str,
+    url: str,
+    context_size: int,
+) -> None:
+    """A cuda MeshPool on the kwok nodes `node_selector` picks, and a MeshModel from `url`."""
+    apply(cluster, {
+        "apiVersion": "mesh.dev/v1alpha1", "kind": "MeshPool", "metadata": {"name": pool},
+        "spec": {"backend": "cuda", "nodeSelector": node_selector,
+                 "tolerations": [KWOK_TOLERATION]},
+    })  # fmt: skip
+    apply(cluster, {
+        "apiVersion": "mesh.dev/v1alpha1", "kind": "MeshModel",
+        "metadata": {"name": model, "namespace": namespace},
+        "spec": {"poolRef": pool, "contextSize": context_size, "source": {"url": url}},
+    })  # fmt: skip

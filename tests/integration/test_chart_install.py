@@ -28,7 +28,6 @@ from e2e.gateway import start_gateway
 from e2e.waiting import free_port, wait_for
 from tests.integration.chart_support import (
     CHART,
-    KWOK_TOLERATION,
     MeshProcess,
     adopt_crds,
     helm,
@@ -37,7 +36,7 @@ from tests.integration.chart_support import (
     service_account_token,
     write_token_kubeconfig,
 )
-from tests.integration.kube_helpers import apply, condition, get
+from tests.integration.kube_helpers import apply_pool_and_model, condition, get
 
 pytestmark = pytest.mark.integration
 
@@ -317,17 +316,15 @@ def test_components_work_with_their_service_accounts(
         processes.append(operator)
         pool = f"chart-{release.pool_label}"
         with serve_directory(model_file.parent) as base:
-            apply(cluster, {
-                "apiVersion": "mesh.dev/v1alpha1", "kind": "MeshPool", "metadata": {"name": pool},
-                "spec": {"backend": "cuda", "nodeSelector": {"mesh-chart-pool": release.pool_label},
-                         "tolerations": [KWOK_TOLERATION]},
-            })  # fmt: skip
-            apply(cluster, {
-                "apiVersion": "mesh.dev/v1alpha1", "kind": "MeshModel",
-                "metadata": {"name": "gemma", "namespace": model_ns},
-                "spec": {"poolRef": pool, "contextSize": 1024,
-                         "source": {"url": f"{base}/{MODEL_FILE}"}},
-            })  # fmt: skip
+            apply_pool_and_model(
+                cluster,
+                pool=pool,
+                node_selector={"mesh-chart-pool": release.pool_label},
+                namespace=model_ns,
+                model="gemma",
+                url=f"{base}/{MODEL_FILE}",
+                context_size=1024,
+            )
 
             def planned() -> dict[str, Any] | None:
                 assert operator.alive(), operator.output()[-3000:]

@@ -36,11 +36,10 @@ from e2e.waiting import free_port, wait_for
 from tests.conftest import require_part
 from tests.integration.chart_support import (
     CHART,
-    KWOK_TOLERATION,
     MeshProcess,
     http_ok,
 )
-from tests.integration.kube_helpers import apply, condition, get
+from tests.integration.kube_helpers import apply_pool_and_model, condition, get
 
 pytestmark = pytest.mark.integration
 
@@ -233,17 +232,15 @@ def stack(
             timeout=60,
         )
         with serve_directory(model_file.parent) as base:
-            apply(cluster, {
-                "apiVersion": "mesh.dev/v1alpha1", "kind": "MeshPool", "metadata": {"name": pool},
-                "spec": {"backend": "cuda", "nodeSelector": {"mesh-dash-pool": suffix},
-                         "tolerations": [KWOK_TOLERATION]},
-            })  # fmt: skip
-            apply(cluster, {
-                "apiVersion": "mesh.dev/v1alpha1", "kind": "MeshModel",
-                "metadata": {"name": "gemma", "namespace": namespace},
-                "spec": {"poolRef": pool, "contextSize": 512,
-                         "source": {"url": f"{base}/{MODEL_FILE}"}},
-            })  # fmt: skip
+            apply_pool_and_model(
+                cluster,
+                pool=pool,
+                node_selector={"mesh-dash-pool": suffix},
+                namespace=namespace,
+                model="gemma",
+                url=f"{base}/{MODEL_FILE}",
+                context_size=512,
+            )
 
             def planned() -> bool:
                 assert operator.alive(), operator.output()[-3000:]
