@@ -240,14 +240,15 @@ class KubernetesSource:
 
     async def stop(self) -> None:
         self._stop.set()
+        # In a thread: the lock may be held by a thread reading a Secret.
+        await asyncio.to_thread(self._halt)
+
+    def _halt(self) -> None:
         with self._lock:
             watches = list(self._watches.values())
         for active in watches:
             # Shuts the socket down so the blocked read in the thread returns now.
             active.stop()
-        await asyncio.to_thread(self._join)
-
-    def _join(self) -> None:
         for thread in self._threads:
             thread.join(timeout=10)
 

@@ -39,7 +39,7 @@ from mesh_operator.gateway.admission import (
 )
 from mesh_operator.gateway.auth import KeyRing
 from mesh_operator.gateway.metrics import NO_LABEL, GatewayMetrics
-from mesh_operator.gateway.routing import AmbiguousModelError, UnknownModelError
+from mesh_operator.gateway.routing import AmbiguousModelError, Listed, UnknownModelError
 from mesh_operator.gateway.settings import GatewaySettings
 from mesh_operator.gateway.sse import EventScanner, Usage, usage_in
 
@@ -140,15 +140,7 @@ class Proxy:
             self._authenticate(request)
         except errors.GatewayError as err:
             return err.response()
-        data = [
-            {
-                "id": entry.id,
-                "object": "model",
-                "created": entry.created,
-                "owned_by": entry.owned_by,
-            }
-            for entry in self._router.table.names(ready_only=True)
-        ]
+        data = [_model_object(entry) for entry in self._router.table.names(ready_only=True)]
         return web.json_response({"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:
@@ -157,18 +149,11 @@ class Proxy:
         except errors.GatewayError as err:
             return err.response()
         wanted = request.match_info["model"]
-        for entry in self._router.table.names(ready_only=True):
+        listed = self._router.table.names(ready_only=True)
+        for entry in listed:
             if entry.id == wanted:
-                return web.json_response(
-                    {
-                        "id": entry.id,
-                        "object": "model",
-                        "created": entry.created,
-                        "owned_by": entry.owned_by,
-                    }
-                )
-        available = [entry.id for entry in self._router.table.names(ready_only=True)]
-        return errors.unknown_model(wanted, available).response()
+                return web.json_response(_model_object(entry))
+        return errors.unknown_model(wanted, [entry.id for entry in listed]).response()
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
@@ -310,12 +295,9 @@ class Proxy:
         except _CONNECT_ERRORS as exc:
             raise _RetryableError("connect", _describe(exc), counts=False, host_down=True) from None
         except aiohttp.SocketTimeoutError:
-            self._metrics.upstream_errors.labels(gate.key, "timeout").inc()
-            raise errors.upstream_failed(x.model, "no answer within the read timeout") from None
+            raise self._timed_out(gate, x) from None
         except _BROKEN_ERRORS as exc:
-            raise _RetryableError(
-                "disconnected", _describe(exc), counts=True, host_down=False
-            ) from None
+            raise _disconnected(exc) from None
         try:
             if upstream.status == web.HTTPServiceUnavailable.status_code:
                 # llama-server answers 503 while it loads the model.
@@ -359,12 +341,9 @@ class Proxy:
                 if size > BUFFERED_ANSWER_BYTES:
                     break
         except aiohttp.SocketTimeoutError:
-            self._metrics.upstream_errors.labels(gate.key, "timeout").inc()
-            raise errors.upstream_failed(x.model, "no answer within the read timeout") from None
+            raise self._timed_out(gate, x) from None
         except _BROKEN_ERRORS as exc:
-            raise _RetryableError(
-                "disconnected", _describe(exc), counts=True, host_down=False
-            ) from None
+            raise _disconnected(exc) from None
         head = b"".join(parts)
         x.status = upstream.status
         if upstream.status == 200:
@@ -421,12 +400,9 @@ class Proxy:
         except StopAsyncIteration:
             first = b""
         except aiohttp.SocketTimeoutError:
-            self._metrics.upstream_errors.labels(gate.key, "timeout").inc()
-            raise errors.upstream_failed(x.model, "no answer within the read timeout") from None
+            raise self._timed_out(gate, x) from None
         except _BROKEN_ERRORS as exc:
-            raise _RetryableError(
-                "disconnected", _describe(exc), counts=True, host_down=False
-            ) from None
+            raise _disconnected(exc) from None
 
         response = web.StreamResponse(
             status=200,
@@ -484,6 +460,11 @@ class Proxy:
         return response
 
     # -- helpers -------------------------------------------------------------------
+
+    def _timed_out(self, gate: ModelGate, x: _Exchange) -> errors.GatewayError:
+        """The host stayed silent past the read timeout: counted, and not retried."""
+        self._metrics.upstream_errors.labels(gate.key, "timeout").inc()
+        return errors.upstream_failed(x.model, "no answer within the read timeout")
 
     def _authenticate(self, request: web.Request) -> str | None:
         if self._keys is None:
@@ -593,6 +574,16 @@ def _request_id(given: str | None) -> str:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _disconnected(exc: BaseException) -> _RetryableError:
+    """The host broke the exchange before the client saw a byte: worth another send."""
+    return _RetryableError("disconnected", _describe(exc), counts=True, host_down=False)
+
+
+def _model_object(entry: Listed) -> dict[str, Any]:
+    """One model in OpenAI's `/v1/models` shape."""
+    return {"id": entry.id, "object": "model", "created": entry.created, "owned_by": entry.owned_by}
 
 
 def error_middleware() -> Any:
