@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client
+from kubernetes import client, config
 from pydantic import ValidationError
 
 from mesh_operator.gateway.auth import KeyReloader, KeyRing, load_key_dir, secret_loader
@@ -182,10 +182,18 @@ def run(args: argparse.Namespace) -> int:
 
     api_client = None
     source: DiscoverySource
+    needs_api = not (args.static or flag_models) or bool(args.api_keys_secret)
+    if needs_api:
+        try:
+            api_client = kube_api_client(args.kubeconfig)
+        except (config.ConfigException, OSError) as exc:
+            where = args.kubeconfig or "in-cluster service account or ~/.kube/config"
+            message = f"no usable cluster configuration ({where}): {exc}"
+            print(f"mesh gateway: {message}", file=sys.stderr)
+            return EXIT_FAILURE
     if args.static or flag_models:
         source = StaticSource(flag_models, args.static)
     else:
-        api_client = kube_api_client(args.kubeconfig)
         source = KubernetesSource(api_client, namespace=args.namespace, resync_seconds=args.resync)
 
     keys = None
@@ -193,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         directory: Path = args.api_keys_dir
         keys = KeyReloader(KeyRing(), lambda: load_key_dir(directory))
     elif args.api_keys_secret:
-        core = client.CoreV1Api(api_client or kube_api_client(args.kubeconfig))
+        core = client.CoreV1Api(api_client)
         keys = KeyReloader(
             KeyRing(), secret_loader(core, args.api_keys_namespace, args.api_keys_secret)
         )

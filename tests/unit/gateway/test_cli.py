@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mesh_operator.cli import gateway_cmd
@@ -46,3 +48,14 @@ def test_bad_arguments_exit_1_before_serving(
     parser, _ = build_parser()
     assert gateway_cmd.run(parser.parse_args(argv)) == 1
     assert "mesh gateway:" in capsys.readouterr().err
+
+
+def test_no_cluster_configuration_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser, _ = build_parser()
+    absent = tmp_path / "kubeconfig"
+    assert gateway_cmd.run(parser.parse_args(["gateway", "--kubeconfig", str(absent)])) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("mesh gateway: no usable cluster configuration") and str(absent) in err
