@@ -1,17 +1,14 @@
 """The operator's use of the planner: from a MeshModel and its pool to a plan and
 the command lines of its pods.
 
-Pure, except `ProfileCache.get`, which reads a model's header from its source
-once per source and keeps the profile in memory.
+Pure: the model's profile comes from `mesh_operator.source.ProfileCache`.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Mapping
 
-from mesh_operator.api.meshmodel import MeshModelSpec, ModelSource, Plan
+from mesh_operator.api.meshmodel import MeshModelSpec, Plan
 from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.gateway.contract import HOST_PORT
 from mesh_operator.manifests.workloads import API_KEY_MOUNT
@@ -25,68 +22,18 @@ from mesh_operator.planner import (
     build_rpc_server_args,
     current_plan_from_api,
     plan_placement,
-    read_model_profile,
     rpc_devices_by_node,
     to_api_plan,
 )
-from mesh_operator.planner.errors import PlannerInputError
 from mesh_operator.planner.inventory import Inventory
 from mesh_operator.planner.profile import ModelProfile
-from mesh_operator.source import (
-    HF_ENDPOINT_DEFAULT,
-    SourceError,
-    build_fetch_args,
-    cache_key,
-    container_model_path,
-    fetch_header_bytes,
-    model_file_name,
-)
+from mesh_operator.source import build_fetch_args, container_model_path, model_file_name
 
-__all__ = ["ModelProfile", "ProfileCache"]
+__all__ = ["ModelProfile"]
 
 # Placeholder for worker addresses before the workers have pod IPs; the host is
 # kept at zero replicas until they do, so it never starts with these.
 PENDING_ENDPOINT = "0.0.0.0:0"
-
-
-def _parse_header(data: bytes) -> ModelProfile:
-    try:
-        return read_model_profile(data)
-    except PlannerInputError as exc:
-        if "truncated at byte" in str(exc):
-            raise EOFError(str(exc)) from exc
-        raise
-
-
-class ProfileCache:
-    """Model profiles by source, read from the remote header once."""
-
-    def __init__(self, hf_endpoint: str | None = None) -> None:
-        # The same variable huggingface_hub (and so `mesh fetch`) reads: a mirror.
-        self.hf_endpoint = hf_endpoint or os.environ.get("HF_ENDPOINT") or HF_ENDPOINT_DEFAULT
-        self._profiles: dict[tuple[str, str | None], ModelProfile] = {}
-        self._lock = threading.Lock()
-
-    def cached(self, source: ModelSource, sha256: str | None) -> ModelProfile | None:
-        with self._lock:
-            return self._profiles.get((cache_key(source), sha256))
-
-    def put(self, source: ModelSource, sha256: str | None, profile: ModelProfile) -> None:
-        """Keep a profile read elsewhere (a model on a PVC, by its header-reader pod)."""
-        with self._lock:
-            self._profiles[(cache_key(source), sha256)] = profile
-
-    def get(self, source: ModelSource, sha256: str | None, token: str | None) -> ModelProfile:
-        """The profile of a remote source, read once; not for PVC sources."""
-        cached = self.cached(source, sha256)
-        if cached is not None:
-            return cached
-        if source.pvc is not None:
-            raise SourceError("SourceUnreadable", "a model on a PVC is read by its own pod")
-        data = fetch_header_bytes(source, _parse_header, token=token, hf_endpoint=self.hf_endpoint)
-        profile = read_model_profile(data, file_name=model_file_name(source))
-        self.put(source, sha256, profile)
-        return profile
 
 
 def serving_params(spec: MeshModelSpec) -> ServingParams:

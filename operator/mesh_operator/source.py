@@ -4,21 +4,27 @@ The pure half (`model_file_name`, `cache_key`, `container_model_path`,
 `build_fetch_args`) decides names and paths that the operator, the init
 container (`mesh fetch`) and the node agent's cache scan agree on. The I/O half
 (`fetch_header_bytes`) reads just the GGUF header of a remote file, with HTTP range
-requests, so the operator can plan before anything is downloaded.
+requests, so the operator can plan before anything is downloaded; `ProfileCache`
+keeps the model profiles so read, once per source.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
 
 from mesh_operator.api.meshmodel import ModelSource
+from mesh_operator.manifests.workloads import MODELS_MOUNT
+from mesh_operator.planner import read_model_profile
+from mesh_operator.planner.errors import PlannerInputError
+from mesh_operator.planner.profile import ModelProfile
 
-MODELS_MOUNT = "/models"
 HF_ENDPOINT_DEFAULT = "https://huggingface.co"
 # A GGUF header (metadata + tensor infos) is rarely above a few MiB; the vocabulary
 # of large tokenizers is what makes it big. Read in growing chunks up to a bound.
@@ -154,3 +160,46 @@ def fetch_header_bytes(
             raise SourceError(
                 "SourceInvalid", f"{_redact(url)} is not a GGUF model: {exc}"
             ) from exc
+
+
+class ProfileCache:
+    """Model profiles by source, a remote one read from its header once."""
+
+    def __init__(self, hf_endpoint: str | None = None) -> None:
+        # The same variable huggingface_hub (and so `mesh fetch`) reads: a mirror.
+        self.hf_endpoint = hf_endpoint or os.environ.get("HF_ENDPOINT") or HF_ENDPOINT_DEFAULT
+        self._profiles: dict[tuple[str, str | None], ModelProfile] = {}
+        self._lock = threading.Lock()
+
+    def cached(self, source: ModelSource, sha256: str | None) -> ModelProfile | None:
+        with self._lock:
+            return self._profiles.get((cache_key(source), sha256))
+
+    def put(self, source: ModelSource, sha256: str | None, profile: ModelProfile) -> None:
+        """Keep a profile read elsewhere (a model on a PVC, by its header-reader pod)."""
+        with self._lock:
+            self._profiles[(cache_key(source), sha256)] = profile
+
+    def get(self, source: ModelSource, sha256: str | None, token: str | None) -> ModelProfile:
+        """The profile of a remote source, read once; not for PVC sources."""
+        cached = self.cached(source, sha256)
+        if cached is not None:
+            return cached
+        if source.pvc is not None:
+            raise SourceError("SourceUnreadable", "a model on a PVC is read by its own pod")
+        file_name = model_file_name(source)
+        read: list[ModelProfile] = []
+
+        def parse(data: bytes) -> None:
+            try:
+                read.append(read_model_profile(data, file_name=file_name))
+            except PlannerInputError as exc:
+                if "truncated at byte" in str(exc):
+                    raise EOFError(str(exc)) from exc
+                raise
+
+        # The profile of the prefix that parsed is the profile: no second parse.
+        fetch_header_bytes(source, parse, token=token, hf_endpoint=self.hf_endpoint)
+        profile = read[-1]
+        self.put(source, sha256, profile)
+        return profile

@@ -13,7 +13,9 @@ from e2e.fileserver import serve_directory
 from mesh_operator.api.meshmodel import ModelSource
 from mesh_operator.cli.main import main
 from mesh_operator.fetch import FetchError, FetchRequest, fetch_model
+from mesh_operator.planner import read_model_profile
 from mesh_operator.source import (
+    ProfileCache,
     SourceError,
     build_fetch_args,
     cache_key,
@@ -73,6 +75,20 @@ def test_header_read_failures_have_reasons(tmp_path: Path, name: str, reason: st
     with serve_directory(tmp_path) as base, pytest.raises(SourceError) as err:
         fetch_header_bytes(src(url=f"{base}/{name}"), _parse_prefix)
     assert err.value.reason == reason
+
+
+def test_profile_of_a_remote_source_is_read_once(model_file: Path) -> None:
+    cache = ProfileCache()
+    with serve_directory(model_file.parent) as base:
+        source = src(url=f"{base}/{model_file.name}")
+        profile = cache.get(source, None, None)
+    assert profile == read_model_profile(model_file)
+    assert profile.file_name == model_file.name
+    # Kept: read again with the server gone.
+    assert cache.get(source, None, None) is profile
+    with pytest.raises(SourceError) as err:
+        cache.get(src(pvc={"claimName": "c", "path": "m.gguf"}), None, None)
+    assert err.value.reason == "SourceUnreadable"
 
 
 def _blob(tmp_path: Path) -> tuple[Path, bytes, str]:

@@ -31,6 +31,7 @@ class Condition(ApiModel):
 
 
 def rfc3339(moment: dt.datetime) -> str:
+    """RFC 3339 in UTC with whole seconds, as Kubernetes writes its own times."""
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

@@ -13,14 +13,14 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
+from mesh_operator.api.conditions import rfc3339
 from mesh_operator.api.meshnode import MeshNodeStatus
 
 STALE_INTERVALS = 3
 
 
-def format_time(moment: dt.datetime) -> str:
-    """RFC 3339 in UTC with whole seconds, as Kubernetes writes its own times."""
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+# RFC 3339 in UTC with whole seconds, as Kubernetes writes its own times.
+format_time = rfc3339
 
 
 def parse_time(text: str) -> dt.datetime:

@@ -18,6 +18,7 @@ import kubernetes
 from kubernetes.client import ApiClient, ApiException
 
 from mesh_operator.api.base import FIELD_MANAGER, MESHMODEL_PLURAL, MESHPOOL_PLURAL
+from mesh_operator.api.conditions import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class Kube:
         """Record a Kubernetes Event on `involved` (a MeshModel or MeshPool body)."""
         meta = involved["metadata"]
         namespace = meta.get("namespace") or "default"
-        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = rfc3339(dt.datetime.now(dt.UTC))
         body = {
             "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
             "involvedObject": {

@@ -35,6 +35,7 @@ from mesh_operator.handlers.snapshot import (
     PoolInfo,
     Snapshot,
     model_key,
+    pool_claims,
 )
 from mesh_operator.ledger import (
     Capacity,
@@ -58,7 +59,7 @@ from mesh_operator.manifests.workloads import (
 )
 from mesh_operator.planner.errors import PlannerInputError
 from mesh_operator.planner.profile_codec import decode_profile
-from mesh_operator.source import SourceError, cache_key, container_model_path
+from mesh_operator.source import ProfileCache, SourceError, cache_key, container_model_path
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class ModelReconciler:
     # Serialize planning per pool: the ledger must see each plan before the next.
     _pool_locks: dict[str, threading.Lock]
 
-    def __init__(self, kube: Kube, profiles: planning.ProfileCache) -> None:
+    def __init__(self, kube: Kube, profiles: ProfileCache) -> None:
         self.kube = kube
         self.profiles = profiles
         self.claims = LocalClaims()
@@ -201,7 +202,7 @@ class ModelReconciler:
         cached = self._pool_capacity.get(name)
         if cached is not None and time.monotonic() - cached[1] < POOL_CAPACITY_TTL_SECONDS:
             return cached[0]
-        claims = {k: p for k, (pl, p) in plans.items() if pl == name}
+        claims = pool_claims(plans, name)
         steps = capacity_steps(
             build_pool_view(pool.spec, snapshot.nodes, snapshot.meshnodes, claims, now)
         )
@@ -408,7 +409,7 @@ class _Run:
     ) -> Plan | None:
         snap = self.snapshot
         plans = self.o.claims.overlay(snap.plans)
-        others = {k: p for k, (pl, p) in plans.items() if pl == spec.pool_ref and k != self.key}
+        others = pool_claims(plans, spec.pool_ref, exclude=self.key)
         current = self.status.plan if self.status.plan and self.status.plan.devices else None
         # A serving model is checked on its own nodes only, and against the pool's
         # capacity as a whole: building every node's view for every model on every

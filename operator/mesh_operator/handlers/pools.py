@@ -9,14 +9,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mesh_operator.api.base import API_VERSION
 from mesh_operator.api.conditions import ConditionState, set_condition
 from mesh_operator.api.meshpool import MeshPoolSpec, MeshPoolStatus
 from mesh_operator.handlers import metrics
 from mesh_operator.handlers.kube import Kube
 from mesh_operator.handlers.snapshot import Snapshot
 from mesh_operator.ledger import build_ledger_rows, build_pool_view
-
-API_VERSION_POOL = "mesh.dev/v1alpha1"
 
 
 def build_pool_status(
@@ -90,6 +89,6 @@ def reconcile_pool(
     ):
         metrics.POOL_MEMORY.labels(pool=meta["name"], state=state).set(mib * 1024 * 1024)
     if status.to_wire() != previous.to_wire():
-        kube.patch_status(API_VERSION_POOL, "MeshPool", meta["name"], None, status.to_wire())
+        kube.patch_status(API_VERSION, "MeshPool", meta["name"], None, status.to_wire())
     metrics.RECONCILES.labels(kind="MeshPool", outcome=outcome).inc()
     metrics.RECONCILE_SECONDS.labels(kind="MeshPool").observe(time.perf_counter() - started)

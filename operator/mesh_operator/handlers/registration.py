@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 
 import kopf
 
-from mesh_operator import planning
 from mesh_operator.api.base import (
     FINALIZER,
     GROUP,
@@ -43,6 +42,7 @@ from mesh_operator.handlers.snapshot import (
     pool_info,
 )
 from mesh_operator.manifests.labels import MANAGED_BY, MANAGED_BY_LABEL
+from mesh_operator.source import ProfileCache
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
     settings.watching.server_timeout = 300
     settings.execution.max_workers = int(os.environ.get("MESH_WORKERS", "8"))
     _State.kube = Kube()
-    _State.models = ModelReconciler(_State.kube, planning.ProfileCache())
+    _State.models = ModelReconciler(_State.kube, ProfileCache())
     resync = _Resync(kwargs)
     memo["resync"] = resync
     resync.thread.start()

@@ -68,7 +68,14 @@ class Snapshot:
     children: Mapping[str, Mapping[tuple[str, str], str]] = field(default_factory=dict)
 
     def claims(self, pool: str, exclude: str | None = None) -> dict[str, Plan]:
-        return {k: p for k, (pl, p) in self.plans.items() if pl == pool and k != exclude}
+        return pool_claims(self.plans, pool, exclude)
+
+
+def pool_claims(
+    plans: Mapping[str, tuple[str, Plan]], pool: str, exclude: str | None = None
+) -> dict[str, Plan]:
+    """The plans of `pool`'s models (but `exclude`), by model key."""
+    return {k: p for k, (pl, p) in plans.items() if pl == pool and k != exclude}
 
 
 def model_key(namespace: str, name: str) -> str:

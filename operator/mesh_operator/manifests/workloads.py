@@ -127,18 +127,24 @@ def _hardened_container() -> Obj:
     }
 
 
+def _pool_scheduling(pool: MeshPoolSpec) -> Obj:
+    """The pool's nodeSelector and tolerations, as a pod spec's fields."""
+    spec: Obj = {}
+    if pool.node_selector:
+        spec["nodeSelector"] = dict(pool.node_selector)
+    if pool.tolerations:
+        spec["tolerations"] = [t.to_wire() for t in pool.tolerations]
+    return spec
+
+
 def _pod_common(w: ModelWorkload, nodes: Sequence[str]) -> Obj:
-    spec: Obj = {
+    return {
         "affinity": _pin_to_nodes(nodes),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        **_pool_scheduling(w.pool),
     }
-    if w.pool.node_selector:
-        spec["nodeSelector"] = dict(w.pool.node_selector)
-    if w.pool.tolerations:
-        spec["tolerations"] = [t.to_wire() for t in w.pool.tolerations]
-    return spec
 
 
 def args_hash(args: Sequence[str]) -> str:
@@ -247,13 +253,14 @@ def build_rpc_daemonsets(w: ModelWorkload) -> list[Obj]:
     return out
 
 
+def _pvc_volume(claim_name: str) -> Obj:
+    return {"name": "models", "persistentVolumeClaim": {"claimName": claim_name, "readOnly": True}}
+
+
 def _model_volume(w: ModelWorkload) -> Obj:
     pvc = w.spec.source.pvc
     if pvc is not None:
-        return {
-            "name": "models",
-            "persistentVolumeClaim": {"claimName": pvc.claim_name, "readOnly": True},
-        }
+        return _pvc_volume(pvc.claim_name)
     if w.pool.model_cache.host_path:
         return {
             "name": "models",
@@ -417,18 +424,10 @@ def build_header_pod(
         "enableServiceLinks": False,
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [reader],
-        "volumes": [
-            {
-                "name": "models",
-                "persistentVolumeClaim": {"claimName": pvc.claim_name, "readOnly": True},
-            }
-        ],
+        "volumes": [_pvc_volume(pvc.claim_name)],
+        # On a pool node: the host will mount the PVC there too.
+        **_pool_scheduling(pool),
     }
-    # On a pool node: the host will mount the PVC there too.
-    if pool.node_selector:
-        pod_spec["nodeSelector"] = dict(pool.node_selector)
-    if pool.tolerations:
-        pod_spec["tolerations"] = [t.to_wire() for t in pool.tolerations]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
