@@ -32,7 +32,7 @@ from mesh_operator.planner import (
     plan_placement,
     read_model_profile,
 )
-from mesh_operator.planner.api_plan import mib_ceil
+from mesh_operator.planner.api_plan import mib_ceil, planned_device
 from mesh_operator.planner.profile import ModelProfile
 
 EXIT_FEASIBLE = 0
@@ -139,19 +139,7 @@ def _report(
         "feasible": result.feasible,
         "reason": result.reason,
         "strategy": result.strategy,
-        "devices": [
-            {
-                "node": d.node,
-                "device": d.device,
-                "layers": [d.first_layer, d.last_layer],
-                "weightsMiB": mib_ceil(d.weights_bytes),
-                "kvMiB": mib_ceil(d.kv_bytes),
-                "computeMiB": mib_ceil(d.compute_bytes),
-                "totalMiB": mib_ceil(d.total_bytes),
-                "freeMiB": d.free_mib,
-            }
-            for d in result.devices
-        ],
+        "devices": [{**planned_device(d).to_wire(), "freeMiB": d.free_mib} for d in result.devices],
         "tensorSplit": list(result.tensor_split),
         "rpc": list(result.rpc),
         "hostNode": result.host_node,

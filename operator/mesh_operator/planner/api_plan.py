@@ -11,11 +11,24 @@ import math
 
 from mesh_operator.api.meshmodel import Plan, PlannedDevice
 from mesh_operator.planner.memory import MIB
-from mesh_operator.planner.placement import CurrentPlan, PlacementResult
+from mesh_operator.planner.placement import CurrentPlan, DevicePlacement, PlacementResult
 
 
 def mib_ceil(n_bytes: int) -> int:
     return math.ceil(n_bytes / MIB)
+
+
+def planned_device(d: DevicePlacement) -> PlannedDevice:
+    """One planned device as MeshModel status (and `mesh plan`) shows it."""
+    return PlannedDevice(
+        node=d.node,
+        device=d.device,
+        layers=[d.first_layer, d.last_layer],
+        weights_mib=mib_ceil(d.weights_bytes),
+        kv_mib=mib_ceil(d.kv_bytes),
+        compute_mib=mib_ceil(d.compute_bytes),
+        total_mib=mib_ceil(d.total_bytes),
+    )
 
 
 def to_api_plan(result: PlacementResult) -> Plan:
@@ -23,18 +36,7 @@ def to_api_plan(result: PlacementResult) -> Plan:
     if not result.feasible:
         return Plan(strategy=result.strategy, reason=result.reason)
     return Plan(
-        devices=[
-            PlannedDevice(
-                node=d.node,
-                device=d.device,
-                layers=[d.first_layer, d.last_layer],
-                weights_mib=mib_ceil(d.weights_bytes),
-                kv_mib=mib_ceil(d.kv_bytes),
-                compute_mib=mib_ceil(d.compute_bytes),
-                total_mib=mib_ceil(d.total_bytes),
-            )
-            for d in result.devices
-        ],
+        devices=[planned_device(d) for d in result.devices],
         tensor_split=list(result.tensor_split),
         rpc=list(result.rpc),
         host_node=result.host_node,

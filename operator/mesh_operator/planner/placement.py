@@ -756,14 +756,15 @@ class _Search:
             problem = self.problem
             compute = problem.compute_floor[len(flat) > 1]
             output_compute = problem.output_compute_floor[len(flat) > 1]
-            reads = self._reads_bound(self._profile(flat, compute))
+            profile = self._profile(flat, compute)
+            reads = self._reads_bound(profile)
             fewest = devices_needed(_budgets(flat, compute), self.curve.total_mass)
             if reads < math.inf and fewest > 0:
                 remote = [self.nodes[i].remote_ms for i in members]
                 spare = [len(ds) - 1 for ds in devices]
                 extra = fewest - len(members)
                 # The output layer sits on the output node: its fastest device that holds it.
-                body = self._reads_bound(self._profile(flat, compute), self.body_curve)
+                body = self._reads_bound(profile, self.body_curve)
                 out_memory, out_reads = self.output_layer
                 out_speed = [
                     min(
@@ -1147,8 +1148,9 @@ def _search(
 
 
 def _choose(candidates: Sequence[_Candidate], strategy: Strategy) -> _Candidate:
-    """The search's rule between plans found different ways: within 2% of the
-    fastest, fewer nodes, more cached nodes, faster, fewer devices, lower names."""
+    """The search's rule between plans found different ways (and the previous
+    search's among its own): within 2% of the fastest, fewer nodes, more cached
+    nodes, faster, fewer devices, lower names."""
     fastest = min(_ns(c.objective(strategy)) for c in candidates)
     near = [c for c in candidates if _ns(c.objective(strategy)) <= fastest * (1 + _TIE) + 1e-3]
     return min(
@@ -1226,25 +1228,6 @@ def _previous_plans(
     return out
 
 
-def _previous_choose(candidates: Iterable[_Candidate], strategy: Strategy) -> _Candidate | None:
-    pool = list(candidates)
-    if not pool:
-        return None
-    best = min(c.objective(strategy) for c in pool)
-    near = [c for c in pool if c.objective(strategy) <= best * (1 + _TIE) + 1e-9]
-    return min(
-        near,
-        key=lambda c: (
-            len(c.nodes),
-            -c.cached,
-            c.objective(strategy),
-            c.total_ms,
-            len(c.devices),
-            c.signature(),
-        ),
-    )
-
-
 def _previous_search(
     problem: _Problem, pool: Sequence[_Device], cached: frozenset[str]
 ) -> _Candidate | None:
@@ -1275,7 +1258,8 @@ def _previous_search(
             chosen = None
             if total_cap >= need:
                 devices = [d for n in subset for d in by_node[n]]
-                chosen = _previous_choose(_previous_plans(problem, devices, cached), strategy)
+                plans = _previous_plans(problem, devices, cached)
+                chosen = _choose(plans, strategy) if plans else None
             if chosen is None:
                 ranked.append(((1, -float(total_cap), 0.0), subset))
                 continue
@@ -1287,7 +1271,7 @@ def _previous_search(
             best = min(best, objective)
         ranked.sort()
         beam = [s for _, s in ranked[:_BEAM_WIDTH]]
-    return _previous_choose(found, strategy)
+    return _choose(found, strategy) if found else None
 
 
 def _search_every_set(
@@ -1491,17 +1475,16 @@ def plan_placement(
             CurrentPlan(tuple(current.layout()), current.host_node) if current.feasible else None
         )
     if current is not None and current.layout:
-        slack = 1 / (1 - request.stability_percent / 100)
+        margin = 1 - request.stability_percent / 100
         kept = _layout_candidate(
             problem,
             pool=pool,
             layout=current.layout,
             host=current.host_node,
             cached=cached,
-            slack=slack,
+            slack=1 / margin,
         )
         if kept is not None:
-            margin = 1 - request.stability_percent / 100
             challenger = _search(problem, _pool(inventory, request, margin), cached)
             if challenger is None or not _better(challenger, kept, request):
                 return _result(
