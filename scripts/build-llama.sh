@@ -6,8 +6,9 @@
 # looks complete.
 source "$(dirname "$0")/lib.sh"
 
-LLAMA_CPP_PYTHON_VERSION="0.3.36"
-SDIST_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+# shellcheck source=llama-cpp.pin
+source "$(dirname "$0")/llama-cpp.pin"
+SDIST_SHA256="$LLAMA_CPP_SDIST_SHA256"
 dest="$MESH_CACHE/llama.cpp/$LLAMA_CPP_PYTHON_VERSION"
 
 if [ -x "$dest/bin/llama-server" ] && [ -x "$dest/bin/ggml-rpc-server" ]; then
