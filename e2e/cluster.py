@@ -257,6 +257,12 @@ class LocalCluster:
         admin = ca.issue("admin", "mesh-admin", organization="system:masters")
         cm = ca.issue("controller-manager", "system:kube-controller-manager")
         sched = ca.issue("scheduler", "system:kube-scheduler")
+        # How the API server authenticates to real kubelets (logs, exec, port-forward).
+        kubelet_client = ca.issue(
+            "apiserver-kubelet-client",
+            "kube-apiserver-kubelet-client",
+            organization="system:masters",
+        )
         sa = pki.write_service_account_keys(self.pki_dir)
         pki.write_kubeconfig(self.kubeconfig, cfg.server, ca.pair.cert, admin, "mesh-admin")
         cm_kc = pki.write_kubeconfig(
@@ -284,6 +290,8 @@ class LocalCluster:
             "sa_key": sa.key,
             "cm_kubeconfig": cm_kc,
             "sched_kubeconfig": sched_kc,
+            "kubelet_client_cert": kubelet_client.cert,
+            "kubelet_client_key": kubelet_client.key,
         }
 
     def _etcd_argv(self, etcd: Path, cfg: ClusterConfig) -> list[str]:
@@ -325,6 +333,9 @@ class LocalCluster:
             # its own Node, Lease and pods (simulated nodes use node credentials).
             "--enable-admission-plugins=NodeRestriction",
             "--allow-privileged=true",
+            f"--kubelet-client-certificate={files['kubelet_client_cert']}",
+            f"--kubelet-client-key={files['kubelet_client_key']}",
+            "--kubelet-preferred-address-types=InternalIP",
             # No kubelet registers an endpoint for the `kubernetes` Service here and
             # a loopback address is not a valid endpoint.
             "--endpoint-reconciler-type=none",

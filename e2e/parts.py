@@ -26,6 +26,12 @@ def mesh_dir() -> Path:
     return Path(os.environ.get("MESH_DIR", str(REPO_ROOT / ".mesh")))
 
 
+def cache_dir() -> Path:
+    """The cache of built parts (`$MESH_CACHE`, as scripts/lib.sh sets it)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "mesh"
+    return Path(os.environ.get("MESH_CACHE", str(default)))
+
+
 def bin_dir() -> Path:
     return mesh_dir() / "bin"
 

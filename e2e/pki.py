@@ -156,17 +156,27 @@ def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def write_kubeconfig(path: Path, server: str, ca: Path, client: KeyPair, user: str) -> Path:
-    """A kubeconfig with everything embedded, so it can be copied anywhere."""
+def write_kubeconfig(
+    path: Path,
+    server: str,
+    ca: Path,
+    client: KeyPair,
+    user: str,
+    *,
+    tls_server_name: str | None = None,
+) -> Path:
+    """A kubeconfig with everything embedded, so it can be copied anywhere.
+
+    `tls_server_name` checks the server's certificate for that name instead of
+    the host in `server` (a node reaching the API server through a forwarder).
+    """
+    cluster: dict[str, str] = {"server": server, "certificate-authority-data": _b64(ca)}
+    if tls_server_name:
+        cluster["tls-server-name"] = tls_server_name
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [
-            {
-                "name": "mesh-local",
-                "cluster": {"server": server, "certificate-authority-data": _b64(ca)},
-            }
-        ],
+        "clusters": [{"name": "mesh-local", "cluster": cluster}],
         "users": [
             {
                 "name": user,

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+NSENTER = "nsenter"
+
 
 @dataclass(frozen=True)
 class Started:
@@ -64,16 +66,24 @@ class ProcessTable:
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        netns: str | None = None,
     ) -> Started:
+        """Start `argv` in its own session; inside the named network namespace
+        `netns` when given. That goes through nsenter, which keeps the machine's
+        mounts (the cgroup hierarchy) visible and then execs the program, so the
+        record accepts both command lines."""
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
+        launch = list(argv)
+        if netns:
+            launch = [NSENTER, f"--net=/run/netns/{netns}", "--", *argv]
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                list(argv),
+                launch,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -81,7 +91,7 @@ class ProcessTable:
                 cwd=cwd,
                 start_new_session=True,
             )
-        record = {"pid": proc.pid, "argv": list(argv)}
+        record = {"pid": proc.pid, "argv": list(argv), "launcher": launch[0]}
         (self.pid_dir / f"{name}.pid").write_text(json.dumps(record))
         return Started(name, proc.pid, log)
 
@@ -96,7 +106,8 @@ class ProcessTable:
             cmd = _cmdline(pid)
             # Right after fork the child's cmdline can still be empty (it has not
             # exec'd yet): that is our process, not a reused pid.
-            ours = cmd is not None and (not cmd or cmd[:1] == record["argv"][:1])
+            first = {record["argv"][0], record.get("launcher", record["argv"][0])}
+            ours = cmd is not None and (not cmd or cmd[0] in first)
             if ours and alive(pid):
                 found[path.stem] = pid
             else:

@@ -3,6 +3,8 @@
 #   - a virtualenv in .venv with mesh and its development tools
 #   - llama.cpp (llama-server, ggml-rpc-server), the gemma-3-270m model,
 #     the Kubernetes control plane + helm + kwok, Prometheus
+#   - the parts of real test nodes: kubelet, kube-proxy, containerd, runc, CNI
+#     plugins, CoreDNS, kube-router, a local image registry
 # Built parts are cached in $MESH_CACHE (default ~/.cache/mesh) and linked under
 # .mesh/ in the work tree, where the tests and the demo look for them.
 source "$(dirname "$0")/lib.sh"
@@ -27,9 +29,10 @@ llama_bin=$(bash scripts/build-llama.sh)
 model=$(bash scripts/fetch-model.sh)
 toolchain_bin=$(bash scripts/build-toolchain.sh)
 prometheus_bin=$(bash scripts/fetch-prometheus.sh)
+nodeparts_bin=$(bash scripts/build-node-parts.sh)
 
 mkdir -p .mesh/bin .mesh/models
-for f in "$llama_bin"/* "$toolchain_bin"/* "$prometheus_bin"/*; do
+for f in "$llama_bin"/* "$toolchain_bin"/* "$prometheus_bin"/* "$nodeparts_bin"/*; do
     ln -sfn "$f" ".mesh/bin/$(basename "$f")"
 done
 ln -sfn "$model" ".mesh/models/$(basename "$model")"

@@ -1,0 +1,107 @@
+"""Images for the real test nodes: the infrastructure images the harness makes
+itself (the sandbox "pause" image and CoreDNS, each one static program on an
+empty base), and pushes of the project's own images into the local registry.
+
+Test infrastructure. The container engine is podman, run as root with the
+configuration this machine needs (runtime runc, ulimits inside the machine's hard
+limits), written into the cache and passed through CONTAINERS_CONF.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+from e2e import parts
+
+PAUSE_IMAGE = "pause:1"
+COREDNS_IMAGE = "coredns:v1.15.0"
+# The program each infrastructure image runs, built by scripts/build-node-parts.sh.
+INFRA_PROGRAMS = {PAUSE_IMAGE: "pause", COREDNS_IMAGE: "coredns"}
+
+CONTAINERS_CONF = """\
+# podman as root on this machine: crun refuses cgroup v1 in hybrid mode, and the
+# default ulimits exceed the machine's hard limits.
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]
+
+[engine]
+runtime = "runc"
+"""
+
+
+class ImageError(RuntimeError):
+    """An image could not be built, found or pushed."""
+
+
+def podman_env() -> dict[str, str]:
+    conf = parts.cache_dir() / "podman" / "containers.conf"
+    if not conf.exists() or conf.read_text() != CONTAINERS_CONF:
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(CONTAINERS_CONF)
+    return {**os.environ, "CONTAINERS_CONF": str(conf)}
+
+
+def podman(*args: str, input_bytes: bytes | None = None, timeout: float = 600) -> str:
+    try:
+        result = subprocess.run(
+            ["podman", *args],
+            capture_output=True,
+            input=input_bytes,
+            env=podman_env(),
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise ImageError("podman not found: run scripts/build-images.sh (via make images)") from exc
+    if result.returncode != 0:
+        err = result.stderr.decode(errors="replace").strip().splitlines()
+        raise ImageError(f"podman {args[0]}: {err[-1] if err else 'failed'}")
+    return result.stdout.decode(errors="replace")
+
+
+def exists(image: str) -> bool:
+    try:
+        podman("image", "exists", image)
+    except ImageError:
+        return False
+    return True
+
+
+def registry_answers(registry: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{registry}/v2/", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def ensure_infra_images(registry: str) -> None:
+    """Build the static infrastructure images (once) and push them to `registry`."""
+    for image, program in INFRA_PROGRAMS.items():
+        local = f"localhost/mesh-e2e/{image}"
+        if not exists(local):
+            with tempfile.TemporaryDirectory() as context:
+                binary = Path(context) / program
+                binary.write_bytes(parts.binary(program).read_bytes())
+                binary.chmod(0o755)
+                (Path(context) / "Containerfile").write_text(
+                    f"FROM scratch\nCOPY {program} /{program}\nUSER 65532:65532\n"
+                    f'ENTRYPOINT ["/{program}"]\n'
+                )
+                podman("build", "--pull=never", "-t", local, context)
+        push({local: f"e2e/{image}"}, registry)
+
+
+def push(images: Mapping[str, str], registry: str) -> None:
+    """Push local images to paths in the plain-HTTP `registry` (unchanged blobs are
+    skipped by the registry protocol, so a second push is quick)."""
+    for local, path in images.items():
+        if not exists(local):
+            raise ImageError(f"image {local} not found locally: run `make images`")
+        podman("push", "--tls-verify=false", "--quiet", local, f"docker://{registry}/{path}")
