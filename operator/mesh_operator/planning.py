@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from mesh_operator.api.meshmodel import MeshModelSpec, Plan
-from mesh_operator.api.meshpool import MeshPoolSpec
+from mesh_operator.api.meshpool import ImageVariant, MeshPoolSpec
 from mesh_operator.gateway.contract import HOST_PORT
 from mesh_operator.manifests.workloads import API_KEY_MOUNT
 from mesh_operator.planner import (
@@ -130,8 +130,29 @@ def draft_problem(spec: MeshModelSpec) -> str | None:
     return None
 
 
+def _is_cuda(device: str) -> bool:
+    return device.startswith("CUDA")
+
+
 def gpus_per_node(plan: Plan) -> dict[str, int]:
-    return {node: len(devs) for node, devs in rpc_devices_by_node(plan).items()}
+    """CUDA devices planned per node (a CPU-only node in a cuda pool has none)."""
+    return {
+        node: sum(1 for d in devs if _is_cuda(d))
+        for node, devs in rpc_devices_by_node(plan).items()
+    }
+
+
+def image_variants(plan: Plan) -> dict[str, ImageVariant]:
+    """The llama.cpp image variant of each planned node: cuda where its agent
+    reported CUDA devices when the plan was made, cpu elsewhere.
+
+    Taken from the plan rather than the live MeshNode, so a node whose report
+    flickers does not restart its workers; a re-plan reads it again.
+    """
+    return {
+        node: "cuda" if any(_is_cuda(d) for d in devs) else "cpu"
+        for node, devs in rpc_devices_by_node(plan).items()
+    }
 
 
 def rpc_args(
@@ -142,8 +163,10 @@ def rpc_args(
     for node, devices in rpc_devices_by_node(plan).items():
         exposed = devices
         if pool.backend == "cuda" and pool.sharing == "exclusive":
-            # The device plugin hands the container its GPUs renumbered from 0.
-            exposed = [f"CUDA{i}" for i in range(len(devices))]
+            # The device plugin hands the container its GPUs renumbered from 0; a
+            # CPU device (a CPU-only node of the pool) keeps its name.
+            cuda = iter(range(len(devices)))
+            exposed = [f"CUDA{next(cuda)}" if _is_cuda(d) else d for d in devices]
         out[node] = build_rpc_server_args(
             exposed,
             host="$(POD_IP)",

@@ -148,7 +148,18 @@ def test_crds_are_kept_and_follow_the_images_in_values() -> None:
         "properties"
     ]["images"]
     assert images["default"] == {}
-    assert images["properties"]["rpcServer"]["default"].endswith(":rpc-cpu-b6900")
+    # One registry value moves every image, the llama.cpp one with its variant.
+    for field in ("rpcServer", "llamaServer"):
+        assert images["properties"][field]["default"] == (
+            "registry.example.com/mesh/llama.cpp:0.3.36-{variant}"
+        )
+    assert images["properties"]["mesh"]["default"] == "registry.example.com/mesh/mesh:0.1.0"
+    workloads = documents(
+        template("mesh", "mesh-system", [REPO / "manifests/examples/values-cpu.yaml"])
+    )
+    for _, _, spec in pod_specs(workloads):
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            assert container["image"].startswith("registry.example.com/mesh/"), container
     none = documents(
         template("mesh", "mesh-system", sets=["crds.install=false", "crds.keep=false"])
     )

@@ -46,12 +46,44 @@ def test_versions_and_default_images_match_the_api() -> None:
     chart = load_yaml(CHART / "Chart.yaml")
     values = load_yaml(CHART / "values.yaml")
     assert chart["appVersion"] == __version__
+    assert values["registry"] == meshpool.DEFAULT_REGISTRY
     # With the default values the chart leaves the generated CRDs untouched: its
-    # image defaults are the API's.
-    image = f"{values['image']['repository']}:{values['image']['tag'] or chart['appVersion']}"
-    assert image == meshpool.DEFAULT_MESH_IMAGE
-    assert values["llamaCpp"]["rpcServerImage"] == meshpool.DEFAULT_RPC_IMAGE
-    assert values["llamaCpp"]["llamaServerImage"] == meshpool.DEFAULT_SERVER_IMAGE
+    # image defaults (as _helpers.tpl builds them) are the API's.
+    registry = values["registry"]
+    mesh = values["image"]["repository"] or f"{registry}/mesh"
+    assert f"{mesh}:{values['image']['tag'] or chart['appVersion']}" == meshpool.DEFAULT_MESH_IMAGE
+    tag = values["llamaCpp"]["tag"] or chart["annotations"]["mesh.dev/llama-cpp"]
+    llama_cpp = f"{registry}/llama.cpp:{tag}-{{variant}}"
+    assert (values["llamaCpp"]["rpcServerImage"] or llama_cpp) == meshpool.DEFAULT_RPC_IMAGE
+    assert (values["llamaCpp"]["llamaServerImage"] or llama_cpp) == meshpool.DEFAULT_SERVER_IMAGE
+
+
+def _pin(name: str) -> str:
+    for line in (REPO / "scripts" / "llama-cpp.pin").read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == name:
+            return value.strip().strip('"')
+    raise AssertionError(f"{name} not in scripts/llama-cpp.pin")
+
+
+def test_llama_cpp_tag_is_the_pinned_build() -> None:
+    # Helm cannot read scripts/llama-cpp.pin: the chart restates it, the API too.
+    pinned = _pin("LLAMA_CPP_PYTHON_VERSION")
+    chart = load_yaml(CHART / "Chart.yaml")
+    assert chart["annotations"]["mesh.dev/llama-cpp"] == pinned
+    assert pinned == meshpool.LLAMA_CPP_VERSION
+    assert f":{pinned}-{{variant}}" in meshpool.DEFAULT_RPC_IMAGE
+
+
+@pytest.mark.parametrize("folder", ["charts", "crds", "manifests"])
+def test_nothing_defaults_to_upstream_llama_cpp_images(folder: str) -> None:
+    # Upstream's images hold no ggml-rpc-server and predate `-fit off`.
+    found = [
+        str(p.relative_to(REPO))
+        for p in (REPO / folder).rglob("*")
+        if p.is_file() and "ghcr.io/ggml-org" in p.read_text(errors="replace")
+    ]
+    assert not found
 
 
 def _object_nodes(schema: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from mesh_operator.api.meshmodel import MeshModelSpec
-from mesh_operator.api.meshpool import MeshPoolSpec
+from mesh_operator.api.meshpool import ImageVariant, MeshPoolSpec
 from mesh_operator.manifests.labels import PLAN_ANNOTATION, build_labels
 from mesh_operator.manifests.workloads import (
     ModelWorkload,
@@ -27,6 +27,7 @@ def workload(
     spec: dict[str, Any] | None = None,
     rpc_args: dict[str, list[str]] | None = None,
     gpus: dict[str, int] | None = None,
+    variants: dict[str, ImageVariant] | None = None,
 ) -> ModelWorkload:
     nodes = ["node-a", "node-b"]
     return ModelWorkload(
@@ -46,6 +47,7 @@ def workload(
         model_path="/models/x/gemma.gguf",
         fetch_args=["--dest", "/models/x/gemma.gguf", "--url", "https://m.example/gemma.gguf"],
         gpus_per_node=gpus or {},
+        variants=variants or {},
     )
 
 
@@ -80,20 +82,87 @@ class TestRpcDaemonSets:
         assert ds["metadata"]["ownerReferences"][0]["controller"] is True
 
     @pytest.mark.parametrize(
-        ("pool", "gpus", "expected"),
+        ("pool", "gpus", "variants", "expected"),
         [
-            ({"backend": "cuda", "sharing": "exclusive"}, {}, "1"),
-            ({"backend": "cuda", "sharing": "exclusive"}, {"node-a": 2, "node-b": 2}, "2"),
-            ({"backend": "cuda", "sharing": "shared"}, {}, None),
-            ({"backend": "cpu"}, {}, None),
+            ({"backend": "cuda", "sharing": "exclusive"}, {}, {}, "1"),
+            ({"backend": "cuda", "sharing": "exclusive"}, {"node-a": 2, "node-b": 2}, {}, "2"),
+            ({"backend": "cuda", "sharing": "shared"}, {}, {}, None),
+            ({"backend": "cpu"}, {}, {}, None),
+            # A CPU-only node of a cuda pool asks the device plugin for nothing.
+            ({"backend": "cuda"}, {}, {"node-a": "cpu", "node-b": "cpu"}, None),
         ],
     )
-    def test_gpu_requests_follow_the_sharing_mode(
-        self, pool: dict[str, Any], gpus: dict[str, int], expected: str | None
+    def test_gpu_requests_follow_the_sharing_mode_and_the_node(
+        self,
+        pool: dict[str, Any],
+        gpus: dict[str, int],
+        variants: dict[str, ImageVariant],
+        expected: str | None,
     ) -> None:
-        (ds,) = build_rpc_daemonsets(workload(pool=pool, gpus=gpus))
+        (ds,) = build_rpc_daemonsets(workload(pool=pool, gpus=gpus, variants=variants))
         limits = ds["spec"]["template"]["spec"]["containers"][0].get("resources", {}).get("limits")
         assert (limits or {}).get("nvidia.com/gpu") == expected
+
+    @pytest.mark.parametrize("sharing", ["exclusive", "shared"])
+    def test_a_mixed_pool_gets_one_daemonset_per_image_variant(self, sharing: str) -> None:
+        pool = {"backend": "cuda", "sharing": sharing, "runtimeClassName": "nvidia"}
+        args = {
+            "node-a": ["-H", "$(POD_IP)", "-d", "CUDA0"],
+            "node-b": ["-H", "$(POD_IP)", "-d", "CPU"],
+        }
+        sets = build_rpc_daemonsets(
+            workload(pool=pool, rpc_args=args, variants={"node-a": "cuda", "node-b": "cpu"})
+        )
+        pods = {
+            d["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+                "requiredDuringSchedulingIgnoredDuringExecution"
+            ]["nodeSelectorTerms"][0]["matchFields"][0]["values"][0]: d["spec"]["template"]["spec"]
+            for d in sets
+        }
+        assert sorted(pods) == ["node-a", "node-b"]
+        gpu, cpu = pods["node-a"], pods["node-b"]
+        assert gpu["containers"][0]["image"] == "ghcr.io/mesh-dev/llama.cpp:0.3.36-cuda"
+        assert cpu["containers"][0]["image"] == "ghcr.io/mesh-dev/llama.cpp:0.3.36-cpu"
+        gpu_env = {e["name"] for e in gpu["containers"][0]["env"]}
+        cpu_env = {e["name"] for e in cpu["containers"][0]["env"]}
+        assert "CUDA_DEVICE_ORDER" in gpu_env
+        assert not {"CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES"} & cpu_env
+        assert "resources" not in cpu["containers"][0]
+        # The NVIDIA runtime class exists only on GPU nodes.
+        assert gpu["runtimeClassName"] == "nvidia"
+        assert "runtimeClassName" not in cpu
+
+    @pytest.mark.parametrize(
+        ("image", "variant", "expected"),
+        [
+            ("r.example/llama.cpp:b1-{variant}", "cuda", "r.example/llama.cpp:b1-cuda"),
+            ("r.example/llama.cpp:b1-{variant}", "cpu", "r.example/llama.cpp:b1-cpu"),
+            ("r.example/rpc:b1", "cuda", "r.example/rpc:b1"),
+            ("r.example/rpc:b1", "cpu", "r.example/rpc:b1"),
+        ],
+    )
+    def test_the_variant_placeholder_is_replaced_and_an_image_without_it_kept(
+        self, image: str, variant: ImageVariant, expected: str
+    ) -> None:
+        w = workload(
+            pool={"images": {"rpcServer": image}},
+            variants={"node-a": variant, "node-b": variant},
+        )
+        (ds,) = build_rpc_daemonsets(w)
+        assert ds["spec"]["template"]["spec"]["containers"][0]["image"] == expected
+
+    @pytest.mark.parametrize(
+        ("backend", "expected"),
+        [
+            ("cuda", "ghcr.io/mesh-dev/llama.cpp:0.3.36-cuda"),
+            ("cpu", "ghcr.io/mesh-dev/llama.cpp:0.3.36-cpu"),
+        ],
+    )
+    def test_a_node_without_a_known_variant_follows_the_pool_backend(
+        self, backend: str, expected: str
+    ) -> None:
+        (ds,) = build_rpc_daemonsets(workload(pool={"backend": backend}))
+        assert ds["spec"]["template"]["spec"]["containers"][0]["image"] == expected
 
     def test_nodes_needing_other_arguments_get_their_own_daemonset(self) -> None:
         args = {
@@ -125,7 +194,8 @@ class TestHostDeployment:
         assert server["readinessProbe"]["httpGet"]["path"] == "/health"
         startup = server["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 3600
-        assert pod["initContainers"][0]["args"][0] == "fetch"
+        fetch = next(c for c in pod["initContainers"] if c["name"] == "fetch")
+        assert fetch["args"][0] == "fetch"
 
     def test_zero_replicas_until_workers_are_up(self) -> None:
         assert build_host_deployment(workload(), replicas=0)["spec"]["replicas"] == 0
@@ -150,7 +220,7 @@ class TestHostDeployment:
             }
         }
         pod = build_host_deployment(workload(spec=spec))["spec"]["template"]["spec"]
-        fetch_env = pod["initContainers"][0]["env"]
+        fetch_env = next(c for c in pod["initContainers"] if c["name"] == "fetch")["env"]
         assert fetch_env[0]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
         assert all(e["name"] != "HF_TOKEN" for e in pod["containers"][0]["env"])
 
@@ -158,6 +228,30 @@ class TestHostDeployment:
         spec = {"apiKeySecretRef": {"name": "keys", "key": "key"}}
         pod = build_host_deployment(workload(spec=spec))["spec"]["template"]["spec"]
         assert {"name": "api-key", "secret": {"secretName": "keys"}} in pod["volumes"]
+
+    @pytest.mark.parametrize(
+        ("variant", "image", "visible", "runtime_class"),
+        [
+            ("cuda", "ghcr.io/mesh-dev/llama.cpp:0.3.36-cuda", "none", "nvidia"),
+            ("cpu", "ghcr.io/mesh-dev/llama.cpp:0.3.36-cpu", None, None),
+        ],
+    )
+    def test_the_host_runs_the_variant_of_its_node(
+        self, variant: ImageVariant, image: str, visible: str | None, runtime_class: str | None
+    ) -> None:
+        # node-b hosts; node-a's variant must not matter.
+        other: ImageVariant = "cpu" if variant == "cuda" else "cuda"
+        w = workload(
+            pool={"backend": "cuda", "runtimeClassName": "nvidia"},
+            variants={"node-a": other, "node-b": variant},
+        )
+        pod = build_host_deployment(w)["spec"]["template"]["spec"]
+        server = pod["containers"][0]
+        assert server["image"] == image
+        env = {e["name"]: e.get("value") for e in server["env"]}
+        assert env.get("NVIDIA_VISIBLE_DEVICES") == visible
+        assert pod.get("runtimeClassName") == runtime_class
+        assert "resources" not in server  # never a GPU of its own
 
 
 class TestServiceAndPolicy:

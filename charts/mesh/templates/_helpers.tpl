@@ -48,22 +48,43 @@ helm.sh/chart: {{ include "mesh.chart" .root }}
 {{- end }}
 {{- end }}
 
-{{/* Image reference from an image block (repository, tag, digest). */}}
+{{/*
+Image reference from an image block (repository, tag, digest); an empty repository
+is <registry>/<name>. Call with (dict "root" $ "image" .Values.image "name" "mesh").
+*/}}
 {{- define "mesh.imageRef" -}}
 {{- $image := .image -}}
+{{- $repository := $image.repository | default (printf "%s/%s" .root.Values.registry .name) -}}
 {{- if $image.digest -}}
-{{- printf "%s@%s" $image.repository $image.digest -}}
+{{- printf "%s@%s" $repository $image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" $image.repository (default .root.Chart.AppVersion $image.tag) -}}
+{{- printf "%s:%s" $repository (default .root.Chart.AppVersion $image.tag) -}}
 {{- end -}}
 {{- end }}
 
 {{- define "mesh.image" -}}
-{{- include "mesh.imageRef" (dict "root" . "image" .Values.image) -}}
+{{- include "mesh.imageRef" (dict "root" . "image" .Values.image "name" "mesh") -}}
 {{- end }}
 
 {{- define "mesh.agentImage" -}}
-{{- include "mesh.imageRef" (dict "root" . "image" .Values.agentImage) -}}
+{{- include "mesh.imageRef" (dict "root" . "image" .Values.agentImage "name" "mesh-agent") -}}
+{{- end }}
+
+{{/*
+The llama.cpp image of one build holding both programs; the operator replaces
+{variant} per node (cuda or cpu). Its tag defaults to the build the chart pins.
+*/}}
+{{- define "mesh.llamaCppImage" -}}
+{{- $tag := .Values.llamaCpp.tag | default (index .Chart.Annotations "mesh.dev/llama-cpp") -}}
+{{- printf "%s/llama.cpp:%s-{variant}" .Values.registry $tag -}}
+{{- end }}
+
+{{- define "mesh.rpcServerImage" -}}
+{{- .Values.llamaCpp.rpcServerImage | default (include "mesh.llamaCppImage" .) -}}
+{{- end }}
+
+{{- define "mesh.llamaServerImage" -}}
+{{- .Values.llamaCpp.llamaServerImage | default (include "mesh.llamaCppImage" .) -}}
 {{- end }}
 
 {{/* Service account names. */}}

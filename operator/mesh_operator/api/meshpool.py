@@ -11,15 +11,34 @@ from typing import Literal
 
 from pydantic import Field
 
+from mesh_operator import __version__
 from mesh_operator.api.base import ApiModel, cel_rule
 from mesh_operator.api.conditions import CONDITIONS_SCHEMA, Condition
 from mesh_operator.api.meshnode import Backend
 
 SharingMode = Literal["exclusive", "shared"]
 
-DEFAULT_RPC_IMAGE = "ghcr.io/ggml-org/llama.cpp:full-b6900"
-DEFAULT_SERVER_IMAGE = "ghcr.io/ggml-org/llama.cpp:server-b6900"
-DEFAULT_MESH_IMAGE = "ghcr.io/mesh-dev/mesh:0.1.0"
+# Where the project publishes its images (the chart's `registry` value).
+DEFAULT_REGISTRY = "ghcr.io/mesh-dev"
+# The llama.cpp build of the project's llama.cpp image: LLAMA_CPP_PYTHON_VERSION of
+# scripts/llama-cpp.pin, which the chart records as annotation `mesh.dev/llama-cpp`
+# (tests check all three agree).
+LLAMA_CPP_VERSION = "0.3.36"
+# In spec.images.rpcServer and llamaServer: replaced per node by the image variant
+# that node's devices need, so one pool can mix GPU and CPU-only nodes.
+VARIANT_PLACEHOLDER = "{variant}"
+ImageVariant = Literal["cuda", "cpu"]
+# One image holds both /app/ggml-rpc-server and /app/llama-server: a host and its
+# workers always speak the same RPC protocol.
+DEFAULT_LLAMA_CPP_IMAGE = f"{DEFAULT_REGISTRY}/llama.cpp:{LLAMA_CPP_VERSION}-{VARIANT_PLACEHOLDER}"
+DEFAULT_RPC_IMAGE = DEFAULT_LLAMA_CPP_IMAGE
+DEFAULT_SERVER_IMAGE = DEFAULT_LLAMA_CPP_IMAGE
+DEFAULT_MESH_IMAGE = f"{DEFAULT_REGISTRY}/mesh:{__version__}"
+
+
+def with_variant(image: str, variant: ImageVariant) -> str:
+    """The image a node of this variant runs; an image without the placeholder as given."""
+    return image.replace(VARIANT_PLACEHOLDER, variant)
 
 
 class Toleration(ApiModel):
@@ -32,10 +51,16 @@ class Toleration(ApiModel):
 
 class Images(ApiModel):
     rpc_server: str = Field(
-        default=DEFAULT_RPC_IMAGE, min_length=1, description="Image with ggml-rpc-server."
+        default=DEFAULT_RPC_IMAGE,
+        min_length=1,
+        description="Image with ggml-rpc-server. {variant} is replaced per node: cuda "
+        "on a node whose agent reports CUDA devices, cpu on the others.",
     )
     llama_server: str = Field(
-        default=DEFAULT_SERVER_IMAGE, min_length=1, description="Image with llama-server."
+        default=DEFAULT_SERVER_IMAGE,
+        min_length=1,
+        description="Image with llama-server (same llama.cpp build as rpcServer). "
+        "{variant} is replaced by the variant of the node the host runs on.",
     )
     mesh: str = Field(
         default=DEFAULT_MESH_IMAGE,
@@ -98,7 +123,8 @@ class MeshPoolSpec(ApiModel):
     runtime_class_name: str | None = Field(
         default=None,
         max_length=253,
-        description="RuntimeClass of the RPC server pods (e.g. nvidia), if not the default.",
+        description="RuntimeClass (e.g. nvidia) of the pods on nodes that run the cuda "
+        "image variant (every pod in a pool of another backend), if not the default.",
     )
     reserve_percent: int = Field(default=10, ge=0, le=90)
     device_memory_cap_mib: int | None = Field(

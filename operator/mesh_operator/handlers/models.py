@@ -580,6 +580,7 @@ class _Run:
             fetch_args=planning.fetch_args(spec),
             draft_fetch_args=planning.draft_fetch_args(spec),
             gpus_per_node=planning.gpus_per_node(plan),
+            variants=planning.image_variants(plan),
         )
         try:
             daemonsets = build_rpc_daemonsets(workload)

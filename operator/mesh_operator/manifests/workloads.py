@@ -11,11 +11,11 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from mesh_operator.api.base import API_VERSION
 from mesh_operator.api.meshmodel import MeshModelSpec
-from mesh_operator.api.meshpool import MeshPoolSpec
+from mesh_operator.api.meshpool import ImageVariant, MeshPoolSpec, with_variant
 from mesh_operator.gateway.contract import (
     APP_NAME,
     COMPONENT_LABEL,
@@ -75,6 +75,9 @@ class ModelWorkload:
     draft_fetch_args: Sequence[str] = ()
     # Exclusive CUDA pools request this many GPUs per node.
     gpus_per_node: Mapping[str, int] = field(default_factory=dict)
+    # The llama.cpp image variant per planned node (its devices); a node missing
+    # here runs the variant of the pool's backend.
+    variants: Mapping[str, ImageVariant] = field(default_factory=dict)
 
 
 def _owner(w: ModelWorkload) -> list[Obj]:
@@ -155,36 +158,61 @@ def rpc_daemonset_name(model: str, index: int = 0) -> str:
     return f"{model}-rpc" if index == 0 else f"{model}-rpc-{index}"
 
 
-def _requests_gpus(w: ModelWorkload) -> bool:
-    return w.pool.backend == "cuda" and w.pool.sharing == "exclusive"
+def node_variant(w: ModelWorkload, node: str) -> ImageVariant:
+    """The llama.cpp image variant a planned node runs."""
+    return w.variants.get(node) or ("cuda" if w.pool.backend == "cuda" else "cpu")
 
 
-def rpc_node_classes(w: ModelWorkload) -> list[tuple[tuple[str, ...], int, list[str]]]:
-    """Planned nodes grouped by identical pod templates: (args, GPUs, nodes).
+def _runtime_class(w: ModelWorkload, variant: ImageVariant) -> str | None:
+    # In a cuda pool the runtime class is the NVIDIA runtime: a CPU-only node has
+    # none configured, and its pods would never start with it.
+    if w.pool.backend == "cuda" and variant != "cuda":
+        return None
+    return w.pool.runtime_class_name
+
+
+class NodeClass(NamedTuple):
+    """Planned nodes that share one RPC pod template, hence one DaemonSet."""
+
+    args: tuple[str, ...]
+    gpus: int
+    variant: ImageVariant
+    nodes: list[str]
+
+
+def rpc_node_classes(w: ModelWorkload) -> list[NodeClass]:
+    """Planned nodes grouped by identical pod templates.
 
     A DaemonSet has one pod template, so nodes whose RPC server needs other
-    arguments (other devices) or another GPU count get a DaemonSet of their own.
-    Most pools have one class. Ordered by each class's first node in --rpc order.
+    arguments (other devices), another GPU count or another image variant get a
+    DaemonSet of their own. Most pools have one class. Ordered by each class's
+    first node in --rpc order.
     """
-    classes: dict[tuple[tuple[str, ...], int], list[str]] = {}
+    exclusive = w.pool.backend == "cuda" and w.pool.sharing == "exclusive"
+    classes: dict[tuple[tuple[str, ...], int, ImageVariant], list[str]] = {}
     for node in w.rpc_nodes:
-        gpus = w.gpus_per_node.get(node, 1) if _requests_gpus(w) else 0
-        classes.setdefault((tuple(w.rpc_args[node]), gpus), []).append(node)
-    return [(args, gpus, nodes) for (args, gpus), nodes in classes.items()]
+        variant = node_variant(w, node)
+        gpus = w.gpus_per_node.get(node, 1) if exclusive and variant == "cuda" else 0
+        classes.setdefault((tuple(w.rpc_args[node]), gpus, variant), []).append(node)
+    return [
+        NodeClass(args, gpus, variant, nodes) for (args, gpus, variant), nodes in classes.items()
+    ]
 
 
 def build_rpc_daemonsets(w: ModelWorkload) -> list[Obj]:
     """The ggml-rpc-server DaemonSet(s) of a model, pinned to its planned nodes."""
     out = []
-    for index, (args, gpus, nodes) in enumerate(rpc_node_classes(w)):
+    images = w.pool.images
+    for index, (args, gpus, variant, nodes) in enumerate(rpc_node_classes(w)):
         # Each DaemonSet selects only its own pods: selectors must not overlap.
         labels = {**build_labels(w.name, RPC_COMPONENT), RPC_CLASS_LABEL: str(index)}
         selector = {**build_selector(w.name, RPC_COMPONENT), RPC_CLASS_LABEL: str(index)}
+        image = with_variant(images.rpc_server, variant)
         container: Obj = {
             "name": "rpc-server",
-            "image": w.pool.images.rpc_server,
-            "imagePullPolicy": w.pool.images.pull_policy,
-            "command": list(w.pool.images.rpc_server_command),
+            "image": image,
+            "imagePullPolicy": images.pull_policy,
+            "command": list(images.rpc_server_command),
             "args": list(args),
             "env": [POD_IP_ENV, NODE_NAME_ENV],
             "ports": [{"name": "rpc", "containerPort": w.pool.rpc_port, "protocol": "TCP"}],
@@ -198,15 +226,15 @@ def build_rpc_daemonsets(w: ModelWorkload) -> list[Obj]:
                 "failureThreshold": 60,
             },
         }
-        if w.pool.backend == "cuda":
+        if variant == "cuda":
             # Number GPUs by PCI bus as NVML does, so the agent's CUDA<n> is llama.cpp's.
             container["env"].append({"name": "CUDA_DEVICE_ORDER", "value": "PCI_BUS_ID"})
-        if gpus:
-            container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
-        elif w.pool.backend == "cuda":
-            # Shared GPUs: no device-plugin request; the memory ledger keeps
-            # models apart and the NVIDIA runtime exposes every GPU.
-            container["env"].append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"})
+            if gpus:
+                container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
+            else:
+                # Shared GPUs: no device-plugin request; the memory ledger keeps
+                # models apart and the NVIDIA runtime exposes every GPU.
+                container["env"].append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"})
         volumes: list[Obj] = []
         if w.pool.rpc_cache.enabled:
             container["env"].append({"name": "LLAMA_CACHE", "value": RPC_CACHE_MOUNT})
@@ -222,8 +250,9 @@ def build_rpc_daemonsets(w: ModelWorkload) -> list[Obj]:
         pod_spec["terminationGracePeriodSeconds"] = 10
         if volumes:
             pod_spec["volumes"] = volumes
-        if w.pool.runtime_class_name:
-            pod_spec["runtimeClassName"] = w.pool.runtime_class_name
+        runtime_class = _runtime_class(w, variant)
+        if runtime_class:
+            pod_spec["runtimeClassName"] = runtime_class
         out.append(
             {
                 "apiVersion": "apps/v1",
@@ -324,13 +353,22 @@ def build_host_deployment(w: ModelWorkload, replicas: int = 1) -> Obj:
         ref = w.spec.api_key_secret_ref
         mounts.append({"name": "api-key", "mountPath": API_KEY_MOUNT, "readOnly": True})
         volumes.append({"name": "api-key", "secret": {"secretName": ref.name}})
+    # The host runs on its node's variant; every layer of the plan sits on the
+    # workers' devices (this node's GPUs through its own worker), so a GPU that
+    # llama-server saw itself would join the device list after them and take
+    # memory the ledger gave to the worker: the NVIDIA runtime lends it the driver
+    # libraries of the cuda build and no GPU.
+    variant = node_variant(w, w.host_node)
+    env: list[Obj] = [POD_IP_ENV]
+    if variant == "cuda":
+        env.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "none"})
     server: Obj = {
         "name": "llama-server",
-        "image": w.pool.images.llama_server,
+        "image": with_variant(w.pool.images.llama_server, variant),
         "imagePullPolicy": w.pool.images.pull_policy,
         "command": list(w.pool.images.llama_server_command),
         "args": args,
-        "env": [POD_IP_ENV],
+        "env": env,
         "ports": [{"name": HOST_PORT_NAME, "containerPort": HOST_PORT, "protocol": "TCP"}],
         "startupProbe": _probe("/health", 5, STARTUP_PROBE_SECONDS // 5),
         "readinessProbe": _probe("/health", 5, 2),
@@ -344,6 +382,9 @@ def build_host_deployment(w: ModelWorkload, replicas: int = 1) -> Obj:
     pod_spec["containers"] = [server]
     pod_spec["volumes"] = volumes
     pod_spec["terminationGracePeriodSeconds"] = 30
+    runtime_class = _runtime_class(w, variant)
+    if runtime_class:
+        pod_spec["runtimeClassName"] = runtime_class
     init = []
     if w.spec.source.pvc is None:
         init.append(_fetch_container(w, "fetch", w.fetch_args))
