@@ -93,3 +93,38 @@ def test_rpc_servers_expose_the_planned_devices(
     args = planning.rpc_args(PLAN, MeshPoolSpec.model_validate(pool))
     assert {node: flag(a, "-d") for node, a in args.items()} == devices
     assert all(flag(a, "-H") == "$(POD_IP)" for a in args.values())
+
+
+MIXED = Plan.model_validate(
+    {
+        "devices": [
+            {"node": "gpu", "device": "CUDA1", "layers": [0, 6], "weightsMiB": 1,
+             "kvMiB": 1, "computeMiB": 1, "totalMiB": 3},
+            {"node": "gpu", "device": "CUDA3", "layers": [6, 12], "weightsMiB": 1,
+             "kvMiB": 1, "computeMiB": 1, "totalMiB": 3},
+            {"node": "cpu", "device": "CPU", "layers": [12, 19], "weightsMiB": 1,
+             "kvMiB": 1, "computeMiB": 1, "totalMiB": 3},
+        ],
+        "tensorSplit": [6, 6, 7],
+        "rpc": ["gpu", "cpu"],
+        "hostNode": "cpu",
+    }
+)  # fmt: skip
+
+
+def test_per_node_facts_of_a_mixed_plan() -> None:
+    assert planning.image_variants(MIXED) == {"gpu": "cuda", "cpu": "cpu"}
+    assert planning.gpus_per_node(MIXED) == {"gpu": 2, "cpu": 0}
+
+
+@pytest.mark.parametrize(
+    ("sharing", "devices"),
+    [
+        ("exclusive", {"gpu": "CUDA0,CUDA1", "cpu": "CPU"}),
+        ("shared", {"gpu": "CUDA1,CUDA3", "cpu": "CPU"}),
+    ],
+)
+def test_a_cpu_node_of_a_cuda_pool_serves_its_cpu(sharing: str, devices: dict[str, str]) -> None:
+    pool = MeshPoolSpec.model_validate({"backend": "cuda", "sharing": sharing})
+    args = planning.rpc_args(MIXED, pool)
+    assert {node: flag(a, "-d") for node, a in args.items()} == devices
