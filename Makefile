@@ -2,10 +2,15 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint unit integration e2e cluster-up cluster-down bench clean
+.PHONY: setup images demo test lint unit integration e2e cluster-up cluster-down bench clean
 
 setup:
 	bash scripts/setup.sh
+
+# The images under the chart's default names, and the older RPC server the
+# protocol mismatch test needs (docs/images.md).
+images:
+	bash scripts/build-images.sh --old
 
 demo: setup
 	$(PY) -m e2e.demo
@@ -15,7 +20,7 @@ lint:
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 
-test: setup lint
+test: setup images lint
 	CI=$${CI:-true} $(PY) -m pytest
 
 unit:
