@@ -142,6 +142,8 @@ def test_cpu_pool_example_is_cpu_only() -> None:
     spec = MeshPoolSpec.model_validate(load_yaml(EXAMPLES / "cpu-pool.yaml")["spec"])
     assert spec.backend == "cpu"
     assert spec.runtime_class_name is None
+    # Its models' namespaces can enforce `restricted`: no hostPath cache.
+    assert (spec.rpc_cache.volume, spec.model_cache.volume) == ("emptyDir", "emptyDir")
 
 
 def test_model_example_serves_gemma_from_hugging_face() -> None:

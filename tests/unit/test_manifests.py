@@ -20,6 +20,50 @@ from mesh_operator.manifests.workloads import (
 
 pytestmark = pytest.mark.unit
 
+Obj = dict[str, Any]
+
+RESTRICTED_VOLUMES = {
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+    "persistentVolumeClaim", "projected", "secret",
+}  # fmt: skip
+BASELINE_CAPABILITIES = {
+    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+    "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
+}  # fmt: skip
+
+
+def pod_security_level(pod: dict[str, Any]) -> str:
+    """The strictest Pod Security Standard a pod spec meets (the rules its fields touch)."""
+    containers = pod.get("initContainers", []) + pod["containers"]
+    volumes = [next(k for k in v if k != "name") for v in pod.get("volumes", [])]
+    contexts = [c.get("securityContext", {}) for c in containers]
+    if (
+        "hostPath" in volumes
+        or any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+        or any(sc.get("privileged") for sc in contexts)
+        or any(
+            set(sc.get("capabilities", {}).get("add", [])) - BASELINE_CAPABILITIES
+            for sc in contexts
+        )
+    ):
+        return "privileged"
+    pod_sc = pod.get("securityContext", {})
+    restricted = (
+        set(volumes) <= RESTRICTED_VOLUMES
+        and pod_sc.get("runAsUser") != 0
+        and all(
+            sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True
+            and sc.get("runAsUser") != 0
+            and sc.get("allowPrivilegeEscalation") is False
+            and sc.get("capabilities", {}).get("drop") == ["ALL"]
+            and set(sc.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}
+            and sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
+            in ("RuntimeDefault", "Localhost")
+            for sc in contexts
+        )
+    )
+    return "restricted" if restricted else "baseline"
+
 
 def workload(
     *,
@@ -174,11 +218,62 @@ class TestRpcDaemonSets:
         selectors = [d["spec"]["selector"]["matchLabels"] for d in sets]
         assert selectors[0] != selectors[1]  # overlapping selectors would fight over pods
 
-    def test_tensor_cache_on_a_host_path(self) -> None:
-        (ds,) = build_rpc_daemonsets(workload(pool={"rpcCache": {"hostPath": "/data/rpc"}}))
+    @pytest.mark.parametrize(
+        ("cache", "volume", "owner_init", "level"),
+        [
+            (
+                {"hostPath": "/data/rpc"},
+                {"hostPath": {"path": "/data/rpc", "type": "DirectoryOrCreate"}},
+                True,
+                "privileged",
+            ),
+            ({"volume": "emptyDir"}, {"emptyDir": {}}, False, "restricted"),
+            (
+                {"volume": "emptyDir", "sizeLimit": "20Gi"},
+                {"emptyDir": {"sizeLimit": "20Gi"}},
+                False,
+                "restricted",
+            ),
+            (
+                {"volume": "pvc", "claimName": "rpc-cache"},
+                {"persistentVolumeClaim": {"claimName": "rpc-cache"}},
+                False,
+                "restricted",
+            ),
+            ({"enabled": False}, None, False, "restricted"),
+        ],
+    )
+    def test_tensor_cache_volume_and_pod_security_level(
+        self, cache: dict[str, Any], volume: Obj | None, owner_init: bool, level: str
+    ) -> None:
+        (ds,) = build_rpc_daemonsets(workload(pool={"rpcCache": cache}))
         pod = ds["spec"]["template"]["spec"]
-        assert pod["volumes"][0]["hostPath"]["path"] == "/data/rpc"
-        assert {"name": "LLAMA_CACHE", "value": "/var/cache/llama"} in pod["containers"][0]["env"]
+        server = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in server["env"]}
+        if volume is None:
+            assert "volumes" not in pod
+            assert "LLAMA_CACHE" not in env
+        else:
+            assert pod["volumes"] == [{"name": "rpc-cache", **volume}]
+            assert env["LLAMA_CACHE"] == "/var/cache/llama"
+            assert server["volumeMounts"] == [
+                {"name": "rpc-cache", "mountPath": "/var/cache/llama"}
+            ]
+        inits = pod.get("initContainers", [])
+        assert [c["name"] for c in inits] == (["cache-owner"] if owner_init else [])
+        if owner_init:
+            (init,) = inits
+            assert init["command"] == ["chown", "-R", "65532:65532", "/var/cache/llama"]
+            assert init["image"] == server["image"]  # no other image to pull
+            assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+        assert pod_security_level(pod) == level
+
+    def test_the_server_runs_as_the_images_non_root_user(self) -> None:
+        (ds,) = build_rpc_daemonsets(workload())
+        pod = ds["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == 65532
+        assert "runAsUser" not in pod["containers"][0]["securityContext"]
 
 
 class TestHostDeployment:
@@ -252,6 +347,49 @@ class TestHostDeployment:
         assert env.get("NVIDIA_VISIBLE_DEVICES") == visible
         assert pod.get("runtimeClassName") == runtime_class
         assert "resources" not in server  # never a GPU of its own
+
+    @pytest.mark.parametrize(
+        ("cache", "volume", "inits", "level"),
+        [
+            (
+                {},
+                {"hostPath": {"path": "/var/lib/mesh/models", "type": "DirectoryOrCreate"}},
+                ["cache-owner", "fetch"],
+                "privileged",
+            ),
+            ({"volume": "emptyDir"}, {"emptyDir": {}}, ["fetch"], "restricted"),
+            (
+                {"volume": "pvc", "claimName": "model-cache"},
+                {"persistentVolumeClaim": {"claimName": "model-cache"}},
+                ["fetch"],
+                "restricted",
+            ),
+        ],
+    )
+    def test_model_cache_volume_and_pod_security_level(
+        self, cache: dict[str, Any], volume: Obj, inits: list[str], level: str
+    ) -> None:
+        pod = build_host_deployment(workload(pool={"modelCache": cache}))["spec"]["template"][
+            "spec"
+        ]
+        assert pod["volumes"][0] == {"name": "models", **volume}
+        assert [c["name"] for c in pod["initContainers"]] == inits
+        fetch = pod["initContainers"][-1]
+        # The fetcher writes as the images' user: the folder is made its own
+        # (hostPath) or writable through fsGroup (emptyDir, PVC).
+        assert "runAsUser" not in fetch["securityContext"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["fsGroup"] == 65532
+        if "cache-owner" in inits:
+            owner = pod["initContainers"][0]
+            assert owner["command"] == ["chown", "-R", "65532:65532", "/models"]
+            assert owner["image"] == fetch["image"]
+        assert pod_security_level(pod) == level
+
+    def test_a_model_on_a_pvc_runs_at_restricted_whatever_the_cache(self) -> None:
+        spec = {"source": {"pvc": {"claimName": "models", "path": "g/gemma.gguf"}}}
+        pod = build_host_deployment(workload(spec=spec))["spec"]["template"]["spec"]
+        assert pod_security_level(pod) == "restricted"
 
 
 class TestServiceAndPolicy:

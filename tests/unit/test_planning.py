@@ -68,7 +68,7 @@ def test_draft_model_is_fetched_and_loaded() -> None:
     w = workload(spec=s.to_wire())
     w = type(w)(**{**w.__dict__, "draft_fetch_args": fetch})
     init = build_host_deployment(w)["spec"]["template"]["spec"]["initContainers"]
-    assert [c["name"] for c in init] == ["fetch", "fetch-draft"]
+    assert [c["name"] for c in init] == ["cache-owner", "fetch", "fetch-draft"]
 
 
 def test_draft_on_a_pvc_needs_the_models_pvc() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
 from mesh_operator import __version__
 from mesh_operator.api.base import ApiModel, cel_rule
@@ -34,6 +34,10 @@ DEFAULT_LLAMA_CPP_IMAGE = f"{DEFAULT_REGISTRY}/llama.cpp:{LLAMA_CPP_VERSION}-{VA
 DEFAULT_RPC_IMAGE = DEFAULT_LLAMA_CPP_IMAGE
 DEFAULT_SERVER_IMAGE = DEFAULT_LLAMA_CPP_IMAGE
 DEFAULT_MESH_IMAGE = f"{DEFAULT_REGISTRY}/mesh:{__version__}"
+
+CacheVolume = Literal["hostPath", "emptyDir", "pvc"]
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|K|M|G|T|P)?$"
+_CLAIM_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
 
 def with_variant(image: str, variant: ImageVariant) -> str:
@@ -88,7 +92,41 @@ class Images(ApiModel):
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
 
-class RpcCache(ApiModel):
+class CacheVolumeSpec(ApiModel):
+    """Where a cache lives. hostPath persists per node but needs Pod Security
+    `privileged` in the model's namespace; emptyDir and pvc run at `restricted`."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rule(
+            "self.volume != 'pvc' || has(self.claimName)", "claimName is required with volume: pvc"
+        )
+    )
+
+    volume: CacheVolume = Field(
+        default="hostPath",
+        description="hostPath: a folder on each node, kept across restarts and re-plans "
+        "(Pod Security privileged); emptyDir: per pod, gone when the pod is replaced; "
+        "pvc: the PersistentVolumeClaim claimName in the model's namespace.",
+    )
+    claim_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=_CLAIM_NAME,
+        description="PersistentVolumeClaim with volume: pvc (ReadWriteMany when several "
+        "nodes use it); it must be writable by group 65532 (fsGroup).",
+    )
+    size_limit: str | None = Field(
+        default=None, pattern=_QUANTITY, description="sizeLimit of the emptyDir volume."
+    )
+
+    @model_validator(mode="after")
+    def _claim_with_pvc(self) -> CacheVolumeSpec:
+        if self.volume == "pvc" and not self.claim_name:
+            raise ValueError("claimName is required with volume: pvc")
+        return self
+
+
+class RpcCache(CacheVolumeSpec):
     enabled: bool = Field(
         default=True, description="Run ggml-rpc-server with -c so restarts reuse tensors."
     )
@@ -99,7 +137,7 @@ class RpcCache(ApiModel):
     )
 
 
-class ModelCache(ApiModel):
+class ModelCache(CacheVolumeSpec):
     host_path: str = Field(
         default="/var/lib/mesh/models",
         pattern=r"^/.*",

@@ -3,6 +3,12 @@ Deployment, the Service and the NetworkPolicy.
 
 Pure: every function takes a `ModelWorkload` (plain data gathered by the
 handlers) and returns a JSON-ready dict.
+
+Pod Security: every container runs as the images' user 65532 without
+capabilities. The pods meet `restricted` unless a cache is a hostPath volume,
+which only `privileged` admits; then one short init container (root, capability
+CHOWN only) hands the folder to that user, since the kubelet creates it owned by
+root.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any, NamedTuple
 
 from mesh_operator.api.base import API_VERSION
 from mesh_operator.api.meshmodel import MeshModelSpec
-from mesh_operator.api.meshpool import ImageVariant, MeshPoolSpec, with_variant
+from mesh_operator.api.meshpool import CacheVolumeSpec, ImageVariant, MeshPoolSpec, with_variant
 from mesh_operator.gateway.contract import (
     APP_NAME,
     COMPONENT_LABEL,
@@ -47,6 +53,8 @@ GATEWAY_COMPONENT = "gateway"
 AGENT_COMPONENT = "agent"
 SCRAPER_LABEL = "mesh.dev/metrics-scraper"
 RPC_CLASS_LABEL = "mesh.dev/rpc-class"
+# The non-root user of every image mesh runs (its own and the llama.cpp image).
+RUN_AS_USER = 65532
 # A big model can take long to download: the startup probe allows an hour.
 STARTUP_PROBE_SECONDS = 3600
 POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
@@ -130,6 +138,55 @@ def _hardened_container() -> Obj:
     }
 
 
+def _pod_security() -> Obj:
+    # An explicit user: the kubelet cannot check runAsNonRoot against an image
+    # whose USER is a name, and fsGroup makes emptyDir and PVC caches writable.
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        # A big model cache on a PVC: no recursive chown at every start.
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _cache_volume(name: str, cache: CacheVolumeSpec, host_path: str) -> Obj:
+    if cache.volume == "pvc":
+        return {"name": name, "persistentVolumeClaim": {"claimName": cache.claim_name}}
+    if cache.volume == "emptyDir":
+        return {
+            "name": name,
+            "emptyDir": {"sizeLimit": cache.size_limit} if cache.size_limit else {},
+        }
+    return {"name": name, "hostPath": {"path": host_path, "type": "DirectoryOrCreate"}}
+
+
+def _owner_container(image: str, pull_policy: str, mounts: Sequence[tuple[str, str]]) -> Obj:
+    """Hands hostPath folders (created by the kubelet owned by root) to RUN_AS_USER.
+
+    Recursive: a cache written by an older release may hold files of another owner.
+    """
+    owner = f"{RUN_AS_USER}:{RUN_AS_USER}"
+    return {
+        "name": "cache-owner",
+        "image": image,
+        "imagePullPolicy": pull_policy,
+        "command": ["chown", "-R", owner, *(path for _, path in mounts)],
+        "volumeMounts": [{"name": name, "mountPath": path} for name, path in mounts],
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+    }
+
+
 def _pool_scheduling(pool: MeshPoolSpec) -> Obj:
     """The pool's nodeSelector and tolerations, as a pod spec's fields."""
     spec: Obj = {}
@@ -145,7 +202,7 @@ def _pod_common(w: ModelWorkload, nodes: Sequence[str]) -> Obj:
         "affinity": _pin_to_nodes(nodes),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": _pod_security(),
         **_pool_scheduling(w.pool),
     }
 
@@ -235,21 +292,18 @@ def build_rpc_daemonsets(w: ModelWorkload) -> list[Obj]:
                 # Shared GPUs: no device-plugin request; the memory ledger keeps
                 # models apart and the NVIDIA runtime exposes every GPU.
                 container["env"].append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"})
-        volumes: list[Obj] = []
-        if w.pool.rpc_cache.enabled:
+        pod_spec = _pod_common(w, nodes)
+        cache = w.pool.rpc_cache
+        if cache.enabled:
             container["env"].append({"name": "LLAMA_CACHE", "value": RPC_CACHE_MOUNT})
             container["volumeMounts"] = [{"name": "rpc-cache", "mountPath": RPC_CACHE_MOUNT}]
-            volumes.append(
-                {
-                    "name": "rpc-cache",
-                    "hostPath": {"path": w.pool.rpc_cache.host_path, "type": "DirectoryOrCreate"},
-                }
-            )
-        pod_spec = _pod_common(w, nodes)
+            pod_spec["volumes"] = [_cache_volume("rpc-cache", cache, cache.host_path)]
+            if cache.volume == "hostPath":
+                pod_spec["initContainers"] = [
+                    _owner_container(image, images.pull_policy, [("rpc-cache", RPC_CACHE_MOUNT)])
+                ]
         pod_spec["containers"] = [container]
         pod_spec["terminationGracePeriodSeconds"] = 10
-        if volumes:
-            pod_spec["volumes"] = volumes
         runtime_class = _runtime_class(w, variant)
         if runtime_class:
             pod_spec["runtimeClassName"] = runtime_class
@@ -290,12 +344,8 @@ def _model_volume(w: ModelWorkload) -> Obj:
     pvc = w.spec.source.pvc
     if pvc is not None:
         return _pvc_volume(pvc.claim_name)
-    if w.pool.model_cache.host_path:
-        return {
-            "name": "models",
-            "hostPath": {"path": w.pool.model_cache.host_path, "type": "DirectoryOrCreate"},
-        }
-    return {"name": "models", "emptyDir": {}}
+    cache = w.pool.model_cache
+    return _cache_volume("models", cache, cache.host_path)
 
 
 def _fetch_container(w: ModelWorkload, name: str, fetch_args: Sequence[str]) -> Obj:
@@ -322,11 +372,6 @@ def _fetch_container(w: ModelWorkload, name: str, fetch_args: Sequence[str]) -> 
         "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
         "securityContext": _hardened_container(),
     }
-    if w.pool.model_cache.host_path:
-        # The kubelet creates a missing hostPath folder owned by root, and images
-        # run as non-root users: the fetcher writes there as root (no capability
-        # beyond being the folder's owner), llama-server only reads.
-        container["securityContext"] |= {"runAsUser": 0, "runAsNonRoot": False}
     if env:
         container["env"] = env
     return container
@@ -386,6 +431,12 @@ def build_host_deployment(w: ModelWorkload, replicas: int = 1) -> Obj:
     if runtime_class:
         pod_spec["runtimeClassName"] = runtime_class
     init = []
+    if w.spec.source.pvc is None and w.pool.model_cache.volume == "hostPath":
+        init.append(
+            _owner_container(
+                w.pool.images.mesh, w.pool.images.pull_policy, [("models", MODELS_MOUNT)]
+            )
+        )
     if w.spec.source.pvc is None:
         init.append(_fetch_container(w, "fetch", w.fetch_args))
     if w.draft_fetch_args:
