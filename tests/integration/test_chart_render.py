@@ -166,6 +166,74 @@ def test_crds_are_kept_and_follow_the_images_in_values() -> None:
     assert not [d for d in none if d["kind"] == "CustomResourceDefinition"]
 
 
+SCRAPER = {"mesh.dev/metrics-scraper": "true"}
+
+
+def scraper_peer(namespaces: list[str]) -> dict[str, Any]:
+    return {
+        "namespaceSelector": {
+            "matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces}
+            ]
+        },
+        "podSelector": {"matchLabels": SCRAPER},
+    }
+
+
+@pytest.mark.parametrize(
+    ("sets", "scrapers"),
+    [
+        ([], ["mesh-system"]),
+        (["networkPolicy.scraperNamespaces={monitoring,obs}"], ["monitoring", "obs"]),
+    ],
+)
+def test_network_policies_admit_only_the_named_namespaces(
+    sets: list[str], scrapers: list[str]
+) -> None:
+    ingress = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}
+    docs = documents(
+        template(
+            "mesh",
+            "mesh-system",
+            sets=[*sets, "agent.namespace=mesh-agent"],
+            set_json=[f"networkPolicy.gatewayFrom={json.dumps([ingress])}"],
+        )
+    )
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    assert sorted(policies) == ["mesh-agent", "mesh-gateway", "mesh-operator"]
+    assert policies["mesh-agent"]["metadata"]["namespace"] == "mesh-agent"
+    for name in ("mesh-operator", "mesh-agent"):
+        (rule,) = policies[name]["spec"]["ingress"]
+        assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+        assert rule["from"] == [scraper_peer(scrapers)], name
+    (rule,) = policies["mesh-gateway"]["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert rule["from"] == [
+        ingress,
+        scraper_peer(scrapers),
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "mesh",
+                    "app.kubernetes.io/instance": "mesh",
+                    "app.kubernetes.io/component": "test",
+                }
+            }
+        },
+    ]
+    # The operator writes the models' policies from the same namespaces.
+    (operator,) = [
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mesh-operator"
+    ]
+    env = {
+        e["name"]: e.get("value")
+        for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["MESH_AGENT_NAMESPACE"] == "mesh-agent"
+    assert env["MESH_GATEWAY_NAMESPACE"] == "mesh-system"
+    assert env["MESH_SCRAPER_NAMESPACES"] == ",".join(scrapers)
+
+
 @pytest.fixture
 def render_namespaces(crds: LocalCluster) -> Iterator[tuple[LocalCluster, str, str]]:
     """A release namespace enforcing (and warning about) Pod Security `restricted`,

@@ -11,6 +11,7 @@ from mesh_operator.api.meshpool import ImageVariant, MeshPoolSpec
 from mesh_operator.manifests.labels import PLAN_ANNOTATION, build_labels
 from mesh_operator.manifests.workloads import (
     ModelWorkload,
+    PolicyPeers,
     build_header_pod,
     build_host_deployment,
     build_network_policy,
@@ -399,19 +400,85 @@ class TestServiceAndPolicy:
         assert svc["spec"]["selector"]["app.kubernetes.io/component"] == "host"
         assert svc["spec"]["ports"][0]["port"] == 8080
 
-    def test_rpc_port_only_from_the_host_and_host_port_only_from_gateway(self) -> None:
-        policy = build_network_policy(workload(pool={"rpcPort": 50100}))
-        rpc_rule, http_rule = policy["spec"]["ingress"]
+    @pytest.mark.parametrize(
+        ("peers", "scrapers"),
+        [
+            (PolicyPeers("mesh-agent", "mesh-system", ("monitoring",)), ["monitoring"]),
+            (PolicyPeers("mesh-system", "mesh-system", ("mesh-system",)), ["mesh-system"]),
+            (PolicyPeers("mesh-agent", "mesh-system", ("b", "a", "b")), ["a", "b"]),
+            (PolicyPeers("mesh-agent", "mesh-system", ()), None),
+        ],
+    )
+    def test_every_peer_of_every_rule(self, peers: PolicyPeers, scrapers: list[str] | None) -> None:
+        policy = build_network_policy(workload(pool={"rpcPort": 50100}), peers)
+        spec = policy["spec"]
+        assert spec["podSelector"] == {
+            "matchLabels": {"app.kubernetes.io/name": "mesh", "mesh.dev/model": "gemma"}
+        }
+        assert spec["policyTypes"] == ["Ingress"]
+        rpc_rule, http_rule = spec["ingress"]
         assert rpc_rule["ports"] == [{"protocol": "TCP", "port": 50100}]
-        assert rpc_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == (
-            "host"
-        )
+        assert rpc_rule["from"] == [
+            # This model's host, in the model's own namespace (no namespaceSelector).
+            {
+                "podSelector": {
+                    "matchLabels": {
+                        "app.kubernetes.io/name": "mesh",
+                        "app.kubernetes.io/component": "host",
+                        "mesh.dev/model": "gemma",
+                    }
+                }
+            },
+            # The release's node agents, in their namespace only.
+            {
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": peers.agent_namespace}
+                },
+                "podSelector": {
+                    "matchLabels": {
+                        "app.kubernetes.io/name": "mesh",
+                        "app.kubernetes.io/component": "agent",
+                    }
+                },
+            },
+        ]
         assert http_rule["ports"] == [{"protocol": "TCP", "port": 8080}]
-        sources = [f["podSelector"]["matchLabels"] for f in http_rule["from"]]
-        assert {
-            "app.kubernetes.io/name": "mesh",
-            "app.kubernetes.io/component": "gateway",
-        } in sources
+        expected: list[Obj] = [
+            {
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": peers.gateway_namespace}
+                },
+                "podSelector": {
+                    "matchLabels": {
+                        "app.kubernetes.io/name": "mesh",
+                        "app.kubernetes.io/component": "gateway",
+                    }
+                },
+            }
+        ]
+        if scrapers is not None:
+            expected.append(
+                {
+                    "namespaceSelector": {
+                        "matchExpressions": [
+                            {
+                                "key": "kubernetes.io/metadata.name",
+                                "operator": "In",
+                                "values": scrapers,
+                            }
+                        ]
+                    },
+                    "podSelector": {"matchLabels": {"mesh.dev/metrics-scraper": "true"}},
+                }
+            )
+        assert http_rule["from"] == expected
+
+    def test_no_peer_selects_every_namespace(self) -> None:
+        policy = build_network_policy(workload(), PolicyPeers("a", "b", ("c",)))
+        for rule in policy["spec"]["ingress"]:
+            for peer in rule["from"]:
+                assert peer.get("namespaceSelector", {"x": 1}) != {}, peer
+                assert peer["podSelector"]["matchLabels"], peer
 
 
 class TestHeaderPod:

@@ -105,6 +105,37 @@ The llama.cpp image of one build holding both programs; the operator replaces
 {{- default .Release.Namespace .Values.agent.namespace }}
 {{- end }}
 
+{{/* Namespaces of the Prometheus pods that may scrape mesh's pods and the models' hosts. */}}
+{{- define "mesh.scraperNamespaces" -}}
+{{- if .Values.networkPolicy.scraperNamespaces }}
+{{- join "," .Values.networkPolicy.scraperNamespaces }}
+{{- else }}
+{{- .Release.Namespace }}
+{{- end }}
+{{- end }}
+
+{{/*
+Who may scrape /metrics of mesh's own pods: the labelled Prometheus pods of the
+scraper namespaces (matched by the name label the API server sets), then the
+peers of networkPolicy.metricsFrom.
+*/}}
+{{- define "mesh.metricsPeers" -}}
+- namespaceSelector:
+    matchExpressions:
+      - key: kubernetes.io/metadata.name
+        operator: In
+        values:
+          {{- range splitList "," (include "mesh.scraperNamespaces" .) }}
+          - {{ . | quote }}
+          {{- end }}
+  podSelector:
+    matchLabels:
+      mesh.dev/metrics-scraper: "true"
+{{- with .Values.networkPolicy.metricsFrom }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
 {{- define "mesh.gatewayName" -}}
 {{- printf "%s-gateway" (include "mesh.fullname" .) }}
 {{- end }}

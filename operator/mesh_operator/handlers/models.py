@@ -49,6 +49,7 @@ from mesh_operator.ledger import (
 from mesh_operator.manifests.labels import HEADER_COMPONENT, HOST, RPC_COMPONENT
 from mesh_operator.manifests.workloads import (
     ModelWorkload,
+    PolicyPeers,
     build_header_pod,
     build_host_deployment,
     build_network_policy,
@@ -141,9 +142,10 @@ class ModelReconciler:
     # Serialize planning per pool: the ledger must see each plan before the next.
     _pool_locks: dict[str, threading.Lock]
 
-    def __init__(self, kube: Kube, profiles: ProfileCache) -> None:
+    def __init__(self, kube: Kube, profiles: ProfileCache, peers: PolicyPeers) -> None:
         self.kube = kube
         self.profiles = profiles
+        self.peers = peers
         self.claims = LocalClaims()
         self.failures = Failures()
         self._pool_locks = {}
@@ -591,7 +593,7 @@ class _Run:
                 if kind == "DaemonSet" and name not in wanted:
                     self.o.kube.delete("apps/v1", "DaemonSet", name, self.namespace)
             self._apply(build_service(workload))
-            self._apply(build_network_policy(workload))
+            self._apply(build_network_policy(workload, self.o.peers))
             # Until every worker of this plan is up, keep the host stopped: an RPC
             # client cannot start without all its servers.
             self._apply(build_host_deployment(workload, replicas=1 if addresses else 0))

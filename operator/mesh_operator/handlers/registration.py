@@ -42,6 +42,7 @@ from mesh_operator.handlers.snapshot import (
     pool_info,
 )
 from mesh_operator.manifests.labels import MANAGED_BY, MANAGED_BY_LABEL
+from mesh_operator.manifests.workloads import PolicyPeers
 from mesh_operator.source import ProfileCache
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,20 @@ log = logging.getLogger(__name__)
 MODEL_INTERVAL = float(os.environ.get("MESH_MODEL_INTERVAL", "5"))
 POOL_INTERVAL = float(os.environ.get("MESH_POOL_INTERVAL", "10"))
 OWNED = {NAME_LABEL: APP_NAME, MANAGED_BY_LABEL: MANAGED_BY}
+
+
+def policy_peers() -> PolicyPeers:
+    """Who the models' NetworkPolicies admit, as the chart tells the operator: the
+    release's agent and gateway namespaces and the scrapers' namespaces, each
+    defaulting to the operator's own namespace (MESH_SCRAPER_NAMESPACES set but
+    empty: no scraper)."""
+    own = os.environ.get("POD_NAMESPACE") or "default"
+    scrapers = os.environ.get("MESH_SCRAPER_NAMESPACES", own)
+    return PolicyPeers(
+        agent_namespace=os.environ.get("MESH_AGENT_NAMESPACE") or own,
+        gateway_namespace=os.environ.get("MESH_GATEWAY_NAMESPACE") or own,
+        scraper_namespaces=tuple(n.strip() for n in scrapers.split(",") if n.strip()),
+    )
 
 
 class _State:
@@ -83,7 +98,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
     settings.watching.server_timeout = 300
     settings.execution.max_workers = int(os.environ.get("MESH_WORKERS", "8"))
     _State.kube = Kube()
-    _State.models = ModelReconciler(_State.kube, ProfileCache())
+    _State.models = ModelReconciler(_State.kube, ProfileCache(), policy_peers())
     resync = _Resync(kwargs)
     memo["resync"] = resync
     resync.thread.start()

@@ -52,6 +52,7 @@ TERMINATION_LOG = "/dev/termination-log"
 GATEWAY_COMPONENT = "gateway"
 AGENT_COMPONENT = "agent"
 SCRAPER_LABEL = "mesh.dev/metrics-scraper"
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 RPC_CLASS_LABEL = "mesh.dev/rpc-class"
 # The non-root user of every image mesh runs (its own and the llama.cpp image).
 RUN_AS_USER = 65532
@@ -86,6 +87,16 @@ class ModelWorkload:
     # The llama.cpp image variant per planned node (its devices); a node missing
     # here runs the variant of the pool's backend.
     variants: Mapping[str, ImageVariant] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PolicyPeers:
+    """Where the pods that may reach a model's servers run: the namespaces of the
+    release's node agents and gateway, and of the Prometheus pods the user names."""
+
+    agent_namespace: str
+    gateway_namespace: str
+    scraper_namespaces: Sequence[str] = ()
 
 
 def _owner(w: ModelWorkload) -> list[Obj]:
@@ -562,11 +573,40 @@ def network_policy_name(model: str) -> str:
     return f"{model}-mesh"
 
 
-def build_network_policy(w: ModelWorkload) -> Obj:
-    """RPC port only from this model's host pod (and the node agents that check
-    it answers); host port only from the gateway and pods labelled as scrapers."""
+def _in_namespace(namespace: str, labels: Mapping[str, str]) -> Obj:
+    return {
+        "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}},
+        "podSelector": {"matchLabels": dict(labels)},
+    }
+
+
+def build_network_policy(w: ModelWorkload, peers: PolicyPeers) -> Obj:
+    """RPC port only from this model's host pod and the release's node agents;
+    host port only from the release's gateway and the scrapers of the namespaces
+    the user named.
+
+    Namespaces are matched by `kubernetes.io/metadata.name`, which the API server
+    sets and nobody can change: a pod that copies the labels of the agent or the
+    gateway in a namespace of its own is not admitted.
+    """
     gateway = {NAME_LABEL: APP_NAME, COMPONENT_LABEL: GATEWAY_COMPONENT}
     agent = {NAME_LABEL: APP_NAME, COMPONENT_LABEL: AGENT_COMPONENT}
+    http_from = [_in_namespace(peers.gateway_namespace, gateway)]
+    if peers.scraper_namespaces:
+        http_from.append(
+            {
+                "namespaceSelector": {
+                    "matchExpressions": [
+                        {
+                            "key": NAMESPACE_NAME_LABEL,
+                            "operator": "In",
+                            "values": sorted(set(peers.scraper_namespaces)),
+                        }
+                    ]
+                },
+                "podSelector": {"matchLabels": {SCRAPER_LABEL: "true"}},
+            }
+        )
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -580,18 +620,12 @@ def build_network_policy(w: ModelWorkload) -> Obj:
                     # TCP probe alone is answered by the kernel's backlog).
                     "from": [
                         {"podSelector": {"matchLabels": build_selector(w.name, HOST)}},
-                        {"namespaceSelector": {}, "podSelector": {"matchLabels": agent}},
+                        _in_namespace(peers.agent_namespace, agent),
                     ],
                     "ports": [{"protocol": "TCP", "port": w.pool.rpc_port}],
                 },
                 {
-                    "from": [
-                        {"namespaceSelector": {}, "podSelector": {"matchLabels": gateway}},
-                        {
-                            "namespaceSelector": {},
-                            "podSelector": {"matchLabels": {SCRAPER_LABEL: "true"}},
-                        },
-                    ],
+                    "from": http_from,
                     "ports": [{"protocol": "TCP", "port": HOST_PORT}],
                 },
             ],
