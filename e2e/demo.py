@@ -1,5 +1,6 @@
 """The README's main command: the whole mission on the embedded default of three
-CPU nodes, from `helm install mesh` to a chat answer that survives losing a node.
+real CPU nodes (and a system node) running the project's own images, from
+`helm install mesh` to a chat answer that survives losing a node.
 
 Test infrastructure driving the real product (`e2e.scenario`). Prints each step,
 the chat answer and the figures, and writes them to .mesh/e2e-report.json.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from e2e import parts
 from e2e.cluster import ClusterError
-from e2e.nodesim import NodeSimError
+from e2e.nodes import ImageError, NodesError
 from e2e.scenario import Scenario, ScenarioError, write_report
 from e2e.waiting import WaitTimeoutError
 
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         ScenarioError,
         WaitTimeoutError,
         ClusterError,
-        NodeSimError,
+        NodesError,
+        ImageError,
         parts.PartMissingError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -40,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     report = parts.mesh_dir() / "e2e-report.json"
     write_report(figures, report)
     print()
+    print(
+        f"nodes up / helm install: {figures.nodes_up_seconds:.1f} s / "
+        f"{figures.install_to_ready_seconds:.1f} s (image pulls included)"
+    )
     print(f"chat answer:            {figures.answer}")
     print(f"planned on:             {', '.join(figures.planned_nodes)}")
     print(f"apply -> first token:   {figures.apply_to_first_token_seconds:.1f} s")

@@ -2,13 +2,16 @@
 losing a node, on one machine.
 
 Test infrastructure driving the real product. A local control plane
-(`e2e.cluster`) and simulated nodes that run their pods as real processes
-(`e2e.nodesim`); the chart installed with helm; the CPU pool example capped so
+(`e2e.cluster`) and real nodes (`e2e.nodes`: kubelet, containerd, runc, CNI,
+kube-proxy, kube-router, CoreDNS); the project's images, built from its
+Dockerfiles, pushed to the local registry that the nodes' runtimes use as the
+mirror of the chart's default registry, so the chart's default image names are
+what gets pulled; the chart installed with helm; the CPU pool example capped so
 that gemma-3-270m needs two nodes; the model served from a local mirror (no hub
 access here); the official `openai` client talking to the gateway. Then one
-planned node is lost while a client sends a request every 0.5 s, and the model
-is deleted. Used by `e2e/test_scenario.py` and by the README's main command
-(`make demo` -> `python -m e2e.demo`).
+planned node is lost (its link cut) while a client sends a request every 0.5 s,
+and the model is deleted. Used by `e2e/test_scenario.py` and by the README's main
+command (`make demo` -> `python -m e2e.demo`).
 """
 
 from __future__ import annotations
@@ -31,13 +34,14 @@ from e2e import parts
 from e2e.cluster import LocalCluster
 from e2e.fileserver import serve_directory
 from e2e.llama import start_llama_server
-from e2e.nodesim import SimulatedCluster
+from e2e.nodes import RealNodes, chart_images
 from e2e.waiting import wait_for
 
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 NAMESPACE = "mesh-system"
+AGENT_NAMESPACE = "mesh-agents"
 MODEL_NAMESPACE = "ai"
 MODEL = "gemma-3-270m"
 POOL_LABEL = "mesh.dev/cpu-pool"
@@ -51,6 +55,9 @@ DEVICE_CAP_MIB = 280
 CONTEXT = 2048
 PROMPT = "What is the capital of France?"
 NODE_GRACE_SECONDS = 20
+# The model namespace's Pod Security level (docs/install.md): the pool's RPC and
+# model caches are hostPath volumes, which only `privileged` admits.
+MODEL_POD_SECURITY = "privileged"
 
 
 class ScenarioError(RuntimeError):
@@ -69,6 +76,10 @@ class Figures:
     max_latency_during_loss_seconds: float = 0.0
     split_tokens_per_second: float = 0.0
     solo_tokens_per_second: float = 0.0
+    # Images the kubelets pulled (Pulled events "Successfully pulled image ...").
+    images_pulled: list[str] = field(default_factory=list)
+    nodes_up_seconds: float = 0.0
+    install_to_ready_seconds: float = 0.0
     planned_nodes: list[str] = field(default_factory=list)
     replanned_nodes: list[str] = field(default_factory=list)
     lost_node: str = ""
@@ -87,7 +98,7 @@ class Scenario:
         self.workdir = workdir
         self.keep = keep
         self.cluster = LocalCluster(workdir / "cluster")
-        self.sim: SimulatedCluster | None = None
+        self.nodes = RealNodes(self.cluster, workdir / "nodes")
         self.figures = Figures()
 
     # -- helpers -------------------------------------------------------------------
@@ -138,30 +149,56 @@ class Scenario:
     def start_cluster(self) -> None:
         log("starting the control plane (etcd, apiserver, controller-manager, scheduler)")
         self.cluster.up(node_monitor_grace_seconds=NODE_GRACE_SECONDS)
-        self.sim = SimulatedCluster(
-            self.cluster, self.workdir / "nodes", backoff_base_seconds=2, backoff_cap_seconds=10
-        )
-        self.sim.add_node(SYSTEM_NODE, labels={SYSTEM_LABEL: "system"}, cpu="4", memory="8Gi")
-        for name in POOL_NODES:
-            self.sim.add_node(name, labels={POOL_LABEL: "true"}, cpu="4", memory="8Gi")
-        log(f"nodes: {', '.join((SYSTEM_NODE, *POOL_NODES))} (each a process running its pods)")
+        log("starting real nodes (kubelet, containerd, kube-proxy, kube-router) and CoreDNS")
+        started = time.monotonic()
+        nodes = {SYSTEM_NODE: {SYSTEM_LABEL: "system"}}
+        nodes.update({name: {POOL_LABEL: "true"} for name in POOL_NODES})
+        self.nodes.up(nodes, push=chart_images())
+        self.figures.nodes_up_seconds = time.monotonic() - started
+        log(f"nodes Ready: {', '.join(nodes)} in {self.figures.nodes_up_seconds:.1f}s")
 
     def install(self) -> None:
-        log("helm install mesh charts/mesh")
+        log("helm install mesh charts/mesh (the chart's default images)")
+        # The namespaces at the Pod Security levels docs/install.md promises.
+        for namespace, level in ((NAMESPACE, "restricted"), (MODEL_NAMESPACE, MODEL_POD_SECURITY)):
+            self.kubectl("create", "namespace", namespace, check=False)
+            self.kubectl(
+                "label", "--overwrite", "namespace", namespace,
+                f"pod-security.kubernetes.io/enforce={level}",
+            )  # fmt: skip
+        started = time.monotonic()
         self.helm(
             "install", "mesh", str(REPO / "charts" / "mesh"),
-            "--namespace", NAMESPACE, "--create-namespace",
+            "--namespace", NAMESPACE,
             "-f", str(REPO / "e2e" / "values-e2e.yaml"),
+            "--set", f"agent.namespace={AGENT_NAMESPACE}",
+            "--set", f"agent.stateDir={self.host_path('agent')}",
+            "--set", f"agent.modelCache={self.host_path('models')}",
             "--wait", "--timeout", "5m",
         )  # fmt: skip
-        log("operator, gateway and three agents running")
+        self.figures.install_to_ready_seconds = time.monotonic() - started
+        log(
+            f"operator, gateway and three agents running "
+            f"({self.figures.install_to_ready_seconds:.1f}s, image pulls included)"
+        )
+
+    def host_path(self, name: str) -> str:
+        """A node folder for hostPath volumes: the nodes share this machine's disk,
+        so the scenario keeps them in its own folder rather than under /var/lib."""
+        return str(self.workdir / "hostpath" / name)
 
     def apply_pool(self) -> None:
         pool = yaml.safe_load((REPO / "manifests" / "examples" / "cpu-pool.yaml").read_text())
         # The example as shipped, with per-node capacity capped so the model needs
         # two of the three nodes, and one RPC thread per node (they share 2 cores).
         pool["spec"].update(
-            {"deviceMemoryCapMiB": DEVICE_CAP_MIB, "rpcThreads": 1, "maxNodesPerModel": 3}
+            {
+                "deviceMemoryCapMiB": DEVICE_CAP_MIB,
+                "rpcThreads": 1,
+                "maxNodesPerModel": 3,
+                "rpcCache": {"enabled": True, "hostPath": self.host_path("rpc-cache")},
+                "modelCache": {"hostPath": self.host_path("models")},
+            }
         )
         self.kubectl("apply", "-f", "-", input_text=json.dumps(pool))
         wait_for(
@@ -198,6 +235,7 @@ class Scenario:
         self.kubectl("apply", "-f", "-", input_text=json.dumps(model))
         obj = wait_for("the model to be Ready", self.ready, timeout=600)
         self.figures.apply_to_ready_seconds = time.monotonic() - applied
+        self.figures.images_pulled = self.pulled_images()
         self.figures.planned_nodes = list(obj["status"]["plan"]["rpc"])
         self.figures.agents_saw_workers = wait_for(
             "the agents to report the model's RPC servers",
@@ -209,6 +247,17 @@ class Scenario:
             f"{obj['status']['nodes']} (split {obj['status']['split']})"
         )
         return applied
+
+    def pulled_images(self) -> list[str]:
+        """Images some kubelet really pulled (not found present), from the events."""
+        found = set()
+        for event in (self.get("events", "-A", "--field-selector", "reason=Pulled") or {}).get(
+            "items", []
+        ):
+            message = event.get("message", "")
+            if message.startswith("Successfully pulled image "):
+                found.add(message.split('"')[1])
+        return sorted(found)
 
     def _agents_seeing_workers(self, nodes: list[str]) -> list[str] | None:
         seen = []
@@ -259,7 +308,6 @@ class Scenario:
         return statistics.median(rates) if rates else 0.0
 
     def lose_a_node(self, client: OpenAI) -> None:
-        assert self.sim is not None
         obj = self.model()
         assert obj is not None
         plan = obj["status"]["plan"]
@@ -289,9 +337,9 @@ class Scenario:
         worker = threading.Thread(target=client_loop, daemon=True)
         worker.start()
         time.sleep(2)
-        log(f"losing {lost}: its node process and every pod process killed, Lease left to expire")
+        log(f"losing {lost}: its network link cut, its pods unreachable, Lease left to expire")
         lost_at = time.monotonic()
-        self.sim.stop_node(lost)
+        self.nodes.lose(lost)
 
         def moved() -> dict[str, Any] | None:
             obj = self.ready()
@@ -368,8 +416,7 @@ class Scenario:
         if self.keep:
             log(f"kept running: KUBECONFIG={self.cluster.kubeconfig}")
             return
-        if self.sim is not None:
-            self.sim.down()
+        self.nodes.down()
         self.cluster.down()
 
     # -- the whole thing ------------------------------------------------------------
@@ -379,8 +426,7 @@ class Scenario:
         digest = Path(f"{sha256.resolve()}.sha256").read_text().strip()
         try:
             self.start_cluster()
-            assert self.sim is not None
-            with serve_directory(parts.model_path().parent, self.sim.host_address) as mirror:
+            with serve_directory(parts.model_path().parent, self.nodes.plan.host_address) as mirror:
                 self.install()
                 self.apply_pool()
                 applied = self.apply_model(mirror, digest)

@@ -1,5 +1,6 @@
-"""The acceptance test: helm install, a model split over two simulated nodes, chat
-through the gateway, a node lost under load with no client error, deletion."""
+"""The acceptance test: helm install of the project's own images on real nodes, a
+model split over two of them, chat through the gateway, a node lost under load
+with no client error, deletion."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from e2e import parts
+from e2e.nodes.images import chart_images, require_real_nodes
 from e2e.scenario import Scenario, write_report
 from tests.conftest import require_part
 
@@ -21,9 +23,12 @@ def test_the_whole_mission(tmp_path: Path) -> None:
     for name in ("kube-apiserver", "etcd", "helm", "llama-server", "ggml-rpc-server"):
         require_part(lambda name=name: parts.binary(name))  # type: ignore[misc]
     require_part(parts.model_path)
+    require_part(require_real_nodes)
     figures = Scenario(tmp_path).run()
     write_report(figures, REPORT)
 
+    # The chart's default images were pulled from the registry, not preloaded.
+    assert set(chart_images()) <= set(figures.images_pulled), figures.images_pulled
     # Split over two nodes because each node's capacity is capped below the model.
     assert len(figures.planned_nodes) >= 2, figures
     assert figures.answer and figures.streamed_answer

@@ -81,6 +81,13 @@ def _run(argv: Sequence[str], *, check: bool = True, input_text: str | None = No
     return result.stdout
 
 
+def _write(path: Path, text: str) -> None:
+    """Write a configuration file only when it changes: kube-proxy exits when its
+    configuration file is rewritten under it."""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
 def _ip(*args: str, check: bool = True) -> str:
     return _run(["ip", *args], check=check)
 
@@ -325,32 +332,36 @@ class RealNodes:
             files.pod_logs,
         ):
             folder.mkdir(parents=True, exist_ok=True)
-        files.containerd_config.write_text(
+        _write(
+            files.containerd_config,
             configs.containerd_config(
                 files,
                 self.infra_image(images.PAUSE_IMAGE),
                 CNI_BIN_DIR,
                 shutil.which("runc") or "runc",
-            )
+            ),
         )
         servers = {u: f"https://{u}" for u in configs.MIRRORED_REGISTRIES}
         servers[self.registry] = f"http://{self.registry}"
         for host, server in servers.items():
             hosts = files.registry_hosts / host / "hosts.toml"
             hosts.parent.mkdir(parents=True, exist_ok=True)
-            hosts.write_text(configs.registry_hosts_toml(server, self.registry))
-        (files.cni_conf_dir / "10-mesh-e2e.conflist").write_text(
-            configs.cni_conflist(plan.pod_subnet(record.index), files.cni_ipam_dir)
+            _write(hosts, configs.registry_hosts_toml(server, self.registry))
+        _write(
+            (files.cni_conf_dir / "10-mesh-e2e.conflist"),
+            configs.cni_conflist(plan.pod_subnet(record.index), files.cni_ipam_dir),
         )
         # Pods with dnsPolicy Default get this; there is no upstream resolver.
-        files.resolv_conf.write_text(f"nameserver {configs.CLUSTER_DNS_IP}\n")
-        files.kubelet_config.write_text(
-            configs.kubelet_config(files, node_ip, self.cluster.pki_dir / "ca.crt")
+        _write(files.resolv_conf, f"nameserver {configs.CLUSTER_DNS_IP}\n")
+        _write(
+            files.kubelet_config,
+            configs.kubelet_config(files, node_ip, self.cluster.pki_dir / "ca.crt"),
         )
         node_kc = self._kubeconfig(f"node-{name}", f"system:node:{name}", "system:nodes")
         proxy_kc = self._kubeconfig(f"kube-proxy-{name}", KUBE_PROXY_USER, None)
-        files.kube_proxy_config.write_text(
-            configs.kube_proxy_config(name, node_ip, proxy_kc, plan.pod_network)
+        _write(
+            files.kube_proxy_config,
+            configs.kube_proxy_config(name, node_ip, proxy_kc, plan.pod_network),
         )
 
         if not self.procs.running(f"containerd-{name}"):

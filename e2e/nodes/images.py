@@ -10,12 +10,15 @@ limits), written into the cache and passed through CONTAINERS_CONF.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
+
+import yaml
 
 from e2e import parts
 
@@ -105,3 +108,41 @@ def push(images: Mapping[str, str], registry: str) -> None:
         if not exists(local):
             raise ImageError(f"image {local} not found locally: run `make images`")
         podman("push", "--tls-verify=false", "--quiet", local, f"docker://{registry}/{path}")
+
+
+def chart_images(chart: Path | None = None) -> dict[str, str]:
+    """The chart's default images (as `make images` tags them locally) and their
+    paths in the registry that mirrors the chart's default registry."""
+    folder = chart or parts.REPO_ROOT / "charts" / "mesh"
+    meta = yaml.safe_load((folder / "Chart.yaml").read_text())
+    values = yaml.safe_load((folder / "values.yaml").read_text())
+    registry = str(values["registry"])
+    app = str(meta["appVersion"])
+    llama = str(meta["annotations"]["mesh.dev/llama-cpp"])
+    names = [
+        f"{registry}/mesh:{app}",
+        f"{registry}/mesh-agent:{app}",
+        f"{registry}/llama.cpp:{llama}-cpu",
+    ]
+    # ghcr.io/mesh-dev/mesh:0.1.0 is pulled through the mirror as mesh-dev/mesh:0.1.0.
+    return {name: name.split("/", 1)[1] for name in names}
+
+
+NODE_PROGRAMS = ("kubelet", "kube-proxy", "kube-router", "coredns", "registry", "crictl", "pause")
+
+
+def require_real_nodes() -> Path:
+    """What real nodes need, as a `parts.PartMissingError` naming the first part
+    missing (tests skip on it, or fail under CI): root, the node programs, the
+    Debian ones, podman, and the chart's default images built by `make images`."""
+    if os.geteuid() != 0:
+        raise parts.PartMissingError("real nodes need root (network namespaces, containerd)")
+    for program in NODE_PROGRAMS:
+        parts.binary(program)
+    for program in ("containerd", "runc", "podman", "iptables", "ipset", "nsenter"):
+        if shutil.which(program) is None:
+            raise parts.PartMissingError(f"{program} not found: {parts.SETUP_HINT}")
+    for image in chart_images():
+        if not exists(image):
+            raise parts.PartMissingError(f"image {image} not built: run `make images`")
+    return parts.bin_dir()

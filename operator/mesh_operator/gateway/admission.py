@@ -53,7 +53,7 @@ class ModelGoneError(AdmissionError):
 class Backend:
     """One host (llama-server) of one model."""
 
-    __slots__ = ("healthy", "in_flight", "probe_task", "removed", "slots", "url")
+    __slots__ = ("healthy", "in_flight", "on_retire", "probe_task", "removed", "slots", "url")
 
     def __init__(self, url: str, slots: int) -> None:
         self.url = url
@@ -63,6 +63,9 @@ class Backend:
         # still be loading its model (/health 503).
         self.healthy = False
         self.removed = False
+        # Called when discovery drops the host: requests still waiting for its
+        # answer give up on it (a host on a lost node may never answer).
+        self.on_retire: set[Callable[[], None]] = set()
         self.probe_task: asyncio.Task[None] | None = None
 
     def has_room(self) -> bool:
@@ -201,7 +204,8 @@ class Router:
             wanted = dict.fromkeys(record.backends)
             for url in list(gate.backends):
                 if url not in wanted:
-                    # Requests in flight on it keep their reference and finish.
+                    # Requests whose answer has started reaching their client
+                    # finish on it; the others are sent again (see proxy).
                     self._retire(gate.backends.pop(url))
             for url in wanted:
                 known = gate.backends.get(url)
@@ -238,6 +242,8 @@ class Router:
 
     def _retire(self, backend: Backend) -> None:
         backend.removed = True
+        for abandon in list(backend.on_retire):
+            abandon()
         if backend.probe_task is not None:
             backend.probe_task.cancel()
 

@@ -16,9 +16,11 @@ event instead. Every answer is counted, timed and traced here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -289,9 +291,10 @@ class Proxy:
             # answer while announcing keep-alive: reusing it would race that close.
             headers["Connection"] = "close"
         try:
-            upstream = await self._session.post(
-                backend.url + request.path_qs, data=body, headers=headers
-            )
+            async with _unless_retired(backend):
+                upstream = await self._session.post(
+                    backend.url + request.path_qs, data=body, headers=headers
+                )
         except _CONNECT_ERRORS as exc:
             raise _RetryableError("connect", _describe(exc), counts=False, host_down=True) from None
         except aiohttp.SocketTimeoutError:
@@ -311,7 +314,9 @@ class Proxy:
                 # Read to the end (or closed on a cut): back to the pool if reusable.
                 upstream.release()
                 return relayed
-            answer = await self._answer_body(request, upstream=upstream, gate=gate, x=x)
+            answer = await self._answer_body(
+                request, upstream=upstream, gate=gate, backend=backend, x=x
+            )
         except BaseException:
             # Abort rather than return the connection to the pool: closing it is
             # what tells llama-server to stop working on this request.
@@ -326,20 +331,27 @@ class Proxy:
         *,
         upstream: aiohttp.ClientResponse,
         gate: ModelGate,
+        backend: Backend,
         x: _Exchange,
     ) -> web.StreamResponse:
         """A non-streamed answer: held whole so a failure can still be retried,
         unless it is larger than `BUFFERED_ANSWER_BYTES` (a big embeddings batch),
         which is then passed on as it comes rather than held in memory."""
         parts: list[bytes] = []
-        size = 0
         chunks = upstream.content.iter_chunked(READ_CHUNK).__aiter__()
-        try:
+
+        async def read_head() -> int:
+            size = 0
             async for chunk in chunks:
                 parts.append(chunk)
                 size += len(chunk)
                 if size > BUFFERED_ANSWER_BYTES:
                     break
+            return size
+
+        try:
+            async with _unless_retired(backend):
+                size = await read_head()
         except aiohttp.SocketTimeoutError:
             raise self._timed_out(gate, x) from None
         except _BROKEN_ERRORS as exc:
@@ -396,7 +408,8 @@ class Proxy:
         loop = asyncio.get_running_loop()
         chunks = upstream.content.iter_any().__aiter__()
         try:
-            first = await chunks.__anext__()
+            async with _unless_retired(backend):
+                first = await chunks.__anext__()
         except StopAsyncIteration:
             first = b""
         except aiohttp.SocketTimeoutError:
@@ -569,6 +582,47 @@ def _request_id(given: str | None) -> str:
         and " " not in given
     )
     return given if sane and given is not None else uuid.uuid4().hex
+
+
+@contextlib.asynccontextmanager
+async def _unless_retired(backend: Backend) -> AsyncIterator[None]:
+    """Give up the awaits inside when discovery retires `backend`.
+
+    Used only while nothing has reached the client: a host whose node was lost
+    (a cut link, a partition) may hold the connection open and never answer, and
+    its replacement is already known, so the request is sent again there. The
+    awaits run in the request's own task (a second task would change when the
+    answer's first bytes are read), which the retirement cancels.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    abandoned = False
+
+    def abandon() -> None:
+        nonlocal abandoned
+        abandoned = True
+        task.cancel()
+
+    if backend.removed:
+        raise _retired()
+    backend.on_retire.add(abandon)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if abandoned and task.uncancel() == 0:
+            raise _retired() from None
+        raise
+    finally:
+        backend.on_retire.discard(abandon)
+
+
+def _retired() -> _RetryableError:
+    return _RetryableError(
+        "retired",
+        "the host was removed while its answer was awaited",
+        counts=False,
+        host_down=False,
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -444,6 +444,33 @@ def test_stream_dropped_before_its_first_byte_is_retried() -> None:
     run(scenario())
 
 
+@pytest.mark.parametrize("body", [CHAT, STREAM], ids=["non-streamed", "streamed"])
+def test_a_silent_host_dropped_by_discovery_is_left_and_the_request_sent_again(
+    body: dict[str, Any],
+) -> None:
+    """A host on a lost node holds the connection and never answers; once discovery
+    names its replacement the request goes there, and the client sees one answer."""
+
+    async def scenario() -> None:
+        async with hosts(2) as [silent, replacement]:
+            silent.answer_delay = 3600
+            source = SettableSource([record("gemma", [silent.url])])
+            async with gateway(source) as (gw, client):
+                request = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+                await wait_for(lambda: silent.requests == 1)
+                source.set([record("gemma", [replacement.url])])
+                resp = await request
+                expected = STREAMED if body.get("stream") else RECORDED_CHAT
+                assert (resp.status, await resp.read()) == (200, expected)
+                resp.release()
+                assert replacement.requests == 1
+                # The abandoned exchange was closed, so the host stops working on it.
+                await wait_for(lambda: silent.disconnected == 1)
+                assert value(gw, "mesh_gateway_retries_total", reason="retired") == 1
+
+    run(scenario())
+
+
 def test_a_host_loading_its_model_is_waited_for() -> None:
     async def scenario() -> None:
         async with hosts(behaviour="loading", misbehave_times=1) as [host]:
