@@ -24,6 +24,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,6 +72,10 @@ class Figures:
     apply_to_ready_seconds: float = 0.0
     apply_to_first_token_seconds: float = 0.0
     node_loss_to_serving_seconds: float = 0.0
+    # Where that time went, from the MeshModel's conditions (1 s resolution):
+    # seconds after the loss at which the model was re-planned, its new workers
+    # were Ready, and its host answered /health.
+    loss_timeline: dict[str, float] = field(default_factory=dict)
     requests_during_loss: int = 0
     errors_during_loss: int = 0
     max_latency_during_loss_seconds: float = 0.0
@@ -339,6 +344,7 @@ class Scenario:
         time.sleep(2)
         log(f"losing {lost}: its network link cut, its pods unreachable, Lease left to expire")
         lost_at = time.monotonic()
+        lost_wall = time.time()
         self.nodes.lose(lost)
 
         def moved() -> dict[str, Any] | None:
@@ -349,6 +355,18 @@ class Scenario:
 
         obj = wait_for("the model to serve again without the lost node", moved, timeout=600)
         self.figures.node_loss_to_serving_seconds = time.monotonic() - lost_at
+        self.figures.loss_timeline = condition_times(obj, since=lost_wall)
+        replanned = self.get(
+            "events", "-n", MODEL_NAMESPACE,
+            "--field-selector", f"involvedObject.name={MODEL},reason=Replanned",
+        )  # fmt: skip
+        stamps = [
+            e.get("lastTimestamp") or e.get("eventTime") for e in (replanned or {}).get("items", [])
+        ]
+        if stamps:
+            self.figures.loss_timeline["Replanned"] = round(
+                parse_time(max(s for s in stamps if s)) - lost_wall, 1
+            )
         self.figures.replanned_nodes = list(obj["status"]["plan"]["rpc"])
         time.sleep(3)
         stop.set()
@@ -360,7 +378,8 @@ class Scenario:
             f"re-planned onto {obj['status']['nodes']} in "
             f"{self.figures.node_loss_to_serving_seconds:.1f}s; "
             f"{len(latencies)} requests answered, {len(errors)} errors, "
-            f"slowest {self.figures.max_latency_during_loss_seconds:.1f}s"
+            f"slowest {self.figures.max_latency_during_loss_seconds:.1f}s; "
+            f"conditions after the loss: {self.figures.loss_timeline}"
         )
         for error in errors[:5]:
             log(f"client error: {error}")
@@ -437,6 +456,22 @@ class Scenario:
         finally:
             self.teardown()
         return self.figures
+
+
+def condition_times(obj: dict[str, Any], *, since: float) -> dict[str, float]:
+    """Seconds from `since` (epoch) to each condition's last transition."""
+    out = {}
+    for cond in obj.get("status", {}).get("conditions", []):
+        stamp = cond.get("lastTransitionTime")
+        if cond.get("status") == "True" and stamp:
+            out[cond["type"]] = round(parse_time(stamp) - since, 1)
+    return out
+
+
+def parse_time(stamp: str) -> float:
+    """Epoch seconds of a Kubernetes timestamp (seconds, or micro-seconds for events)."""
+    stamp = stamp.split(".", maxsplit=1)[0].rstrip("Z")
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
 
 
 def write_report(figures: Figures, path: Path) -> None:
