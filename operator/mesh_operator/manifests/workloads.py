@@ -35,6 +35,7 @@ from mesh_operator.manifests.labels import (
     ARGS_HASH_ANNOTATION,
     HEADER_COMPONENT,
     HOST,
+    IMAGES_ANNOTATION,
     PLAN_ANNOTATION,
     POLICY_COMPONENT,
     RPC_COMPONENT,
@@ -222,6 +223,9 @@ def args_hash(args: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(args)).encode()).hexdigest()[:16]
 
 
+RPC_TERMINATION_GRACE_SECONDS = 1
+
+
 def rpc_daemonset_name(model: str, index: int = 0) -> str:
     return f"{model}-rpc" if index == 0 else f"{model}-rpc-{index}"
 
@@ -229,6 +233,22 @@ def rpc_daemonset_name(model: str, index: int = 0) -> str:
 def node_variant(w: ModelWorkload, node: str) -> ImageVariant:
     """The llama.cpp image variant a planned node runs."""
     return w.variants.get(node) or ("cuda" if w.pool.backend == "cuda" else "cpu")
+
+
+def host_image(w: ModelWorkload) -> str:
+    """The llama-server image of the host: the variant of the node it runs on."""
+    return with_variant(w.pool.images.llama_server, node_variant(w, w.host_node))
+
+
+def rpc_images(w: ModelWorkload) -> dict[str, str]:
+    """The ggml-rpc-server image of each planned node, in --rpc order."""
+    return {n: with_variant(w.pool.images.rpc_server, node_variant(w, n)) for n in w.rpc_nodes}
+
+
+def images_digest(llama_server: str, rpc_servers: Sequence[str]) -> str:
+    """A short digest of the images a host and its workers run together."""
+    canonical = json.dumps([llama_server, sorted(set(rpc_servers))])
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def _runtime_class(w: ModelWorkload, variant: ImageVariant) -> str | None:
@@ -314,7 +334,11 @@ def build_rpc_daemonsets(w: ModelWorkload) -> list[Obj]:
                     _owner_container(image, images.pull_policy, [("rpc-cache", RPC_CACHE_MOUNT)])
                 ]
         pod_spec["containers"] = [container]
-        pod_spec["terminationGracePeriodSeconds"] = 10
+        # ggml-rpc-server installs no signal handler and runs as its container's
+        # PID 1, which the kernel shields from SIGTERM: only the SIGKILL at the end
+        # of the grace period stops it. A longer grace only delays a re-plan (the
+        # replacement pod waits for this one); the server holds nothing to flush.
+        pod_spec["terminationGracePeriodSeconds"] = RPC_TERMINATION_GRACE_SECONDS
         runtime_class = _runtime_class(w, variant)
         if runtime_class:
             pod_spec["runtimeClassName"] = runtime_class
@@ -420,11 +444,14 @@ def build_host_deployment(w: ModelWorkload, replicas: int = 1) -> Obj:
         env.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "none"})
     server: Obj = {
         "name": "llama-server",
-        "image": with_variant(w.pool.images.llama_server, variant),
+        "image": host_image(w),
         "imagePullPolicy": w.pool.images.pull_policy,
         "command": list(w.pool.images.llama_server_command),
         "args": args,
         "env": env,
+        # A host that exits in error leaves its log's tail as the termination
+        # message: the operator reads a refused RPC handshake from there.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "ports": [{"name": HOST_PORT_NAME, "containerPort": HOST_PORT, "protocol": "TCP"}],
         "startupProbe": _probe("/health", 5, STARTUP_PROBE_SECONDS // 5),
         "readinessProbe": _probe("/health", 5, 2),
@@ -470,6 +497,9 @@ def build_host_deployment(w: ModelWorkload, replicas: int = 1) -> Obj:
                     "annotations": {
                         PLAN_ANNOTATION: str(w.plan_generation),
                         ARGS_HASH_ANNOTATION: args_hash(args),
+                        IMAGES_ANNOTATION: images_digest(
+                            host_image(w), list(rpc_images(w).values())
+                        ),
                     },
                 },
                 "spec": pod_spec,
