@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup images demo test lint unit integration e2e cluster-up cluster-down bench clean
+.PHONY: setup images demo test lint unit integration e2e cluster-up cluster-down nodes-up nodes-down bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -12,7 +12,7 @@ setup:
 images:
 	bash scripts/build-images.sh --old
 
-demo: setup
+demo: setup images
 	$(PY) -m e2e.demo
 
 lint:
@@ -38,9 +38,18 @@ cluster-up:
 cluster-down:
 	$(PY) -m e2e.cluster down
 
+# Three real nodes (kubelet, containerd, CNI, kube-proxy, kube-router, CoreDNS) on
+# the local control plane, with the chart's default images in their registry.
+nodes-up:
+	$(PY) -m e2e.nodes up --nodes 3
+
+nodes-down:
+	$(PY) -m e2e.nodes down
+
 bench:
 	$(PY) -m bench
 
 clean:
+	-$(PY) -m e2e.nodes down
 	-$(PY) -m e2e.cluster down
 	rm -rf .mesh

@@ -1,6 +1,7 @@
 """Command line of the real test nodes (test infrastructure).
 
     python -m e2e.nodes up [--nodes 3] [--label k=v] [--push LOCAL=PATH]
+                                        # default push: the chart's images built here
     python -m e2e.nodes status
     python -m e2e.nodes lose NODE       # cut the node's link (a lost node)
     python -m e2e.nodes restore NODE
@@ -23,7 +24,8 @@ from e2e.cluster import ClusterError, LocalCluster
 from e2e.cluster import default_state_dir as default_cluster_dir
 from e2e.nodes.addresses import AddressError
 from e2e.nodes.harness import NodesError, RealNodes, default_state_dir, require_root
-from e2e.nodes.images import ImageError
+from e2e.nodes.images import ImageError, chart_images
+from e2e.nodes.images import exists as image_exists
 from e2e.waiting import WaitTimeoutError
 
 
@@ -49,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the control plane (if needed) and the nodes")
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--label", action="append", default=[], help="key=value on every node")
-    up.add_argument("--push", action="append", default=[], help="LOCAL_IMAGE=REGISTRY_PATH")
+    up.add_argument(
+        "--push",
+        action="append",
+        default=[],
+        help="LOCAL_IMAGE=REGISTRY_PATH (default: the chart's images that `make images` built)",
+    )
     sub.add_parser("status", help="the programs and whether each is running")
     for name in ("lose", "restore"):
         cmd = sub.add_parser(name)
@@ -69,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             cluster.up()
             labels = _pairs(args.label, "--label")
             wanted = {f"node-{i}": labels for i in range(args.nodes)}
-            nodes.up(wanted, push=_pairs(args.push, "--push"))
+            push = _pairs(args.push, "--push") or {
+                local: path for local, path in chart_images().items() if image_exists(local)
+            }
+            nodes.up(wanted, push=push)
             print(
                 f"{args.nodes} nodes Ready in {time.monotonic() - started:.1f}s\n"
                 f"export KUBECONFIG={cluster.kubeconfig}"
