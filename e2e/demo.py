@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"chat answer:            {figures.answer}")
     print(f"planned on:             {', '.join(figures.planned_nodes)}")
-    print(f"apply -> first token:   {figures.apply_to_first_token_seconds:.1f} s")
+    print(
+        f"apply -> first token:   {figures.apply_to_first_token_seconds:.1f} s "
+        f"(of which image pulls {figures.model_pull_seconds:.1f} s)"
+    )
     print(f"node lost:              {figures.lost_node}")
     print(
         f"node loss -> serving:   {figures.node_loss_to_serving_seconds:.1f} s "

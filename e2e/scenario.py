@@ -17,6 +17,7 @@ command (`make demo` -> `python -m e2e.demo`).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -83,6 +84,9 @@ class Figures:
     solo_tokens_per_second: float = 0.0
     # Images the kubelets pulled (Pulled events "Successfully pulled image ...").
     images_pulled: list[str] = field(default_factory=list)
+    # Time the kubelets spent pulling the model's images (all its pods, summed):
+    # inside apply-to-first-token, shown apart.
+    model_pull_seconds: float = 0.0
     nodes_up_seconds: float = 0.0
     install_to_ready_seconds: float = 0.0
     planned_nodes: list[str] = field(default_factory=list)
@@ -241,6 +245,7 @@ class Scenario:
         obj = wait_for("the model to be Ready", self.ready, timeout=600)
         self.figures.apply_to_ready_seconds = time.monotonic() - applied
         self.figures.images_pulled = self.pulled_images()
+        self.figures.model_pull_seconds = round(sum(t for _, t in self.pulls(MODEL_NAMESPACE)), 1)
         self.figures.planned_nodes = list(obj["status"]["plan"]["rpc"])
         self.figures.agents_saw_workers = wait_for(
             "the agents to report the model's RPC servers",
@@ -253,16 +258,21 @@ class Scenario:
         )
         return applied
 
-    def pulled_images(self) -> list[str]:
-        """Images some kubelet really pulled (not found present), from the events."""
-        found = set()
-        for event in (self.get("events", "-A", "--field-selector", "reason=Pulled") or {}).get(
+    def pulls(self, *namespace: str) -> list[tuple[str, float]]:
+        """(image, seconds) of each real pull (not an image found present), from the
+        kubelets' Pulled events: "Successfully pulled image "X" in 873ms (...)"."""
+        scope = ["-n", *namespace] if namespace else ["-A"]
+        found = []
+        for event in (self.get("events", *scope, "--field-selector", "reason=Pulled") or {}).get(
             "items", []
         ):
-            message = event.get("message", "")
-            if message.startswith("Successfully pulled image "):
-                found.add(message.split('"')[1])
-        return sorted(found)
+            match = PULLED.match(event.get("message", ""))
+            if match:
+                found.append((match["image"], go_duration(match["took"])))
+        return found
+
+    def pulled_images(self) -> list[str]:
+        return sorted({image for image, _ in self.pulls()})
 
     def _agents_seeing_workers(self, nodes: list[str]) -> list[str] | None:
         seen = []
@@ -466,6 +476,14 @@ def condition_times(obj: dict[str, Any], *, since: float) -> dict[str, float]:
         if cond.get("status") == "True" and stamp:
             out[cond["type"]] = round(parse_time(stamp) - since, 1)
     return out
+
+
+PULLED = re.compile(r'Successfully pulled image "(?P<image>[^"]+)" in (?P<took>[0-9.]+m?s)')
+
+
+def go_duration(text: str) -> float:
+    """Seconds of a Go duration as the kubelet prints pull times (873ms, 1.2s)."""
+    return float(text[:-2]) / 1000 if text.endswith("ms") else float(text[:-1])
 
 
 def parse_time(stamp: str) -> float:
