@@ -215,6 +215,24 @@ class Plan(ApiModel):
     reason: str = ""
 
 
+class VersionMismatch(ApiModel):
+    """Images of a host and its workers that speak different RPC protocols, as the
+    host's log named them, and the spec generations they were seen at."""
+
+    llama_server: str = Field(description="Image of the refused host (llama-server).")
+    rpc_servers: list[str] = Field(
+        default_factory=list, max_length=64, description="Images of the refusing workers."
+    )
+    nodes: list[str] = Field(
+        default_factory=list, max_length=64, description="Nodes of the refusing workers."
+    )
+    worker_version: str | None = Field(
+        default=None, description="The RPC protocol version the worker answered with."
+    )
+    generation: int = Field(ge=0, description="metadata.generation of the model then.")
+    pool_generation: int = Field(ge=0, description="metadata.generation of the pool then.")
+
+
 class MeshModelStatus(ApiModel):
     observed_generation: int | None = None
     conditions: list[Condition] = Field(
@@ -233,6 +251,11 @@ class MeshModelStatus(ApiModel):
     endpoint: str | None = None
     model_size_bytes: int | None = Field(default=None, ge=0)
     served_names: list[str] = Field(default_factory=list)
+    version_mismatch: VersionMismatch | None = Field(
+        default=None,
+        description="Set while the host stays stopped because its workers speak another "
+        "RPC protocol; cleared by a change of the images or of the model's or pool's spec.",
+    )
 
 
 MODEL_NAME_MAX = 45  # keep in step with the CRD rule in crdgen

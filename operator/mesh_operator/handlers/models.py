@@ -22,7 +22,7 @@ import kopf
 from kubernetes.client import ApiException
 from pydantic import ValidationError
 
-from mesh_operator import planning
+from mesh_operator import handshake, planning
 from mesh_operator.api.base import API_VERSION
 from mesh_operator.api.conditions import Condition, ConditionState, condition_status, set_condition
 from mesh_operator.api.meshmodel import MeshModelSpec, MeshModelStatus, Plan
@@ -57,6 +57,8 @@ from mesh_operator.manifests.workloads import (
     build_service,
     header_pod_name,
     host_deployment_name,
+    host_image,
+    rpc_images,
 )
 from mesh_operator.planner.errors import PlannerInputError
 from mesh_operator.planner.profile_codec import decode_profile
@@ -584,6 +586,7 @@ class _Run:
             gpus_per_node=planning.gpus_per_node(plan),
             variants=planning.image_variants(plan),
         )
+        verdict = self._host_verdict(workload, pool)
         try:
             daemonsets = build_rpc_daemonsets(workload)
             wanted = {ds["metadata"]["name"] for ds in daemonsets}
@@ -595,8 +598,9 @@ class _Run:
             self._apply(build_service(workload))
             self._apply(build_network_policy(workload, self.o.peers))
             # Until every worker of this plan is up, keep the host stopped: an RPC
-            # client cannot start without all its servers.
-            self._apply(build_host_deployment(workload, replicas=1 if addresses else 0))
+            # client cannot start without all its servers (nor with refusing ones).
+            running = addresses is not None and verdict.run
+            self._apply(build_host_deployment(workload, replicas=1 if running else 0))
             self._release_silent_nodes()
         except ApiException as exc:
             self.outcome = "error"
@@ -604,7 +608,36 @@ class _Run:
                 f"applying children failed: {api_message(exc)}",
                 delay=self.o.failures.delay(self.key),
             ) from exc
-        self._report(plan, addresses)
+        self._report(plan, addresses, verdict)
+
+    def _host_verdict(self, w: ModelWorkload, pool: PoolInfo) -> handshake.HostVerdict:
+        """Whether the host may run: not while its workers refuse its protocol."""
+        current = str(self.status.plan_generation)
+        hosts = [
+            handshake.HostExit(p.name, p.images_key, p.exits)
+            for p in self._pods(HOST)
+            if p.plan_generation == current
+        ]
+        images = rpc_images(w)
+        # Only workers running the pool's current image: a host may have talked to
+        # one on its way out after the images changed.
+        endpoints = {
+            p.node: f"{p.ip}:{pool.spec.rpc_port}"
+            for p in self._pods(RPC_COMPONENT)
+            if p.plan_generation == current and p.ip and p.node in images
+            and p.image == images[p.node]
+        }  # fmt: skip
+        group = handshake.Group(
+            llama_server=host_image(w),
+            workers=tuple(handshake.Worker(n, images[n], endpoints.get(n)) for n in w.rpc_nodes),
+            generation=self.generation,
+            pool_generation=pool.generation,
+        )
+        verdict = handshake.decide_host(self.status.version_mismatch, hosts, group)
+        self.status.version_mismatch = verdict.mismatch
+        if verdict.found:
+            self.note(handshake.MISMATCH_REASON, verdict.message, "Warning")
+        return verdict
 
     def _worker_addresses(self, plan: Plan, pool: PoolInfo) -> list[str] | None:
         current = str(self.status.plan_generation)
@@ -625,12 +658,17 @@ class _Run:
         self.cond(WORKERS_READY, "True", "WorkersReady", f"{len(plan.rpc)} RPC servers ready")
         return [f"{by_node[n].ip}:{pool.spec.rpc_port}" for n in plan.rpc]
 
-    def _report(self, plan: Plan, addresses: list[str] | None) -> None:
+    def _report(
+        self, plan: Plan, addresses: list[str] | None, verdict: handshake.HostVerdict
+    ) -> None:
         current = str(self.status.plan_generation)
         service = host_service_name(self.name)
         self.status.endpoint = f"http://{service}.{self.namespace}.svc:{HOST_PORT}/v1"
         hosts = [p for p in self._pods(HOST) if p.plan_generation == current]
-        if addresses is None:
+        if not verdict.run:
+            self.cond(READY, "False", handshake.MISMATCH_REASON, verdict.message)
+            self.outcome = "blocked"
+        elif addresses is None:
             self.cond(
                 READY, "False", "WaitingForWorkers", "the host starts once every worker is up"
             )

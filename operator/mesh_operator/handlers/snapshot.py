@@ -19,7 +19,11 @@ from mesh_operator.api.meshnode import MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.gateway.contract import COMPONENT_LABEL, MODEL_LABEL
 from mesh_operator.ledger import NodeInfo
-from mesh_operator.manifests.labels import PLAN_ANNOTATION, SOURCE_ANNOTATION
+from mesh_operator.manifests.labels import (
+    IMAGES_ANNOTATION,
+    PLAN_ANNOTATION,
+    SOURCE_ANNOTATION,
+)
 
 SPEC_HASH_ANNOTATION = "mesh.dev/spec-hash"
 # On a Node: its round trip in ms to the pool's other nodes, as the admin knows it
@@ -47,6 +51,11 @@ class PodInfo:
     # The first container's termination message, else why the pod is not running.
     message: str | None = None
     source_key: str | None = None  # the model source a header pod reads
+    # Termination messages of its containers, the current state's before the last
+    # state's: what a crashed host said on its way out.
+    exits: tuple[str, ...] = ()
+    images_key: str | None = None  # the host's group of images (IMAGES_ANNOTATION)
+    image: str | None = None  # its first container's image, as the pod spec names it
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,8 @@ def pod_info(body: Mapping[str, Any]) -> PodInfo:
         (c.get("message") for c in conditions if c.get("status") == "False" and c.get("message")),
         None,
     )
+    containers = (body.get("spec", {}) or {}).get("containers") or []
+    exits: list[str] = []
     for cs in status.get("containerStatuses", []) or []:
         restarts += int(cs.get("restartCount", 0) or 0)
         state = cs.get("state", {}) or {}
@@ -165,6 +176,10 @@ def pod_info(body: Mapping[str, Any]) -> PodInfo:
             message = (state.get("waiting") or {}).get("message") or message
         if "terminated" in state:
             message = (state.get("terminated") or {}).get("message") or message
+        for terminated in (state, cs.get("lastState") or {}):
+            exit_message = (terminated.get("terminated") or {}).get("message")
+            if exit_message:
+                exits.append(exit_message)
     return PodInfo(
         name=meta.get("name", ""),
         component=(meta.get("labels", {}) or {}).get(COMPONENT_LABEL, ""),
@@ -178,6 +193,9 @@ def pod_info(body: Mapping[str, Any]) -> PodInfo:
         deleting=meta.get("deletionTimestamp") is not None,
         message=message,
         source_key=(meta.get("annotations", {}) or {}).get(SOURCE_ANNOTATION),
+        exits=tuple(exits),
+        images_key=(meta.get("annotations", {}) or {}).get(IMAGES_ANNOTATION),
+        image=containers[0].get("image") if containers else None,
     )
 
 

@@ -33,6 +33,9 @@ HEADER_COMPONENT: Final = "header-reader"
 # restart together as a group.
 PLAN_ANNOTATION: Final = "mesh.dev/plan-generation"
 ARGS_HASH_ANNOTATION: Final = "mesh.dev/args-hash"
+# On the host's pod template: a digest of the llama-server image and its workers'
+# images, so what a host pod reports is never taken for a newer group's.
+IMAGES_ANNOTATION: Final = "mesh.dev/images"
 # On a header-reader pod: the model source it reads (a `cache_key`).
 SOURCE_ANNOTATION: Final = "mesh.dev/source"
 
