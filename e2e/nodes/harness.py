@@ -210,6 +210,8 @@ class RealNodes:
             addresses.release(self.state_dir, plan)
         for record in records:
             self.cluster.kubectl("delete", "node", record.name, "--ignore-not-found", check=False)
+        for record in records:
+            shutil.rmtree(self.files(record.name).containerd_socket.parent, ignore_errors=True)
         shutil.rmtree(self.state_dir / "node", ignore_errors=True)
         self.record_file.unlink(missing_ok=True)
         return stopped
@@ -326,6 +328,7 @@ class RealNodes:
         (self.state_dir / "kubeconfigs").mkdir(parents=True, exist_ok=True)
         for folder in (
             files.containerd_config.parent,
+            files.containerd_socket.parent,
             files.cni_conf_dir,
             files.cni_ipam_dir,
             files.kubelet_root,
