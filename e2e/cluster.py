@@ -153,6 +153,9 @@ class LocalCluster:
         if previous == seconds and self.procs.running("kube-controller-manager"):
             return previous
         cfg.node_monitor_grace_seconds = seconds
+        # A fresh port: the old one may have gone to some client's outgoing
+        # connection since the cluster started (ports come from the same range).
+        cfg.controller_manager_port = free_port()
         self.config_file.write_text(json.dumps(asdict(cfg), indent=2))
         bins = {name: parts.binary(name) for name in COMPONENTS}
         files = self._write_pki(cfg)

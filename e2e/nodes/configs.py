@@ -9,9 +9,7 @@ beyond a local one) are explained where they are set.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,10 +44,7 @@ class NodeFiles:
 
     @property
     def containerd_socket(self) -> Path:
-        """In a short folder of its own: a Unix socket path has at most 107 bytes,
-        which a test's temporary folder plus the node's layout can exceed."""
-        digest = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / "mesh-nodes" / digest / "containerd.sock"
+        return self.root / "containerd" / "containerd.sock"
 
     @property
     def containerd_config(self) -> Path:

@@ -21,17 +21,22 @@ Layout of the state folder:
     <state>/pids/*.pid, logs/*.log the programs (e2e.procs)
     <state>/registry.yaml          the registry's configuration (its blobs are
                                    kept in the cache, so pushes are incremental)
-    <state>/node/<name>/...        each node's containerd, kubelet, CNI, configs
+    $TMPDIR/mesh-nodes/<hash of state>/<name>/...
+                                   each node's containerd, kubelet, CNI, configs
+                                   (short paths: the kubelet and containerd make
+                                   Unix sockets there)
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -124,8 +129,16 @@ class RealNodes:
                 return n
         raise NodesError(f"no node {name!r} in {self.state_dir}")
 
+    @property
+    def node_root(self) -> Path:
+        """Where the nodes keep their files: a short folder of this state folder's
+        own, since the kubelet and containerd make Unix sockets under it and a
+        socket path has at most 107 bytes (a test's temporary folder is longer)."""
+        digest = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / "mesh-nodes" / digest
+
     def files(self, name: str) -> NodeFiles:
-        return NodeFiles(self.state_dir / "node" / name)
+        return NodeFiles(self.node_root / name)
 
     @property
     def registry(self) -> str:
@@ -210,9 +223,7 @@ class RealNodes:
             addresses.release(self.state_dir, plan)
         for record in records:
             self.cluster.kubectl("delete", "node", record.name, "--ignore-not-found", check=False)
-        for record in records:
-            shutil.rmtree(self.files(record.name).containerd_socket.parent, ignore_errors=True)
-        shutil.rmtree(self.state_dir / "node", ignore_errors=True)
+        shutil.rmtree(self.node_root, ignore_errors=True)
         self.record_file.unlink(missing_ok=True)
         return stopped
 
@@ -328,7 +339,6 @@ class RealNodes:
         (self.state_dir / "kubeconfigs").mkdir(parents=True, exist_ok=True)
         for folder in (
             files.containerd_config.parent,
-            files.containerd_socket.parent,
             files.cni_conf_dir,
             files.cni_ipam_dir,
             files.kubelet_root,
@@ -449,13 +459,13 @@ class RealNodes:
         )
 
     def _unmount_all(self) -> None:
-        """Unmount what the kubelet and containerd left under the state folder."""
-        prefix = str(self.state_dir) + "/"
+        """Unmount what the kubelet and containerd left under the node folders."""
+        prefixes = (str(self.state_dir) + "/", str(self.node_root) + "/")
         mounts = []
         with contextlib.suppress(OSError):
             for line in Path("/proc/self/mountinfo").read_text().splitlines():
                 point = line.split()[4].replace("\\040", " ")
-                if point.startswith(prefix):
+                if point.startswith(prefixes):
                     mounts.append(point)
         for point in sorted(mounts, key=len, reverse=True):
             _run(["umount", "-l", point], check=False)
