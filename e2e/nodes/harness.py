@@ -294,7 +294,12 @@ class RealNodes:
             storage.mkdir(parents=True, exist_ok=True)
             conf = self.state_dir / "registry.yaml"
             conf.write_text(configs.registry_config(storage, self.registry))
-            self.procs.start("registry", [str(parts.binary("registry")), "serve", str(conf)])
+            # The registry exports traces to localhost:4318 unless told not to.
+            self.procs.start(
+                "registry",
+                [str(parts.binary("registry")), "serve", str(conf)],
+                env={"OTEL_TRACES_EXPORTER": "none"},
+            )
         if not self.procs.running("apiserver-forward"):
             self.procs.start(
                 "apiserver-forward",
