@@ -256,6 +256,15 @@ class MeshModelStatus(ApiModel):
         description="Set while the host stays stopped because its workers speak another "
         "RPC protocol; cleared by a change of the images or of the model's or pool's spec.",
     )
+    worker_restarts: dict[str, int] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Restart count of each worker pod of the current plan, as last acted "
+        "on: a worker that restarts beyond it restarts its host with it.",
+    )
+    group_restarts: int = Field(
+        default=0, ge=0, description="Times the host was restarted with its group."
+    )
 
 
 MODEL_NAME_MAX = 45  # keep in step with the CRD rule in crdgen

@@ -33,6 +33,9 @@ HEADER_COMPONENT: Final = "header-reader"
 # restart together as a group.
 PLAN_ANNOTATION: Final = "mesh.dev/plan-generation"
 ARGS_HASH_ANNOTATION: Final = "mesh.dev/args-hash"
+# On the host's pod template: how many times the host was restarted with its
+# group because a worker restarted under it (MeshModel status.groupRestarts).
+GROUP_RESTART_ANNOTATION: Final = "mesh.dev/group-restarts"
 # On the host's pod template: a digest of the llama-server image and its workers'
 # images, so what a host pod reports is never taken for a newer group's.
 IMAGES_ANNOTATION: Final = "mesh.dev/images"

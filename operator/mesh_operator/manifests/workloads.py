@@ -33,6 +33,7 @@ from mesh_operator.gateway.contract import (
 )
 from mesh_operator.manifests.labels import (
     ARGS_HASH_ANNOTATION,
+    GROUP_RESTART_ANNOTATION,
     HEADER_COMPONENT,
     HOST,
     IMAGES_ANNOTATION,
@@ -88,6 +89,9 @@ class ModelWorkload:
     # The llama.cpp image variant per planned node (its devices); a node missing
     # here runs the variant of the pool's backend.
     variants: Mapping[str, ImageVariant] = field(default_factory=dict)
+    # Bumped each time the host must restart with its group (a worker restarted
+    # under it): a change of the host's pod template, so its Deployment rolls it.
+    group_restarts: int = 0
 
 
 @dataclass(frozen=True)
@@ -496,6 +500,7 @@ def build_host_deployment(w: ModelWorkload, replicas: int = 1) -> Obj:
                     "labels": build_labels(w.name, HOST),
                     "annotations": {
                         PLAN_ANNOTATION: str(w.plan_generation),
+                        GROUP_RESTART_ANNOTATION: str(w.group_restarts),
                         ARGS_HASH_ANNOTATION: args_hash(args),
                         IMAGES_ANNOTATION: images_digest(
                             host_image(w), list(rpc_images(w).values())
