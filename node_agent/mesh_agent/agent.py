@@ -30,7 +30,7 @@ from mesh_agent.health import HealthRules
 from mesh_agent.inventory import CollectorConfig, InventoryCollector
 from mesh_agent.inventory.nvml import MESH_SERVER_NAMES, NvmlLib, NvmlReader, load_nvml
 from mesh_agent.metrics import AgentMetrics, Snapshot
-from mesh_agent.publisher import MeshNodePublisher, PublishError, make_api_client
+from mesh_agent.publisher import AGENT_FIELD_MANAGER, MeshNodePublisher, PublishError
 from mesh_agent.report import build_status
 from mesh_agent.rpc_liveness import (
     RpcProbe,
@@ -44,6 +44,7 @@ from mesh_agent.server import build_app, start
 from mesh_agent.transitions import TransitionLog
 from mesh_operator.api.heartbeat import STALE_INTERVALS
 from mesh_operator.api.meshnode import MeshNodeStatus
+from mesh_operator.kubeclient import api_client
 
 log = logging.getLogger("mesh_agent")
 
@@ -98,7 +99,11 @@ class Agent:
             factory, transitions=self.transitions, retry_seconds=config.nvml_retry_seconds
         )
         self.collector = InventoryCollector(config.collector, self._nvml)
-        self._api_factory = api_factory or (lambda: make_api_client(config.kubeconfig))
+        # retries=0: the loop retries with jittered backoff; urllib3 retrying under
+        # it would multiply the wait and hide the failure.
+        self._api_factory = api_factory or (
+            lambda: api_client(config.kubeconfig, retries=0, user_agent=AGENT_FIELD_MANAGER)
+        )
         self._publisher: MeshNodePublisher | None = None
         self._discovery_api: client.ApiClient | None = None
         self._rng = rng or random.Random()

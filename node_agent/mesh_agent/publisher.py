@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import urllib3
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from mesh_agent.report import build_object_body, build_status_body
 from mesh_operator.api.base import GROUP, MESHNODE_PLURAL, VERSION
 from mesh_operator.api.meshnode import MeshNodeStatus
+from mesh_operator.kubeclient import unreachable_reason
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +39,6 @@ class PublishError(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-
-
-def make_api_client(kubeconfig: Path | None = None, *, timeout: float = 10.0) -> client.ApiClient:
-    """An API client from the pod's service account, or from a kubeconfig."""
-    cfg = client.Configuration()
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-    else:
-        config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=str(kubeconfig) if kubeconfig else None, client_configuration=cfg
-        )
-    # The agent's own loop retries with jittered backoff; urllib3 retrying under
-    # it would multiply the wait and hide the failure.
-    cfg.retries = 0
-    api = client.ApiClient(cfg)
-    api.user_agent = "mesh-agent"
-    return api
 
 
 def _conflict_managers(exc: ApiException) -> str:
@@ -82,11 +64,9 @@ def classify(exc: BaseException) -> PublishError:
         kind = kinds.get(exc.status or 0, "server" if (exc.status or 0) >= 500 else "rejected")
         return PublishError(kind, f"HTTP {exc.status} {exc.reason}: {_short_body(exc)}")
     if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
-        # urllib3 wraps the socket error several times; the innermost says why.
-        reason: BaseException = exc
-        while isinstance(getattr(reason, "reason", None), BaseException):
-            reason = reason.reason  # type: ignore[attr-defined]
-        return PublishError("unreachable", f"API server unreachable: {reason}"[:300])
+        return PublishError(
+            "unreachable", f"API server unreachable: {unreachable_reason(exc)}"[:300]
+        )
     return PublishError("error", f"{type(exc).__name__}: {exc}")
 
 

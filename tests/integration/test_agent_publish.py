@@ -17,8 +17,9 @@ from kubernetes import client
 from e2e.cluster import LocalCluster
 from mesh_agent.agent import Agent, AgentConfig
 from mesh_agent.inventory import CollectorConfig
-from mesh_agent.publisher import AGENT_FIELD_MANAGER, APPLY, make_api_client
+from mesh_agent.publisher import AGENT_FIELD_MANAGER, APPLY
 from mesh_operator.api.base import API_VERSION, GROUP, MESHNODE_PLURAL, VERSION
+from mesh_operator.kubeclient import api_client
 from tests.fixtures.nvml.double import FakeNvml, load_fixture
 from tests.integration.agent_support import get_meshnode, install_meshnode_crd
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.integration
 
 
 def apply_status_as(cluster: LocalCluster, name: str, manager: str, status: dict[str, Any]) -> None:
-    api = client.CustomObjectsApi(make_api_client(cluster.kubeconfig))
+    api = client.CustomObjectsApi(api_client(cluster.kubeconfig))
     body = {
         "apiVersion": API_VERSION,
         "kind": "MeshNode",

@@ -14,8 +14,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from e2e.cluster import LocalCluster
-from mesh_agent.publisher import make_api_client
 from mesh_operator.api.base import GROUP, MESHNODE_PLURAL, VERSION
+from mesh_operator.kubeclient import api_client
 from tests.integration.agent_support import REPO, install_meshnode_crd, wait_for
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ def rbac_documents() -> list[dict[str, Any]]:
 
 
 def as_agent_on(cluster: LocalCluster, node: str) -> client.CustomObjectsApi:
-    api = make_api_client(cluster.kubeconfig)
+    api = api_client(cluster.kubeconfig)
     headers = {
         "Impersonate-User": AGENT_USER,
         "Impersonate-Group": "system:serviceaccounts",

@@ -27,9 +27,10 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from e2e.cluster import LocalCluster
 from e2e.gateway import start_host
 from mesh_operator.gateway import host_selector_labels, host_service_name
-from mesh_operator.gateway.kube_discovery import KubernetesSource, kube_api_client
+from mesh_operator.gateway.kube_discovery import KubernetesSource
 from mesh_operator.gateway.server import Gateway
 from mesh_operator.gateway.settings import GatewaySettings
+from mesh_operator.kubeclient import api_client
 
 pytestmark = pytest.mark.integration
 
@@ -141,7 +142,7 @@ def test_routes_by_meshmodels_and_endpointslices(
         )  # fmt: skip
         await asyncio.to_thread(kubectl, "apply", "-f", "-", obj=meshmodel(namespace, served))
 
-        source = KubernetesSource(kube_api_client(str(cluster.kubeconfig)), resync_seconds=5)
+        source = KubernetesSource(api_client(cluster.kubeconfig), resync_seconds=5)
         gateway = Gateway(
             GatewaySettings(host="127.0.0.1", port=0, hold_timeout=60),
             source,

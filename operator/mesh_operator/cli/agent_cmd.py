@@ -17,14 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kubernetes.config.config_exception import ConfigException
-
 from mesh_agent.agent import Agent, AgentConfig
 from mesh_agent.health import HealthRules
 from mesh_agent.inventory import BackendMode, CollectorConfig
 from mesh_agent.inventory.cpu import HostPaths
-from mesh_agent.publisher import make_api_client
 from mesh_agent.rpc_liveness import RpcTarget
+from mesh_operator.kubeclient import KubeconfigError, api_client
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -39,7 +37,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "MESH_AGENT_LISTEN",
         "host:port of /healthz, /readyz, /metrics (default 0.0.0.0:9464)",
     ),
-    "kubeconfig": ("KUBECONFIG", "kubeconfig file; in a pod the service account is used"),
+    "kubeconfig": (
+        "KUBECONFIG",
+        "kubeconfig file (else in a pod its service account, else ~/.kube/config)",
+    ),
     "address": ("NODE_IP", "the node's address to report (downward API status.hostIP)"),
     "model_cache": (
         "MESH_AGENT_MODEL_CACHE",
@@ -153,7 +154,6 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         raise ConfigError(str(exc)) from exc
     cache = _setting(args, "model_cache") or os.environ.get("LLAMA_CACHE")
     state_dir = Path(_setting(args, "state_dir") or _default_state_dir())
-    kubeconfig = _setting(args, "kubeconfig")
     collector = CollectorConfig(
         mode=backend,
         host=HostPaths(
@@ -171,7 +171,8 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         interval_seconds=_convert(args, "interval", _positive_int, 10),
         listen_host=host,
         listen_port=port,
-        kubeconfig=Path(kubeconfig.split(os.pathsep)[0]) if kubeconfig else None,
+        # $KUBECONFIG (which may list several files) is read by mesh_operator.kubeclient.
+        kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
         address=_setting(args, "address"),
         rpc_targets=targets,
         discover_rpc=_convert(args, "discover_rpc", _boolean, True),
@@ -201,8 +202,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         # Fail at start on a kubeconfig that cannot work; an API server that is
         # merely down is the loop's business.
-        make_api_client(config.kubeconfig).close()  # type: ignore[no-untyped-call]
-    except (ConfigException, OSError) as exc:
+        api_client(config.kubeconfig).close()  # type: ignore[no-untyped-call]
+    except KubeconfigError as exc:
         print(f"mesh agent: no usable Kubernetes configuration: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

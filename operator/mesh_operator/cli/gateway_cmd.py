@@ -14,15 +14,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 from pydantic import ValidationError
 
 from mesh_operator.gateway.auth import KeyReloader, KeyRing, load_key_dir, secret_loader
 from mesh_operator.gateway.discovery import DiscoverySource, StaticModel, StaticSource
-from mesh_operator.gateway.kube_discovery import KubernetesSource, kube_api_client
+from mesh_operator.gateway.kube_discovery import KubernetesSource
 from mesh_operator.gateway.server import Gateway, serve
 from mesh_operator.gateway.settings import GatewaySettings
 from mesh_operator.gateway.tracing import configured_endpoint, setup_tracing
+from mesh_operator.kubeclient import KubeconfigError, api_client
 
 DEFAULTS = GatewaySettings()
 EXIT_FAILURE = 1
@@ -58,7 +59,10 @@ def add_parser(subparsers: Any) -> None:
     found.add_argument(
         "--slots", type=int, default=1, help="slots per host for --backend models (%(default)s)"
     )
-    found.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
+    found.add_argument(
+        "--kubeconfig",
+        help="kubeconfig file (default: $KUBECONFIG, in a pod its service account, ~/.kube/config)",
+    )
     found.add_argument("--namespace", help="watch only this namespace (default: all)")
     found.add_argument(
         "--resync", type=float, default=300.0, help="seconds between relists (%(default)s)"
@@ -180,28 +184,26 @@ def run(args: argparse.Namespace) -> int:
         print("mesh gateway: give --api-keys-dir or --api-keys-secret, not both", file=sys.stderr)
         return EXIT_FAILURE
 
-    api_client = None
+    api: client.ApiClient | None = None
     source: DiscoverySource
     needs_api = not (args.static or flag_models) or bool(args.api_keys_secret)
     if needs_api:
         try:
-            api_client = kube_api_client(args.kubeconfig)
-        except (config.ConfigException, OSError) as exc:
-            where = args.kubeconfig or "in-cluster service account or ~/.kube/config"
-            message = f"no usable cluster configuration ({where}): {exc}"
-            print(f"mesh gateway: {message}", file=sys.stderr)
+            api = api_client(args.kubeconfig)
+        except KubeconfigError as exc:
+            print(f"mesh gateway: no usable cluster configuration: {exc}", file=sys.stderr)
             return EXIT_FAILURE
-    if args.static or flag_models:
-        source = StaticSource(flag_models, args.static)
+    if api is not None and not (args.static or flag_models):
+        source = KubernetesSource(api, namespace=args.namespace, resync_seconds=args.resync)
     else:
-        source = KubernetesSource(api_client, namespace=args.namespace, resync_seconds=args.resync)
+        source = StaticSource(flag_models, args.static)
 
     keys = None
     if args.api_keys_dir:
         directory: Path = args.api_keys_dir
         keys = KeyReloader(KeyRing(), lambda: load_key_dir(directory))
     elif args.api_keys_secret:
-        core = client.CoreV1Api(api_client)
+        core = client.CoreV1Api(api)
         keys = KeyReloader(
             KeyRing(), secret_loader(core, args.api_keys_namespace, args.api_keys_secret)
         )

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from kubernetes import client, config, watch
+from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
@@ -185,32 +185,19 @@ def build_records(
 # -- I/O: the watching threads ---------------------------------------------------
 
 
-def kube_api_client(kubeconfig: str | None = None) -> Any:
-    """An API client: from `kubeconfig`, else in-cluster, else the default kubeconfig."""
-    if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-    try:
-        cfg = client.Configuration()
-        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-        return client.ApiClient(cfg)
-    except config.ConfigException:
-        return config.new_client_from_config()  # type: ignore[no-untyped-call]
-
-
 class KubernetesSource:
     """Watches MeshModels and host EndpointSlices in one namespace or all of them."""
 
     def __init__(
         self,
-        api_client: Any,
+        api: client.ApiClient,
         *,
         namespace: str | None = None,
         resync_seconds: float = 300.0,
     ) -> None:
-        self._api_client = api_client
-        self._custom = client.CustomObjectsApi(api_client)
-        self._discovery = client.DiscoveryV1Api(api_client)
-        self._core = client.CoreV1Api(api_client)
+        self._custom = client.CustomObjectsApi(api)
+        self._discovery = client.DiscoveryV1Api(api)
+        self._core = client.CoreV1Api(api)
         self._namespace = namespace
         self._resync = resync_seconds
         self._lock = threading.Lock()

@@ -19,6 +19,10 @@ from kubernetes.client import ApiClient, ApiException
 
 from mesh_operator.api.base import FIELD_MANAGER, MESHMODEL_PLURAL, MESHPOOL_PLURAL
 from mesh_operator.api.conditions import rfc3339
+from mesh_operator.kubeclient import api_client, follow_kubeconfig_env
+
+# follow_kubeconfig_env: registration.py's kopf login imports it from here.
+__all__ = ["Kube", "Obj", "api_message", "follow_kubeconfig_env"]
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +33,7 @@ class Kube:
     """A thin client over the parts of the API mesh uses."""
 
     def __init__(self, api: ApiClient | None = None) -> None:
-        self.api = api or _default_client()
+        self.api = api or api_client()
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.apps = kubernetes.client.AppsV1Api(self.api)
         self.net = kubernetes.client.NetworkingV1Api(self.api)
@@ -206,26 +210,6 @@ def _drain(response: Any) -> None:
     """
     response.read()
     response.release_conn()
-
-
-def follow_kubeconfig_env() -> None:
-    """Make the client's default kubeconfig path follow $KUBECONFIG as it is now.
-
-    The client reads $KUBECONFIG once, when it is imported; a process that sets it
-    later (a test harness, a CLI flag) would otherwise be ignored.
-    """
-    path = os.environ.get("KUBECONFIG")
-    if path:
-        kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = path
-
-
-def _default_client() -> ApiClient:
-    try:
-        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except kubernetes.config.ConfigException:
-        follow_kubeconfig_env()
-        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
-    return ApiClient()
 
 
 def api_message(exc: ApiException) -> str:

@@ -14,7 +14,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from e2e.waiting import free_port
 from mesh_agent.agent import Agent, AgentConfig, backoff_delay
 from mesh_agent.inventory import BackendMode, CollectorConfig
-from mesh_agent.publisher import make_api_client
 from mesh_agent.rpc_liveness import RpcTarget
 from mesh_operator.cli import agent_cmd
 from mesh_operator.cli.main import build_parser, main
@@ -105,9 +104,7 @@ def test_unreachable_api_server_keeps_metrics_and_logs_once(
         collector=CollectorConfig(bandwidth_cache=tmp_path / "bw.json", bandwidth_size_mib=8),
     )
     fake = FakeNvml.from_fixtures("rtx-3060-12gb")
-    agent = Agent(
-        config, nvml_factory=lambda: fake, api_factory=lambda: make_api_client(kubeconfig)
-    )
+    agent = Agent(config, nvml_factory=lambda: fake)
 
     async def scenario() -> tuple[int, int, str]:
         stop = asyncio.Event()
