@@ -22,8 +22,6 @@ Public API::
         device order (layer n_layer is the output layer), plus host RAM.
 
     parse_inventory(data: Mapping, source: str = "inventory") -> Inventory
-    inventory_node_from_meshnode(name, status: MeshNodeStatus, *, rtt_ms=None,
-                                 free_mib=None) -> InventoryNode
 
     plan_placement(profile, inventory, request: PlacementRequest | None = None,
                    current: CurrentPlan | PlacementResult | None = None)
@@ -66,7 +64,6 @@ from mesh_operator.planner.inventory import (
     Inventory,
     InventoryDevice,
     InventoryNode,
-    inventory_node_from_meshnode,
     parse_inventory,
 )
 from mesh_operator.planner.memory import (
@@ -121,7 +118,6 @@ __all__ = [
     "current_plan_from_api",
     "estimate_memory",
     "evaluate_layout",
-    "inventory_node_from_meshnode",
     "layers_for_split",
     "parse_inventory",
     "plan_placement",

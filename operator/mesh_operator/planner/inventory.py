@@ -1,9 +1,9 @@
 """The pool as the planner sees it: nodes, their devices, free memory, RTT, caches.
 
 Owns the inventory format of `mesh plan --inventory` (YAML, camelCase, the same
-field names as MeshNode's devices) and the conversion from a MeshNode status,
-so the operator and the CLI feed the planner the same type. Validation errors
-are one line naming the field, e.g. `nodes[1].devices[0].memoryFreeMiB: ...`.
+field names as MeshNode's devices), the type the operator and the CLI both feed
+the planner. Validation errors are one line naming the field, e.g.
+`nodes[1].devices[0].memoryFreeMiB: ...`.
 
 `memoryFreeMiB` is what the planner may use before the reserve: the operator
 passes free memory with this model's own current servers counted as free and
@@ -18,7 +18,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from mesh_operator.api.meshnode import MeshNodeStatus
 from mesh_operator.planner.errors import PlannerInputError
 
 Backend = Literal["cuda", "rocm", "vulkan", "cpu"]
@@ -112,39 +111,3 @@ def parse_inventory(data: Any, source: str = "inventory") -> Inventory:
             else ""
         )
         raise PlannerInputError(f"{source}: {where or 'document'}: {message}{suffix}") from None
-
-
-def inventory_node_from_meshnode(
-    name: str,
-    status: MeshNodeStatus,
-    *,
-    rtt_ms: float | None = None,
-    free_mib: Mapping[str, int] | None = None,
-) -> InventoryNode:
-    """An inventory node from a MeshNode's status.
-
-    `free_mib` (device id -> MiB) overrides the reported free memory with the
-    operator's ledger; a device or node that is not Healthy is marked unusable.
-    """
-    node_ok = status.health.state == "Healthy"
-    devices = tuple(
-        InventoryDevice(
-            id=d.id,
-            backend=d.backend,
-            memory_total_mib=d.memory_total_mib,
-            memory_free_mib=min(
-                d.memory_total_mib,
-                max(0, (free_mib or {}).get(d.id, d.memory_free_mib)),
-            ),
-            bandwidth_gbps=d.bandwidth_gbps,
-            healthy=node_ok and d.health.state == "Healthy",
-        )
-        for d in status.devices
-    )
-    return InventoryNode(
-        name=name,
-        rtt_ms=rtt_ms,
-        cached_models=tuple(c.file for c in status.cached_models),
-        healthy=node_ok,
-        devices=devices,
-    )

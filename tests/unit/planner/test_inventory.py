@@ -1,4 +1,4 @@
-"""The inventory format and the conversion from MeshNode status."""
+"""The inventory format: parsing, validation and its one-line errors."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 
-from mesh_operator.api.meshnode import MeshNodeStatus
-from mesh_operator.planner import PlannerInputError, inventory_node_from_meshnode, parse_inventory
+from mesh_operator.planner import PlannerInputError, parse_inventory
 
 pytestmark = pytest.mark.unit
 
@@ -53,35 +52,3 @@ def test_bad_inventories_say_what_and_where(doc: Any, message: str) -> None:
     with pytest.raises(PlannerInputError, match=message) as info:
         parse_inventory(doc, source="nodes.yaml")
     assert str(info.value).startswith("nodes.yaml: ") and "\n" not in str(info.value)
-
-
-def test_meshnode_status_converts_with_the_ledger_and_health() -> None:
-    status = MeshNodeStatus.model_validate(
-        {
-            "health": {"state": "Healthy"},
-            "devices": [
-                {
-                    "id": "CUDA0",
-                    "index": 0,
-                    "backend": "cuda",
-                    "memoryTotalMiB": 24576,
-                    "memoryFreeMiB": 20000,
-                    "bandwidthGBps": 936,
-                },
-                {
-                    "id": "CUDA1",
-                    "index": 1,
-                    "backend": "cuda",
-                    "memoryTotalMiB": 24576,
-                    "memoryFreeMiB": 24000,
-                    "health": {"state": "Unhealthy", "reason": "XidError"},
-                },
-            ],
-            "cachedModels": [{"file": "m.gguf", "sizeBytes": 1}],
-        }
-    )
-    node = inventory_node_from_meshnode("gpu-a", status, rtt_ms=0.3, free_mib={"CUDA0": 12000})
-    assert node.cached_models == ("m.gguf",) and node.rtt_ms == 0.3
-    assert [d.memory_free_mib for d in node.devices] == [12000, 24000]
-    assert [d.healthy for d in node.devices] == [True, False]
-    assert node.devices[0].bandwidth_gbps == 936
