@@ -22,7 +22,7 @@ from collections.abc import Callable
 from mesh_operator.api.meshmodel import ModelSource
 from mesh_operator.manifests.workloads import MODELS_MOUNT
 from mesh_operator.planner import read_model_profile
-from mesh_operator.planner.errors import PlannerInputError
+from mesh_operator.planner.errors import HeaderTruncatedError
 from mesh_operator.planner.profile import ModelProfile
 
 HF_ENDPOINT_DEFAULT = "https://huggingface.co"
@@ -135,8 +135,8 @@ def fetch_header_bytes(
 ) -> bytes:
     """Read the smallest prefix of the remote file that `parse` accepts.
 
-    `parse` raises `EOFError` while the prefix ends before the tensor infos, and
-    any other exception when the bytes are not a GGUF model.
+    `parse` raises `HeaderTruncatedError` while the prefix ends before the tensor
+    infos, and any other exception when the bytes are not a GGUF model.
     """
     url = source_url(source, hf_endpoint)
     data = b""
@@ -147,7 +147,7 @@ def fetch_header_bytes(
         try:
             parse(data)
             return data
-        except EOFError as exc:
+        except HeaderTruncatedError as exc:
             if not chunk or len(data) < want or want >= HEADER_MAX:
                 raise SourceError(
                     "SourceInvalid",
@@ -191,12 +191,7 @@ class ProfileCache:
         read: list[ModelProfile] = []
 
         def parse(data: bytes) -> None:
-            try:
-                read.append(read_model_profile(data, file_name=file_name))
-            except PlannerInputError as exc:
-                if "truncated at byte" in str(exc):
-                    raise EOFError(str(exc)) from exc
-                raise
+            read.append(read_model_profile(data, file_name=file_name))
 
         # The profile of the prefix that parsed is the profile: no second parse.
         fetch_header_bytes(source, parse, token=token, hf_endpoint=self.hf_endpoint)

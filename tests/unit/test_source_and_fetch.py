@@ -14,6 +14,7 @@ from mesh_operator.api.meshmodel import ModelSource
 from mesh_operator.cli.main import main
 from mesh_operator.fetch import FetchError, FetchRequest, fetch_model
 from mesh_operator.planner import read_model_profile
+from mesh_operator.planner.errors import HeaderTruncatedError
 from mesh_operator.source import (
     ProfileCache,
     SourceError,
@@ -53,7 +54,7 @@ def test_fetch_args_per_source_kind() -> None:
 def _parse_prefix(data: bytes) -> None:
     # A toy header: the first 8 bytes say how long the header is.
     if len(data) < 8 or len(data) < int(data[:8]):
-        raise EOFError
+        raise HeaderTruncatedError("<toy>", len(data), "the header")
     if not data.startswith(b"0"):
         raise ValueError("bad magic")
 

@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 
-from mesh_operator.planner.errors import PlannerInputError
+from mesh_operator.planner.errors import HeaderTruncatedError, PlannerInputError
 
 # Scalar value types of GGUF and their little-endian struct codes.
 _SCALARS: Mapping[GGUFValueType, str] = {
@@ -245,10 +245,7 @@ def _read_one(stream: BinaryIO, source: str) -> GgufHeader:
                 ) from None
             tensors.append(TensorInfo(name, shape, ggml_type, n_bytes))
     except _TruncatedError:
-        raise PlannerInputError(
-            f"{source}: truncated at byte {cur.offset} while reading {stage}"
-            " (the header must reach the end of the tensor infos)"
-        ) from None
+        raise HeaderTruncatedError(source, cur.offset, stage) from None
     except (ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, PlannerInputError):
             raise

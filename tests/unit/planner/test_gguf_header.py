@@ -10,6 +10,7 @@ import pytest
 from gguf import GGUFWriter
 
 from mesh_operator.planner import PlannerInputError, read_model_profile
+from mesh_operator.planner.errors import HeaderTruncatedError
 from mesh_operator.planner.gguf_header import read_header_bytes, read_header_file, split_siblings
 from tests.unit.planner.builders import raw_gguf
 from tests.unit.planner.llama_log import GEMMA_HEADER, MODEL_HEADERS
@@ -128,6 +129,30 @@ def test_bad_headers_fail_with_one_line_saying_where(data: bytes, message: str) 
         read_model_profile(data)
     assert "\n" not in str(info.value)
     assert str(info.value).startswith("<bytes>: ")
+
+
+@pytest.mark.parametrize(
+    ("cut", "stage"),
+    [(2, "the magic number"), (6, "the version"), (-6, "tensor info 1 of 1")],
+    ids=["in-magic", "in-version", "in-tensor-infos"],
+)
+def test_a_cut_header_is_header_truncated_at_the_item_that_did_not_fit(
+    cut: int, stage: str
+) -> None:
+    whole = raw_gguf()
+    data = whole[:cut]
+    with pytest.raises(HeaderTruncatedError) as info:
+        read_header_bytes(data)
+    assert info.value.stage == stage
+    # The item that did not fit starts within the bytes given.
+    assert info.value.offset <= len(data) < read_header_bytes(whole).header_bytes
+    assert f"truncated at byte {info.value.offset} " in str(info.value)
+
+
+def test_bad_header_is_not_header_truncated() -> None:
+    with pytest.raises(PlannerInputError) as info:
+        read_header_bytes(b"PK\x03\x04not a gguf at all")
+    assert not isinstance(info.value, HeaderTruncatedError)
 
 
 def test_missing_file_is_bad_input(tmp_path: Path) -> None:
