@@ -150,15 +150,3 @@ class MeshNodePublisher:
             raise
         except Exception as exc:  # every client failure becomes a PublishError
             raise classify(exc) from exc
-
-    def read(self) -> dict[str, Any] | None:
-        """The MeshNode as stored, or None when absent (for tests and `mesh status`)."""
-        try:
-            obj = self._api.get_cluster_custom_object(
-                GROUP, VERSION, MESHNODE_PLURAL, self._node, _request_timeout=self._timeout
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise classify(exc) from exc
-        return obj if isinstance(obj, dict) else None
