@@ -29,7 +29,7 @@ from pathlib import Path
 
 from e2e import parts, pki
 from e2e.procs import ProcessTable
-from e2e.waiting import free_port
+from e2e.waiting import free_port, wait_for
 
 K8S_VERSION = "v1.34.4"
 SERVICE_CIDR = "10.96.0.0/16"
@@ -204,6 +204,23 @@ class LocalCluster:
         if check and result.returncode != 0:
             raise ClusterError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout
+
+    def wait_established(self, *crds: str, timeout: float = 60.0) -> None:
+        """Wait until each CRD (`meshpools.mesh.dev`) serves. Polled rather than
+        `kubectl wait`, which fails instead of waiting while a CRD just created
+        has no status conditions yet."""
+        jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
+        for crd in crds:
+            wait_for(
+                f"CRD {crd} Established",
+                lambda crd=crd: (
+                    self.kubectl(  # type: ignore[misc]
+                        "get", f"crd/{crd}", "-o", f"jsonpath={jsonpath}", check=False
+                    ).strip()
+                    == "True"
+                ),
+                timeout=timeout,
+            )
 
     def add_kwok_node(
         self,

@@ -87,8 +87,5 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def crds(cluster: LocalCluster) -> LocalCluster:
     """The generated CRDs from crds/, installed and Established."""
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
-    for plural in ("meshpools", "meshmodels", "meshnodes"):
-        cluster.kubectl(
-            "wait", "--for=condition=Established", f"crd/{plural}.mesh.dev", "--timeout=60s"
-        )
+    cluster.wait_established(*(f"{p}.mesh.dev" for p in ("meshpools", "meshmodels", "meshnodes")))
     return cluster

@@ -186,8 +186,9 @@ def run(n_nodes: int, n_models: int, cluster_dir: Path | None) -> int:
         if cluster_dir is None:
             stack.callback(cluster.down)
         cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-        for plural in ("meshpools", "meshmodels", "meshnodes"):
-            cluster.kubectl("wait", "--for=condition=Established", f"crd/{plural}.{GROUP}")
+        cluster.wait_established(
+            *(f"{p}.{GROUP}" for p in ("meshpools", "meshmodels", "meshnodes"))
+        )
         api: ApiClient = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
             config_file=str(cluster.kubeconfig)
         )

@@ -16,9 +16,7 @@ MESHNODE_CRD = REPO / "crds" / "mesh.dev_meshnodes.yaml"
 def install_meshnode_crd(cluster: LocalCluster) -> None:
     """The generated MeshNode CRD from crds/, established."""
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(MESHNODE_CRD))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/meshnodes.mesh.dev", "--timeout=60s"
-    )
+    cluster.wait_established("meshnodes.mesh.dev")
 
 
 def get_meshnode(cluster: LocalCluster, name: str) -> dict[str, Any] | None:

@@ -27,10 +27,7 @@ def test_version_is_stamped(cluster: LocalCluster) -> None:
 
 def test_crds_are_established(cluster: LocalCluster) -> None:
     cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    for plural in ("meshpools", "meshmodels", "meshnodes"):
-        cluster.kubectl(
-            "wait", "--for=condition=Established", f"crd/{plural}.mesh.dev", "--timeout=60s"
-        )
+    cluster.wait_established(*(f"{p}.mesh.dev" for p in ("meshpools", "meshmodels", "meshnodes")))
     names = cluster.kubectl("api-resources", "--api-group=mesh.dev", "-o", "name").split()
     assert sorted(names) == ["meshmodels.mesh.dev", "meshnodes.mesh.dev", "meshpools.mesh.dev"]
 

@@ -1,8 +1,9 @@
-"""kopf registrations: thin functions that gather a snapshot and call the reconcilers.
+"""kopf registrations: indices, and handlers that only put keys in the work queue.
 
 Importing this module registers the handlers with kopf's default registry. The
 indices keep what the reconcilers need in memory (nodes, MeshNodes, pools, plans,
 mesh's pods and children), updated by watches, so a reconcile reads no lists.
+Every reconcile runs in the queue (`handlers.queue`) on a snapshot of them.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import threading
-import time
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import kopf
 
@@ -30,6 +29,7 @@ from mesh_operator.handlers import metrics
 from mesh_operator.handlers.kube import Kube, follow_kubeconfig_env
 from mesh_operator.handlers.models import ModelReconciler
 from mesh_operator.handlers.pools import reconcile_pool
+from mesh_operator.handlers.queue import WorkQueue
 from mesh_operator.handlers.snapshot import (
     SPEC_HASH_ANNOTATION,
     Snapshot,
@@ -49,7 +49,10 @@ log = logging.getLogger(__name__)
 
 MODEL_INTERVAL = float(os.environ.get("MESH_MODEL_INTERVAL", "5"))
 POOL_INTERVAL = float(os.environ.get("MESH_POOL_INTERVAL", "10"))
+# Reconciles run at once (threads of the work queue).
+WORKERS = int(os.environ.get("MESH_WORKERS", "8"))
 OWNED = {NAME_LABEL: APP_NAME, MANAGED_BY_LABEL: MANAGED_BY}
+MODEL_PREFIX, POOL_PREFIX = "model:", "pool:"
 
 
 def policy_peers() -> PolicyPeers:
@@ -67,22 +70,16 @@ def policy_peers() -> PolicyPeers:
 
 
 class _State:
-    """Process-wide objects, created at startup."""
+    """Process-wide objects, created at startup.
+
+    Only keys that kopf's handlers put in reach the queue, and kopf runs them only
+    once its indices are filled: a reconcile on half-filled indices would see a
+    serving model's workers missing and stop its host.
+    """
 
     kube: Kube | None = None
     models: ModelReconciler | None = None
-    model_locks: ClassVar[dict[str, threading.Lock]] = {}
-    # Objects kopf's own handlers have reconciled in this process. kopf runs them
-    # only once its indices are filled; the resync loop waits for that too, or a
-    # reconcile on half-filled indices would see a serving model's workers
-    # missing and stop its host.
-    resumed: ClassVar[set[str]] = set()
-    guard = threading.Lock()
-
-    @classmethod
-    def lock_for(cls, key: str) -> threading.Lock:
-        with cls.guard:
-            return cls.model_locks.setdefault(key, threading.Lock())
+    queue: WorkQueue | None = None
 
 
 @kopf.on.startup()
@@ -96,12 +93,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
     # The resources are known; scanning CRDs would need list/watch on them.
     settings.scanning.disabled = True
     settings.watching.server_timeout = 300
-    settings.execution.max_workers = int(os.environ.get("MESH_WORKERS", "8"))
+    settings.execution.max_workers = WORKERS
     _State.kube = Kube()
-    _State.models = ModelReconciler(_State.kube, ProfileCache(), policy_peers())
-    resync = _Resync(kwargs)
-    memo["resync"] = resync
-    resync.thread.start()
+    _State.models = ModelReconciler(
+        _State.kube, ProfileCache(), policy_peers(), interval=MODEL_INTERVAL
+    )
+    _State.queue = WorkQueue(_Work(kwargs), workers=WORKERS)
+    _State.queue.start()
 
 
 @kopf.on.login()
@@ -210,109 +208,65 @@ def pool_body_index(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
     return {name: dict(body)}
 
 
-def _reconcile_model(body: Mapping[str, Any], indices: Mapping[str, Any]) -> None:
-    assert _State.models is not None
-    key = model_key(body["metadata"]["namespace"], body["metadata"]["name"])
-    with _State.lock_for(key):
-        _State.models.reconcile(body, _snapshot(indices), dt.datetime.now(dt.UTC))
+# kopf's handlers only put keys in the queue: every reconcile runs there, through
+# one path, whether an object changed or its periodic look came due.
 
 
 @kopf.on.resume(GROUP, VERSION, MESHMODEL_PLURAL)
 @kopf.on.create(GROUP, VERSION, MESHMODEL_PLURAL)
 @kopf.on.update(GROUP, VERSION, MESHMODEL_PLURAL, field="spec")
-def model_changed(body: kopf.Body, **kwargs: Any) -> None:
-    _State.resumed.add(model_key(body["metadata"]["namespace"], body["metadata"]["name"]))
-    _reconcile_model(body, kwargs)
-
-
 @kopf.on.delete(GROUP, VERSION, MESHMODEL_PLURAL, optional=True)
-def model_deleted(namespace: str | None, name: str, **_: Any) -> None:
-    # Children go with the model through their ownerReferences; only the
-    # in-memory claim on the pool's memory is ours to drop.
-    if _State.models is not None:
-        _State.models.forget(namespace or "", name)
-
-
-# -- MeshPool ---------------------------------------------------------------------------
-
-
-def _reconcile_pool(body: Mapping[str, Any], indices: Mapping[str, Any]) -> None:
-    assert _State.kube is not None
-    reconcile_pool(_State.kube, body, _snapshot(indices), dt.datetime.now(dt.UTC))
+def model_changed(namespace: str | None, name: str, **_: Any) -> None:
+    _trigger(MODEL_PREFIX + model_key(namespace or "", name))
 
 
 @kopf.on.resume(GROUP, VERSION, MESHPOOL_PLURAL)
 @kopf.on.create(GROUP, VERSION, MESHPOOL_PLURAL)
 @kopf.on.update(GROUP, VERSION, MESHPOOL_PLURAL, field="spec")
-def pool_changed(body: kopf.Body, **kwargs: Any) -> None:
-    _State.resumed.add(f"pool/{body['metadata']['name']}")
-    _reconcile_pool(body, kwargs)
+def pool_changed(name: str, **kwargs: Any) -> None:
+    _trigger(POOL_PREFIX + name)
+    # Its models see the change at once (PoolChanged) rather than at their next look.
+    for store in list(kwargs["model_index"].values()):
+        body = _one(store)
+        if body is not None and (body.get("spec") or {}).get("poolRef") == name:
+            meta = body["metadata"]
+            _trigger(MODEL_PREFIX + model_key(meta["namespace"], meta["name"]))
 
 
-# -- periodic resync -------------------------------------------------------------------
-#
-# Level-based reconciliation also needs to run when nothing about the model itself
-# changed (a node went stale, a worker died). kopf's per-object timers would do it,
-# but kopf guards every object with a timer by a finalizer, and a finalizer makes
-# deletion hang whenever the operator is down. One loop over the indices instead.
+def _trigger(key: str) -> None:
+    if _State.queue is not None:
+        _State.queue.trigger(key)
 
 
-class _Resync:
+class _Work:
+    """What the queue runs for a key: one MeshModel's or one MeshPool's reconcile
+    on a snapshot of the indices taken then."""
+
     def __init__(self, indices: Mapping[str, Any]) -> None:
         self.indices = indices
-        self.stop = threading.Event()
-        self.not_before: dict[str, float] = {}
-        self.thread = threading.Thread(target=self.run, name="mesh-resync", daemon=True)
 
-    def run(self) -> None:
-        # Let the indices fill before the first pass (a missing pool would be
-        # reported as absent otherwise).
-        next_pools = time.monotonic() + POOL_INTERVAL
-        if self.stop.wait(MODEL_INTERVAL):
-            return
-        while not self.stop.is_set():
-            started = time.monotonic()
-            self.models_once()
-            if started >= next_pools:
-                self.pools_once()
-                next_pools = started + POOL_INTERVAL
-            self.stop.wait(max(0.1, MODEL_INTERVAL - (time.monotonic() - started)))
+    def __call__(self, key: str) -> float | None:
+        if key.startswith(MODEL_PREFIX):
+            return self.model(key.removeprefix(MODEL_PREFIX))
+        return self.pool(key.removeprefix(POOL_PREFIX))
 
-    def models_once(self) -> None:
-        bodies = [b for s in list(self.indices["model_index"].values()) if (b := _one(s))]
-        now = time.monotonic()
-        for body in bodies:
-            if self.stop.is_set():
-                return
-            if body["metadata"].get("deletionTimestamp"):
-                continue
-            key = model_key(body["metadata"]["namespace"], body["metadata"]["name"])
-            if key not in _State.resumed or self.not_before.get(key, 0.0) > now:
-                continue
-            try:
-                _reconcile_model(body, self.indices)
-                self.not_before.pop(key, None)
-            except kopf.TemporaryError as exc:
-                self.not_before[key] = time.monotonic() + (exc.delay or MODEL_INTERVAL)
-            except Exception:  # one bad model must not stop the loop for the others
-                log.exception("reconcile of MeshModel %s failed", key)
-                self.not_before[key] = time.monotonic() + 30
+    def model(self, key: str) -> float | None:
+        assert _State.models is not None
+        body = _one(self.indices["model_index"].get(key, ()))
+        delay = _State.models.reconcile(key, body, _snapshot(self.indices), dt.datetime.now(dt.UTC))
         metrics.PLANNED_MODELS.set(len(self.indices["plan_index"]))
+        return delay
 
-    def pools_once(self) -> None:
-        for store in list(self.indices["pool_body_index"].values()):
-            body = _one(store)
-            if body is None or f"pool/{body['metadata']['name']}" not in _State.resumed:
-                continue
-            try:
-                _reconcile_pool(body, self.indices)
-            except Exception:
-                log.exception("reconcile of MeshPool %s failed", body["metadata"]["name"])
+    def pool(self, name: str) -> float | None:
+        assert _State.kube is not None
+        body = _one(self.indices["pool_body_index"].get(name, ()))
+        if body is None:
+            return None
+        reconcile_pool(_State.kube, body, _snapshot(self.indices), dt.datetime.now(dt.UTC))
+        return POOL_INTERVAL
 
 
 @kopf.on.cleanup()
-def stop_resync(memo: kopf.Memo, **_: Any) -> None:
-    resync = memo.get("resync")
-    if isinstance(resync, _Resync):
-        resync.stop.set()
-        resync.thread.join(timeout=30)
+def stop_queue(**_: Any) -> None:
+    if _State.queue is not None:
+        _State.queue.stop()

@@ -1,0 +1,499 @@
+"""The reconcile decision, outcome by outcome: one snapshot in, the whole decision out.
+
+Each case builds the snapshot a reconcile would see and checks everything the
+decision says: its reason, the status and conditions, the children that should
+exist and those to apply, what to delete, create or release, the Events, the plan
+claimed in the pool's ledger and when to look again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh_operator.api.meshmodel import MeshModelSpec, MeshModelStatus, Plan
+from mesh_operator.api.meshnode import MeshNodeStatus
+from mesh_operator.api.meshpool import MeshPoolSpec
+from mesh_operator.handlers.decision import (
+    ChildRef,
+    Decision,
+    LookAgain,
+    ModelRef,
+    ModelSnapshot,
+    child_digest,
+    decide,
+)
+from mesh_operator.handlers.snapshot import PodInfo, PoolInfo
+from mesh_operator.ledger import NodeInfo, build_pool_view, capacity_steps
+from mesh_operator.manifests.labels import (
+    GROUP_RESTART_ANNOTATION,
+    HEADER_COMPONENT,
+    HOST,
+    IMAGES_ANNOTATION,
+    RPC_COMPONENT,
+)
+from mesh_operator.planner.profile_codec import encode_profile
+from mesh_operator.source import SourceError, cache_key
+from tests.unit.planner.builders import synthetic_profile
+
+pytestmark = pytest.mark.unit
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
+MODEL = ModelRef(name="big", namespace="team", uid="uid-1", generation=1)
+POOL = PoolInfo(spec=MeshPoolSpec.model_validate({"nodeSelector": {"pool": "p"}}), generation=1)
+NODES = [NodeInfo(n, {"pool": "p"}) for n in ("a", "b", "c")]
+SPEC = {"source": {"url": "http://files/big.gguf"}, "poolRef": "p"}
+# 32 layers of 400 MiB: about 13 GiB, more than one 8 GiB device holds.
+PROFILE = synthetic_profile(layer_mib=400.0)
+SMALL = synthetic_profile(layer_mib=50.0)
+
+
+def meshnode(free: int = 8000, *, total: int = 8192, age: int = 5) -> MeshNodeStatus:
+    beat = (NOW - dt.timedelta(seconds=age)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return MeshNodeStatus.model_validate(
+        {
+            "heartbeatTime": beat,
+            "intervalSeconds": 10,
+            "devices": [
+                {
+                    "id": "CUDA0",
+                    "index": 0,
+                    "backend": "cuda",
+                    "memoryTotalMiB": total,
+                    "memoryFreeMiB": free,
+                    "memoryUsedByOthersMiB": 0,
+                    "bandwidthGBps": 448,
+                }
+            ],
+        }
+    )
+
+
+MESHNODES = {n.name: meshnode() for n in NODES}
+
+
+def snapshot(**changes: Any) -> ModelSnapshot:
+    base = ModelSnapshot(
+        model=MODEL,
+        spec=SPEC,
+        status=MeshModelStatus(),
+        now=NOW,
+        pool=POOL,
+        nodes=NODES,
+        meshnodes=MESHNODES,
+        profile=PROFILE,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def pod(
+    name: str,
+    component: str,
+    node: str,
+    *,
+    generation: int = 1,
+    ready: bool = True,
+    restarts: int = 0,
+    phase: str = "Running",
+    waiting: str | None = None,
+    ip: str | None = None,
+    message: str | None = None,
+    source_key: str | None = None,
+) -> PodInfo:
+    return PodInfo(
+        name=name,
+        component=component,
+        node=node,
+        ip=ip or f"10.0.0.{ord(node[0]) - 96}",
+        phase=phase,
+        ready=ready,
+        plan_generation=str(generation),
+        waiting_reason=waiting,
+        restarts=restarts,
+        deleting=False,
+        message=message,
+        source_key=source_key,
+    )
+
+
+def group(
+    plan: Plan, generation: int = 1, *, host_ready: bool = True, **worker: Any
+) -> list[PodInfo]:
+    """The pods of a serving plan: a worker per planned node and its host."""
+    pods = [pod(f"w-{n}", RPC_COMPONENT, n, generation=generation, **worker) for n in plan.rpc]
+    host = plan.host_node or plan.rpc[-1]
+    pods.append(pod("host-0", HOST, host, generation=generation, ready=host_ready))
+    return pods
+
+
+def existing(decision: Decision) -> dict[tuple[str, str], str]:
+    """The children a decision asked for, as the next snapshot sees them."""
+    return {(c["kind"], c["metadata"]["name"]): child_digest(c) for c in decision.children}
+
+
+def conditions(decision: Decision) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in decision.status.conditions}
+
+
+def kinds(objs: Iterable[Mapping[str, Any]]) -> list[str]:
+    return sorted(o["kind"] for o in objs)
+
+
+def event_reasons(decision: Decision) -> list[str]:
+    return [e.reason for e in decision.events]
+
+
+def host_deployment(decision: Decision) -> Mapping[str, Any]:
+    return next(c for c in decision.children if c["kind"] == "Deployment")
+
+
+def serving() -> tuple[ModelSnapshot, Decision]:
+    """A model planned, its group up and serving, as the next snapshot sees it."""
+    first = decide(snapshot())
+    plan = first.status.plan
+    assert plan is not None
+    pods = group(plan)
+    up = decide(snapshot(status=first.status, pods=pods, children=existing(first)))
+    steady = snapshot(status=up.status, pods=pods, children=existing(up), others={})
+    view = build_pool_view(POOL.spec, NODES, MESHNODES, {}, NOW)
+    steps = capacity_steps(view)
+    return dataclasses.replace(steady, capacity=steps, capacity_seen=steps), up
+
+
+def nodes_of(plan: Plan | None) -> set[str]:
+    assert plan is not None
+    return {d.node for d in plan.devices}
+
+
+# -- the table --------------------------------------------------------------------
+
+
+def test_first_plan() -> None:
+    d = decide(snapshot())
+    assert d.reason == "Initial" and d.outcome == "ok"
+    plan = d.status.plan
+    assert plan is not None and len(nodes_of(plan)) == 2, "13 GiB needs two 8 GiB devices"
+    assert d.status.plan_generation == 1 and d.status.planned_for_generation == 1
+    assert d.status.nodes == ",".join(dict.fromkeys(x.node for x in plan.devices))
+    assert d.status.model_size_bytes == PROFILE.file_bytes
+    assert conditions(d) == {
+        "Planned": ("True", "Initial"),
+        "WorkersReady": ("False", "WorkersStarting"),
+        "Ready": ("False", "WaitingForWorkers"),
+        "Degraded": ("False", "AsPlanned"),
+    }
+    assert kinds(d.children) == ["DaemonSet", "Deployment", "NetworkPolicy", "Service"]
+    assert d.apply == d.children, "nothing exists yet"
+    assert host_deployment(d)["spec"]["replicas"] == 0, "the host waits for its workers"
+    assert (d.delete, d.create, d.release) == ([], [], [])
+    assert event_reasons(d) == ["Planned"]
+    assert d.claim == plan and d.claim_changed
+    assert d.look_again == LookAgain() and d.plan_outcome == "planned"
+
+
+def test_plan_kept_and_serving() -> None:
+    steady, up = serving()
+    assert up.reason == "PlanKept"
+    assert conditions(up)["Ready"] == ("True", "Serving")
+    assert host_deployment(up)["spec"]["replicas"] == 1
+    assert kinds(up.apply) == ["Deployment"], "only the host changed: it may start now"
+    assert event_reasons(up) == ["Ready"]
+    d = decide(steady)
+    assert d.reason == "PlanKept" and d.outcome == "ok"
+    assert d.status == steady.status, "nothing to change"
+    assert d.apply == [] and d.delete == [] and d.events == []
+    assert not d.claim_changed and d.claim == steady.status.plan
+    assert d.plan_seconds is None, "a kept plan is not planned again"
+    assert d.look_again == LookAgain()
+
+
+def test_node_lost() -> None:
+    steady, _ = serving()
+    before = steady.status.plan
+    lost = sorted(nodes_of(before))[0]
+    meshnodes = {**MESHNODES, lost: meshnode(age=600)}
+    d = decide(dataclasses.replace(steady, meshnodes=meshnodes))
+    assert d.reason == "NodeLost"
+    assert lost not in nodes_of(d.status.plan)
+    assert d.status.plan_generation == 2 and d.status.worker_restarts == {}
+    assert conditions(d)["Degraded"] == ("True", "NodeLost")
+    assert conditions(d)["Planned"] == ("True", "NodeLost")
+    assert conditions(d)["WorkersReady"][1] == "WorkersStarting", "the new group's pods"
+    assert event_reasons(d) == ["Replanned"]
+    assert {p.name for p in d.release} == {p.name for p in steady.pods if p.node == lost}
+    assert "Deployment" in kinds(d.apply), "the host follows the new plan"
+    assert d.claim == d.status.plan and d.claim_changed and d.plan_outcome == "replanned"
+
+
+def test_worker_failed_crash_looping_is_planned_around() -> None:
+    steady, _ = serving()
+    plan = steady.status.plan
+    assert plan is not None
+    bad = plan.rpc[0]
+    pods = [
+        dataclasses.replace(p, waiting_reason="CrashLoopBackOff", ready=False)
+        if p.node == bad and p.component == RPC_COMPONENT
+        else p
+        for p in steady.pods
+    ]
+    d = decide(dataclasses.replace(steady, pods=pods))
+    assert d.reason == "WorkerFailed"
+    assert bad not in nodes_of(d.status.plan)
+    assert conditions(d)["Degraded"] == ("True", "WorkerFailed")
+    assert d.status.plan_generation == 2
+    assert event_reasons(d) == ["Replanned"]
+    assert f"worker w-{bad} CrashLoopBackOff" in d.events[0].message
+    assert d.claim_changed and d.release == []
+
+
+def test_worker_restarted_restarts_the_host_with_its_group() -> None:
+    steady, _ = serving()
+    plan = steady.status.plan
+    assert plan is not None
+    assert steady.status.worker_restarts == {f"w-{n}": 0 for n in plan.rpc}
+    assert host_deployment_annotation(steady) == "0"
+    worker = f"w-{plan.rpc[0]}"
+    pods = [dataclasses.replace(p, restarts=1) if p.name == worker else p for p in steady.pods]
+    d = decide(dataclasses.replace(steady, pods=pods))
+    assert d.reason == "WorkerRestarted" and d.outcome == "ok"
+    assert d.status.plan == plan and d.status.plan_generation == 1, "the plan is kept"
+    assert d.status.group_restarts == 1
+    assert d.status.worker_restarts[worker] == 1, "the restart acted on is remembered"
+    assert kinds(d.apply) == ["Deployment"]
+    host = host_deployment(d)
+    assert host["spec"]["template"]["metadata"]["annotations"][GROUP_RESTART_ANNOTATION] == "1"
+    assert conditions(d)["Degraded"] == ("True", "WorkerRestarted")
+    assert event_reasons(d) == ["WorkerRestarted"] and d.events[0].type == "Warning"
+    assert not d.claim_changed
+    # The next decision sees the count acted on: nothing more to do.
+    again = decide(dataclasses.replace(steady, status=d.status, pods=pods, children=existing(d)))
+    assert again.reason == "PlanKept" and again.apply == [] and again.events == []
+    assert again.status.group_restarts == 1
+    assert conditions(again)["Degraded"] == ("False", "AsPlanned")
+
+
+def host_deployment_annotation(s: ModelSnapshot) -> str:
+    d = decide(s)
+    return str(
+        host_deployment(d)["spec"]["template"]["metadata"]["annotations"][GROUP_RESTART_ANNOTATION]
+    )
+
+
+def test_a_replaced_worker_pod_also_restarts_the_group() -> None:
+    steady, _ = serving()
+    plan = steady.status.plan
+    assert plan is not None
+    old = f"w-{plan.rpc[0]}"
+    pods = [dataclasses.replace(p, name="w-new") if p.name == old else p for p in steady.pods]
+    d = decide(dataclasses.replace(steady, pods=pods))
+    assert d.reason == "WorkerRestarted" and d.status.group_restarts == 1
+    assert "w-new" in d.status.worker_restarts and old not in d.status.worker_restarts
+
+
+def test_spec_changed() -> None:
+    steady, _ = serving()
+    spec = {**SPEC, "contextSize": 8192}
+    changed = dataclasses.replace(steady, spec=spec, model=dataclasses.replace(MODEL, generation=2))
+    d = decide(changed)
+    assert d.reason == "SpecChanged"
+    assert d.status.planned_for_generation == 2 and d.status.observed_generation == 2
+    assert conditions(d)["Planned"][1] in {"SpecChanged", "PlanKept"}
+    assert "Deployment" in kinds(d.apply), "the host's arguments follow the spec"
+    args = host_deployment(d)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("-c") + 1] == "8192"
+    assert d.claim_changed and d.outcome == "ok"
+
+
+def test_pool_changed() -> None:
+    steady, _ = serving()
+    pool = PoolInfo(spec=POOL.spec.model_copy(update={"reserve_percent": 20}), generation=2)
+    d = decide(dataclasses.replace(steady, pool=pool))
+    assert d.reason == "PoolChanged"
+    assert d.status.pool_generation == 2
+    assert d.claim_changed and d.outcome == "ok"
+
+
+def test_consolidation_when_the_pool_has_more_room() -> None:
+    # Another model holds most of node a: the first plan spreads over b and c...
+    other = decide(snapshot(profile=SMALL)).status.plan
+    assert other is not None
+    crowded = decide(snapshot(others={"team/other": other}))
+    assert crowded.status.plan is not None
+    # ...then more memory appears (bigger devices report in): one node holds it all.
+    roomy = {n.name: meshnode(free=23000, total=24576) for n in NODES}
+    before = capacity_steps(build_pool_view(POOL.spec, NODES, MESHNODES, {}, NOW))
+    after = capacity_steps(build_pool_view(POOL.spec, NODES, roomy, {}, NOW))
+    s = snapshot(
+        status=crowded.status,
+        meshnodes=roomy,
+        children=existing(crowded),
+        capacity=after,
+        capacity_seen=before,
+    )
+    d = decide(s)
+    assert d.reason == "Consolidate"
+    assert len(nodes_of(d.status.plan)) == 1
+    assert d.status.plan_generation == 2
+    assert event_reasons(d) == ["Replanned"]
+    assert d.events[0].message.startswith("Consolidate: the pool has more room")
+    assert d.capacity_seen == after, "the next decision compares with this"
+    assert conditions(d)["Degraded"] == ("False", "AsPlanned")
+    # Looked at again with the same capacity: nothing grew, nothing moves.
+    again = decide(dataclasses.replace(s, status=d.status, capacity_seen=after))
+    assert again.reason == "PlanKept" and again.status.plan == d.status.plan
+
+
+def test_no_capacity_names_the_numbers_and_releases_the_workloads() -> None:
+    steady, _ = serving()
+    huge = synthetic_profile(layer_mib=2000.0)
+    d = decide(dataclasses.replace(steady, profile=huge, capacity=None))
+    # A new profile alone does not re-plan a serving model; a lost node does.
+    assert d.reason == "PlanKept"
+    lost = {**MESHNODES, "c": meshnode(age=600)}
+    first = decide(snapshot(profile=huge))
+    assert first.reason == "NoCapacity" and first.outcome == "blocked"
+    assert first.status.plan is None and first.children == []
+    assert conditions(first)["Planned"] == ("False", "NoCapacity")
+    assert conditions_message(first, "Planned").startswith("needs 63.5 GiB")
+    assert "pool has 21.6 GiB free" in conditions_message(first, "Planned")
+    assert event_reasons(first) == ["NoCapacity"]
+    assert first.look_again == LookAgain(backoff=True)
+    assert first.claim is None and first.claim_changed
+    # Retried with the same answer: no second Event; with another, one.
+    again = decide(snapshot(profile=huge, status=first.status))
+    assert again.reason == "NoCapacity" and again.events == []
+    other = decide(snapshot(profile=huge, status=first.status, meshnodes=lost))
+    assert conditions_message(other, "Planned") != conditions_message(first, "Planned")
+    assert event_reasons(other) == ["NoCapacity"]
+    # A serving model that loses its room gives its workloads back.
+    bigger = dataclasses.replace(
+        steady, meshnodes={n: meshnode(age=600) for n in ("a", "b")} | {"c": meshnode()}
+    )
+    lost_plan = decide(bigger)
+    assert lost_plan.reason == "NoCapacity"
+    assert {c.kind for c in lost_plan.delete} == {"DaemonSet", "Deployment"}
+    assert event_reasons(lost_plan) == ["PlanLost", "NoCapacity"]
+    assert lost_plan.status.plan is None and lost_plan.status.endpoint is None
+    assert conditions(lost_plan)["Degraded"] == ("True", "NodeLost")
+    assert lost_plan.claim is None and lost_plan.claim_changed
+
+
+def conditions_message(decision: Decision, type_: str) -> str:
+    return next(c.message for c in decision.status.conditions if c.type == type_)
+
+
+def test_source_unreadable() -> None:
+    error = SourceError("SourceUnreadable", "GET http://files/big.gguf: 404 Not Found")
+    d = decide(snapshot(profile=error))
+    assert d.reason == "SourceUnreadable" and d.outcome == "blocked"
+    assert conditions(d) == {
+        "Planned": ("False", "SourceUnreadable"),
+        "Ready": ("False", "SourceUnreadable"),
+    }
+    assert conditions_message(d, "Ready") == "GET http://files/big.gguf: 404 Not Found"
+    assert d.children == [] and d.apply == [] and d.delete == [] and d.events == []
+    assert d.look_again == LookAgain(backoff=True)
+    assert not d.claim_changed
+
+
+PVC_SPEC = {"source": {"pvc": {"claimName": "models", "path": "big.gguf"}}, "poolRef": "p"}
+
+
+def test_reading_header_creates_the_reader_pod_and_polls() -> None:
+    d = decide(snapshot(spec=PVC_SPEC, profile=None))
+    assert d.reason == "ReadingHeader" and d.outcome == "blocked"
+    assert [p["metadata"]["name"] for p in d.create] == ["big-header"]
+    assert conditions(d)["Planned"] == ("False", "ReadingHeader")
+    assert d.look_again == LookAgain(seconds=2.0)
+    assert d.children == [] and d.events == []
+
+
+def test_header_read_by_its_pod_is_planned_and_learned() -> None:
+    source = cache_key(MeshModelSpec.model_validate(PVC_SPEC).source)
+    reader = pod(
+        "big-header",
+        HEADER_COMPONENT,
+        "a",
+        phase="Succeeded",
+        message=encode_profile(SMALL),
+        source_key=source,
+    )
+    d = decide(snapshot(spec=PVC_SPEC, profile=None, pods=[reader]))
+    assert d.reason == "Initial" and d.learned_profile == SMALL
+    assert d.create == [] and d.status.plan is not None
+    failed = dataclasses.replace(reader, phase="Failed", message="open big.gguf: no such file")
+    f = decide(snapshot(spec=PVC_SPEC, profile=None, pods=[failed]))
+    assert f.reason == "SourceUnreadable"
+    assert f.delete == [ChildRef("v1", "Pod", "big-header")], "a new pod reads again"
+    assert "no such file" in conditions_message(f, "Ready")
+    assert f.look_again == LookAgain(backoff=True)
+    moved = dataclasses.replace(reader, source_key="elsewhere")
+    m = decide(snapshot(spec=PVC_SPEC, profile=None, pods=[moved]))
+    assert m.reason == "ReadingHeader" and m.delete == [ChildRef("v1", "Pod", "big-header")]
+    assert m.create == [], "the new reader comes once the old one is gone"
+
+
+def test_deletion_drops_the_claim() -> None:
+    steady, _ = serving()
+    d = decide(dataclasses.replace(steady, deleted=True))
+    assert d.reason == "Deleted" and d.outcome == "ok"
+    assert d.claim is None and d.claim_changed
+    assert d.children == [] and d.apply == [] and d.delete == [] and d.events == []
+    assert d.capacity_seen is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason", "backoff"),
+    [
+        ({"spec": {**SPEC, "contextSize": 1}}, "InvalidSpec", False),
+        ({"pool": None}, "PoolNotFound", True),
+        (
+            {"spec": {**SPEC, "apiKeySecretRef": {"name": "keys", "key": "k"}}},
+            "SecretNotFound",
+            True,
+        ),
+    ],
+)
+def test_blocked_before_planning(changes: dict[str, Any], reason: str, backoff: bool) -> None:
+    d = decide(snapshot(**changes))
+    assert d.reason == reason and d.outcome == "blocked"
+    assert conditions(d)["Planned"] == ("False", reason)
+    assert conditions(d)["Ready"] == ("False", reason)
+    assert d.children == [] and d.events == [] and not d.claim_changed
+    assert d.look_again == LookAgain(backoff=backoff)
+
+
+def test_rpc_version_mismatch_keeps_the_host_stopped() -> None:
+    steady, up = serving()
+    annotations = host_deployment(up)["spec"]["template"]["metadata"]["annotations"]
+    worker_image = next(
+        c["spec"]["template"]["spec"]["containers"][0]["image"]
+        for c in up.children
+        if c["kind"] == "DaemonSet"
+    )
+    workers = {p.node: p for p in steady.pods if p.component == RPC_COMPONENT}
+    refused = next(iter(workers.values()))
+    # The host's real log of a refused handshake, naming this group's worker.
+    refusal = (FIXTURES / "handshake" / "rpc-version-mismatch.log").read_text()
+    refusal = refusal.replace("172.20.1.6:50052", f"{refused.ip}:50052")
+    host_exit = {"exits": (refusal,), "images_key": annotations[IMAGES_ANNOTATION]}
+    pods: Sequence[PodInfo] = [
+        dataclasses.replace(p, ready=False, **host_exit)
+        if p.component == HOST
+        else dataclasses.replace(p, image=worker_image)
+        for p in steady.pods
+    ]
+    d = decide(dataclasses.replace(steady, pods=pods))
+    assert d.reason == "PlanKept" and d.outcome == "blocked"
+    assert d.status.version_mismatch is not None
+    assert conditions(d)["Ready"] == ("False", "RpcVersionMismatch")
+    assert host_deployment(d)["spec"]["replicas"] == 0
+    assert event_reasons(d) == ["RpcVersionMismatch"]
+    assert d.status.version_mismatch.nodes == [refused.node]
+    assert not d.claim_changed
