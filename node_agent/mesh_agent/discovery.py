@@ -12,12 +12,16 @@ from typing import Any
 from kubernetes import client
 
 from mesh_agent.rpc_liveness import RpcTarget
-from mesh_operator.gateway.contract import COMPONENT_LABEL, MODEL_LABEL
-from mesh_operator.manifests.labels import MANAGED_BY, MANAGED_BY_LABEL, RPC_COMPONENT
+from mesh_operator.api.contract import (
+    DEFAULT_RPC_PORT,
+    MODEL_LABEL,
+    RPC_COMPONENT,
+    RPC_PORT_NAME,
+    owned_selector,
+)
 
 # The labels the operator's own builders put on its worker pods.
-RPC_SELECTOR = f"{COMPONENT_LABEL}={RPC_COMPONENT},{MANAGED_BY_LABEL}={MANAGED_BY}"
-DEFAULT_RPC_PORT = 50052
+RPC_SELECTOR = owned_selector(RPC_COMPONENT)
 
 
 def target_of(pod: Mapping[str, Any]) -> RpcTarget | None:
@@ -31,7 +35,7 @@ def target_of(pod: Mapping[str, Any]) -> RpcTarget | None:
     port = DEFAULT_RPC_PORT
     for container in (pod.get("spec") or {}).get("containers", []) or []:
         for p in container.get("ports", []) or []:
-            if p.get("name") == "rpc" and p.get("containerPort"):
+            if p.get("name") == RPC_PORT_NAME and p.get("containerPort"):
                 port = int(p["containerPort"])
     return RpcTarget(
         model=f"{meta.get('namespace', '')}/{model}" if model else "", host=ip, port=port

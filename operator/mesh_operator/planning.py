@@ -2,15 +2,34 @@
 the command lines of its pods.
 
 Pure: the model's profile comes from `mesh_operator.source.ProfileCache`.
+
+`operator_llama_flags` says which llama-server flags these command lines set;
+`python -m mesh_operator.planning --write-flags [--llama-server PATH]` records
+them, with the options of the pinned llama-server's `--help`, in
+`mesh_operator.api.llama_server_options`, which the MeshModel schema refuses in
+extraArgs (`--check-flags` exits 1 when that record is stale).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import argparse
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
-from mesh_operator.api.meshmodel import MeshModelSpec, Plan
+from mesh_operator.api import llama_server_options
+from mesh_operator.api.contract import HOST_PORT
+from mesh_operator.api.meshmodel import (
+    DraftModel,
+    MeshModelSpec,
+    ModelSource,
+    Plan,
+    PlannedDevice,
+    SecretKeyRef,
+)
 from mesh_operator.api.meshpool import ImageVariant, MeshPoolSpec
-from mesh_operator.gateway.contract import HOST_PORT
+from mesh_operator.api.owned_flags import parse_help, render_options_module
 from mesh_operator.manifests.workloads import API_KEY_MOUNT
 from mesh_operator.planner import (
     DraftSettings,
@@ -214,3 +233,92 @@ def llama_args(
     )
     endpoints = dict(zip(plan.rpc, addresses, strict=True))
     return build_llama_server_args(plan, model_path(spec), settings, endpoints)
+
+
+def _flags(args: Iterable[str]) -> set[str]:
+    # A value never starts with "-" unless it is a negative number.
+    return {a for a in args if a.startswith("-") and not a[1:].replace(".", "").isdigit()}
+
+
+def operator_llama_flags() -> frozenset[str]:
+    """Every llama-server flag the operator's command lines set, as they spell it.
+
+    Found by calling the builders with settings that turn every optional flag on:
+    `llama_args` for a MeshModel using every field that shapes the command line,
+    and `build_llama_server_args` with every setting. Defaults that extraArgs may
+    override (`--pooling` of an embeddings model) are not the operator's.
+    """
+    device = PlannedDevice(
+        node="n", device="CPU", layers=[0, 2], weights_mib=1, kv_mib=1, compute_mib=1, total_mib=3
+    )
+    plan = Plan(devices=[device], tensor_split=[1], rpc=["n"], host_node="n")
+    source = ModelSource(url="https://models.example/m.gguf")
+    spec = MeshModelSpec(
+        source=source,
+        pool_ref="p",
+        served_name="s",
+        aliases=["a"],
+        embeddings=True,
+        api_key_secret_ref=SecretKeyRef(name="k"),
+        draft=DraftModel(source=source),
+    )
+    from_spec = _flags(llama_args(plan, spec, "m", None)) - _flags(_pooling(spec))
+    settings = ServerSettings(
+        serving=ServingParams(ubatch=256, batch=1024),
+        aliases=("a",),
+        api_key_file="k",
+        draft=DraftSettings("d", gpu_layers=1),
+        threads=1,
+        embeddings=True,
+    )
+    from_settings = _flags(build_llama_server_args(plan, "m", settings, {"n": PENDING_ENDPOINT}))
+    return frozenset(from_spec | from_settings)
+
+
+def _llama_server_help(binary: Path) -> tuple[str, str]:
+    """The `--help` text of a llama-server and its version line."""
+    shown = subprocess.run(
+        [str(binary), "--help"], capture_output=True, text=True, timeout=60, check=True
+    )
+    version = subprocess.run(
+        [str(binary), "--version"], capture_output=True, text=True, timeout=60, check=True
+    )
+    line = next((x for x in (version.stderr + version.stdout).splitlines() if x.strip()), "")
+    return shown.stdout, line.removeprefix("version:").strip()
+
+
+def options_module_text(llama_server: Path | None) -> str:
+    """The source of `api.llama_server_options`: from `llama_server --help` when given,
+    else with the options already recorded, and the builders' flags as they are now."""
+    if llama_server is None:
+        version = llama_server_options.LLAMA_SERVER_VERSION
+        options = llama_server_options.OPTIONS
+    else:
+        text, version = _llama_server_help(llama_server)
+        options = parse_help(text)
+    return render_options_module(version, options, operator_llama_flags())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mesh_operator.planning")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--write-flags", action="store_true")
+    mode.add_argument("--check-flags", action="store_true")
+    parser.add_argument("--llama-server", type=Path, metavar="PATH")
+    args = parser.parse_args(argv)
+    target = Path(llama_server_options.__file__)
+    text = options_module_text(args.llama_server)
+    if args.write_flags:
+        target.write_text(text)
+        return 0
+    if target.read_text() != text:
+        print(
+            f"{target.name} is stale: run python -m mesh_operator.planning --write-flags",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
+from mesh_operator.api.contract import PLAN_ANNOTATION, build_labels
 from mesh_operator.api.meshmodel import MeshModelSpec
 from mesh_operator.api.meshpool import ImageVariant, MeshPoolSpec
-from mesh_operator.manifests.labels import PLAN_ANNOTATION, build_labels
 from mesh_operator.manifests.workloads import (
     ModelWorkload,
     PolicyPeers,

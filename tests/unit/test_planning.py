@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from mesh_operator import planning
+from mesh_operator.api.contract import HOST_PORT, HOST_PORT_NAME
 from mesh_operator.api.meshmodel import MeshModelSpec, Plan
 from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.manifests.workloads import build_host_deployment
@@ -128,3 +129,19 @@ def test_a_cpu_node_of_a_cuda_pool_serves_its_cpu(sharing: str, devices: dict[st
     pool = MeshPoolSpec.model_validate({"backend": "cuda", "sharing": sharing})
     args = planning.rpc_args(MIXED, pool)
     assert {node: flag(a, "-d") for node, a in args.items()} == devices
+
+
+def test_the_host_listens_where_its_service_and_probes_point() -> None:
+    args = planning.llama_args(PLAN, spec(), "big", None)
+    assert flag(args, "--port") == str(HOST_PORT)
+    w = workload()
+    w = type(w)(**{**w.__dict__, "llama_args": args})
+    ports = build_host_deployment(w)["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert ports == [{"name": HOST_PORT_NAME, "containerPort": HOST_PORT, "protocol": "TCP"}]
+
+
+def test_the_operator_s_flags_are_those_its_builders_set() -> None:
+    flags = planning.operator_llama_flags()
+    for emitted in ("-ub", "-b", "-t", "--spec-draft-n-max", "-ngld", "--rpc", "-ts", "--alias"):
+        assert emitted in flags
+    assert "--pooling" not in flags

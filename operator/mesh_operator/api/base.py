@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
@@ -38,3 +40,8 @@ class ApiModel(BaseModel):
 def cel_rule(rule: str, message: str) -> JsonDict:
     """A CEL rule for the generated CRD, checked by the API server at admission."""
     return {"x-kubernetes-validations": [{"rule": rule, "message": message}]}
+
+
+def cel_rules(*rules: Mapping[str, str]) -> JsonDict:
+    """Several CEL rules (`rule` and `message` or `messageExpression`, maybe `fieldPath`)."""
+    return {"x-kubernetes-validations": [dict(rule) for rule in rules]}

@@ -25,7 +25,8 @@ from mesh_operator.api.base import (
     MESHPOOL_PLURAL,
     VERSION,
 )
-from mesh_operator.api.meshmodel import MeshModelSpec, MeshModelStatus
+from mesh_operator.api.contract import model_name_rule
+from mesh_operator.api.meshmodel import SERVED_NAMES_RULE, MeshModelSpec, MeshModelStatus
 from mesh_operator.api.meshnode import MeshNodeSpec, MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec, MeshPoolStatus
 
@@ -84,15 +85,7 @@ KINDS = (
         spec=MeshModelSpec,
         status=MeshModelStatus,
         spec_required=True,
-        root_rules=(
-            {
-                # Children are named <model>-rpc, <model>-host and the name is a
-                # label value: keep it a short DNS-1035 label.
-                "rule": "self.metadata.name.size() <= 45 && "
-                "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
-                "message": "metadata.name must be a DNS-1035 label of at most 45 characters",
-            },
-        ),
+        root_rules=(model_name_rule(), SERVED_NAMES_RULE),
         columns=(
             _column("Ready", '.status.conditions[?(@.type=="Ready")].status'),
             _column("Nodes", ".status.nodes"),

@@ -8,13 +8,16 @@ conditions Planned / WorkersReady / Ready / Degraded and the endpoint.
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from mesh_operator.api.base import ApiModel, cel_rule
+from mesh_operator.api import owned_flags
+from mesh_operator.api.base import ApiModel, cel_rule, cel_rules
 from mesh_operator.api.conditions import CONDITIONS_SCHEMA, Condition
+from mesh_operator.api.contract import check_model_name
+from mesh_operator.api.owned_flags import extra_args_rules, owned_flag
+from mesh_operator.api.quantity import Quantity, parse_quantity
 
 CacheType = Literal["f16", "q8_0", "q4_0"]
 Strategy = Literal["latency", "balanced"]
@@ -22,57 +25,8 @@ FlashAttention = Literal["on", "off", "auto"]
 
 NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._:/-]{0,126}[A-Za-z0-9])?$"
 SHA256_PATTERN = r"^[a-f0-9]{64}$"
-
-# llama-server flags the operator computes itself; extraArgs may not set them.
-OWNED_FLAGS = (
-    "-m",
-    "--model",
-    "-mu",
-    "--model-url",
-    "-hf",
-    "--hf-repo",
-    "-hff",
-    "--hf-file",
-    "--rpc",
-    "-ts",
-    "--tensor-split",
-    "-ngl",
-    "--gpu-layers",
-    "--n-gpu-layers",
-    "-fit",
-    "--fit",
-    "-fitt",
-    "--fit-target",
-    "-c",
-    "--ctx-size",
-    "-np",
-    "--parallel",
-    "-ctk",
-    "--cache-type-k",
-    "-ctv",
-    "--cache-type-v",
-    "-fa",
-    "--flash-attn",
-    "--alias",
-    "--host",
-    "--port",
-    "--metrics",
-    "--api-key",
-    "--api-key-file",
-    "-md",
-    "--model-draft",
-    "-sm",
-    "--split-mode",
-    "-mg",
-    "--main-gpu",
-    "-dev",
-    "--device",
-    "--embedding",
-    "--embeddings",
-    "--ssl-key-file",
-    "--ssl-cert-file",
-    "--path",
-)
+# Every spelling of a llama-server flag the operator sets: extraArgs may not use them.
+OWNED_FLAGS: Final = owned_flags.OWNED_FLAGS
 
 
 class SecretKeyRef(ApiModel):
@@ -91,8 +45,6 @@ class PvcSource(ApiModel):
     claim_name: str = Field(min_length=1, max_length=253)
     path: str = Field(min_length=1, max_length=1024, pattern=r"^[^/].*\.gguf$")
 
-
-_OWNED_FLAGS_RE = "^(" + "|".join(OWNED_FLAGS) + ")(=.*)?$"
 
 ExtraArg = Annotated[str, Field(min_length=1, max_length=512)]
 
@@ -127,20 +79,72 @@ class DraftModel(ApiModel):
 
 
 class ResourceList(ApiModel):
-    cpu: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?m?$")
-    memory: str | None = Field(default=None, pattern=r"^[0-9]+(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+
+
+RESOURCE_NAMES = ("cpu", "memory")
+
+
+def _limit_not_below_request(resource: str) -> dict[str, str]:
+    requested, limit = f"self.requests.{resource}", f"self.limits.{resource}"
+    return {
+        "rule": f"!has(self.requests) || !has(self.limits) || !has({requested}) || "
+        f"!has({limit}) || !isQuantity(string({requested})) || !isQuantity(string({limit})) "
+        f"|| !quantity(string({limit})).isLessThan(quantity(string({requested})))",
+        "messageExpression": f"'hostResources.limits.{resource} (' + string({limit}) + "
+        f"') is below hostResources.requests.{resource} (' + string({requested}) + ')'",
+        "fieldPath": f".limits.{resource}",
+    }
 
 
 class HostResources(ApiModel):
+    """The llama-server container's resources, as a Pod's: Kubernetes quantities."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(*(_limit_not_below_request(r) for r in RESOURCE_NAMES))
+    )
+
     requests: ResourceList | None = None
     limits: ResourceList | None = None
+
+    def limit_below_request(self) -> str | None:
+        """Why a limit is below its request, naming both fields; None when none is."""
+        if self.requests is None or self.limits is None:
+            return None
+        for resource in RESOURCE_NAMES:
+            requested = getattr(self.requests, resource)
+            limit = getattr(self.limits, resource)
+            if requested is None or limit is None:
+                continue
+            if parse_quantity(limit) < parse_quantity(requested):
+                return (
+                    f"hostResources.limits.{resource} ({limit}) is below "
+                    f"hostResources.requests.{resource} ({requested})"
+                )
+        return None
+
+
+_FLOAT_CACHE: Final = "f16"
 
 
 class MeshModelSpec(ApiModel):
     model_config = ConfigDict(
-        json_schema_extra=cel_rule(
-            "!has(self.servedName) || !has(self.aliases) || !(self.servedName in self.aliases)",
-            "aliases must not repeat servedName",
+        json_schema_extra=cel_rules(
+            {
+                "rule": "!has(self.servedName) || !has(self.aliases) "
+                "|| !(self.servedName in self.aliases)",
+                "message": "aliases must not repeat servedName",
+                "fieldPath": ".aliases",
+            },
+            {
+                # llama.cpp quantizes the V cache only inside flash attention.
+                "rule": f"!has(self.flashAttention) || self.flashAttention != 'off' "
+                f"|| !has(self.cacheTypeV) || self.cacheTypeV == '{_FLOAT_CACHE}'",
+                "messageExpression": "'cacheTypeV ' + self.cacheTypeV + "
+                "' needs flash attention (flashAttention is off)'",
+                "fieldPath": ".cacheTypeV",
+            },
         )
     )
 
@@ -160,7 +164,9 @@ class MeshModelSpec(ApiModel):
     draft: DraftModel | None = None
     served_name: str | None = Field(default=None, pattern=NAME_PATTERN)
     aliases: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=128)]] = Field(
-        default_factory=list, max_length=16
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     embeddings: bool = False
     host_resources: HostResources | None = None
@@ -168,29 +174,59 @@ class MeshModelSpec(ApiModel):
     extra_args: list[ExtraArg] = Field(
         default_factory=list,
         max_length=64,
-        json_schema_extra=cel_rule(
-            f"self.all(a, !a.matches('{_OWNED_FLAGS_RE}'))",
-            "extraArgs may not set a flag the operator computes "
-            "(--rpc, -ts, -ngl, -c, -np, --host, --port, ...)",
-        ),
+        json_schema_extra={"x-kubernetes-validations": extra_args_rules()},
     )
 
-    @model_validator(mode="after")
-    def _extra_args_not_owned(self) -> MeshModelSpec:
-        for arg in self.extra_args:
-            flag = arg.split("=", 1)[0]
-            if flag in OWNED_FLAGS:
-                raise ValueError(f"extraArgs may not set {flag}: the operator computes it")
-        return self
+    @field_validator("extra_args")
+    @classmethod
+    def _extra_args_not_owned(cls, extra_args: list[str]) -> list[str]:
+        for arg in extra_args:
+            if owned_flag(arg) is not None:
+                raise ValueError(f"extraArgs may not set {arg}: the operator computes it")
+        return extra_args
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_once(cls, aliases: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for alias in aliases:
+            if alias in seen:
+                raise ValueError(f"aliases name {alias} twice")
+            seen.add(alias)
+        return aliases
 
     @model_validator(mode="after")
-    def _aliases_distinct(self) -> MeshModelSpec:
+    def _meaningful(self) -> MeshModelSpec:
         if self.served_name is not None and self.served_name in self.aliases:
             raise ValueError("aliases must not repeat servedName")
+        if self.flash_attention == "off" and self.cache_type_v != _FLOAT_CACHE:
+            raise ValueError(
+                f"cacheTypeV {self.cache_type_v} needs flash attention (flashAttention is off)"
+            )
+        if self.host_resources is not None:
+            problem = self.host_resources.limit_below_request()
+            if problem:
+                raise ValueError(problem)
         return self
 
     def served_names(self, metadata_name: str) -> list[str]:
         return [self.served_name or metadata_name, *self.aliases]
+
+
+# The rule on a whole MeshModel that needs its name as well as its spec.
+SERVED_NAMES_RULE: Final = {
+    "rule": "has(self.spec.servedName) || !has(self.spec.aliases) "
+    "|| !(self.metadata.name in self.spec.aliases)",
+    "message": "aliases must not repeat metadata.name, the served name when servedName is unset",
+    "fieldPath": ".spec.aliases",
+}
+
+
+def check_model(name: str, spec: MeshModelSpec) -> None:
+    """The CRD's rules on a MeshModel that read its name; ValueError naming the field."""
+    check_model_name(name)
+    if spec.served_name is None and name in spec.aliases:
+        raise ValueError(SERVED_NAMES_RULE["message"])
 
 
 class PlannedDevice(ApiModel):
@@ -265,15 +301,3 @@ class MeshModelStatus(ApiModel):
     group_restarts: int = Field(
         default=0, ge=0, description="Times the host was restarted with its group."
     )
-
-
-MODEL_NAME_MAX = 45  # keep in step with the CRD rule in crdgen
-_MODEL_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-
-
-def check_model_name(name: str) -> None:
-    """The rule the CRD enforces on metadata.name (children are named after it)."""
-    if len(name) > MODEL_NAME_MAX or not _MODEL_NAME_RE.match(name):
-        raise ValueError(
-            f"metadata.name must be a DNS-1035 label of at most {MODEL_NAME_MAX} characters"
-        )

@@ -12,9 +12,11 @@ from typing import Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from mesh_operator import __version__
-from mesh_operator.api.base import ApiModel, cel_rule
+from mesh_operator.api.base import ApiModel, cel_rule, cel_rules
 from mesh_operator.api.conditions import CONDITIONS_SCHEMA, Condition
+from mesh_operator.api.contract import DEFAULT_RPC_PORT, MAX_RTT_MS, RTT_ANNOTATION
 from mesh_operator.api.meshnode import Backend
+from mesh_operator.api.quantity import Quantity
 
 SharingMode = Literal["exclusive", "shared"]
 
@@ -36,7 +38,6 @@ DEFAULT_SERVER_IMAGE = DEFAULT_LLAMA_CPP_IMAGE
 DEFAULT_MESH_IMAGE = f"{DEFAULT_REGISTRY}/mesh:{__version__}"
 
 CacheVolume = Literal["hostPath", "emptyDir", "pvc"]
-_QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|K|M|G|T|P)?$"
 _CLAIM_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
 
@@ -46,11 +47,46 @@ def with_variant(image: str, variant: ImageVariant) -> str:
 
 
 class Toleration(ApiModel):
+    """A Pod's toleration, refused where a Pod would refuse it."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            {
+                "rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) "
+                "|| self.value == ''",
+                "message": "value must be empty when operator is Exists",
+                "fieldPath": ".value",
+            },
+            {
+                "rule": "(has(self.key) && self.key != '') "
+                "|| (has(self.operator) && self.operator == 'Exists')",
+                "message": "operator must be Exists when key is empty",
+                "fieldPath": ".operator",
+            },
+            {
+                "rule": "!has(self.tolerationSeconds) "
+                "|| (has(self.effect) && self.effect == 'NoExecute')",
+                "message": "tolerationSeconds needs effect NoExecute",
+                "fieldPath": ".tolerationSeconds",
+            },
+        )
+    )
+
     key: str | None = Field(default=None, max_length=316)
     operator: Literal["Exists", "Equal"] | None = None
     value: str | None = Field(default=None, max_length=63)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _as_a_pod_takes_it(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("value must be empty when operator is Exists")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("operator must be Exists when key is empty")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
 
 
 class Images(ApiModel):
@@ -97,8 +133,22 @@ class CacheVolumeSpec(ApiModel):
     `privileged` in the model's namespace; emptyDir and pvc run at `restricted`."""
 
     model_config = ConfigDict(
-        json_schema_extra=cel_rule(
-            "self.volume != 'pvc' || has(self.claimName)", "claimName is required with volume: pvc"
+        json_schema_extra=cel_rules(
+            {
+                "rule": "self.volume != 'pvc' || has(self.claimName)",
+                "message": "claimName is required with volume: pvc",
+                "fieldPath": ".claimName",
+            },
+            {
+                "rule": "self.volume == 'pvc' || !has(self.claimName)",
+                "message": "claimName is only for volume: pvc",
+                "fieldPath": ".claimName",
+            },
+            {
+                "rule": "self.volume == 'emptyDir' || !has(self.sizeLimit)",
+                "message": "sizeLimit is only for volume: emptyDir",
+                "fieldPath": ".sizeLimit",
+            },
         )
     )
 
@@ -115,14 +165,18 @@ class CacheVolumeSpec(ApiModel):
         description="PersistentVolumeClaim with volume: pvc (ReadWriteMany when several "
         "nodes use it); it must be writable by group 65532 (fsGroup).",
     )
-    size_limit: str | None = Field(
-        default=None, pattern=_QUANTITY, description="sizeLimit of the emptyDir volume."
+    size_limit: Quantity | None = Field(
+        default=None, description="sizeLimit of the emptyDir volume."
     )
 
     @model_validator(mode="after")
-    def _claim_with_pvc(self) -> CacheVolumeSpec:
+    def _fields_of_its_volume(self) -> CacheVolumeSpec:
         if self.volume == "pvc" and not self.claim_name:
             raise ValueError("claimName is required with volume: pvc")
+        if self.volume != "pvc" and self.claim_name is not None:
+            raise ValueError("claimName is only for volume: pvc")
+        if self.volume != "emptyDir" and self.size_limit is not None:
+            raise ValueError("sizeLimit is only for volume: emptyDir")
         return self
 
 
@@ -177,12 +231,12 @@ class MeshPoolSpec(ApiModel):
     max_rtt_ms: int | None = Field(
         default=None,
         ge=1,
-        le=1000,
+        le=MAX_RTT_MS,
         alias="maxRttMs",
         description="Leave out nodes whose declared round trip (Node annotation "
-        "mesh.dev/rtt-ms) is above this many milliseconds.",
+        f"{RTT_ANNOTATION}) is above this many milliseconds.",
     )
-    rpc_port: int = Field(default=50052, ge=1024, le=65535)
+    rpc_port: int = Field(default=DEFAULT_RPC_PORT, ge=1024, le=65535)
     rpc_threads: int | None = Field(
         default=None, ge=1, le=1024, description="CPU threads of each RPC server (-t)."
     )

@@ -20,30 +20,34 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from mesh_operator.api.base import API_VERSION
-from mesh_operator.api.meshmodel import MeshModelSpec
-from mesh_operator.api.meshpool import CacheVolumeSpec, ImageVariant, MeshPoolSpec, with_variant
-from mesh_operator.gateway.contract import (
+from mesh_operator.api.contract import (
+    AGENT_COMPONENT,
     APP_NAME,
-    COMPONENT_LABEL,
-    HOST_PORT,
-    HOST_PORT_NAME,
-    MODEL_LABEL,
-    NAME_LABEL,
-    host_service_name,
-)
-from mesh_operator.manifests.labels import (
     ARGS_HASH_ANNOTATION,
+    COMPONENT_LABEL,
+    GATEWAY_COMPONENT,
     GROUP_RESTART_ANNOTATION,
     HEADER_COMPONENT,
-    HOST,
+    HOST_COMPONENT,
+    HOST_PORT,
+    HOST_PORT_NAME,
     IMAGES_ANNOTATION,
+    MODEL_LABEL,
+    NAME_LABEL,
+    NAMESPACE_NAME_LABEL,
     PLAN_ANNOTATION,
     POLICY_COMPONENT,
+    RPC_CLASS_LABEL,
     RPC_COMPONENT,
+    RPC_PORT_NAME,
+    SCRAPER_LABEL,
     SOURCE_ANNOTATION,
     build_labels,
     build_selector,
+    host_service_name,
 )
+from mesh_operator.api.meshmodel import MeshModelSpec
+from mesh_operator.api.meshpool import CacheVolumeSpec, ImageVariant, MeshPoolSpec, with_variant
 
 Obj = dict[str, Any]
 
@@ -51,11 +55,6 @@ MODELS_MOUNT = "/models"
 RPC_CACHE_MOUNT = "/var/cache/llama"
 API_KEY_MOUNT = "/etc/mesh/api-key"
 TERMINATION_LOG = "/dev/termination-log"
-GATEWAY_COMPONENT = "gateway"
-AGENT_COMPONENT = "agent"
-SCRAPER_LABEL = "mesh.dev/metrics-scraper"
-NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
-RPC_CLASS_LABEL = "mesh.dev/rpc-class"
 # The non-root user of every image mesh runs (its own and the llama.cpp image).
 RUN_AS_USER = 65532
 # A big model can take long to download: the startup probe allows an hour.
@@ -307,13 +306,13 @@ def build_rpc_daemonsets(w: ModelWorkload) -> list[Obj]:
             "command": list(images.rpc_server_command),
             "args": list(args),
             "env": [POD_IP_ENV, NODE_NAME_ENV],
-            "ports": [{"name": "rpc", "containerPort": w.pool.rpc_port, "protocol": "TCP"}],
+            "ports": [{"name": RPC_PORT_NAME, "containerPort": w.pool.rpc_port, "protocol": "TCP"}],
             "securityContext": _hardened_container(),
             # The kernel answers a TCP probe on a busy RPC port from its backlog,
             # so liveness of the server is judged by the node agent, not a probe;
             # this only says the port is open after start.
             "startupProbe": {
-                "tcpSocket": {"port": "rpc"},
+                "tcpSocket": {"port": RPC_PORT_NAME},
                 "periodSeconds": 2,
                 "failureThreshold": 60,
             },
@@ -488,16 +487,16 @@ def build_host_deployment(w: ModelWorkload, replicas: int = 1) -> Obj:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(w, host_deployment_name(w.name), HOST),
+        "metadata": _metadata(w, host_deployment_name(w.name), HOST_COMPONENT),
         "spec": {
             "replicas": replicas,
             # An RPC server serves one client at a time: a second host started
             # before the first stops would wait forever on busy workers.
             "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": build_selector(w.name, HOST)},
+            "selector": {"matchLabels": build_selector(w.name, HOST_COMPONENT)},
             "template": {
                 "metadata": {
-                    "labels": build_labels(w.name, HOST),
+                    "labels": build_labels(w.name, HOST_COMPONENT),
                     "annotations": {
                         PLAN_ANNOTATION: str(w.plan_generation),
                         GROUP_RESTART_ANNOTATION: str(w.group_restarts),
@@ -588,10 +587,10 @@ def build_service(w: ModelWorkload) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(w, host_service_name(w.name), HOST),
+        "metadata": _metadata(w, host_service_name(w.name), HOST_COMPONENT),
         "spec": {
             "type": "ClusterIP",
-            "selector": build_selector(w.name, HOST),
+            "selector": build_selector(w.name, HOST_COMPONENT),
             "ports": [
                 {
                     "name": HOST_PORT_NAME,
@@ -654,7 +653,7 @@ def build_network_policy(w: ModelWorkload, peers: PolicyPeers) -> Obj:
                     # The node agent checks that the servers answer (see DESIGN: a
                     # TCP probe alone is answered by the kernel's backlog).
                     "from": [
-                        {"podSelector": {"matchLabels": build_selector(w.name, HOST)}},
+                        {"podSelector": {"matchLabels": build_selector(w.name, HOST_COMPONENT)}},
                         _in_namespace(peers.agent_namespace, agent),
                     ],
                     "ports": [{"protocol": "TCP", "port": w.pool.rpc_port}],

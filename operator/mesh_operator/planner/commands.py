@@ -2,9 +2,10 @@
 
 Owns the flags. Pure builders shared by the operator (container args) and the
 tests (processes on this machine), so what is tested is what is deployed. The
-lists hold arguments only, not the binary. Every flag the operator owns
-(`OWNED_FLAGS` in the API) is set here; `-fit off` stops recent llama-server
-from rewriting the computed split.
+lists hold arguments only, not the binary. The llama-server flags set here are
+the ones a MeshModel's extraArgs may not set (`mesh_operator.api.owned_flags`,
+regenerated from these builders); `-fit off` stops recent llama-server from
+rewriting the computed split.
 """
 
 from __future__ import annotations
@@ -12,12 +13,24 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from mesh_operator.api.contract import DEFAULT_RPC_PORT, HOST_PORT
 from mesh_operator.api.meshmodel import Plan
 from mesh_operator.planner.errors import PlannerInputError
 from mesh_operator.planner.memory import ServingParams
 from mesh_operator.planner.placement import PlacementResult
 
-DEFAULT_RPC_PORT = 50052
+__all__ = [
+    "DEFAULT_BATCH",
+    "DEFAULT_RPC_PORT",
+    "DEFAULT_UBATCH",
+    "DraftSettings",
+    "ServerSettings",
+    "build_llama_server_args",
+    "build_rpc_server_args",
+    "build_rpc_server_commands",
+    "rpc_devices_by_node",
+]
+
 DEFAULT_UBATCH = 512
 DEFAULT_BATCH = 2048
 
@@ -37,7 +50,7 @@ class ServerSettings:
 
     serving: ServingParams = field(default_factory=ServingParams)
     host: str = "0.0.0.0"
-    port: int = 8080
+    port: int = HOST_PORT
     aliases: tuple[str, ...] = ()
     metrics: bool = True
     api_key_file: str | None = None

@@ -34,7 +34,8 @@ def _walk(schema: dict[str, Any], path: str = "") -> list[str]:
     for key in ("$ref", "anyOf", "oneOf", "allOf", "title", "$defs"):
         if key in schema:
             bad.append(f"{path}:{key}")
-    if schema.get("type") is None and "x-kubernetes-preserve-unknown-fields" not in schema:
+    untyped = ("x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string")
+    if schema.get("type") is None and not any(schema.get(key) for key in untyped):
         bad.append(f"{path}:no type")
     for name, sub in schema.get("properties", {}).items():
         bad.extend(_walk(sub, f"{path}.{name}"))

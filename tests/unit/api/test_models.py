@@ -14,7 +14,7 @@ from mesh_operator.api import (
     condition_status,
     set_condition,
 )
-from mesh_operator.api.meshmodel import check_model_name
+from mesh_operator.api.meshmodel import check_model
 from tests.admission_cases import CASES
 
 pytestmark = pytest.mark.unit
@@ -25,9 +25,9 @@ SPECS: dict[str, type[BaseModel]] = {"MeshModel": MeshModelSpec, "MeshPool": Mes
 def _validate(obj: dict[str, Any]) -> None:
     if "spec" not in obj:
         raise ValueError("spec is required")
-    if obj["kind"] == "MeshModel":
-        check_model_name(obj["metadata"]["name"])
-    SPECS[obj["kind"]].model_validate(obj["spec"])
+    spec = SPECS[obj["kind"]].model_validate(obj["spec"])
+    if isinstance(spec, MeshModelSpec):
+        check_model(obj["metadata"]["name"], spec)
 
 
 @pytest.mark.parametrize("case", CASES["valid"], ids=lambda c: c["name"])
