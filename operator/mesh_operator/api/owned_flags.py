@@ -134,8 +134,6 @@ from __future__ import annotations
 
 from typing import Final
 
-from pydantic import JsonValue
-
 '''
 _LINE_MAX: Final = 100
 
