@@ -92,6 +92,15 @@ _MODEL_NAME_RE: Final = re.compile(MODEL_NAME_PATTERN)
 
 HOST_SERVICE_SUFFIX: Final = "-host"
 
+# -- the names a model is served under -------------------------------------------
+
+# spec.servedName and spec.aliases: what clients put in a request's "model", and
+# what the gateway routes by.
+SERVED_NAME_MAX: Final = 128
+SERVED_NAME_PATTERN: Final = (
+    rf"^[A-Za-z0-9]([A-Za-z0-9._:/-]{{0,{SERVED_NAME_MAX - 2}}}[A-Za-z0-9])?$"
+)
+
 
 def model_name_rule() -> dict[str, str]:
     """The CRD's CEL rule on a MeshModel's metadata.name (the object's root)."""

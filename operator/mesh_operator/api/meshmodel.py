@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from mesh_operator.api import owned_flags
 from mesh_operator.api.base import ApiModel, cel_rule, cel_rules
 from mesh_operator.api.conditions import CONDITIONS_SCHEMA, Condition
-from mesh_operator.api.contract import check_model_name
+from mesh_operator.api.contract import SERVED_NAME_MAX, SERVED_NAME_PATTERN, check_model_name
 from mesh_operator.api.owned_flags import extra_args_rules, owned_flag
 from mesh_operator.api.quantity import Quantity, parse_quantity
 
@@ -23,7 +23,7 @@ CacheType = Literal["f16", "q8_0", "q4_0"]
 Strategy = Literal["latency", "balanced"]
 FlashAttention = Literal["on", "off", "auto"]
 
-NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._:/-]{0,126}[A-Za-z0-9])?$"
+NAME_PATTERN: Final = SERVED_NAME_PATTERN
 SHA256_PATTERN = r"^[a-f0-9]{64}$"
 # Every spelling of a llama-server flag the operator sets: extraArgs may not use them.
 OWNED_FLAGS: Final = owned_flags.OWNED_FLAGS
@@ -163,7 +163,7 @@ class MeshModelSpec(ApiModel):
     strategy: Strategy = "latency"
     draft: DraftModel | None = None
     served_name: str | None = Field(default=None, pattern=NAME_PATTERN)
-    aliases: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=128)]] = Field(
+    aliases: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=SERVED_NAME_MAX)]] = Field(
         default_factory=list,
         max_length=16,
         json_schema_extra={"x-kubernetes-list-type": "set"},
