@@ -2,12 +2,14 @@
 
 Why it stays beside the real nodes (`e2e.nodes`): what users install — images,
 chart, Pod Security, NetworkPolicies, DNS, the end-to-end scenario and `make
-demo` — runs on real nodes (kubelet, containerd, runc). The operator's
-integration tests (tests/integration/test_operator.py) exercise reconciliation
-on the code in the work tree, with no image build in between and no root; for
-them a node that runs a pod's command as a local process is enough and takes
-seconds. Nothing here stands in for a property of the runtime: tests of images,
-users, resources, policies or Services use real nodes.
+demo`, the chart's install and dashboards tests — runs on real nodes (kubelet,
+containerd, runc). The operator's integration tests (tests/integration/test_operator.py:
+the header-reader pod of a model on a PVC) exercise reconciliation on the code in
+the work tree, with no image build in between and no root; for them a node that
+runs a pod's `mesh` command as a local process is enough and takes seconds.
+Nothing here stands in for a property of the runtime: tests of images, users,
+resources, policies, Services and llama.cpp's servers in pods use real nodes,
+and the simulator runs only the `mesh` CLI and Python (`images`).
 
 Each simulated node is one Python process (`e2e.nodesim.kubelet`) that registers a Node on the local
 control plane (`e2e.cluster`), keeps its Lease, and runs the pods the real

@@ -2,10 +2,12 @@
 
 Test infrastructure. There is no container engine here: a container runs as a
 local process. The executable is chosen by the basename of `command[0]` (so
-`/app/llama-server` and `llama-server` are the same), or, when the container has
-no command, by the image's known entrypoint. Only names in the table run; any
-other image or command leaves the container waiting with `ErrImagePull` and a
-message naming what is known, never running something unexpected.
+`/usr/local/bin/mesh` and `mesh` are the same), or, when the container has no
+command, by the image's known entrypoint. Only names in the table run: the
+`mesh` CLI and Python, what the operator's own pods (the header reader) need.
+The llama.cpp images run on real nodes (`e2e.nodes`) only. Any other image or
+command leaves the container waiting with `ErrImagePull` and a message naming
+what is known, never running something unexpected.
 """
 
 from __future__ import annotations
@@ -40,10 +42,6 @@ def default_table() -> dict[str, Callable[[], Path]]:
     """Command names and how to find their executable (looked up when used)."""
     return {
         "mesh": _mesh_cli,
-        "llama-server": lambda: parts.binary("llama-server"),
-        "ggml-rpc-server": lambda: parts.binary("ggml-rpc-server"),
-        # Older llama.cpp builds name the RPC server `rpc-server`.
-        "rpc-server": lambda: parts.binary("ggml-rpc-server"),
         "python": lambda: Path(sys.executable),
     }
 
@@ -52,15 +50,8 @@ def image_entrypoint(image: str) -> str | None:
     """The command name an image runs when the pod gives none."""
     reference = image.split("@", 1)[0]
     last = reference.rsplit("/", 1)[-1]
-    repo, _, tag = last.partition(":")
-    if repo == "mesh":
-        return "mesh"
-    if repo == "llama.cpp":
-        if tag.startswith("server"):
-            return "llama-server"
-        if tag.startswith("rpc"):
-            return "ggml-rpc-server"
-    return None
+    repo = last.partition(":")[0]
+    return "mesh" if repo == "mesh" else None
 
 
 @dataclass(frozen=True)

@@ -139,14 +139,14 @@ def test_termination_message_keeps_the_last_4096_bytes(tmp_path: Path) -> None:
 
 
 def test_images_map_to_known_executables_only() -> None:
-    table = {"llama-server": lambda: Path("/bin/ls"), "python": lambda: Path("/usr/bin/py")}
-    assert resolve("any", ["/app/llama-server"], ["-m", "x"], table=table).argv == [
+    table = {"mesh": lambda: Path("/bin/ls"), "python": lambda: Path("/usr/bin/py")}
+    assert resolve("any", ["/usr/local/bin/mesh"], ["profile", "x"], table=table).argv == [
         "/bin/ls",
-        "-m",
+        "profile",
         "x",
     ]
     assert resolve("any", ["python3.11", "-c", "1"], [], table=table).argv[0] == "/usr/bin/py"
-    assert resolve("ghcr.io/ggml-org/llama.cpp:server-b1", [], ["-h"], table=table).argv == [
+    assert resolve("ghcr.io/mesh-dev/mesh:0.1.0", [], ["-h"], table=table).argv == [
         "/bin/ls",
         "-h",
     ]
@@ -154,6 +154,11 @@ def test_images_map_to_known_executables_only() -> None:
         resolve("busybox", ["sh", "-c", "true"], [], table=table)
     with pytest.raises(ImageError, match="no command"):
         resolve("busybox", [], [], table=table)
+    # The llama.cpp images run on real nodes only.
+    with pytest.raises(ImageError, match="no command"):
+        resolve("ghcr.io/mesh-dev/llama.cpp:0.3.36-cpu", [], ["-m", "x"], table=table)
+    with pytest.raises(ImageError, match="'llama-server'"):
+        resolve("any", ["/app/llama-server"], [], table=table)
     assert image_entrypoint("registry.local/team/mesh:0.1.0") == "mesh"
 
 
