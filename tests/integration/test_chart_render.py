@@ -63,7 +63,7 @@ def test_helm_lint_strict(values: Path | None) -> None:
 
 @pytest.mark.parametrize(
     "setting",
-    ["operator.replicas=2", "gateway.apiKeys.source=env", "unknown=1", "agent.backend=rocm"],
+    ["operator.replicas=0", "gateway.apiKeys.source=env", "unknown=1", "agent.backend=rocm"],
 )
 def test_schema_refuses_what_the_chart_does_not_know(setting: str) -> None:
     result = subprocess.run(

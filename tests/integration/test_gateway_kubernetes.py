@@ -26,7 +26,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from e2e.cluster import LocalCluster
 from e2e.gateway import start_host
-from mesh_operator.gateway import host_selector_labels, host_service_name
+from mesh_operator.api.contract import host_selector_labels, host_service_name
 from mesh_operator.gateway.kube_discovery import KubernetesSource
 from mesh_operator.gateway.server import Gateway
 from mesh_operator.gateway.settings import GatewaySettings

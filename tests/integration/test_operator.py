@@ -403,3 +403,53 @@ def test_a_node_declared_far_is_left_out_by_the_pools_rtt_limit(
     _model(crds, namespace, "gemma", pool, source={"url": f"{model_url}/{MODEL_FILE}"})
     obj = wait_for("the plan", lambda: _planned(crds, namespace, "gemma"), timeout=90)
     assert sorted(obj["status"]["plan"]["rpc"]) == sorted(nodes[1:])
+
+
+def test_a_mixed_pool_gives_each_node_its_own_devices_and_requests(
+    operator: KopfRunner,
+    crds: LocalCluster,
+    namespace: str,
+    model_url: str,
+    cleanup: list[str],
+) -> None:
+    """A CUDA pool holding a GPU node and a CPU-only node, the model too big for either
+    alone: the GPU node's worker gets `-d CUDA0`, a `nvidia.com/gpu` request and the
+    cuda image; the CPU node's gets `-d CPU`, no GPU request and the cpu image."""
+    cluster = crds
+    label = namespace
+    gpu = _gpu_nodes(cluster, label, [(250, 900.0)], cleanup)[0]
+    cpu = f"cpu-{label}"
+    cleanup += [f"node/{cpu}", f"meshnode/{cpu}"]
+    cluster.add_kwok_node(cpu, labels={"mesh-test-pool": label})
+    put_meshnode(
+        cluster, cpu,
+        [{"id": "CPU", "index": 0, "backend": "cpu", "name": "Test CPU",
+          "memoryTotalMiB": 250, "memoryFreeMiB": 240, "bandwidthGBps": 40.0}],
+    )  # fmt: skip
+    pool = f"pool-{label}"
+    _pool(cluster, pool, label, cleanup, sharing="exclusive")
+    _model(cluster, namespace, "mixed", pool, source={"url": f"{model_url}/{MODEL_FILE}"})
+
+    obj = wait_for("the plan", lambda: _planned(cluster, namespace, "mixed"), timeout=90)
+    assert set(obj["status"]["plan"]["rpc"]) == {gpu, cpu}, obj["status"]["plan"]
+
+    def daemonsets() -> list[dict[str, Any]] | None:
+        found = get(cluster, "daemonsets", "-n", namespace, "-l", "mesh.dev/model=mixed")
+        items: list[dict[str, Any]] = found["items"] if found else []
+        return items if len(items) == 2 else None
+
+    by_node: dict[str, dict[str, Any]] = {}
+    for ds in wait_for("a worker DaemonSet per kind of node", daemonsets, timeout=60):
+        terms = ds["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]["nodeSelectorTerms"]
+        nodes = [v for t in terms for e in t["matchFields"] for v in e["values"]]
+        assert len(nodes) == 1, nodes
+        by_node[nodes[0]] = ds["spec"]["template"]["spec"]["containers"][0]
+    gpu_worker, cpu_worker = by_node[gpu], by_node[cpu]
+    assert gpu_worker["args"][gpu_worker["args"].index("-d") + 1] == "CUDA0"
+    assert gpu_worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert gpu_worker["image"].endswith("-cuda")
+    assert cpu_worker["args"][cpu_worker["args"].index("-d") + 1] == "CPU"
+    assert "nvidia.com/gpu" not in str(cpu_worker.get("resources", {}))
+    assert cpu_worker["image"].endswith("-cpu")

@@ -16,6 +16,13 @@ from typing import Any
 
 import pytest
 
+from mesh_operator.api.contract import (
+    GROUP_RESTART_ANNOTATION,
+    HEADER_COMPONENT,
+    HOST_COMPONENT,
+    IMAGES_ANNOTATION,
+    RPC_COMPONENT,
+)
 from mesh_operator.api.meshmodel import MeshModelSpec, MeshModelStatus, Plan
 from mesh_operator.api.meshnode import MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec
@@ -30,13 +37,6 @@ from mesh_operator.handlers.decision import (
 )
 from mesh_operator.handlers.snapshot import PodInfo, PoolInfo
 from mesh_operator.ledger import NodeInfo, build_pool_view, capacity_steps
-from mesh_operator.manifests.labels import (
-    GROUP_RESTART_ANNOTATION,
-    HEADER_COMPONENT,
-    HOST,
-    IMAGES_ANNOTATION,
-    RPC_COMPONENT,
-)
 from mesh_operator.planner.profile_codec import encode_profile
 from mesh_operator.source import SourceError, cache_key
 from tests.unit.planner.builders import synthetic_profile
@@ -128,7 +128,7 @@ def group(
     """The pods of a serving plan: a worker per planned node and its host."""
     pods = [pod(f"w-{n}", RPC_COMPONENT, n, generation=generation, **worker) for n in plan.rpc]
     host = plan.host_node or plan.rpc[-1]
-    pods.append(pod("host-0", HOST, host, generation=generation, ready=host_ready))
+    pods.append(pod("host-0", HOST_COMPONENT, host, generation=generation, ready=host_ready))
     return pods
 
 
@@ -485,7 +485,7 @@ def test_rpc_version_mismatch_keeps_the_host_stopped() -> None:
     host_exit = {"exits": (refusal,), "images_key": annotations[IMAGES_ANNOTATION]}
     pods: Sequence[PodInfo] = [
         dataclasses.replace(p, ready=False, **host_exit)
-        if p.component == HOST
+        if p.component == HOST_COMPONENT
         else dataclasses.replace(p, image=worker_image)
         for p in steady.pods
     ]

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from mesh_operator.api.contract import IMAGES_ANNOTATION, PLAN_ANNOTATION
 from mesh_operator.api.meshmodel import VersionMismatch
 from mesh_operator.handlers.snapshot import pod_info
 from mesh_operator.handshake import (
@@ -20,7 +21,6 @@ from mesh_operator.handshake import (
     mismatch_message,
     read_refusal,
 )
-from mesh_operator.manifests.labels import IMAGES_ANNOTATION, PLAN_ANNOTATION
 from mesh_operator.manifests.workloads import build_host_deployment, host_image, rpc_images
 from tests.unit.test_manifests import workload
 

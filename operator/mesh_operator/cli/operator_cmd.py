@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import importlib
 import logging
 import sys
 from typing import Any
-
-import kopf
-from prometheus_client import start_http_server
 
 
 def add_parser(subparsers: Any) -> None:
@@ -29,6 +24,17 @@ def add_parser(subparsers: Any) -> None:
         "--metrics-address",
         default="0.0.0.0:9090",
         help="host:port of Prometheus /metrics (%(default)s)",
+    )
+    parser.add_argument(
+        "--lease",
+        default="mesh-operator",
+        help="name of the coordination Lease its replicas elect a leader on, in the "
+        "namespace $POD_NAMESPACE (%(default)s)",
+    )
+    parser.add_argument(
+        "--no-leader-election",
+        action="store_true",
+        help="act at once, without a Lease (only ever run one replica so)",
     )
     parser.add_argument("--verbose", action="store_true", help="log every handler call")
 
@@ -49,16 +55,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         print("mesh operator: error: addresses must be host:port", file=sys.stderr)
         return 2
-    # Importing registers the handlers with kopf's default registry; only here,
-    # so that other subcommands do not pay for it.
-    importlib.import_module("mesh_operator.handlers.registration")
+    # Imported only here: other subcommands do not pay for kopf and the handlers.
+    from mesh_operator.handlers import runner  # noqa: PLC0415
 
-    start_http_server(metrics_port, addr=metrics_host)
-    asyncio.run(
-        kopf.operator(
-            clusterwide=True,
-            standalone=True,
-            liveness_endpoint=f"http://{health_host}:{health_port}/healthz",
-        )
-    )
-    return 0
+    election = None if args.no_leader_election else runner.default_election(args.lease)
+    return runner.run((health_host, health_port), (metrics_host, metrics_port), election)

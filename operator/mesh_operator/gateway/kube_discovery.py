@@ -32,15 +32,15 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from mesh_operator.api.base import GROUP, MESHMODEL_PLURAL, VERSION
-from mesh_operator.api.meshmodel import MeshModelSpec, SecretKeyRef
-from mesh_operator.gateway.auth import keys_from_secret_data
-from mesh_operator.gateway.contract import (
+from mesh_operator.api.contract import (
     HOST_PORT,
     HOST_PORT_NAME,
     SERVICE_NAME_LABEL,
     host_service_name,
     host_slice_selector,
 )
+from mesh_operator.api.meshmodel import MeshModelSpec, SecretKeyRef
+from mesh_operator.gateway.auth import keys_from_secret_data
 from mesh_operator.gateway.discovery import Publish
 from mesh_operator.gateway.routing import ModelRecord
 

@@ -40,10 +40,17 @@ from pydantic import ValidationError
 
 from mesh_operator import handshake, planning
 from mesh_operator.api.conditions import ConditionState, condition_status, set_condition
+from mesh_operator.api.contract import (
+    HEADER_COMPONENT,
+    HOST_COMPONENT,
+    HOST_PORT,
+    RPC_COMPONENT,
+    SPEC_HASH_ANNOTATION,
+    host_service_name,
+)
 from mesh_operator.api.meshmodel import MeshModelSpec, MeshModelStatus, Plan
 from mesh_operator.api.meshnode import MeshNodeStatus
-from mesh_operator.gateway.contract import HOST_PORT, host_service_name
-from mesh_operator.handlers.snapshot import SPEC_HASH_ANNOTATION, PodInfo, PoolInfo
+from mesh_operator.handlers.snapshot import PodInfo, PoolInfo
 from mesh_operator.ledger import (
     Capacity,
     NodeInfo,
@@ -53,7 +60,6 @@ from mesh_operator.ledger import (
     plan_problems,
     to_inventory,
 )
-from mesh_operator.manifests.labels import HEADER_COMPONENT, HOST, RPC_COMPONENT
 from mesh_operator.manifests.workloads import (
     ModelWorkload,
     PolicyPeers,
@@ -504,7 +510,7 @@ class _Decider:
                 # Every node's pod was acted on: this one took another's place.
                 restarted.append(f"worker {pod.name} on {pod.node} replaced")
         self.status.worker_restarts = {p.name: p.restarts for p in workers}
-        return restarted if self._group_pods(HOST) else []
+        return restarted if self._group_pods(HOST_COMPONENT) else []
 
     # -- children --------------------------------------------------------------------
 
@@ -568,12 +574,17 @@ class _Decider:
             return
         silent = {n.name for n in self.view.nodes if not n.fresh}
         self.d.release = [
-            p for p in self.s.pods if p.node in silent and p.component in {RPC_COMPONENT, HOST}
+            p
+            for p in self.s.pods
+            if p.node in silent and p.component in {RPC_COMPONENT, HOST_COMPONENT}
         ]
 
     def _host_verdict(self, w: ModelWorkload, pool: PoolInfo) -> handshake.HostVerdict:
         """Whether the host may run: not while its workers refuse its protocol."""
-        hosts = [handshake.HostExit(p.name, p.images_key, p.exits) for p in self._group_pods(HOST)]
+        hosts = [
+            handshake.HostExit(p.name, p.images_key, p.exits)
+            for p in self._group_pods(HOST_COMPONENT)
+        ]
         images = rpc_images(w)
         # Only workers running the pool's current image: a host may have talked to
         # one on its way out after the images changed.
@@ -614,7 +625,7 @@ class _Decider:
         model = self.s.model
         service = host_service_name(model.name)
         self.status.endpoint = f"http://{service}.{model.namespace}.svc:{HOST_PORT}/v1"
-        hosts = self._group_pods(HOST)
+        hosts = self._group_pods(HOST_COMPONENT)
         if not verdict.run:
             self.cond(READY, "False", handshake.MISMATCH_REASON, verdict.message)
             self.d.outcome = "blocked"

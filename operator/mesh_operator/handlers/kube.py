@@ -19,10 +19,7 @@ from kubernetes.client import ApiClient, ApiException
 
 from mesh_operator.api.base import FIELD_MANAGER, MESHMODEL_PLURAL, MESHPOOL_PLURAL
 from mesh_operator.api.conditions import rfc3339
-from mesh_operator.kubeclient import api_client, follow_kubeconfig_env
-
-# follow_kubeconfig_env: registration.py's kopf login imports it from here.
-__all__ = ["Kube", "Obj", "api_message", "follow_kubeconfig_env"]
+from mesh_operator.kubeclient import api_client
 
 log = logging.getLogger(__name__)
 

@@ -109,7 +109,8 @@ class ModelReconciler:
         self._pool_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._capacity_seen: dict[str, Capacity] = {}
-        self._written: dict[str, tuple[MeshModelStatus, float]] = {}
+        # key -> (the model's uid, the status written last, when)
+        self._written: dict[str, tuple[str, MeshModelStatus, float]] = {}
         self._pool_capacity: dict[str, tuple[Capacity, float]] = {}
 
     def _pool_lock(self, pool: str) -> threading.Lock:
@@ -144,7 +145,7 @@ class ModelReconciler:
             original = MeshModelStatus.model_validate(body.get("status") or {})
         except ValidationError:
             original = MeshModelStatus()
-        status = self._freshest(key, original)
+        status = self._freshest(key, ref.uid, original)
         spec = _spec_or_none(body)
         secrets, profile = self._read(ref, spec, snapshot)
         pool_name = spec.pool_ref if spec is not None else ""
@@ -247,17 +248,21 @@ class ModelReconciler:
         self._pool_capacity[name] = (steps, time.monotonic())
         return steps
 
-    def _freshest(self, key: str, status: MeshModelStatus) -> MeshModelStatus:
+    def _freshest(self, key: str, uid: str, status: MeshModelStatus) -> MeshModelStatus:
         """The status this operator wrote last, when the watch has not caught up.
 
         The body comes from a watch that may lag behind our own status patch by a
         moment; planning again from the older status would re-plan for nothing
-        and restart the group.
+        and restart the group. Only for the same object: a model deleted and made
+        again under its name starts from its own (empty) status, never from the
+        plan of the one before, whose memory others may hold by now.
         """
         written = self._written.get(key)
-        if written is None or time.monotonic() - written[1] > WRITTEN_TTL_SECONDS:
+        if written is None or time.monotonic() - written[2] > WRITTEN_TTL_SECONDS:
             return status
-        ours = written[0]
+        if written[0] != uid:
+            return status
+        ours = written[1]
         if (ours.plan_generation or 0) > (status.plan_generation or 0):
             return ours.model_copy(deep=True)
         return status
@@ -329,7 +334,7 @@ class ModelReconciler:
         original: MeshModelStatus,
         decision: Decision,
     ) -> None:
-        self._written[ref.key] = (decision.status.model_copy(deep=True), time.monotonic())
+        self._written[ref.key] = (ref.uid, decision.status.model_copy(deep=True), time.monotonic())
         old, new = original.to_wire(), decision.status.to_wire()
         if new == old:
             return

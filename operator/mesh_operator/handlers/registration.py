@@ -24,14 +24,20 @@ from mesh_operator.api.base import (
     MESHPOOL_PLURAL,
     VERSION,
 )
-from mesh_operator.gateway.contract import APP_NAME, MODEL_LABEL, NAME_LABEL
+from mesh_operator.api.contract import (
+    APP_NAME,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    MODEL_LABEL,
+    NAME_LABEL,
+    SPEC_HASH_ANNOTATION,
+)
 from mesh_operator.handlers import metrics
-from mesh_operator.handlers.kube import Kube, follow_kubeconfig_env
+from mesh_operator.handlers.kube import Kube
 from mesh_operator.handlers.models import ModelReconciler
 from mesh_operator.handlers.pools import reconcile_pool
 from mesh_operator.handlers.queue import WorkQueue
 from mesh_operator.handlers.snapshot import (
-    SPEC_HASH_ANNOTATION,
     Snapshot,
     meshnode_status,
     model_key,
@@ -41,7 +47,7 @@ from mesh_operator.handlers.snapshot import (
     pod_model_key,
     pool_info,
 )
-from mesh_operator.manifests.labels import MANAGED_BY, MANAGED_BY_LABEL
+from mesh_operator.kubeclient import follow_kubeconfig_env
 from mesh_operator.manifests.workloads import PolicyPeers
 from mesh_operator.source import ProfileCache
 

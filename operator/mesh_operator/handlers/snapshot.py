@@ -14,23 +14,20 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mesh_operator.api.contract import (
+    COMPONENT_LABEL,
+    IMAGES_ANNOTATION,
+    MAX_RTT_MS,
+    MODEL_LABEL,
+    PLAN_ANNOTATION,
+    RTT_ANNOTATION,
+    SOURCE_ANNOTATION,
+)
 from mesh_operator.api.meshmodel import Plan
 from mesh_operator.api.meshnode import MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec
-from mesh_operator.gateway.contract import COMPONENT_LABEL, MODEL_LABEL
 from mesh_operator.ledger import NodeInfo
-from mesh_operator.manifests.labels import (
-    IMAGES_ANNOTATION,
-    PLAN_ANNOTATION,
-    SOURCE_ANNOTATION,
-)
 
-SPEC_HASH_ANNOTATION = "mesh.dev/spec-hash"
-# On a Node: its round trip in ms to the pool's other nodes, as the admin knows it
-# (a box on a slower link); the planner counts it per remote hop and a pool's
-# maxRttMs leaves such nodes out. Unset: a LAN round trip is assumed.
-RTT_ANNOTATION = "mesh.dev/rtt-ms"
-MAX_RTT_MS = 1000
 _warned_rtt: set[tuple[str, str]] = set()
 
 log = logging.getLogger(__name__)

@@ -6,11 +6,9 @@ import re
 
 import pytest
 
-from mesh_operator import gateway
 from mesh_operator.api import contract
 from mesh_operator.api.crdgen import build_crds
 from mesh_operator.api.meshpool import MeshPoolSpec
-from mesh_operator.manifests import labels
 
 pytestmark = pytest.mark.unit
 
@@ -61,10 +59,3 @@ def test_owned_selector_matches_every_owned_object() -> None:
 def test_ports() -> None:
     assert (contract.HOST_PORT, contract.HOST_PORT_NAME) == (8080, "http")
     assert MeshPoolSpec().rpc_port == contract.DEFAULT_RPC_PORT == 50052
-
-
-def test_the_gateway_and_the_builders_name_the_same_contract() -> None:
-    assert gateway.host_service_name is contract.host_service_name
-    assert gateway.HOST_PORT == contract.HOST_PORT
-    assert labels.build_labels is contract.build_labels
-    assert labels.HOST == contract.HOST_COMPONENT
