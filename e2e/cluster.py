@@ -15,6 +15,7 @@ clusters (one per test session) can run side by side.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -456,6 +458,27 @@ class LocalCluster:
 
 def default_state_dir() -> Path:
     return Path(os.environ.get("MESH_CLUSTER_DIR", str(parts.mesh_dir() / "cluster")))
+
+
+CRD_FILES = Path(__file__).resolve().parent.parent / "crds"
+
+
+@contextlib.contextmanager
+def cluster_with_crds(cluster_dir: Path | None, work: Path) -> Iterator[LocalCluster]:
+    """A local control plane with mesh's CRDs Established, for the benchmarks: the
+    one in `cluster_dir` (started if needed, and kept), else a new one in `work`,
+    stopped at the end."""
+    cluster = LocalCluster(cluster_dir or work / "cluster")
+    cluster.up()
+    try:
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILES))
+        cluster.wait_established(
+            *(f"{p}.mesh.dev" for p in ("meshpools", "meshmodels", "meshnodes"))
+        )
+        yield cluster
+    finally:
+        if cluster_dir is None:
+            cluster.down()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from e2e.chaos import Chaos, ChaosError
-from e2e.cluster import LocalCluster
+from e2e.cluster import cluster_with_crds
 
 
 def main(argv: list[str]) -> int:
@@ -23,23 +23,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--cluster-dir", type=Path, help="reuse (and keep) this local cluster")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="mesh-chaos-") as tmp:
-        work = Path(tmp)
-        cluster = LocalCluster(args.cluster_dir or work / "cluster")
-        cluster.up()
+    with (
+        tempfile.TemporaryDirectory(prefix="mesh-chaos-") as tmp,
+        cluster_with_crds(args.cluster_dir, Path(tmp)) as cluster,
+    ):
         try:
-            cluster.kubectl("apply", "--server-side", "-f", str(Path("crds").resolve()))
-            cluster.wait_established(
-                *(f"{p}.mesh.dev" for p in ("meshpools", "meshmodels", "meshnodes"))
-            )
-            try:
-                report = Chaos(cluster, work, args.seed).run(args.cycles)
-            except ChaosError as exc:
-                print(f"bench chaos: {exc}", file=sys.stderr)
-                return 1
-        finally:
-            if args.cluster_dir is None:
-                cluster.down()
+            report = Chaos(cluster, Path(tmp), args.seed).run(args.cycles)
+        except ChaosError as exc:
+            print(f"bench chaos: {exc}", file=sys.stderr)
+            return 1
     print(report.summary())
     for violation in report.violations:
         print(f"  violation: {violation}")

@@ -31,7 +31,7 @@ from kubernetes.client import ApiClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from e2e import parts
-from e2e.cluster import KWOK_NODE_ANNOTATION, LocalCluster
+from e2e.cluster import KWOK_NODE_ANNOTATION, cluster_with_crds
 from e2e.fileserver import serve_directory
 from e2e.waiting import free_port
 
@@ -181,14 +181,7 @@ def run(n_nodes: int, n_models: int, cluster_dir: Path | None) -> int:
     rng = random.Random(7)
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mesh-bench-")))
-        cluster = LocalCluster(cluster_dir or work / "cluster")
-        cluster.up()
-        if cluster_dir is None:
-            stack.callback(cluster.down)
-        cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-        cluster.wait_established(
-            *(f"{p}.{GROUP}" for p in ("meshpools", "meshmodels", "meshnodes"))
-        )
+        cluster = stack.enter_context(cluster_with_crds(cluster_dir, work))
         api: ApiClient = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
             config_file=str(cluster.kubeconfig)
         )
