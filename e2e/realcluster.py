@@ -9,7 +9,17 @@ installed with its default images (pulled through the nodes' registry mirror),
 the release namespace enforcing Pod Security `restricted` and the agents in a
 namespace the chart creates at `privileged`. The CPU pool example as shipped
 (emptyDir caches) serves gemma-3-270m as two MeshModels in two namespaces that
-enforce `restricted`, each on one node. Used by `e2e/test_real_cluster.py`.
+enforce `restricted`, each on one node. The release also carries what a user
+with a Prometheus gives it: scrapers in the namespace `monitoring`
+(`networkPolicy.scraperNamespaces`) and the chart's PodMonitors (the Prometheus
+operator's kinds stand in as bare CRDs; no operator reads them).
+
+One installation serves a whole pytest session (`real_mesh`, a plugin that
+`e2e/conftest.py` and `tests/integration/conftest.py` register): bringing it up
+takes minutes. The tests that use it run one after the other at the end of the
+session, those marked `real_mesh_last` (which uninstall the release) after all
+others. Used by `e2e/test_real_cluster.py`, `tests/integration/test_chart_install.py`
+and `tests/integration/test_dashboards.py`.
 
 Connection probes report one verdict per target: `OK` (the TCP handshake
 completed), `REFUSED` (refused or reset: kube-router rejects what no
@@ -22,18 +32,23 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from e2e import parts
 from e2e.cluster import K8S_VERSION, LocalCluster
+from e2e.fileserver import serve_directory
 from e2e.nodes import RealNodes, chart_images
+from e2e.nodes.images import require_real_nodes
 from e2e.waiting import WaitTimeoutError, wait_for
+from tests.conftest import require_part
 
 Obj = dict[str, Any]
 
@@ -51,6 +66,11 @@ ENFORCE_LABEL = "pod-security.kubernetes.io/enforce"
 # The images' user (Dockerfile.*: USER 65532:65532).
 IMAGE_USER = 65532
 PROBE_TIMEOUT_SECONDS = 3
+# Where a user's Prometheus runs, its pods labelled SCRAPER_LABEL.
+SCRAPER_NAMESPACE = "monitoring"
+SCRAPER_LABEL = "mesh.dev/metrics-scraper"
+# The PodMonitors' interval: quick, so that tests see rates within seconds.
+SCRAPE_INTERVAL = "2s"
 
 
 class RealClusterError(RuntimeError):
@@ -63,6 +83,65 @@ class Model:
 
     name: str
     namespace: str
+
+
+MODEL = Model("gemma-3-270m", "ai")
+# Another model (the same file) in another namespace: its host is "another
+# model's host" for the first model's policy, and the other way round.
+OTHER = Model("gemma-other", "ai-other")
+MODELS = (MODEL, OTHER)
+# A namespace that is none of mesh's: its pods are nobody mesh admits.
+OUTSIDE = "outside"
+# The pool's caches are emptyDir (the CPU pool example as shipped): docs/install.md
+# "Model namespaces" says the models' namespaces can then enforce `restricted`.
+MODEL_POD_SECURITY = "restricted"
+
+# The Prometheus operator's PodMonitor and ServiceMonitor kinds, as stand-ins: no
+# Prometheus operator runs here, and the API server needs the kinds to accept the
+# chart's monitors. Their spec is not checked (tests/unit cover the fields).
+MONITOR_KINDS = (("PodMonitor", "podmonitors"), ("ServiceMonitor", "servicemonitors"))
+
+
+def install_monitoring_crds(cluster: LocalCluster) -> None:
+    """The stand-in CRDs of MONITOR_KINDS, applied and Established."""
+    for kind, plural in MONITOR_KINDS:
+        crd = {
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+            "spec": {
+                "group": "monitoring.coreos.com",
+                "scope": "Namespaced",
+                "names": {"kind": kind, "plural": plural, "listKind": f"{kind}List"},
+                "versions": [
+                    {
+                        "name": "v1",
+                        "served": True,
+                        "storage": True,
+                        "schema": {
+                            "openAPIV3Schema": {
+                                "type": "object",
+                                "properties": {
+                                    "spec": {
+                                        "type": "object",
+                                        "x-kubernetes-preserve-unknown-fields": True,
+                                    }
+                                },
+                            }
+                        },
+                    }
+                ],
+            },
+        }
+        cluster.kubectl(
+            "apply", "--server-side", "--force-conflicts", "-f", "-", input_text=json.dumps(crd)
+        )
+        cluster.kubectl(
+            "wait",
+            "--for=condition=Established",
+            f"crd/{plural}.monitoring.coreos.com",
+            "--timeout=60s",
+        )
 
 
 @dataclass(frozen=True)
@@ -182,6 +261,8 @@ class RealCluster:
         self.workdir = workdir.resolve()
         self.cluster = LocalCluster(self.workdir / "cluster")
         self.nodes = RealNodes(self.cluster, self.workdir / "nodes")
+        # (namespace, name) of the one-shot pods `start_pod` made.
+        self.started: set[tuple[str, str]] = set()
 
     # -- clients -------------------------------------------------------------------
 
@@ -258,9 +339,11 @@ class RealCluster:
 
     def install(self) -> None:
         """helm install as docs/install.md: the release namespace `restricted`,
-        agents in a namespace of their own created by the chart."""
+        agents in a namespace of their own created by the chart, metrics for the
+        labelled Prometheus pods of `monitoring` and the chart's PodMonitors."""
         log(f"helm install {RELEASE} into {NAMESPACE} (restricted), agents in {AGENT_NAMESPACE}")
         self.namespace(NAMESPACE, "restricted")
+        install_monitoring_crds(self.cluster)
         result = self.helm(
             "install", RELEASE, str(REPO / "charts" / "mesh"),
             "--namespace", NAMESPACE,
@@ -269,6 +352,9 @@ class RealCluster:
             "--set", "agent.createNamespace=true",
             "--set", f"agent.stateDir={self.host_path('agent')}",
             "--set", f"agent.modelCache={self.host_path('models')}",
+            "--set", f"networkPolicy.scraperNamespaces={{{SCRAPER_NAMESPACE}}}",
+            "--set", "metrics.podMonitor.enabled=true",
+            "--set", f"metrics.podMonitor.interval={SCRAPE_INTERVAL}",
             "--wait", "--timeout", "5m",
         )  # fmt: skip
         if result.returncode != 0:
@@ -309,6 +395,18 @@ class RealCluster:
         )
         log(f"MeshModel {model.namespace}/{model.name}")
         self.apply(obj)
+
+    def bring_up(self, mirror: str, sha256: str) -> None:
+        """The chart, the pool and both models Ready (applied together)."""
+        self.install()
+        self.apply_pool()
+        for model in MODELS:
+            self.namespace(model.namespace, MODEL_POD_SECURITY)
+            self.apply_model(model, mirror, sha256)
+        for model in MODELS:
+            self.wait_ready(model)
+        self.namespace(OUTSIDE, None)
+        self.namespace(SCRAPER_NAMESPACE, None)
 
     def ready(self, model: Model) -> Obj | None:
         obj: Obj | None = self.get("meshmodel", model.name, "-n", model.namespace)
@@ -437,7 +535,14 @@ class RealCluster:
     ) -> None:
         """A one-shot `restricted_pod` of the mesh image; read it with `pod_output`."""
         self.kubectl("delete", "pod", name, "-n", namespace, "--ignore-not-found", "--wait=true")
+        self.started.add((namespace, name))
         self.apply(restricted_pod(name, namespace, labels, command, image=mesh_image()))
+
+    def delete_started_pods(self) -> None:
+        """Delete the one-shot pods `start_pod` made (the installation is shared)."""
+        for namespace, name in sorted(self.started):
+            self.kubectl("delete", "pod", name, "-n", namespace, "--ignore-not-found", check=False)
+        self.started.clear()
 
     def start_probe_pod(
         self, name: str, namespace: str, labels: Mapping[str, str], targets: Sequence[Target]
@@ -470,3 +575,74 @@ class RealCluster:
             if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 return int(fields[4].split(":")[1], 16)
         raise RealClusterError(f"nothing listens on {port} in {pod['metadata']['name']}")
+
+
+# -- one installation per pytest session ------------------------------------------
+
+PLUGIN_NAME = "mesh-real-cluster"
+LAST_MARKER = "real_mesh_last"
+
+
+@dataclass
+class SharedRealCluster:
+    """The session's `RealCluster` once up, with the model mirror it serves from
+    and how long bringing it up took."""
+
+    mesh: RealCluster
+    mirror: str
+    sha256: str
+    bring_up_seconds: float
+
+
+@pytest.fixture(scope="session")
+def shared_real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedRealCluster]:
+    """mesh on three real nodes for the whole session, stopped by pid at its end."""
+    for name in ("etcd", "kube-apiserver", "helm", "kubectl"):
+        require_part(lambda name=name: parts.binary(name))  # type: ignore[misc]
+    model_file = require_part(parts.model_path)
+    require_part(require_real_nodes)
+    sha256 = Path(f"{model_file.resolve()}.sha256").read_text().strip()
+    cluster = RealCluster(tmp_path_factory.mktemp("real-cluster"))
+    started = time.monotonic()
+    try:
+        cluster.start()
+        # On the nodes' bridge, which exists once the nodes do.
+        with serve_directory(model_file.parent, cluster.nodes.plan.host_address) as mirror:
+            cluster.bring_up(mirror, sha256)
+            seconds = time.monotonic() - started
+            log(f"mesh is up on real nodes after {seconds:.0f} s")
+            yield SharedRealCluster(cluster, mirror, sha256, seconds)
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def real_mesh(shared_real_cluster: SharedRealCluster) -> RealCluster:
+    """The session's mesh on real nodes (`shared_real_cluster`)."""
+    return shared_real_cluster.mesh
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{LAST_MARKER}: runs after every other test of the shared real cluster (uninstalls it)",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests of the shared installation go last, one after the other, so that it
+    is up only while they run; the `real_mesh_last` ones after all of them."""
+
+    def group(item: pytest.Item) -> int:
+        if "shared_real_cluster" not in getattr(item, "fixturenames", ()):
+            return 0
+        return 2 if item.get_closest_marker(LAST_MARKER) else 1
+
+    items.sort(key=group)
+
+
+def register(config: pytest.Config) -> None:
+    """Make this module a plugin of the session (once), so that every directory's
+    tests share one `real_mesh`: a fixture of a conftest would be one per folder."""
+    if not config.pluginmanager.has_plugin(PLUGIN_NAME):
+        config.pluginmanager.register(sys.modules[__name__], PLUGIN_NAME)

@@ -11,19 +11,21 @@ import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from e2e import parts
-from e2e.fileserver import serve_directory
-from e2e.nodes.images import chart_images, require_real_nodes
+from e2e.nodes.images import chart_images
 from e2e.realcluster import (
     AGENT_NAMESPACE,
     ENFORCE_LABEL,
     IMAGE_USER,
+    MODEL,
+    MODEL_POD_SECURITY,
+    MODELS,
     NAMESPACE,
+    OTHER,
+    OUTSIDE,
     RELEASE,
     Model,
     RealCluster,
@@ -32,22 +34,11 @@ from e2e.realcluster import (
     parse_probe_output,
     restricted_pod,
 )
-from tests.conftest import require_part
 
 pytestmark = pytest.mark.e2e
 
 Obj = dict[str, Any]
 
-MODEL = Model("gemma-3-270m", "ai")
-# Another model (the same file) in another namespace: its host is "another
-# model's host" for the first model's policy, and the other way round.
-OTHER = Model("gemma-other", "ai-other")
-MODELS = (MODEL, OTHER)
-# A namespace that is none of mesh's: its pods are nobody mesh admits.
-OUTSIDE = "outside"
-# The pool's caches are emptyDir (the CPU pool example as shipped): docs/install.md
-# "Model namespaces" says the models' namespaces can then enforce `restricted`.
-MODEL_POD_SECURITY = "restricted"
 AGENT_LABELS = {"app.kubernetes.io/name": "mesh", "app.kubernetes.io/component": "agent"}
 # kube-router refuses what no NetworkPolicy admits (REJECT with
 # icmp-port-unreachable). A TIMEOUT is a handshake nobody answered, as when a
@@ -65,34 +56,14 @@ def host_labels(model: Model) -> dict[str, str]:
     }
 
 
-def bring_up(mesh: RealCluster, mirror: str, sha256: str) -> None:
-    """The chart, the pool and both models Ready (applied together)."""
-    mesh.install()
-    mesh.apply_pool()
-    for model in MODELS:
-        mesh.namespace(model.namespace, MODEL_POD_SECURITY)
-        mesh.apply_model(model, mirror, sha256)
-    for model in MODELS:
-        mesh.wait_ready(model)
-    mesh.namespace(OUTSIDE, None)
-
-
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
-    for name in ("etcd", "kube-apiserver", "helm", "kubectl"):
-        require_part(lambda name=name: parts.binary(name))  # type: ignore[misc]
-    model_file = require_part(parts.model_path)
-    require_part(require_real_nodes)
-    sha256 = Path(f"{model_file.resolve()}.sha256").read_text().strip()
-    cluster = RealCluster(tmp_path_factory.mktemp("real-cluster"))
+def mesh(real_mesh: RealCluster) -> Iterator[RealCluster]:
+    """The session's installation on real nodes (`e2e.realcluster`), left without
+    the probe pods of this module."""
     try:
-        cluster.start()
-        # On the nodes' bridge, which exists once the nodes do.
-        with serve_directory(model_file.parent, cluster.nodes.plan.host_address) as mirror:
-            bring_up(cluster, mirror, sha256)
-            yield cluster
+        yield real_mesh
     finally:
-        cluster.stop()
+        real_mesh.delete_started_pods()
 
 
 # -- 1. images ------------------------------------------------------------------
@@ -376,11 +347,15 @@ def test_host_port_admits_the_gateway_not_other_namespaces(reachability: Reachab
 
 
 def test_helm_test_passes(mesh: RealCluster) -> None:
-    result = mesh.helm("test", RELEASE, "--namespace", NAMESPACE, timeout=300)
+    result = mesh.helm("test", RELEASE, "--namespace", NAMESPACE, "--logs", timeout=300)
     assert result.returncode == 0, result.stderr + result.stdout
-    # The test pod asserts the OpenAI list shape of /v1/models through the
-    # gateway's Service; helm deletes it once it succeeded (so no --logs).
     assert "Phase:          Succeeded" in result.stdout, result.stdout
+    # The test pod asserts the OpenAI list shape of /v1/models through the
+    # gateway's Service and prints the models' names; it stays until the next
+    # `helm test` (hook-delete-policy before-hook-creation), so --logs shows it.
+    models = next(line for line in result.stdout.splitlines() if line.startswith("models: "))
+    for model in MODELS:
+        assert repr(model.name) in models, result.stdout
 
 
 def test_a_pod_reaches_the_gateway_by_its_service_name(mesh: RealCluster) -> None:

@@ -1,6 +1,8 @@
 """Images for the real test nodes: the infrastructure images the harness makes
 itself (the sandbox "pause" image and CoreDNS, each one static program on an
-empty base), and pushes of the project's own images into the local registry.
+empty base; Prometheus for the tests that scrape pods, Debian's program on the
+Debian base the project's images use), and pushes of the project's own images
+into the local registry.
 
 Test infrastructure. The container engine is podman, run as root with the
 configuration this machine needs (runtime runc, ulimits inside the machine's hard
@@ -9,6 +11,7 @@ limits), written into the cache and passed through CONTAINERS_CONF.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -99,6 +102,34 @@ def ensure_infra_images(registry: str) -> None:
                 )
                 podman("build", "--pull=never", "-t", local, context)
         push({local: f"e2e/{image}"}, registry)
+
+
+# The base of the project's images (scripts/build-base-image.sh makes it here).
+DEBIAN_BASE = "docker.io/library/debian:bookworm-slim"
+
+
+def prometheus_image(registry: str) -> str:
+    """This machine's Prometheus (Debian's package, linked against glibc alone) on
+    the Debian base, built once per program and pushed to `registry`; the image's
+    name there."""
+    program = parts.binary("prometheus")
+    data = program.read_bytes()
+    tag = f"debian-{hashlib.sha256(data).hexdigest()[:12]}"
+    local = f"localhost/mesh-e2e/prometheus:{tag}"
+    if not exists(local):
+        if not exists(DEBIAN_BASE):
+            raise ImageError(f"image {DEBIAN_BASE} not found locally: run `make images`")
+        with tempfile.TemporaryDirectory() as context:
+            binary = Path(context) / "prometheus"
+            binary.write_bytes(data)
+            binary.chmod(0o755)
+            (Path(context) / "Containerfile").write_text(
+                f"FROM {DEBIAN_BASE}\nCOPY prometheus /bin/prometheus\nUSER 65532:65532\n"
+                'ENTRYPOINT ["/bin/prometheus"]\n'
+            )
+            podman("build", "--pull=never", "-t", local, context)
+    push({local: f"e2e/prometheus:{tag}"}, registry)
+    return f"{registry}/e2e/prometheus:{tag}"
 
 
 def push(images: Mapping[str, str], registry: str) -> None:

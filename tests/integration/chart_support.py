@@ -1,11 +1,9 @@
-"""Helpers of the chart's integration tests: run the built helm, render the chart,
-install stand-ins for the Prometheus operator's CRDs, and give a process the
-credentials of a service account the chart created (a real token from the
-TokenRequest API, as the pod would mount)."""
+"""Helpers of the chart's tests: run the built helm, render the chart, install
+stand-ins for the Prometheus operator's CRDs (`e2e.realcluster`), run a `mesh`
+command as a local process."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,13 +18,28 @@ import yaml
 from e2e import parts
 from e2e.cluster import LocalCluster
 from e2e.procs import stop_popen
+from e2e.realcluster import install_monitoring_crds
 from tests.conftest import require_part
-from tests.integration.kube_helpers import KWOK_TOLERATION
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "mesh"
 EXAMPLES = REPO / "manifests" / "examples"
 VALUES_FILES = sorted(EXAMPLES.glob("values-*.yaml"))
+
+__all__ = [
+    "CHART",
+    "EXAMPLES",
+    "REPO",
+    "VALUES_FILES",
+    "MeshProcess",
+    "documents",
+    "helm",
+    "helm_bin",
+    "http_ok",
+    "install_monitoring_crds",
+    "template",
+    "values_of",
+]
 
 
 def helm_bin() -> Path:
@@ -71,121 +84,6 @@ def values_of(path: Path | None) -> dict[str, Any]:
         return {}
     loaded: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
     return loaded
-
-
-def kwok_tolerations() -> list[str]:
-    """--set-json items that let every pod of the chart onto kwok's simulated nodes."""
-    toleration = json.dumps([KWOK_TOLERATION])
-    return [
-        f"{component}.tolerations={toleration}"
-        for component in ("operator", "gateway", "agent", "tests")
-    ]
-
-
-# The Prometheus operator's PodMonitor and ServiceMonitor kinds, as stand-ins: the
-# local API server has no Prometheus operator, and a server-side dry-run needs the
-# kinds to exist. They check that the chart's monitors are well-formed objects of
-# those kinds, not their fields (tests/unit cover those).
-MONITOR_KINDS = (("PodMonitor", "podmonitors"), ("ServiceMonitor", "servicemonitors"))
-
-
-def install_monitoring_crds(cluster: LocalCluster) -> None:
-    for kind, plural in MONITOR_KINDS:
-        crd = {
-            "apiVersion": "apiextensions.k8s.io/v1",
-            "kind": "CustomResourceDefinition",
-            "metadata": {"name": f"{plural}.monitoring.coreos.com"},
-            "spec": {
-                "group": "monitoring.coreos.com",
-                "scope": "Namespaced",
-                "names": {"kind": kind, "plural": plural, "listKind": f"{kind}List"},
-                "versions": [
-                    {
-                        "name": "v1",
-                        "served": True,
-                        "storage": True,
-                        "schema": {
-                            "openAPIV3Schema": {
-                                "type": "object",
-                                "properties": {
-                                    "spec": {
-                                        "type": "object",
-                                        "x-kubernetes-preserve-unknown-fields": True,
-                                    }
-                                },
-                            }
-                        },
-                    }
-                ],
-            },
-        }
-        cluster.kubectl(
-            "apply", "--server-side", "--force-conflicts", "-f", "-", input_text=json.dumps(crd)
-        )
-        cluster.kubectl(
-            "wait",
-            "--for=condition=Established",
-            f"crd/{plural}.monitoring.coreos.com",
-            "--timeout=60s",
-        )
-
-
-def service_account_token(
-    cluster: LocalCluster, namespace: str, account: str, bound_pod: str | None = None
-) -> str:
-    """A token of the service account from the TokenRequest API; bound to a pod
-    (whose node name the API server then puts in the token) when given."""
-    args = ["create", "token", account, "-n", namespace, "--duration=1h"]
-    if bound_pod is not None:
-        uid = cluster.kubectl(
-            "get", "pod", bound_pod, "-n", namespace, "-o", "jsonpath={.metadata.uid}"
-        )
-        args += ["--bound-object-kind=Pod", f"--bound-object-name={bound_pod}"]
-        args += [f"--bound-object-uid={uid}"]
-    return cluster.kubectl(*args).strip()
-
-
-def write_token_kubeconfig(cluster: LocalCluster, token: str, path: Path) -> Path:
-    """A kubeconfig that authenticates with `token` only (no client certificate)."""
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "local",
-                "cluster": {
-                    "server": cluster.config().server,
-                    "certificate-authority": str(cluster.pki_dir / "ca.crt"),
-                },
-            }
-        ],
-        "users": [{"name": "sa", "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "local", "user": "sa"}}],
-        "current-context": "sa",
-    }
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    return path
-
-
-def adopt_crds(cluster: LocalCluster, release: str, namespace: str) -> None:
-    """Let a release take over mesh CRDs that exist already (applied by another
-    test from crds/, or kept by an earlier release): Helm adopts an object that
-    carries its ownership metadata."""
-    names = cluster.kubectl(
-        "get", "crd", "-o", "name", "-l", "app.kubernetes.io/part-of=mesh", check=False
-    ).split()
-    for name in names:
-        if not name.endswith(".mesh.dev"):
-            continue
-        cluster.kubectl("label", "--overwrite", name, "app.kubernetes.io/managed-by=Helm")
-        cluster.kubectl(
-            "annotate",
-            "--overwrite",
-            name,
-            f"meta.helm.sh/release-name={release}",
-            f"meta.helm.sh/release-namespace={namespace}",
-        )
 
 
 class MeshProcess:
