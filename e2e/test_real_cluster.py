@@ -8,6 +8,7 @@ NetworkPolicies, and CoreDNS and kube-proxy carry a pod to the gateway's Service
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from e2e.realcluster import (
     NAMESPACE,
     OTHER,
     OUTSIDE,
+    POOL,
     RELEASE,
     Model,
     RealCluster,
@@ -48,7 +50,7 @@ BLOCKED = "REFUSED"
 
 def host_labels(model: Model) -> dict[str, str]:
     """What the model's NetworkPolicy admits to its RPC port: its host pods' labels
-    (operator/mesh_operator/manifests/labels.py `build_selector`)."""
+    (`mesh_operator.api.contract.build_selector`)."""
     return {
         "app.kubernetes.io/name": "mesh",
         "app.kubernetes.io/component": "host",
@@ -373,3 +375,49 @@ def test_a_pod_reaches_the_gateway_by_its_service_name(mesh: RealCluster) -> Non
     body = json.loads(mesh.pod_output("gateway-by-dns", OUTSIDE))
     assert body["object"] == "list", body
     assert {m["id"] for m in body["data"]} >= {m.name for m in MODELS}, body
+
+
+# -- two models planned into one pool at once --------------------------------------
+
+
+def test_two_models_applied_at_once_share_no_memory_and_both_serve(mesh: RealCluster) -> None:
+    """Both MeshModels were applied to the pool together (`bring_up`): each has a
+    plan, the plans on any device together stay within what the ledger offers
+    there (its total under the pool's cap, less the reserve and others' use), and
+    each answers a chat through the gateway."""
+    pool = mesh.get("meshpool", POOL)["spec"]
+    used: dict[tuple[str, str], int] = {}
+    for model in MODELS:
+        status = mesh.get("meshmodel", model.name, "-n", model.namespace)["status"]
+        assert status["plan"]["devices"], status
+        for device in status["plan"]["devices"]:
+            key = (device["node"], device["device"])
+            used[key] = used.get(key, 0) + int(device["totalMiB"])
+    for (node, device_id), mib in used.items():
+        devices = mesh.get("meshnode", node)["status"]["devices"]
+        device = next(d for d in devices if d["id"] == device_id)
+        total = device["memoryTotalMiB"]
+        if pool.get("deviceMemoryCapMiB") is not None:
+            total = min(total, pool["deviceMemoryCapMiB"])
+        reserve = math.ceil(device["memoryTotalMiB"] * pool.get("reservePercent", 10) / 100)
+        limit = total - reserve - int(device.get("memoryUsedByOthersMiB") or 0)
+        assert mib <= limit, f"{node}/{device_id}: plans hold {mib} MiB of {limit}"
+    (service,) = mesh.get("services", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=gateway")[
+        "items"
+    ]
+    url = f"http://{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    url += f":{service['spec']['ports'][0]['port']}/v1/chat/completions"
+    script = (
+        "import json, sys, urllib.request\n"
+        "for model in sys.argv[2:]:\n"
+        "    body = {'model': model, 'max_tokens': 4,\n"
+        "            'messages': [{'role': 'user', 'content': 'Say hi.'}]}\n"
+        "    request = urllib.request.Request(sys.argv[1], json.dumps(body).encode(),\n"
+        "                                     {'Content-Type': 'application/json'})\n"
+        "    with urllib.request.urlopen(request, timeout=120) as answer:\n"
+        "        print(model, json.loads(answer.read())['choices'][0]['message']['content']!r)\n"
+    )
+    names = [m.name for m in MODELS]
+    mesh.start_pod("chat-both", OUTSIDE, {"app": "probe"}, ["python3", "-c", script, url, *names])
+    answers = mesh.pod_output("chat-both", OUTSIDE).strip().splitlines()
+    assert [line.split(" ", 1)[0] for line in answers] == names, answers

@@ -36,9 +36,8 @@ from e2e.scenario import (
     log,
 )
 from e2e.waiting import wait_for
+from mesh_operator.api.contract import COMPONENT_LABEL, HOST_COMPONENT, MODEL_LABEL
 from mesh_operator.api.meshpool import DEFAULT_RPC_IMAGE, DEFAULT_SERVER_IMAGE, with_variant
-from mesh_operator.gateway.contract import COMPONENT_LABEL, MODEL_LABEL
-from mesh_operator.manifests.labels import HOST
 from mesh_operator.manifests.workloads import host_deployment_name
 from tests.conftest import require_part
 
@@ -114,7 +113,7 @@ class MismatchScenario(Scenario):
     def host_pods(self) -> list[dict[str, Any]]:
         pods = self.get(
             "pods", "-n", MODEL_NAMESPACE,
-            "-l", f"{MODEL_LABEL}={MODEL},{COMPONENT_LABEL}={HOST}",
+            "-l", f"{MODEL_LABEL}={MODEL},{COMPONENT_LABEL}={HOST_COMPONENT}",
         )  # fmt: skip
         return list((pods or {}).get("items", []))
 

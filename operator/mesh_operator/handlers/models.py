@@ -287,6 +287,9 @@ class ModelReconciler:
             metrics.PLAN_SECONDS.observe(decision.plan_seconds)
         if decision.plan_outcome is not None:
             metrics.PLANS.labels(outcome=decision.plan_outcome).inc()
+        # The status first: a plan is claimed in the API before any pod of it can
+        # run, so an operator dying in between leaves no workload unclaimed.
+        self._write_status(ref, original, decision)
         error = None
         try:
             for child in decision.delete:
@@ -299,7 +302,6 @@ class ModelReconciler:
             error = f"applying children failed: {api_message(exc)}"
         if error is None:
             self._release(ref, body, decision)
-        self._write_status(ref, body, original, decision)
         for event in decision.events:
             self.kube.event(body, event.reason, event.message, event.type)
         if error is not None:
@@ -327,13 +329,7 @@ class ModelReconciler:
                     "Warning",
                 )
 
-    def _write_status(
-        self,
-        ref: ModelRef,
-        body: Mapping[str, Any],
-        original: MeshModelStatus,
-        decision: Decision,
-    ) -> None:
+    def _write_status(self, ref: ModelRef, original: MeshModelStatus, decision: Decision) -> None:
         self._written[ref.key] = (ref.uid, decision.status.model_copy(deep=True), time.monotonic())
         old, new = original.to_wire(), decision.status.to_wire()
         if new == old:
