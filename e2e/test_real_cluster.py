@@ -415,7 +415,8 @@ def test_two_models_applied_at_once_share_no_memory_and_both_serve(mesh: RealClu
         "    request = urllib.request.Request(sys.argv[1], json.dumps(body).encode(),\n"
         "                                     {'Content-Type': 'application/json'})\n"
         "    with urllib.request.urlopen(request, timeout=120) as answer:\n"
-        "        print(model, json.loads(answer.read())['choices'][0]['message']['content']!r)\n"
+        "        reply = json.loads(answer.read())['choices'][0]['message']['content']\n"
+        "        print(model, repr(reply))\n"
     )
     names = [m.name for m in MODELS]
     mesh.start_pod("chat-both", OUTSIDE, {"app": "probe"}, ["python3", "-c", script, url, *names])

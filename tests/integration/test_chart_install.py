@@ -175,6 +175,31 @@ def test_rbac_matrix(real_mesh: RealCluster) -> None:
     assert not wrong, "\n".join(wrong)
 
 
+def test_the_operator_may_hold_only_its_own_lease(real_mesh: RealCluster) -> None:
+    """Leader election: create a Lease in the release's namespace, read and renew
+    the one named after the release, nothing else about Leases anywhere."""
+    lease = f"{RELEASE}-operator"
+    cases = [
+        ("create", "leases.coordination.k8s.io", NAMESPACE, True),
+        ("get", f"leases.coordination.k8s.io/{lease}", NAMESPACE, True),
+        ("update", f"leases.coordination.k8s.io/{lease}", NAMESPACE, True),
+        ("update", "leases.coordination.k8s.io/kube-scheduler", NAMESPACE, False),
+        ("delete", f"leases.coordination.k8s.io/{lease}", NAMESPACE, False),
+        ("list", "leases.coordination.k8s.io", NAMESPACE, False),
+        ("create", "leases.coordination.k8s.io", "default", False),
+        ("update", "leases.coordination.k8s.io/kube-controller-manager", "kube-system", False),
+    ]
+    wrong = []
+    for verb, resource, namespace, allowed in cases:
+        answer = real_mesh.kubectl(
+            "auth", "can-i", verb, resource, "-n", namespace,
+            f"--as={service_account('operator')}", check=False,
+        ).strip()  # fmt: skip
+        if answer != ("yes" if allowed else "no"):
+            wrong.append(f"{verb} {resource} in {namespace}: {answer!r}, want {allowed}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_roles_name_every_verb_and_resource(real_mesh: RealCluster) -> None:
     roles = real_mesh.get("clusterroles", "-l", f"app.kubernetes.io/instance={RELEASE}")["items"]
     assert {r["metadata"]["name"] for r in roles} == {f"{RELEASE}-{c}" for c in COMPONENTS}
