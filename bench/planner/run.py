@@ -2,7 +2,9 @@
 
 Prints two tables. The suite needs nothing but this package; the real run
 needs llama.cpp and the model from `scripts/setup.sh` and is skipped, saying
-why, when they are missing (or with --no-real).
+why, when they are missing (or with --no-real). With --floor, a third table
+(`floor`): how often the beam search's plan is kept when the branch and bound
+runs out of budget, over the suite's pools with both strategies (minutes).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
+from bench.planner.floor import format_floor, run_floor
 from bench.planner.real import format_real, measure
 from bench.planner.shapes import write_fixtures
 from bench.planner.suite import format_suite, run_suite
@@ -24,6 +27,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench planner")
     parser.add_argument("--no-real", action="store_true", help="skip the llama.cpp measurement")
     parser.add_argument("--no-suite", action="store_true", help="skip the scenario suite")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also count the plans the beam search keeps when the search runs out of budget",
+    )
     parser.add_argument("--rtt-ms", type=float, default=5.0, help="RTT the proxy adds")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per generation")
     parser.add_argument("--runs", type=int, default=5, help="generations per configuration")
@@ -48,6 +56,12 @@ def main(argv: list[str]) -> int:
         print("== planner scenario suite (predicted, same estimate and time model for all)")
         print(format_suite(run_suite()))
         print(f"suite took {time.monotonic() - started:.0f} s", flush=True)
+    if args.floor:
+        print()
+        print("== plans cut short by the search's work budget, and the beam search's floor")
+        started = time.monotonic()
+        print(format_floor(run_floor()))
+        print(f"floor took {time.monotonic() - started:.0f} s", flush=True)
     if not args.no_real:
         print()
         print("== real run on llama.cpp")

@@ -1,0 +1,188 @@
+"""The planner's entry points: plan a model on a pool, or time a given layout.
+
+`plan_placement` searches (`search`), and given the plan a model is served with,
+keeps it while it still fits with the stability margin unless the search finds
+one that `ranking._better` prefers. `evaluate_layout` estimates and times a
+layout without searching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from mesh_operator.planner.inventory import Inventory
+from mesh_operator.planner.placement.explain import _describe, _explain, _overflow
+from mesh_operator.planner.placement.problem import (
+    _cached_nodes,
+    _Candidate,
+    _Device,
+    _finish,
+    _pool,
+    _Problem,
+)
+from mesh_operator.planner.placement.ranking import _better
+from mesh_operator.planner.placement.search import _search
+from mesh_operator.planner.placement.types import (
+    MAX_RPC_SERVERS,
+    CurrentPlan,
+    Layout,
+    PlacementRequest,
+    PlacementResult,
+)
+from mesh_operator.planner.profile import ModelProfile
+from mesh_operator.planner.tensor_split import split_for_layers
+
+
+def _result(
+    problem: _Problem, candidate: _Candidate, reason: str, kept: bool = False
+) -> PlacementResult:
+    devices = candidate.devices
+    return PlacementResult(
+        feasible=True,
+        reason=reason,
+        strategy=problem.request.strategy,
+        devices=devices,
+        tensor_split=tuple(split_for_layers([d.n_layers for d in devices])),
+        rpc=candidate.nodes,
+        host_node=candidate.host,
+        predicted_token_ms=candidate.total_ms,
+        bottleneck_ms=candidate.bottleneck_ms,
+        host_memory_bytes=candidate.host_bytes,
+        kept_current=kept,
+        n_device_layers=problem.n,
+    )
+
+
+def _layout_candidate(
+    problem: _Problem,
+    *,
+    pool: Sequence[_Device],
+    layout: Layout,
+    host: str | None,
+    cached: frozenset[str],
+    slack: float = 1.0,
+) -> _Candidate | None:
+    index = {(d.node, d.id): d for d in pool}
+    order: list[_Device] = []
+    for node_name, device_id, _ in layout:
+        found = index.get((node_name, device_id))
+        if found is None:
+            return None
+        order.append(found)
+    ranges = [(int(r[0]), int(r[1])) for _, _, r in layout]
+    expected = 0
+    for first, last in ranges:
+        if first != expected or last <= first:
+            return None
+        expected = last
+    if expected != problem.n or len({d.node for d in order}) > MAX_RPC_SERVERS:
+        return None
+    seen: set[str] = set()
+    previous = ""
+    for d in order:
+        if d.node != previous and d.node in seen:
+            return None  # a node's devices must be contiguous: one RPC server each
+        seen.add(d.node)
+        previous = d.node
+    return _finish(
+        problem,
+        order=order,
+        ranges=ranges,
+        host=host,
+        cached=cached,
+        slack=slack,
+    )
+
+
+def evaluate_layout(
+    profile: ModelProfile,
+    inventory: Inventory,
+    layout: Layout,
+    request: PlacementRequest | None = None,
+    host_node: str | None = None,
+) -> PlacementResult:
+    """Estimate and time a given layout (e.g. a baseline's split); no search.
+
+    The result is infeasible (with the devices still filled in, when they exist)
+    if a device's estimate exceeds its free memory minus the reserve.
+    """
+    request = request or PlacementRequest()
+    request.validate()
+    problem = _Problem(profile, request)
+    pool = _pool(inventory, request)
+    cached = _cached_nodes(inventory, problem.model_file)
+    candidate = _layout_candidate(problem, pool=pool, layout=layout, host=host_node, cached=cached)
+    if candidate is not None:
+        return _result(problem, candidate, _describe(candidate))
+    # Report what does not fit, with the capacity check relaxed to show the numbers.
+    relaxed = [replace(d, capacity=1 << 62) for d in pool]
+    loose = _layout_candidate(problem, pool=relaxed, layout=layout, host=host_node, cached=cached)
+    if loose is None:
+        return PlacementResult(
+            feasible=False,
+            reason="layout names unknown or unhealthy devices, or its layers do not tile the model",
+            strategy=request.strategy,
+            n_device_layers=problem.n,
+        )
+    capacity = {(d.node, d.id): d.capacity for d in pool}
+    over = [d for d in loose.devices if d.total_bytes > capacity[(d.node, d.device)]]
+    worst = over[0]
+    devices = tuple(replace(d, capacity_bytes=capacity[(d.node, d.device)]) for d in loose.devices)
+    return replace(
+        _result(problem, replace(loose, devices=devices), ""),
+        feasible=False,
+        reason=_overflow(worst, capacity[(worst.node, worst.device)], request),
+    )
+
+
+def plan_placement(
+    profile: ModelProfile,
+    inventory: Inventory,
+    request: PlacementRequest | None = None,
+    current: CurrentPlan | PlacementResult | None = None,
+) -> PlacementResult:
+    """Choose devices, order, split and host for a model. Pure and deterministic."""
+    request = request or PlacementRequest()
+    request.validate()
+    problem = _Problem(profile, request)
+    pool = _pool(inventory, request)
+    cached = _cached_nodes(inventory, problem.model_file)
+    if isinstance(current, PlacementResult):
+        current = (
+            CurrentPlan(tuple(current.layout()), current.host_node) if current.feasible else None
+        )
+    if current is not None and current.layout:
+        margin = 1 - request.stability_percent / 100
+        kept = _layout_candidate(
+            problem,
+            pool=pool,
+            layout=current.layout,
+            host=current.host_node,
+            cached=cached,
+            slack=1 / margin,
+        )
+        if kept is not None:
+            challenger = _search(problem, _pool(inventory, request, margin), cached)
+            if challenger is None or not _better(challenger, kept, request):
+                return _result(
+                    problem, kept, "kept the current plan: " + _describe(kept), kept=True
+                )
+            fitted = _layout_candidate(
+                problem,
+                pool=pool,
+                layout=[(d.node, d.device, d.layers) for d in challenger.devices],
+                host=challenger.host,
+                cached=cached,
+            )
+            if fitted is not None:
+                return _result(problem, fitted, _describe(fitted))
+    best = _search(problem, pool, cached)
+    if best is None:
+        return PlacementResult(
+            feasible=False,
+            reason=_explain(problem, pool, request),
+            strategy=request.strategy,
+            n_device_layers=problem.n,
+        )
+    return _result(problem, best, _describe(best))
