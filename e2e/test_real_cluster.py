@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from e2e.realcluster import (
     parse_probe_output,
     restricted_pod,
 )
+from e2e.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -422,3 +425,34 @@ def test_two_models_applied_at_once_share_no_memory_and_both_serve(mesh: RealClu
     mesh.start_pod("chat-both", OUTSIDE, {"app": "probe"}, ["python3", "-c", script, url, *names])
     answers = mesh.pod_output("chat-both", OUTSIDE).strip().splitlines()
     assert [line.split(" ", 1)[0] for line in answers] == names, answers
+
+
+# -- a worker that restarts under its host -------------------------------------------
+
+
+def test_a_killed_worker_restarts_its_host_with_it_and_the_model_serves_again(
+    mesh: RealCluster,
+) -> None:
+    """The RPC server's process is killed (SIGKILL, as an OOM kill would): the kubelet
+    restarts it empty, the operator sees its restart count rise past the one last
+    acted on and restarts the host with it (status.groupRestarts, a WorkerRestarted
+    Event), keeping the plan; the model serves again."""
+    before = mesh.get("meshmodel", OTHER.name, "-n", OTHER.namespace)["status"]
+    (worker,) = mesh.model_pods(OTHER, "rpc-server")
+    os.kill(mesh.main_pid(worker, "rpc-server"), signal.SIGKILL)
+
+    def restarted() -> Any:
+        status = mesh.get("meshmodel", OTHER.name, "-n", OTHER.namespace)["status"]
+        return status if status.get("groupRestarts", 0) > before.get("groupRestarts", 0) else None
+
+    after = wait_for("the host restarted with its worker", restarted, timeout=180)
+    assert after["planGeneration"] == before["planGeneration"], "the plan is kept"
+    assert after["workerRestarts"][worker["metadata"]["name"]] >= 1
+    events = mesh.get(
+        "events", "-n", OTHER.namespace, "--field-selector", "reason=WorkerRestarted"
+    )["items"]
+    assert any(worker["metadata"]["name"] in e["message"] for e in events), events
+    mesh.wait_ready(OTHER, timeout=300)
+    (host,) = mesh.model_pods(OTHER, "host")
+    annotations = host["metadata"].get("annotations") or {}
+    assert annotations.get("mesh.dev/group-restarts") == str(after["groupRestarts"])
