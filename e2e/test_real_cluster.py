@@ -363,12 +363,16 @@ def test_helm_test_passes(mesh: RealCluster) -> None:
         assert repr(model.name) in models, result.stdout
 
 
+def gateway_url(mesh: RealCluster, path: str) -> str:
+    """The gateway's URL by its Service's cluster DNS name."""
+    selector = "app.kubernetes.io/component=gateway"
+    (service,) = mesh.get("services", "-n", NAMESPACE, "-l", selector)["items"]
+    port = service["spec"]["ports"][0]["port"]
+    return f"http://{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{port}{path}"
+
+
 def test_a_pod_reaches_the_gateway_by_its_service_name(mesh: RealCluster) -> None:
-    (service,) = mesh.get("services", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=gateway")[
-        "items"
-    ]
-    url = f"http://{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
-    url += f":{service['spec']['ports'][0]['port']}/v1/models"
+    url = gateway_url(mesh, "/v1/models")
     script = (
         "import sys, urllib.request\n"
         "with urllib.request.urlopen(sys.argv[1], timeout=20) as answer:\n"
@@ -405,11 +409,7 @@ def test_two_models_applied_at_once_share_no_memory_and_both_serve(mesh: RealClu
         reserve = math.ceil(device["memoryTotalMiB"] * pool.get("reservePercent", 10) / 100)
         limit = total - reserve - int(device.get("memoryUsedByOthersMiB") or 0)
         assert mib <= limit, f"{node}/{device_id}: plans hold {mib} MiB of {limit}"
-    (service,) = mesh.get("services", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=gateway")[
-        "items"
-    ]
-    url = f"http://{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
-    url += f":{service['spec']['ports'][0]['port']}/v1/chat/completions"
+    url = gateway_url(mesh, "/v1/chat/completions")
     script = (
         "import json, sys, urllib.request\n"
         "for model in sys.argv[2:]:\n"

@@ -39,6 +39,7 @@ from mesh_operator.handlers.snapshot import PodInfo, PoolInfo
 from mesh_operator.ledger import NodeInfo, build_pool_view, capacity_steps
 from mesh_operator.planner.profile_codec import encode_profile
 from mesh_operator.source import SourceError, cache_key
+from tests.unit.meshnodes import one_gpu_status
 from tests.unit.planner.builders import synthetic_profile
 
 pytestmark = pytest.mark.unit
@@ -55,24 +56,7 @@ SMALL = synthetic_profile(layer_mib=50.0)
 
 
 def meshnode(free: int = 8000, *, total: int = 8192, age: int = 5) -> MeshNodeStatus:
-    beat = (NOW - dt.timedelta(seconds=age)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return MeshNodeStatus.model_validate(
-        {
-            "heartbeatTime": beat,
-            "intervalSeconds": 10,
-            "devices": [
-                {
-                    "id": "CUDA0",
-                    "index": 0,
-                    "backend": "cuda",
-                    "memoryTotalMiB": total,
-                    "memoryFreeMiB": free,
-                    "memoryUsedByOthersMiB": 0,
-                    "bandwidthGBps": 448,
-                }
-            ],
-        }
-    )
+    return one_gpu_status(NOW, free, total=total, age=age, bandwidth=448.0)
 
 
 MESHNODES = {n.name: meshnode() for n in NODES}

@@ -19,6 +19,7 @@ from mesh_operator.ledger import (
     to_inventory,
 )
 from mesh_operator.planning import limit_inventory
+from tests.unit.meshnodes import one_gpu_status
 
 pytestmark = pytest.mark.unit
 
@@ -28,25 +29,7 @@ NOW = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
 def status(
     free: int = 20000, *, total: int = 24576, others: int = 0, age: int = 5, **kw: Any
 ) -> MeshNodeStatus:
-    beat = (NOW - dt.timedelta(seconds=age)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return MeshNodeStatus.model_validate(
-        {
-            "heartbeatTime": beat,
-            "intervalSeconds": 10,
-            "devices": [
-                {
-                    "id": "CUDA0",
-                    "index": 0,
-                    "backend": "cuda",
-                    "memoryTotalMiB": total,
-                    "memoryFreeMiB": free,
-                    "memoryUsedByOthersMiB": others,
-                    "bandwidthGBps": 936,
-                }
-            ],
-            **kw,
-        }
-    )
+    return one_gpu_status(NOW, free, total=total, others=others, age=age, **kw)
 
 
 def plan_on(node: str, mib: int) -> Plan:
