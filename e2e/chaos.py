@@ -206,38 +206,58 @@ class Watched:
     hosts: dict[str, set[str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def plan_sync(self, items: list[dict[str, Any]]) -> None:
+        """The models as a fresh list shows them (a watch restarts from a list, so
+        a model deleted between two watches is not remembered)."""
+        with self.lock:
+            self.plans.clear()
+            for obj in items:
+                self._take_plan("ADDED", obj)
+            self._check_devices()
+
     def plan_event(self, kind: str, obj: Mapping[str, Any]) -> None:
+        with self.lock:
+            self._take_plan(kind, obj)
+            self._check_devices()
+
+    def _take_plan(self, kind: str, obj: Mapping[str, Any]) -> None:
         name = obj["metadata"]["name"]
         plan = (obj.get("status") or {}).get("plan") or {}
-        with self.lock:
-            if kind == "DELETED" or not plan:
-                self.plans.pop(name, None)
-            else:
-                self.plans[name] = list(plan.get("devices") or [])
-                meta, status = obj["metadata"], obj.get("status") or {}
-                self.versions[name] = (
-                    f"uid {str(meta.get('uid'))[:8]} generation {meta.get('generation')} "
-                    f"plan {status.get('planGeneration')}"
+        if kind == "DELETED" or not plan:
+            self.plans.pop(name, None)
+            return
+        self.plans[name] = list(plan.get("devices") or [])
+        meta, status = obj["metadata"], obj.get("status") or {}
+        self.versions[name] = (
+            f"uid {str(meta.get('uid'))[:8]} generation {meta.get('generation')} "
+            f"plan {status.get('planGeneration')}"
+        )
+
+    def _check_devices(self) -> None:
+        used: dict[tuple[str, str], int] = {}
+        for devices in self.plans.values():
+            for d in devices:
+                key = (d["node"], d["device"])
+                used[key] = used.get(key, 0) + int(d["totalMiB"])
+        limit = device_limit_mib()
+        for (node, device), mib in used.items():
+            self.peak_device_mib = max(self.peak_device_mib, mib)
+            if mib > limit:
+                holders = [
+                    f"{m} ({self.versions.get(m)}: "
+                    f"{sum(int(d['totalMiB']) for d in ds if d['node'] == node)} MiB)"
+                    for m, ds in sorted(self.plans.items())
+                    if any(d["node"] == node for d in ds)
+                ]
+                self.violations.append(
+                    f"plans on {node}/{device} hold {mib} MiB > {limit} MiB: " + ", ".join(holders)
                 )
-            used: dict[tuple[str, str], int] = {}
-            for devices in self.plans.values():
-                for d in devices:
-                    key = (d["node"], d["device"])
-                    used[key] = used.get(key, 0) + int(d["totalMiB"])
-            limit = device_limit_mib()
-            for (node, device), mib in used.items():
-                self.peak_device_mib = max(self.peak_device_mib, mib)
-                if mib > limit:
-                    holders = [
-                        f"{m} ({self.versions.get(m)}: "
-                        f"{sum(int(d['totalMiB']) for d in ds if d['node'] == node)} MiB)"
-                        for m, ds in sorted(self.plans.items())
-                        if any(d["node"] == node for d in ds)
-                    ]
-                    self.violations.append(
-                        f"plans on {node}/{device} hold {mib} MiB > {limit} MiB: "
-                        + ", ".join(holders)
-                    )
+
+    def pod_sync(self, items: list[dict[str, Any]]) -> None:
+        with self.lock:
+            self.hosts.clear()
+        for obj in items:
+            self.pod_event("ADDED", obj)
 
     def pod_event(self, kind: str, obj: Mapping[str, Any]) -> None:
         meta = obj["metadata"]
@@ -255,11 +275,21 @@ class Watched:
                 self.violations.append(f"two hosts for {model}: {', '.join(sorted(live))}")
 
 
-def _watch(list_call: Any, handle: Any, stop: threading.Event, **kwargs: Any) -> None:
+def _watch(list_call: Any, sync: Any, handle: Any, stop: threading.Event) -> None:
+    """List, then watch from the list's resourceVersion; again on every end."""
     while not stop.is_set():
         watch = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
         try:
-            stream = watch.stream(list_call, timeout_seconds=5, **kwargs)  # type: ignore[no-untyped-call]
+            listed = list_call()
+            if isinstance(listed, dict):
+                items, version = listed["items"], listed["metadata"]["resourceVersion"]
+            else:
+                items = [i.to_dict() for i in listed.items]
+                version = listed.metadata.resource_version
+            sync(items)
+            stream = watch.stream(  # type: ignore[no-untyped-call]
+                list_call, resource_version=version, timeout_seconds=5
+            )
             for event in stream:
                 obj = event["object"]
                 handle(event["type"], obj if isinstance(obj, dict) else obj.to_dict())
@@ -284,11 +314,16 @@ def watching(api: ApiClient, namespace: str) -> Iterator[Watched]:
     def pods(**kw: Any) -> Any:
         return core.list_namespaced_pod(namespace, **kw)
 
+    def pod_sync(items: list[dict[str, Any]]) -> None:
+        seen.pod_sync([_pod_dict(i) for i in items])
+
     threads = [
-        threading.Thread(target=_watch, args=(models, seen.plan_event, stop), daemon=True),
+        threading.Thread(
+            target=_watch, args=(models, seen.plan_sync, seen.plan_event, stop), daemon=True
+        ),
         threading.Thread(
             target=_watch,
-            args=(pods, lambda k, o: seen.pod_event(k, _pod_dict(o)), stop),
+            args=(pods, pod_sync, lambda k, o: seen.pod_event(k, _pod_dict(o)), stop),
             daemon=True,
         ),
     ]

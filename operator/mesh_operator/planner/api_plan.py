@@ -51,4 +51,5 @@ def current_plan_from_api(plan: Plan | None) -> CurrentPlan | None:
     if plan is None or not plan.devices:
         return None
     layout = tuple((d.node, d.device, (d.layers[0], d.layers[1])) for d in plan.devices)
-    return CurrentPlan(layout=layout, host_node=plan.host_node)
+    held = tuple(((d.node, d.device), d.total_mib) for d in plan.devices)
+    return CurrentPlan(layout=layout, host_node=plan.host_node, held_mib=held)

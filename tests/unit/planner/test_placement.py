@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -158,6 +159,40 @@ def test_a_serving_plan_stays_when_free_memory_moves_a_little(llama8b: ModelProf
     assert kept.kept_current and kept.reason.startswith("kept the current plan")
     assert _layers(kept) == _layers(first) and kept.rpc == first.rpc
     assert fresh.feasible
+
+
+def test_the_stability_margin_never_lets_a_plan_grow_past_capacity(
+    llama8b: ModelProfile,
+) -> None:
+    """A serving plan that needs more memory than it holds (a longer context) is
+    kept only where it fits the device outright: the margin is for free memory
+    that shrank under a plan, not for a plan that grows."""
+    mib = 1 << 20
+    short = PlacementRequest(serving=ServingParams(ctx=4096))
+    long = PlacementRequest(serving=ServingParams(ctx=8192))
+    total = 24 * GIB  # MiB, as the inventory counts
+    roomy = inventory(node("a", device(total=total)), node("b", device(total=total)))
+    first = plan_placement(llama8b, roomy, short)
+    grown = plan_placement(llama8b, roomy, long)
+    need = math.ceil(max(d.total_bytes for d in grown.devices) / mib)
+    held = math.ceil(max(d.total_bytes for d in first.devices) / mib)
+    assert need > held
+    # Free memory on "a" such that the longer context fits only with the margin.
+    reserve = math.ceil(total * 0.10)
+    free = need + reserve - 1  # capacity one MiB short of the need...
+    assert math.floor(free / 0.95) - reserve >= need  # ...but within the margin
+    tight = inventory(node("a", device(total=total, free=free)), node("b", device(total=total)))
+    current = plan_placement(llama8b, tight, short)
+    assert current.rpc == ("a",), "the short context fits on a alone"
+    result = plan_placement(llama8b, tight, long, current=current)
+    assert not result.kept_current, "the grown plan does not fit a outright"
+    assert all(d.total_bytes <= (free - reserve) * mib for d in result.devices if d.node == "a")
+    # Where the plan does not grow, the same margin keeps it when free memory shrank.
+    shrunk = inventory(
+        node("a", device(total=total, free=held + reserve - 1)), node("b", device(total=total))
+    )
+    kept = plan_placement(llama8b, shrunk, short, current=current)
+    assert kept.kept_current and kept.rpc == ("a",)
 
 
 def test_a_plan_moves_when_its_node_is_gone(llama8b: ModelProfile) -> None:

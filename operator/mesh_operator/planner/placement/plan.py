@@ -8,10 +8,12 @@ layout without searching.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from mesh_operator.planner.inventory import Inventory
+from mesh_operator.planner.memory import MIB
 from mesh_operator.planner.placement.explain import _describe, _explain, _overflow
 from mesh_operator.planner.placement.problem import (
     _cached_nodes,
@@ -62,6 +64,7 @@ def _layout_candidate(
     host: str | None,
     cached: frozenset[str],
     slack: float = 1.0,
+    held_mib: Mapping[tuple[str, str], int] | None = None,
 ) -> _Candidate | None:
     index = {(d.node, d.id): d for d in pool}
     order: list[_Device] = []
@@ -92,6 +95,7 @@ def _layout_candidate(
         host=host,
         cached=cached,
         slack=slack,
+        held_mib=held_mib,
     )
 
 
@@ -150,7 +154,15 @@ def plan_placement(
     cached = _cached_nodes(inventory, problem.model_file)
     if isinstance(current, PlacementResult):
         current = (
-            CurrentPlan(tuple(current.layout()), current.host_node) if current.feasible else None
+            CurrentPlan(
+                tuple(current.layout()),
+                current.host_node,
+                tuple(
+                    ((d.node, d.device), math.ceil(d.total_bytes / MIB)) for d in current.devices
+                ),
+            )
+            if current.feasible
+            else None
         )
     if current is not None and current.layout:
         margin = 1 - request.stability_percent / 100
@@ -161,6 +173,7 @@ def plan_placement(
             host=current.host_node,
             cached=cached,
             slack=1 / margin,
+            held_mib=dict(current.held_mib) if current.held_mib else None,
         )
         if kept is not None:
             challenger = _search(problem, _pool(inventory, request, margin), cached)

@@ -11,7 +11,7 @@ host when none is given and times each device.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mesh_operator.planner.inventory import Inventory
@@ -180,8 +180,13 @@ def _finish(
     host: str | None,
     cached: frozenset[str],
     slack: float = 1.0,
+    held_mib: Mapping[tuple[str, str], int] | None = None,
 ) -> _Candidate | None:
-    """A candidate from devices and their ranges, or None if a device overflows."""
+    """A candidate from devices and their ranges, or None if a device overflows.
+
+    `slack` > 1 is for a plan already serving: where free memory dropped by up to
+    the stability margin it may stay, as long as it holds no more on a device
+    than it does now (`held_mib`); a device where it would grow gets no slack."""
     used = [(d, r) for d, r in zip(order, ranges, strict=True) if r[1] > r[0]]
     if not used:
         return None
@@ -189,7 +194,11 @@ def _finish(
     for (device, _), mem in zip(used, estimate.devices, strict=True):
         # With slack > 1 (a plan already serving), the reserve is kept but the free
         # memory may have dropped by the stability margin.
-        limit = device.capacity if slack == 1.0 else _slack_capacity(device, slack)
+        limit = device.capacity
+        if slack != 1.0:
+            held = (held_mib or {}).get((device.node, device.id))
+            if held is None or mem.total <= held * MIB:
+                limit = _slack_capacity(device, slack)
         if mem.total > limit:
             return None
     used_devices = [d for d, _ in used]

@@ -112,3 +112,6 @@ class CurrentPlan:
 
     layout: tuple[tuple[str, str, tuple[int, int]], ...]
     host_node: str | None = None
+    # ((node, device), MiB) the plan holds now: the stability margin lets a kept
+    # plan stay where free memory shrank, never grow past a device's capacity.
+    held_mib: tuple[tuple[tuple[str, str], int], ...] = ()
