@@ -361,6 +361,8 @@ class ChaosReport:
     violations: list[str] = field(default_factory=list)
     peak_device_mib: int = 0
     limit_mib: int = field(default_factory=device_limit_mib)
+    # The namespace's Events when there were violations (what each plan came from).
+    events: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         times = sorted(self.converge_seconds)
@@ -410,10 +412,23 @@ class Chaos:
                 with seen.lock:
                     self.report.violations += seen.violations
                     self.report.peak_device_mib = seen.peak_device_mib
+                if self.report.violations:
+                    self._keep_events()
         finally:
             operator.stop()
             self._clean_up()
         return self.report
+
+    def _keep_events(self) -> None:
+        """The namespace's Events, in the work folder: what each plan was made from."""
+        core = kubernetes.client.CoreV1Api(self.api)
+        events = core.list_namespaced_event(self.namespace).items
+        lines = [
+            f"{e.last_timestamp or e.event_time} {e.involved_object.name} {e.reason}: {e.message}"
+            for e in sorted(events, key=lambda e: str(e.last_timestamp or e.event_time))
+        ]
+        (self.work / f"events-{self.namespace}.txt").write_text("\n".join(lines) + "\n")
+        self.report.events = lines
 
     def _make_pool(self) -> None:
         self.custom.create_cluster_custom_object(

@@ -35,6 +35,10 @@ def main(argv: list[str]) -> int:
     print(report.summary())
     for violation in report.violations:
         print(f"  violation: {violation}")
+    if report.violations:
+        print("the namespace's Events:")
+        for line in report.events:
+            print(f"  {line}")
     return 1 if report.violations else 0
 
 

@@ -220,13 +220,24 @@ def test_worker_failed_crash_looping_is_planned_around() -> None:
     plan = steady.status.plan
     assert plan is not None
     bad = plan.rpc[0]
-    pods = [
-        dataclasses.replace(p, waiting_reason="CrashLoopBackOff", ready=False)
-        if p.node == bad and p.component == RPC_COMPONENT
-        else p
-        for p in steady.pods
-    ]
-    d = decide(dataclasses.replace(steady, pods=pods))
+
+    def crashing(restarts: int) -> list[PodInfo]:
+        return [
+            dataclasses.replace(
+                p, waiting_reason="CrashLoopBackOff", ready=False, restarts=restarts
+            )
+            if p.node == bad and p.component == RPC_COMPONENT
+            else p
+            for p in steady.pods
+        ]
+
+    # One crash is the kubelet's to restart: the host waits for the worker.
+    once = decide(dataclasses.replace(steady, pods=crashing(1)))
+    assert once.reason == "WorkerRestarted" and once.status.plan == plan
+    assert host_deployment(once)["spec"]["replicas"] == 0
+    assert conditions(once)["WorkersReady"] == ("False", "WorkersStarting")
+    # Crashing again and again, it is lost: the model is planned around it.
+    d = decide(dataclasses.replace(steady, pods=crashing(3)))
     assert d.reason == "WorkerFailed"
     assert bad not in nodes_of(d.status.plan)
     assert conditions(d)["Degraded"] == ("True", "WorkerFailed")

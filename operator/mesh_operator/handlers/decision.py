@@ -81,7 +81,11 @@ Outcome = Literal["ok", "blocked", "error"]
 
 PLANNED, WORKERS_READY, READY, DEGRADED = "Planned", "WorkersReady", "Ready", "Degraded"
 # A worker stuck in one of these is lost: re-plan without waiting for it.
-FAILED_WAITING = {"CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "CreateContainerError"}
+FAILED_WAITING = {"ErrImagePull", "ImagePullBackOff", "CreateContainerError"}
+# A worker that crashed is restarted by its kubelet (and its host with it); one
+# that keeps crashing (CrashLoopBackOff after this many restarts) is lost.
+CRASH_LOOP = "CrashLoopBackOff"
+CRASH_LOOP_RESTARTS = 3
 # Reasons that count as losing part of the serving group.
 LOSS_REASONS = {"NodeLost", "WorkerFailed"}
 # How often a model waiting for its header-reader pod looks again.
@@ -489,7 +493,11 @@ class _Decider:
             (pod.node, f"{pod.node}: worker {pod.name} {pod.waiting_reason or pod.phase}")
             for pod in self._group_pods(RPC_COMPONENT)
             if pod.node in planned
-            and (pod.phase == "Failed" or pod.waiting_reason in FAILED_WAITING)
+            and (
+                pod.phase == "Failed"
+                or pod.waiting_reason in FAILED_WAITING
+                or (pod.waiting_reason == CRASH_LOOP and pod.restarts >= CRASH_LOOP_RESTARTS)
+            )
         ]
 
     def _restarted_workers(self, plan: Plan) -> list[str]:

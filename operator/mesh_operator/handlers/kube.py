@@ -17,7 +17,7 @@ from typing import Any, cast
 import kubernetes
 from kubernetes.client import ApiClient, ApiException
 
-from mesh_operator.api.base import FIELD_MANAGER, MESHMODEL_PLURAL, MESHPOOL_PLURAL
+from mesh_operator.api.base import FIELD_MANAGER, GROUP, MESHMODEL_PLURAL, MESHPOOL_PLURAL, VERSION
 from mesh_operator.api.conditions import rfc3339
 from mesh_operator.kubeclient import api_client
 
@@ -140,6 +140,26 @@ class Kube:
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile: nothing to report on
                 raise
+
+    def replace_model_status(self, name: str, namespace: str, uid: str, status: Obj) -> bool:
+        """Set a MeshModel's whole status, only if `name` still stands for the object
+        `uid` (a JSON patch whose first operation tests the uid): a decision about a
+        deleted model must never land on the one made after it. False when the model
+        is gone or was replaced."""
+        patch: list[dict[str, Any]] = [
+            {"op": "test", "path": "/metadata/uid", "value": uid},
+            {"op": "add", "path": "/status", "value": status},
+        ]
+        try:
+            _drain(self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, MESHMODEL_PLURAL, name, patch,
+                _content_type="application/json-patch+json", _preload_content=False,
+            ))  # fmt: skip
+        except ApiException as exc:
+            if exc.status in (404, 409, 422):  # gone, or the test failed: another object
+                return False
+            raise
+        return True
 
     # -- specific reads -------------------------------------------------------------
 

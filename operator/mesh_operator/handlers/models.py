@@ -23,7 +23,6 @@ from kubernetes.client import ApiException
 from pydantic import ValidationError
 
 from mesh_operator import planning
-from mesh_operator.api.base import API_VERSION
 from mesh_operator.api.meshmodel import MeshModelSpec, MeshModelStatus, Plan
 from mesh_operator.handlers import metrics
 from mesh_operator.handlers.decision import (
@@ -63,6 +62,10 @@ class LocalClaims:
     def record(self, key: str, pool: str, plan: Plan | None) -> None:
         with self._lock:
             self._entries[key] = (pool, plan, time.monotonic())
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
 
     def overlay(self, plans: Mapping[str, tuple[str, Plan]]) -> dict[str, tuple[str, Plan]]:
         now = time.monotonic()
@@ -334,9 +337,10 @@ class ModelReconciler:
         old, new = original.to_wire(), decision.status.to_wire()
         if new == old:
             return
-        # A merge patch keeps keys it does not mention: clear removed ones.
-        new.update({k: None for k in old if k not in new})
-        self.kube.patch_status(API_VERSION, "MeshModel", ref.name, ref.namespace, new)
+        if not self.kube.replace_model_status(ref.name, ref.namespace, ref.uid, new):
+            # Gone, or replaced by a new object of its name: what was decided
+            # (and claimed) was for the old one; the watch tells the rest.
+            self.claims.forget(ref.key)
 
     def _forget(self, key: str) -> None:
         self._written.pop(key, None)

@@ -114,6 +114,26 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_via_client(**kwargs)
 
 
+def _plans(index: Mapping[str, Any]) -> dict[str, Any]:
+    """Every plan the index holds. A model deleted and made again under its name
+    has two objects for a moment: both plans count (the older under
+    `<key>@<n>`, which `pool_claims` leaves out for the model itself)."""
+    plans: dict[str, Any] = {}
+    for key, store in index.items():
+        for n, value in enumerate(store):
+            plans[key if n == 0 else f"{key}@{n}"] = value
+    return plans
+
+
+def _newest(store: Any) -> Any:
+    """Of the objects a name stands for, the one made last (a model deleted and
+    made again has two for a moment; only the new one is reconciled)."""
+    bodies = list(store)
+    if not bodies:
+        return None
+    return max(bodies, key=lambda b: str(b["metadata"].get("creationTimestamp") or ""))
+
+
 def _one(store: Any) -> Any:
     for value in store:
         return value
@@ -132,7 +152,7 @@ def _snapshot(indices: Mapping[str, Any]) -> Snapshot:
         meshnodes={
             k: v for k, s in indices["meshnode_index"].items() if (v := _one(s)) is not None
         },
-        plans={k: v for k, s in indices["plan_index"].items() if (v := _one(s)) is not None},
+        plans=_plans(indices["plan_index"]),
         pods={k: list(s) for k, s in indices["pod_index"].items()},
         children=children,
     )
@@ -258,7 +278,7 @@ class _Work:
 
     def model(self, key: str) -> float | None:
         assert _State.models is not None
-        body = _one(self.indices["model_index"].get(key, ()))
+        body = _newest(self.indices["model_index"].get(key, ()))
         delay = _State.models.reconcile(key, body, _snapshot(self.indices), dt.datetime.now(dt.UTC))
         metrics.PLANNED_MODELS.set(len(self.indices["plan_index"]))
         return delay

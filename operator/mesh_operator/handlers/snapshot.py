@@ -80,8 +80,13 @@ class Snapshot:
 def pool_claims(
     plans: Mapping[str, tuple[str, Plan]], pool: str, exclude: str | None = None
 ) -> dict[str, Plan]:
-    """The plans of `pool`'s models (but `exclude`), by model key."""
-    return {k: p for k, (pl, p) in plans.items() if pl == pool and k != exclude}
+    """The plans of `pool`'s models (but `exclude`, and any earlier object of its
+    name, `<exclude>@<n>`), by model key."""
+    return {
+        k: p
+        for k, (pl, p) in plans.items()
+        if pl == pool and k != exclude and not (exclude and k.startswith(f"{exclude}@"))
+    }
 
 
 def model_key(namespace: str, name: str) -> str:
