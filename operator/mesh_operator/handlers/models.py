@@ -166,7 +166,11 @@ class ModelReconciler:
             )
             if decision.claim_changed:
                 self.claims.record(key, pool_name, decision.claim)
-        delay = self._apply(ref, body, original, decision)
+                # A changed claim reaches the API before the pool's next decision:
+                # memory this model leaves is taken by another only once the
+                # model's status no longer holds it.
+                self._write_status(ref, original, decision)
+        delay = self._apply(ref, body, original, decision, written=decision.claim_changed)
         metrics.RECONCILES.labels(kind="MeshModel", outcome=decision.outcome).inc()
         metrics.RECONCILE_SECONDS.labels(kind="MeshModel").observe(time.perf_counter() - started)
         return delay
@@ -278,8 +282,11 @@ class ModelReconciler:
         body: Mapping[str, Any],
         original: MeshModelStatus,
         decision: Decision,
+        *,
+        written: bool = False,
     ) -> float:
-        """Carry out `decision`; the seconds until the model is looked at again."""
+        """Carry out `decision` (its status too unless `written`); the seconds until
+        the model is looked at again."""
         key = ref.key
         if decision.capacity_seen is not None:
             self._capacity_seen[key] = decision.capacity_seen
@@ -292,7 +299,8 @@ class ModelReconciler:
             metrics.PLANS.labels(outcome=decision.plan_outcome).inc()
         # The status first: a plan is claimed in the API before any pod of it can
         # run, so an operator dying in between leaves no workload unclaimed.
-        self._write_status(ref, original, decision)
+        if not written:
+            self._write_status(ref, original, decision)
         error = None
         try:
             for child in decision.delete:
