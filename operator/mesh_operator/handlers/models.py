@@ -170,6 +170,8 @@ class ModelReconciler:
                 # memory this model leaves is taken by another only once the
                 # model's status no longer holds it.
                 self._write_status(ref, original, decision)
+        if decision.learned_profile is not None and spec is not None:
+            self.profiles.put(spec.source, spec.sha256, decision.learned_profile)
         delay = self._apply(ref, body, original, decision, written=decision.claim_changed)
         metrics.RECONCILES.labels(kind="MeshModel", outcome=decision.outcome).inc()
         metrics.RECONCILE_SECONDS.labels(kind="MeshModel").observe(time.perf_counter() - started)
@@ -290,9 +292,6 @@ class ModelReconciler:
         key = ref.key
         if decision.capacity_seen is not None:
             self._capacity_seen[key] = decision.capacity_seen
-        if decision.learned_profile is not None:
-            spec = MeshModelSpec.model_validate(body.get("spec") or {})
-            self.profiles.put(spec.source, spec.sha256, decision.learned_profile)
         if decision.plan_seconds is not None:
             metrics.PLAN_SECONDS.observe(decision.plan_seconds)
         if decision.plan_outcome is not None:
@@ -351,8 +350,9 @@ class ModelReconciler:
             self.claims.forget(ref.key)
 
     def _forget(self, key: str) -> None:
+        """Drop what this process remembers of a model that is gone (its claim is
+        the deletion decision's to drop)."""
         self._written.pop(key, None)
-        self.claims.record(key, "", None)
         self.failures.clear(key)
         self._capacity_seen.pop(key, None)
 
