@@ -47,19 +47,15 @@ from e2e.cluster import K8S_VERSION, LocalCluster
 from e2e.fileserver import serve_directory
 from e2e.nodes import RealNodes, chart_images
 from e2e.nodes.images import require_real_nodes
+from e2e.scenario import NAMESPACE, POOL_LABEL, REPO, SYSTEM_LABEL, SYSTEM_NODE
 from e2e.waiting import WaitTimeoutError, wait_for
 from tests.conftest import require_part
 
 Obj = dict[str, Any]
 
-REPO = Path(__file__).resolve().parent.parent
 RELEASE = "mesh"
-NAMESPACE = "mesh-system"
 AGENT_NAMESPACE = "mesh-agent"
 POOL = "cpu"
-POOL_LABEL = "mesh.dev/cpu-pool"
-SYSTEM_LABEL = "mesh.dev/role"
-SYSTEM_NODE = "node-system"
 POOL_NODES = ("node-a", "node-b")
 CONTEXT = 2048
 ENFORCE_LABEL = "pod-security.kubernetes.io/enforce"

@@ -26,7 +26,6 @@ from e2e.realcluster import (
     MODEL,
     MODEL_POD_SECURITY,
     MODELS,
-    NAMESPACE,
     OTHER,
     OUTSIDE,
     POOL,
@@ -38,6 +37,7 @@ from e2e.realcluster import (
     parse_probe_output,
     restricted_pod,
 )
+from e2e.scenario import NAMESPACE
 from e2e.waiting import wait_for
 
 pytestmark = pytest.mark.e2e

@@ -25,12 +25,12 @@ from e2e.realcluster import (
     AGENT_NAMESPACE,
     ENFORCE_LABEL,
     MODELS,
-    NAMESPACE,
     POOL,
     POOL_NODES,
     RELEASE,
     RealCluster,
 )
+from e2e.scenario import NAMESPACE
 
 pytestmark = pytest.mark.e2e
 

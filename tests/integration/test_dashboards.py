@@ -54,15 +54,14 @@ from e2e.nodes.images import prometheus_image
 from e2e.realcluster import (
     MODEL,
     MODELS,
-    NAMESPACE,
     RELEASE,
     SCRAPER_LABEL,
     SCRAPER_NAMESPACE,
-    SYSTEM_LABEL,
     RealCluster,
     SharedRealCluster,
     restricted_pod,
 )
+from e2e.scenario import NAMESPACE, SYSTEM_LABEL
 from e2e.waiting import free_port, wait_for
 from tests.conftest import require_part
 from tests.integration.chart_support import CHART, MeshProcess, http_ok
