@@ -18,10 +18,12 @@ download a file, as the Hub documents and answers it:
   requests (206, 416). A fault can be set for the next blob GET: cut the connection
   after some bytes, or stall there until released.
 
-Not implemented: the `/api/...` routes (repository info, file listings, commits,
-`HfApi`, `snapshot_download`, `HfFileSystem`), Xet storage (`X-Xet-*`), files kept
-in git rather than LFS, repository types other than models, signed and expiring
-CDN URLs, uploads, rate limits. Every request is recorded for the tests to read.
+Not implemented (404): the `/api/...` routes (repository info, file listings,
+commits, `HfApi`, `snapshot_download`, `HfFileSystem`, and the library's own
+best-effort `/api/agent-harnesses` look-up for its user agent). Nor Xet storage
+(`X-Xet-*`), files kept in git rather than LFS, repository types other than models,
+signed and expiring CDN URLs, uploads, rate limits. Every request is recorded for
+the tests to read.
 """
 
 from __future__ import annotations
