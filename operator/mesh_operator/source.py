@@ -194,6 +194,11 @@ class ProfileCache:
         self._profiles: dict[tuple[str, str | None], ModelProfile] = {}
         self._lock = threading.Lock()
 
+    @property
+    def mirror(self) -> str | None:
+        """The Hub read from when it is not huggingface.co."""
+        return None if self.hf_endpoint == HF_ENDPOINT_DEFAULT else self.hf_endpoint
+
     def cached(self, source: ModelSource, sha256: str | None) -> ModelProfile | None:
         with self._lock:
             return self._profiles.get((cache_key(source), sha256))

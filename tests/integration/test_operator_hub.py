@@ -146,6 +146,20 @@ def test_hugging_face_models_are_read_through_the_hub_or_say_why_not(
         assert obj["status"]["modelSizeBytes"] == size
         assert len(obj["status"]["plan"]["rpc"]) == 1
 
+    # The host's `mesh fetch` downloads the same file from the same Hub, with the token.
+    def fetcher() -> dict[str, Any] | None:
+        dep = get(cluster, "deployment", "gated-host", "-n", namespace)
+        init = dep["spec"]["template"]["spec"]["initContainers"] if dep else []
+        return next((c for c in init if c["name"] == "fetch"), None)
+
+    fetch = wait_for("the gated model's fetch container", fetcher)
+    args = fetch["args"]
+    assert args[args.index("--hf-repo") + 1] == GATED_REPO
+    assert args[args.index("--hf-file") + 1] == README_FILE
+    env = {e["name"]: e for e in fetch["env"]}
+    assert env["HF_ENDPOINT"]["value"] == hub.endpoint
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-granted", "key": "token"}
+
     expected = {
         "gated-no-token": ("SourceForbidden", ["token missing", GATED_REPO]),
         "gated-refused": ("SourceForbidden", ["token refused", GATED_REPO]),

@@ -133,6 +133,9 @@ class ModelSnapshot:
     capacity: Capacity | None = None
     capacity_seen: Capacity | None = None
     peers: PolicyPeers = field(default_factory=lambda: PolicyPeers("", ""))
+    # The Hugging Face mirror the operator reads from (its HF_ENDPOINT), which
+    # `mesh fetch` must download from too; None for huggingface.co.
+    hf_endpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -550,6 +553,7 @@ class _Decider:
             gpus_per_node=planning.gpus_per_node(plan),
             variants=planning.image_variants(plan),
             group_restarts=self.status.group_restarts,
+            hf_endpoint=self.s.hf_endpoint,
         )
         verdict = self._host_verdict(workload, pool)
         daemonsets = build_rpc_daemonsets(workload)
