@@ -126,6 +126,13 @@ class HubServer:
             self._fault = fault
         return fault.released
 
+    def clear_fault(self) -> None:
+        """Drop a fault no download has met yet, and end a stall in progress."""
+        with self._lock:
+            fault, self._fault = self._fault, None
+        if fault is not None:
+            fault.released.set()
+
     def mark(self) -> int:
         """A point in the record of requests, for `requests(since=...)`."""
         with self._lock:

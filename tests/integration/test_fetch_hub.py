@@ -79,6 +79,7 @@ def test_a_fetch_killed_half_way_is_resumed_by_the_next_run(
         proc.kill()  # as a node losing the pod: no cleanup
         proc.wait(30)
         released.set()
+        hub.clear_fault()
     kept = part.stat().st_size
     assert not dest.exists() and 0 < kept < size, log.read_text()[-2000:]
 
