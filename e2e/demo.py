@@ -3,7 +3,7 @@ real CPU nodes (and a system node) running the project's own images, from
 `helm install mesh` to a chat answer that survives losing a node.
 
 Test infrastructure driving the real product (`e2e.scenario`). Prints each step,
-the chat answer and the figures, and writes them to .mesh/e2e-report.json.
+the chat answer, a completion and the figures, and writes them to .mesh/e2e-report.json.
 `--keep` leaves the cluster running afterwards.
 """
 
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         f"nodes up / helm install: {figures.nodes_up_seconds:.1f} s / "
         f"{figures.install_to_ready_seconds:.1f} s (image pulls included)"
     )
-    print(f"chat answer:            {figures.answer}")
+    print(f"chat answer:            {figures.answer!r}")
+    print(f"completion:             {figures.completion!r}")
     print(f"planned on:             {', '.join(figures.planned_nodes)}")
     print(
         f"apply -> first token:   {figures.apply_to_first_token_seconds:.1f} s "
