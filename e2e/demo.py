@@ -17,7 +17,7 @@ from pathlib import Path
 from e2e import parts
 from e2e.cluster import ClusterError
 from e2e.nodes import ImageError, NodesError
-from e2e.scenario import Scenario, ScenarioError, write_report
+from e2e.scenario import COMPLETION_PROMPT, Scenario, ScenarioError, write_report
 from e2e.waiting import WaitTimeoutError
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{figures.install_to_ready_seconds:.1f} s (image pulls included)"
     )
     print(f"chat answer:            {figures.answer!r}")
-    print(f"completion:             {figures.completion!r}")
+    print(f"completion:             {COMPLETION_PROMPT!r} -> {figures.completion!r}")
     print(f"planned on:             {', '.join(figures.planned_nodes)}")
     print(
         f"apply -> first token:   {figures.apply_to_first_token_seconds:.1f} s "
