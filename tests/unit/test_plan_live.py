@@ -80,6 +80,8 @@ def test_the_model_defaults_to_its_file_name_in_default() -> None:
     assert model_identity(None, source) == ("default", "gemma-3")
     assert model_identity("ai/gemma", source) == ("ai", "gemma")
     assert model_identity("gemma", source) == ("default", "gemma")
+    with pytest.raises(LiveInputError, match="--name: "):
+        model_identity("ai/Not_A_Name", source)
 
 
 def _plan_on(node: str, device: str, mib: int) -> Plan:

@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from mesh_operator import planning
 from mesh_operator.api.base import GROUP, MESHMODEL_PLURAL, MESHNODE_PLURAL, MESHPOOL_PLURAL
 from mesh_operator.api.base import VERSION as API_VERSION
+from mesh_operator.api.contract import check_model_name
 from mesh_operator.api.meshmodel import HuggingFaceSource, MeshModelSpec, ModelSource, Plan
 from mesh_operator.api.meshnode import MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec
@@ -197,6 +198,10 @@ def model_identity(name: str | None, source: ModelSource) -> tuple[str, str]:
         namespace, _, model = name.rpartition("/")
         if not model:
             raise LiveInputError(f"--name {name!r}: expected [NAMESPACE/]NAME")
+        try:
+            check_model_name(model)
+        except ValueError as exc:
+            raise LiveInputError(f"--name: {exc}") from None
         return namespace or "default", model
     return "default", model_file_name(source).removesuffix(".gguf").lower()
 
