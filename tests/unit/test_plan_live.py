@@ -4,6 +4,7 @@ The command against a real API server is tests/integration/test_plan_live.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -167,3 +168,22 @@ def test_a_bad_source_exits_2_before_any_cluster_is_read(
     err = capsys.readouterr().err
     assert code == 2
     assert err == f"mesh plan: error: {missing}: no such file\n"
+
+
+def test_nodes_the_pool_cannot_use_are_named_with_why() -> None:
+    profile = read_model_profile(GEMMA_HEADER)
+    live = _pool({})
+    stale = dict(live.meshnodes, a=one_gpu_status(NOW, 900, total=1000, age=600))
+    live = dataclasses.replace(live, meshnodes=stale)
+    result, _, unusable = plan_on_pool(
+        live, _spec(), profile, "ai/new", reserve_percent=None, now=NOW
+    )
+    assert result.rpc == ("b",)
+    assert [u["node"] for u in unusable] == ["a"]
+    assert unusable[0]["problem"].startswith("heartbeat stale")
+
+
+def test_current_is_for_an_inventory(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["plan", "--model", str(GEMMA_HEADER), "--pool", "p", "--current", "x.json"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mesh plan: error: --current is for --inventory")
