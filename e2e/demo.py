@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         f"nodes up / helm install: {figures.nodes_up_seconds:.1f} s / "
         f"{figures.install_to_ready_seconds:.1f} s (image pulls included)"
     )
-    print(f"chat answer:            {figures.answer!r}")
+    # The model is a base model: the completion is the answer it can give; the chat
+    # shows the template at work (gemma's turns, no ChatML), not an instruction-tuned reply.
     print(f"completion:             {COMPLETION_PROMPT!r} -> {figures.completion!r}")
+    print(f"chat answer:            {figures.answer!r}")
     print(f"planned on:             {', '.join(figures.planned_nodes)}")
     print(
         f"apply -> first token:   {figures.apply_to_first_token_seconds:.1f} s "
