@@ -198,8 +198,26 @@ class StatusReport(_Report):
 
 
 def status_schema() -> dict[str, Any]:
-    """The JSON Schema of `mesh status --output json` (docs/status.md shows it)."""
-    return StatusReport.model_json_schema(by_alias=True, mode="serialization")
+    """The JSON Schema (2020-12) of `mesh status --output json`; docs/status.md
+    shows it and a test keeps the two equal."""
+    schema = _untitled(StatusReport.model_json_schema(by_alias=True, mode="serialization"))
+    assert isinstance(schema, dict)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "mesh status --output json",
+        **schema,
+    }
+
+
+def _untitled(schema: object) -> object:
+    """pydantic's schema without the titles it derives from field names."""
+    if isinstance(schema, dict):
+        return {
+            k: _untitled(v) for k, v in schema.items() if not (k == "title" and isinstance(v, str))
+        }
+    if isinstance(schema, list):
+        return [_untitled(v) for v in schema]
+    return schema
 
 
 def _pool_report(pool: Obj, nodes: Mapping[str, Mapping[str, str]]) -> PoolReport:
