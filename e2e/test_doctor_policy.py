@@ -3,7 +3,9 @@ pod is refused by a model's policy as it stands, and connects once another polic
 of the namespace lets every pod in (policies add up), which the policy's rules
 alone do not show. Also: the operator's Lease names the version the CRDs carry.
 
-Runs on the session's installation of mesh on real nodes (`e2e.realcluster`).
+Runs on the session's installation of mesh on real nodes (`e2e.realcluster`). With
+MESH_STATUS_RECORD=<file>, the text of `mesh status` and `mesh doctor` there is
+written to that file (the README shows such a run).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,13 +29,16 @@ pytestmark = pytest.mark.e2e
 OPEN_POLICY = "doctor-test-open"
 
 
-def doctor(mesh: RealCluster, *args: str) -> tuple[int, list[dict[str, Any]]]:
-    done = subprocess.run(
-        [sys.executable, "-m", "mesh_operator.cli.main", "doctor", "-o", "json",
-         "--pool", POOL, "--probe-timeout", "120", *args],
+def mesh_cli(mesh: RealCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mesh_operator.cli.main", *args],
         capture_output=True, text=True, timeout=600, cwd=REPO, check=False,
         env={**os.environ, "KUBECONFIG": str(mesh.cluster.kubeconfig)},
     )  # fmt: skip
+
+
+def doctor(mesh: RealCluster, *args: str) -> tuple[int, list[dict[str, Any]]]:
+    done = mesh_cli(mesh, "doctor", "-o", "json", "--pool", POOL, "--probe-timeout", "120", *args)
     assert done.returncode in (0, 1), done.stderr
     return done.returncode, json.loads(done.stdout)
 
@@ -74,6 +80,15 @@ def test_doctor_probes_the_policy_and_names_the_running_operators_version(
     assert "refused as the policy wants" in probe["problem"]
     assert "ConnectionRefusedError" in probe["problem"] or "timed out" in probe["problem"]
     assert code == 0, findings
+    record = os.environ.get("MESH_STATUS_RECORD")
+    if record:
+        status = mesh_cli(real_mesh, "status")
+        text = mesh_cli(real_mesh, "doctor", "--probe-timeout", "120")
+        assert status.returncode == 0, status.stderr
+        Path(record).write_text(
+            f"$ mesh status\n{status.stdout}\n$ mesh doctor\n{text.stdout}"
+            f"(exit status {text.returncode})\n"
+        )
 
 
 def test_doctor_finds_a_policy_that_does_not_hold(
