@@ -360,7 +360,8 @@ def _shortfall(message: str) -> str:
 
 
 def _holders(fleet: Fleet, pool: str, model: Obj) -> str:
-    """Which other models of the pool hold memory, and how much and where."""
+    """Which other models of the pool hold memory, and how much and where; in an
+    exclusive pool a device a model holds is not offered to another at all."""
     me = (model["metadata"]["namespace"], model["metadata"]["name"])
     rows = []
     for other in fleet.models:
@@ -375,11 +376,17 @@ def _holders(fleet: Fleet, pool: str, model: Obj) -> str:
             )
     if not rows:
         return "no other model holds memory in the pool"
-    return "held by " + "; ".join(text for _, text in sorted(rows, reverse=True))
+    spec = next((p.get("spec") or {} for p in fleet.pools if p["metadata"]["name"] == pool), {})
+    whole = (
+        " (an exclusive pool: a device a model holds is not offered to another)"
+        if spec.get("sharing", "exclusive") == "exclusive"
+        else ""
+    )
+    return "held by " + "; ".join(text for _, text in sorted(rows, reverse=True)) + whole
 
 
 def check_models(fleet: Fleet) -> list[Finding]:
-    pools = {p["metadata"]["name"] for p in fleet.pools}
+    pools = {p["metadata"]["name"]: p for p in fleet.pools}
     out = []
     for m in fleet.models:
         ns, name = m["metadata"]["namespace"], m["metadata"]["name"]
@@ -425,6 +432,10 @@ def check_models(fleet: Fleet) -> list[Finding]:
         elif planned.get("reason") == "NoCapacity" or reason == "NoCapacity":
             why = planned.get("message") or message
             short = _shortfall(why)
+            pool_ready = condition(pools.get(pool, {}), "Ready")
+            if pool_ready and pool_ready.get("status") != "True":
+                # No usable node at all: the agents' findings say why.
+                short += f" (pool {pool} is not Ready: {pool_ready.get('reason')})"
             out.append(
                 Finding(
                     "fail",

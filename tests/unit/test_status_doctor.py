@@ -375,3 +375,15 @@ def test_bad_usage_is_one_line(argv: list[str], capsys: pytest.CaptureFixture[st
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error:" in err
+
+
+def test_no_capacity_says_when_the_pool_itself_is_not_ready_or_exclusive() -> None:
+    starved = model("m", cond("Ready", "False", "NoCapacity", NO_ROOM))
+    holder = model("gemma", cond("Ready", "True", "Serving"), PLAN, nodes="a,b")
+    down = {**pool(), "status": {"conditions": [cond("Ready", "False", "NoUsableNodes")]}}
+    (f, _) = check_models(Fleet(pools=[down], models=[starved, holder]))
+    assert "short by 0.2 GiB (pool gpu is not Ready: NoUsableNodes)" in f.problem
+    assert "(an exclusive pool: a device a model holds is not offered to another)" in f.problem
+    shared = {**pool(), "spec": {**pool()["spec"], "sharing": "shared"}}
+    (f, _) = check_models(Fleet(pools=[shared], models=[starved, holder]))
+    assert "exclusive" not in f.problem and "not Ready" not in f.problem
