@@ -103,4 +103,5 @@ def test_doctor_finds_a_policy_that_does_not_hold(
     assert probe["level"] == "fail", probe
     assert probe["problem"].startswith("the NetworkPolicy does not hold: pod ")
     assert "connected" in probe["problem"]
-    assert "enforce NetworkPolicy" in probe["fix"]
+    assert f"policies add up: look for another one in {MODEL.namespace}" in probe["fix"]
+    assert "does not enforce NetworkPolicy" in probe["fix"]

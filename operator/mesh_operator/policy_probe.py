@@ -195,8 +195,10 @@ def _await(
         return ProbeOutcome(
             "fail",
             f"the NetworkPolicy does not hold: {tried} and connected ({log})",
-            "use a network plugin that enforces NetworkPolicy (Calico, Cilium, "
-            "kube-router, ...); until then anyone in the cluster can reach the RPC servers",
+            f"policies add up: look for another one in {ns} that admits it (kubectl -n {ns} "
+            "get networkpolicies); if there is none, the network plugin does not enforce "
+            "NetworkPolicy: use one that does (Calico, Cilium, kube-router, ...). Until "
+            "then anyone in the cluster can reach the RPC servers",
         )
     return ProbeOutcome("warn", f"probe failed: {tried}, exit status {code} ({log}): not tested")
 
