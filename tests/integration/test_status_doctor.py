@@ -415,3 +415,18 @@ def test_doctor_checks_the_network_policy_and_says_what_its_probe_tried(
     (policy,) = about(findings, f"model {namespace}/guarded", "network-policy")
     assert policy["level"] == "fail"
     assert "a rule for RPC port 50052 admits every source (no `from`)" in policy["problem"]
+
+
+def test_status_without_mesh_resources_says_so(crds: LocalCluster, tmp_path: Path) -> None:
+    # The real API server answers 404 for every path under a prefix it does not serve,
+    # as it does for the kinds of CRDs that are not installed.
+    config = crds.kubeconfig.read_text()
+    server = next(line.split()[-1] for line in config.splitlines() if "server:" in line)
+    prefixed = tmp_path / "prefixed"
+    prefixed.write_text(config.replace(server, f"{server}/no-such-prefix"))
+    code, out, err = mesh(crds, "status", "--kubeconfig", str(prefixed))
+    assert (code, out) == (1, "")
+    assert err == (
+        "mesh status: error: the cluster has no mesh resources (404): are the CRDs "
+        "installed? (mesh doctor checks)\n"
+    )

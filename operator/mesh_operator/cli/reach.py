@@ -36,14 +36,22 @@ class Read(Generic[T]):
     exit_code: int = 0
 
 
-def read_cluster(prog: str, kubeconfig: str | None, read: Callable[[ApiClient], T]) -> Read[T]:
-    """Call `read` with a client; on failure print one line to stderr naming why."""
+def read_cluster(
+    prog: str,
+    kubeconfig: str | None,
+    read: Callable[[ApiClient], T],
+    not_found: str | None = None,
+) -> Read[T]:
+    """Call `read` with a client; on failure print one line to stderr naming why
+    (`not_found`: what a 404 means to the caller)."""
     try:
         return Read(read(api_client(kubeconfig, timeout=API_TIMEOUT)))
     except KubeconfigError as exc:
         message, code = f"cannot reach the cluster: {exc}", EXIT_UNREACHABLE
     except ApiException as exc:
-        if exc.status == 401:
+        if exc.status == 404 and not_found:
+            message, code = not_found, EXIT_API_ERROR
+        elif exc.status == 401:
             message = "cannot reach the cluster: the API server refused the credentials (401)"
             code = EXIT_UNREACHABLE
         else:

@@ -29,7 +29,11 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     read = read_cluster(
-        f"{args.prog} status", args.kubeconfig, lambda api: read_fleet(api, args.namespace)
+        f"{args.prog} status",
+        args.kubeconfig,
+        lambda api: read_fleet(api, args.namespace),
+        not_found="the cluster has no mesh resources (404): are the CRDs installed? "
+        f"({args.prog} doctor checks)",
     )
     if read.value is None:
         return read.exit_code
