@@ -23,6 +23,7 @@ from mesh_operator.api import llama_server_options
 from mesh_operator.api.chat_templates import parse_chat_templates
 from mesh_operator.api.contract import HOST_PORT
 from mesh_operator.api.meshmodel import (
+    NGRAM_TYPES,
     DraftModel,
     MeshModelSpec,
     ModelSource,
@@ -35,6 +36,7 @@ from mesh_operator.api.owned_flags import parse_help, render_options_module
 from mesh_operator.manifests.workloads import API_KEY_MOUNT
 from mesh_operator.planner import (
     DraftSettings,
+    NgramSettings,
     PlacementRequest,
     PlacementResult,
     ServerSettings,
@@ -199,6 +201,22 @@ def rpc_args(
     return out
 
 
+def ngram_settings(spec: MeshModelSpec) -> NgramSettings | None:
+    """The host's n-gram speculation, from `spec.speculative`."""
+    s = spec.speculative
+    if s is None:
+        return None
+    return NgramSettings(
+        type=s.type,
+        n_match=s.n_match,
+        n_min=s.n_min,
+        n_max=s.n_max,
+        size_n=s.size_n,
+        size_m=s.size_m,
+        min_hits=s.min_hits,
+    )
+
+
 def _pooling(spec: MeshModelSpec) -> tuple[str, ...]:
     # Models like gemma default to no pooling, which /v1/embeddings refuses.
     if spec.embeddings and not any(a.split("=")[0] == "--pooling" for a in spec.extra_args):
@@ -255,6 +273,7 @@ def llama_args(
             if spec.draft is not None
             else None
         ),
+        ngram=ngram_settings(spec),
         chat_template=chat_template(spec, profile),
         extra_args=tuple(spec.extra_args) + _pooling(spec),
     )
@@ -305,7 +324,17 @@ def operator_llama_flags() -> frozenset[str]:
         embeddings=True,
     )
     from_settings = _flags(build_llama_server_args(plan, "m", settings, {"n": PENDING_ENDPOINT}))
-    return frozenset(from_spec | from_settings)
+    # Every n-gram type with every size it reads.
+    sizes = {"ngram-mod": ("n_match", "n_min", "n_max")}
+    from_ngram: set[str] = set()
+    for kind in NGRAM_TYPES:
+        fields = sizes.get(kind, ("size_n", "size_m", "min_hits"))
+        ngram = NgramSettings(kind, **dict.fromkeys(fields, 1))
+        built = build_llama_server_args(
+            plan, "m", ServerSettings(ngram=ngram), {"n": PENDING_ENDPOINT}
+        )
+        from_ngram |= _flags(built)
+    return frozenset(from_spec | from_settings | from_ngram)
 
 
 def _llama_server_help(binary: Path) -> tuple[str, str]:

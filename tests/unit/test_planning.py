@@ -72,6 +72,47 @@ def test_draft_model_is_fetched_and_loaded() -> None:
     assert [c["name"] for c in init] == ["cache-owner", "fetch", "fetch-draft"]
 
 
+def test_a_draft_model_drafts() -> None:
+    # llama-server loads a -md model but drafts with it only under --spec-type draft-simple.
+    s = spec(draft={"source": {"url": "https://m.example/small.gguf"}})
+    assert flag(planning.llama_args(PLAN, s, "big", None), "--spec-type") == "draft-simple"
+
+
+@pytest.mark.parametrize(
+    ("speculative", "draft", "expected"),
+    [
+        (
+            {"type": "ngram-mod", "nMatch": 12, "nMax": 24},
+            False,
+            [
+                "--spec-type",
+                "ngram-mod",
+                "--spec-ngram-mod-n-match",
+                "12",
+                "--spec-ngram-mod-n-max",
+                "24",
+            ],
+        ),
+        (
+            {"type": "ngram-map-k4v", "minHits": 2},
+            True,
+            ["--spec-type", "ngram-map-k4v,draft-simple", "--spec-ngram-map-k4v-min-hits", "2"],
+        ),
+        ({"type": "ngram-simple"}, False, ["--spec-type", "ngram-simple", "--no-jinja"]),
+    ],
+    ids=["ngram-mod", "ngram-and-draft", "llama-defaults"],
+)
+def test_ngram_speculation_from_the_spec(
+    speculative: dict[str, Any], draft: bool, expected: list[str]
+) -> None:
+    extra: dict[str, Any] = {"speculative": speculative, "chatTemplate": "chatml"}
+    if draft:
+        extra["draft"] = {"source": {"url": "https://m.example/small.gguf"}}
+    args = planning.llama_args(PLAN, spec(**extra), "big", None)
+    start = args.index("--spec-type")
+    assert args[start : start + len(expected)] == expected
+
+
 def test_draft_on_a_pvc_needs_the_models_pvc() -> None:
     pvc = {"pvc": {"claimName": "models", "path": "small.gguf"}}
     assert planning.draft_problem(spec(draft={"source": pvc})) is not None
@@ -143,5 +184,7 @@ def test_the_host_listens_where_its_service_and_probes_point() -> None:
 def test_the_operator_s_flags_are_those_its_builders_set() -> None:
     flags = planning.operator_llama_flags()
     for emitted in ("-ub", "-b", "-t", "--spec-draft-n-max", "-ngld", "--rpc", "-ts", "--alias"):
+        assert emitted in flags
+    for emitted in ("--spec-type", "--spec-ngram-mod-n-match", "--spec-ngram-map-k4v-min-hits"):
         assert emitted in flags
     assert "--pooling" not in flags

@@ -1,0 +1,120 @@
+"""Speculative decoding as the operator's command lines set it up, on real llama.cpp.
+
+gemma-3-270m served through one local ggml-rpc-server with the builders' own
+llama-server arguments: n-gram speculation from a MeshModel's `speculative`
+option, and a draft model (`-md`, here the model drafting for itself). Each
+completion of repetitive, code-like text must report drafted and accepted
+tokens in llama-server's `timings` (`draft_n`, `draft_n_accepted`): the flags
+are accepted and speculation runs. Speed is the benchmark's business
+(`python -m bench spec`); a model drafting for itself accepts nearly
+everything at no saving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2e.llama import LlamaProcess, post_json, running, start_llama_server
+from e2e.llama import start_rpc_server as start_worker
+from e2e.waiting import free_port
+from mesh_operator import planning
+from mesh_operator.api.meshmodel import MeshModelSpec
+from mesh_operator.planner import (
+    DraftSettings,
+    PlacementRequest,
+    PlacementResult,
+    ServerSettings,
+    ServingParams,
+    build_llama_server_args,
+    parse_inventory,
+    plan_placement,
+    read_model_profile,
+)
+
+pytestmark = pytest.mark.integration
+
+SERVING = ServingParams(ctx=2048, parallel=1)
+# Text whose continuation repeats what came before: n-grams of the context predict it.
+CODE_LIKE = "".join(f"def add_{i}(x):\n    return x + {i}\n\n" for i in range(6))
+
+
+@pytest.fixture(scope="module")
+def worker(
+    tmp_path_factory: pytest.TempPathFactory, rpc_server_bin: Path, llama_server_bin: Path
+) -> Iterator[LlamaProcess]:
+    server = start_worker(tmp_path_factory.mktemp("spec-worker"), threads=1, extra=["-d", "CPU"])
+    with running(server):
+        yield server
+
+
+@pytest.fixture(scope="module")
+def plan(model_file: Path) -> PlacementResult:
+    pool = parse_inventory(
+        {
+            "nodes": [
+                {
+                    "name": "node-a",
+                    "devices": [
+                        {"id": "CPU", "backend": "cpu", "memoryTotalMiB": 4096,
+                         "memoryFreeMiB": 4096},
+                    ],
+                }
+            ]
+        }
+    )  # fmt: skip
+    result = plan_placement(read_model_profile(model_file), pool, PlacementRequest(SERVING))
+    assert result.feasible, result.reason
+    return result
+
+
+def _complete(
+    tmp_path: Path, plan: PlacementResult, worker: LlamaProcess, model: Path, **settings: Any
+) -> tuple[list[str], dict[str, Any]]:
+    port = free_port()
+    server_settings = ServerSettings(
+        serving=SERVING, host="127.0.0.1", port=port, metrics=False, threads=1, **settings
+    )
+    args = build_llama_server_args(plan, str(model), server_settings, {"node-a": worker.address})
+    host = start_llama_server(tmp_path, args, port=port, timeout=300)
+    with running(host):
+        reply = post_json(
+            f"{host.url}/completion",
+            {"prompt": CODE_LIKE, "n_predict": 48, "temperature": 0, "cache_prompt": False},
+        )
+    timings = reply["timings"]
+    assert isinstance(timings, dict), reply
+    return args, timings
+
+
+def test_ngram_speculation_drafts_from_the_context(
+    tmp_path: Path, plan: PlacementResult, worker: LlamaProcess, model_file: Path
+) -> None:
+    spec = MeshModelSpec.model_validate(
+        {
+            "source": {"url": "https://models.example/gemma.gguf"},
+            "poolRef": "p",
+            "speculative": {"type": "ngram-map-k", "sizeN": 4, "sizeM": 8},
+        }
+    )
+    args, timings = _complete(
+        tmp_path, plan, worker, model_file, ngram=planning.ngram_settings(spec)
+    )
+    assert args[args.index("--spec-type") + 1] == "ngram-map-k"
+    assert timings.get("draft_n", 0) > 0, timings
+    assert 0 < timings["draft_n_accepted"] <= timings["draft_n"], timings
+
+
+def test_a_draft_model_drafts_with_the_builders_flags(
+    tmp_path: Path, plan: PlacementResult, worker: LlamaProcess, model_file: Path
+) -> None:
+    draft = DraftSettings(str(model_file), max_tokens=4)
+    args, timings = _complete(tmp_path, plan, worker, model_file, draft=draft)
+    assert args[args.index("-md") + 1] == str(model_file)
+    assert args[args.index("--spec-type") + 1] == "draft-simple"
+    # Drafts of at most 4 tokens; the model drafting for itself agrees with itself.
+    assert timings.get("draft_n", 0) > 0, timings
+    assert 0 < timings["draft_n_accepted"] <= timings["draft_n"], timings
