@@ -1,6 +1,7 @@
 """The planner's entry points: plan a model on a pool, or time a given layout.
 
-`plan_placement` searches (`search`), and given the plan a model is served with,
+`plan_placement` searches (`search`), falls back on a host's RAM when nothing
+fits in VRAM (`ram_tier`), and given the plan a model is served with,
 keeps it while it still fits with the stability margin unless the search finds
 one that `ranking._better` prefers. `evaluate_layout` estimates and times a
 layout without searching.
@@ -23,6 +24,7 @@ from mesh_operator.planner.placement.problem import (
     _pool,
     _Problem,
 )
+from mesh_operator.planner.placement.ram_tier import ram_tier_plan
 from mesh_operator.planner.placement.ranking import _better
 from mesh_operator.planner.placement.search import _search
 from mesh_operator.planner.placement.types import (
@@ -53,6 +55,7 @@ def _result(
         host_memory_bytes=candidate.host_bytes,
         kept_current=kept,
         n_device_layers=problem.n,
+        host_tier=candidate.tier,
     )
 
 
@@ -192,9 +195,13 @@ def plan_placement(
                 return _result(problem, fitted, _describe(fitted))
     best = _search(problem, pool, cached)
     if best is None:
+        # Only when nothing fits in VRAM: part of the model in a host's RAM.
+        tiered = ram_tier_plan(profile, inventory, request, pool, cached)
+        if tiered is not None:
+            return _result(problem, tiered, _describe(tiered))
         return PlacementResult(
             feasible=False,
-            reason=_explain(problem, pool, request),
+            reason=_explain(problem, pool, request, inventory),
             strategy=request.strategy,
             n_device_layers=problem.n,
         )

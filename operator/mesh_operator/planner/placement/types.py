@@ -75,6 +75,31 @@ class DevicePlacement:
 
 
 @dataclass(frozen=True)
+class HostTier:
+    """What a plan keeps in the host node's system RAM when VRAM is short.
+
+    The routed experts of layers `[0, moe_layers)` (llama-server
+    `--n-cpu-moe moe_layers`), and whole layers `[0, cpu_layers)` with their KV
+    (`-ngl` short by `cpu_layers`): llama.cpp's first layers, on the host's CPU.
+    Experts go first; whole layers only once every layer's experts are in RAM.
+    """
+
+    node: str
+    moe_layers: int
+    cpu_layers: int
+    weights_bytes: int  # expert tensors and whole layers' weights
+    kv_bytes: int  # KV of the whole layers
+    compute_bytes: int  # the host CPU's compute buffer for them
+    free_mib: int  # the node's hostMemoryFreeMiB
+    bandwidth_gbps: float
+    time_ms: float  # its share of the predicted time per token
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes
+
+
+@dataclass(frozen=True)
 class PlacementResult:
     """A plan, or why there is none. Devices are in llama.cpp device order."""
 
@@ -90,6 +115,11 @@ class PlacementResult:
     host_memory_bytes: int = 0
     kept_current: bool = False
     n_device_layers: int = 0
+    host_tier: HostTier | None = None  # None: everything in VRAM
+
+    @property
+    def host_tier_bytes(self) -> int:
+        return self.host_tier.total_bytes if self.host_tier is not None else 0
 
     @property
     def nodes(self) -> tuple[str, ...]:
