@@ -30,6 +30,7 @@ from dataclasses import replace
 
 from mesh_operator.planner.inventory import Inventory, InventoryNode
 from mesh_operator.planner.memory import (
+    F32,
     MIB,
     compute_buffer_bytes,
     kv_geometry,
@@ -68,9 +69,13 @@ def _tier_memory(
     kv = sum(layer_kv_bytes(profile, serving, geometry)[:cpu_layers])
     if not weights:
         return 0, 0, 0
+    if not cpu_layers:
+        # The CPU runs the routed experts: their three FFN-wide rows per token of
+        # a ubatch (llama.cpp's log: the host CPU's compute buffer grows by this).
+        return weights, kv, 3 * profile.ffn_active_width * geometry.ubatch * F32
     whole = profile.layers[:cpu_layers]
-    # The CPU runs the experts (and whole layers): budget the largest buffer a
-    # device of this model needs for layers without the output.
+    # The CPU runs whole layers: budget the largest buffer a device of this
+    # model needs for layers without the output.
     compute = compute_buffer_bytes(
         profile,
         serving,
