@@ -10,11 +10,13 @@ original with those experts and layers taken out (`tier_profile`), so the
 split, the order, the bounds and the ranking are the search's own.
 
 It runs only when nothing fits in VRAM (so a model that fits there never uses
-RAM). For every node that offers RAM (`hostMemoryFreeMiB`) as the host, it
-takes the fewest experts, then the fewest whole layers, that make a plan hosted
-there fit, with the RAM holding them (weights, the KV of whole layers, the CPU's
-compute buffer for them, and the host process itself) within the node's
-`hostMemoryFreeMiB`. Among those plans the ranking's rule picks one.
+RAM). It first finds the least any plan needs in RAM, wherever hosted; then,
+for each of the (at most 16) nodes offering the most RAM (`hostMemoryFreeMiB`)
+and enough of it, as the host, the fewest experts, then the fewest whole layers,
+that make a plan hosted there fit, with the RAM holding them (weights, the KV of
+whole layers, the CPU's compute buffer for them, and the host process itself)
+within the node's `hostMemoryFreeMiB`. Among those plans the ranking's rule
+picks one.
 
 Time: RAM-resident bytes are read at the node's RAM bandwidth
 (`hostMemoryBandwidthGBps`, else the CPU default) and every layer whose experts
@@ -42,6 +44,10 @@ from mesh_operator.planner.placement.search import _search
 from mesh_operator.planner.placement.types import DevicePlacement, HostTier, PlacementRequest
 from mesh_operator.planner.profile import ModelProfile
 from mesh_operator.planner.timing import layer_read_bytes
+
+# Host nodes a RAM-tier plan is searched on, those offering the most RAM first:
+# every one costs a few searches.
+MAX_TIER_HOSTS = 16
 
 
 def tier_profile(profile: ModelProfile, moe_layers: int, cpu_layers: int) -> ModelProfile:
@@ -127,10 +133,10 @@ class _TierSearch:
             n.name: n.rtt_ms if n.rtt_ms is not None else request.cost.default_rtt_ms
             for n in inventory.nodes
         }
-        self.plans: dict[tuple[str, int, int], _Candidate | None] = {}
+        self.plans: dict[tuple[str | None, int, int], _Candidate | None] = {}
 
-    def hosted(self, host: str, moe_layers: int, cpu_layers: int) -> _Candidate | None:
-        """The search's plan hosted on `host` for what the devices still hold."""
+    def hosted(self, host: str | None, moe_layers: int, cpu_layers: int) -> _Candidate | None:
+        """The search's plan (hosted on `host`, if given) for what the devices still hold."""
         key = (host, moe_layers, cpu_layers)
         if key not in self.plans:
             devices_see = tier_profile(self.profile, moe_layers, cpu_layers)
@@ -138,27 +144,29 @@ class _TierSearch:
             self.plans[key] = _search(problem, self.pool, self.cached, host)
         return self.plans[key]
 
-    def least(self, host: str) -> tuple[int, int] | None:
+    def least(self, host: str | None, floor: tuple[int, int] = (0, 0)) -> tuple[int, int] | None:
         """The fewest experts, then whole layers, in RAM that let the devices of a
-        plan hosted on `host` hold the rest: (moe_layers, cpu_layers).
+        plan (hosted on `host`, if given) hold the rest: (moe_layers, cpu_layers),
+        no less than `floor`.
 
         Taking more out of the devices only ever frees VRAM, so the least that
         fits is found by bisection."""
         n_layer = self.profile.n_layer
-        if any(layer.expert_bytes for layer in self.profile.layers):
-            k = _least(lambda x: self.hosted(host, x, 0) is not None, 1, n_layer)
+        has_experts = any(layer.expert_bytes for layer in self.profile.layers)
+        low_moe, low_cpu = floor
+        if has_experts and not low_cpu:
+            k = _least(lambda x: self.hosted(host, x, 0) is not None, max(1, low_moe), n_layer)
             if k is not None:
                 return k, 0
-            moe = n_layer
-        else:
-            moe = 0
-        m = _least(lambda x: self.hosted(host, moe, x) is not None, 1, n_layer - 1)
+        moe = n_layer if has_experts else 0
+        m = _least(lambda x: self.hosted(host, moe, x) is not None, max(1, low_cpu), n_layer - 1)
         return None if m is None else (moe, m)
 
-    def on(self, host: InventoryNode) -> _Candidate | None:
+    def on(self, host: InventoryNode, floor: tuple[int, int]) -> _Candidate | None:
         """The plan with its tier in `host`'s RAM, if that RAM holds the least tier
-        (more in RAM only needs more RAM)."""
-        chosen = self.least(host.name)
+        (more in RAM only needs more RAM). A plan hosted anywhere needs at least
+        `floor` in RAM."""
+        chosen = self.least(host.name, floor)
         if chosen is None:
             return None
         moe, cpu = chosen
@@ -217,12 +225,21 @@ def ram_tier_plan(
     pool: Sequence[_Device],
     cached: frozenset[str],
 ) -> _Candidate | None:
-    """The best plan that keeps part of the model in a host's RAM, or None."""
+    """The best plan that keeps part of the model in a host's RAM, or None.
+
+    The least any plan needs in RAM, wherever hosted, comes first: a node whose
+    RAM cannot hold that is no host, and when no plan fits with it, none does.
+    Of the other nodes, the `MAX_TIER_HOSTS` offering the most RAM are tried."""
+    if not any(n.healthy and n.host_memory_free_mib > 0 for n in inventory.nodes):
+        return None
     search = _TierSearch(profile, inventory, request, pool, cached)
-    plans = [
-        plan
-        for node in sorted(inventory.nodes, key=lambda n: n.name)
-        if node.healthy and node.host_memory_free_mib > 0
-        if (plan := search.on(node)) is not None
-    ]
+    floor = search.least(None)
+    if floor is None:
+        return None
+    need = sum(_tier_memory(profile, request, *floor))
+    hosts = sorted(
+        (n for n in inventory.nodes if n.healthy and n.host_memory_free_mib * MIB >= need),
+        key=lambda n: (-n.host_memory_free_mib, n.name),
+    )[:MAX_TIER_HOSTS]
+    plans = [plan for node in hosts if (plan := search.on(node, floor)) is not None]
     return _choose(plans, request.strategy) if plans else None
