@@ -117,11 +117,19 @@ def _read_current(path: str) -> CurrentPlan:
             for d in data["devices"]
         )
         host = data.get("hostNode")
+        tier = next(
+            (
+                (str(n["node"]), int(n["moeLayers"]), int(n["cpuLayers"]))
+                for n in data.get("nodes", [])
+                if n.get("hostTierMiB")
+            ),
+            None,
+        )
     except OSError as exc:
         raise PlannerInputError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise PlannerInputError(f"{path}: not a `mesh plan` JSON output ({exc})") from None
-    return CurrentPlan(layout=layout, host_node=str(host) if host else None)
+    return CurrentPlan(layout=layout, host_node=str(host) if host else None, tier=tier)
 
 
 def _report(

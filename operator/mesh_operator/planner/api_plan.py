@@ -70,4 +70,10 @@ def current_plan_from_api(plan: Plan | None) -> CurrentPlan | None:
         return None
     layout = tuple((d.node, d.device, (d.layers[0], d.layers[1])) for d in plan.devices)
     held = tuple(((d.node, d.device), d.total_mib) for d in plan.devices)
-    return CurrentPlan(layout=layout, host_node=plan.host_node, held_mib=held)
+    tier = plan.host_tier
+    return CurrentPlan(
+        layout=layout,
+        host_node=plan.host_node,
+        held_mib=held,
+        tier=(tier.node, tier.moe_layers, tier.cpu_layers) if tier else None,
+    )

@@ -27,6 +27,7 @@ from mesh_operator.planner import (
     ServerSettings,
     ServingParams,
     build_llama_server_args,
+    current_plan_from_api,
     layers_for_split,
     parse_inventory,
     plan_placement,
@@ -331,3 +332,40 @@ def test_bad_host_memory_is_named(field: str, value: object, message: str) -> No
 def test_host_memory_defaults_to_none() -> None:
     parsed = parse_inventory({"nodes": [node("a")]}).nodes[0]
     assert (parsed.host_memory_free_mib, parsed.host_memory_bandwidth_gbps) == (0, 0.0)
+
+
+def test_a_plan_with_ram_is_kept_while_it_fits_and_leaves_ram_when_vram_fits() -> None:
+    moe = _moe()
+    first = plan_placement(moe, parse_inventory(_one_gpu(64 * 1024)))
+    assert first.host_tier is not None
+    # Kept as it is, also when read back from the status, with 3% less free memory.
+    tighter = _one_gpu(64 * 1024)
+    gpu = tighter["nodes"][0]["devices"][0]
+    gpu["memoryFreeMiB"] = int(gpu["memoryFreeMiB"] * 0.97)
+    for current in (first, current_plan_from_api(to_api_plan(first))):
+        kept = plan_placement(moe, parse_inventory(tighter), current=current)
+        assert kept.kept_current, kept.reason
+        assert (kept.layout(), kept.host_tier) == (first.layout(), first.host_tier)
+    # A card that holds the whole model: the plan leaves RAM.
+    roomy = _one_gpu(64 * 1024, total=81920)
+    moved = plan_placement(moe, parse_inventory(roomy), current=first)
+    assert moved.feasible and not moved.kept_current and moved.host_tier is None
+    # RAM gone: the plan is not kept.
+    gone = plan_placement(moe, parse_inventory(_one_gpu(1024)), current=first)
+    assert not gone.feasible and not gone.kept_current
+
+
+def test_mesh_plan_keeps_a_current_plan_with_ram(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "nodes.json"
+    path.write_text(json.dumps(_one_gpu(65536, total=12288)))
+    args = ["plan", "--model", str(QWEN3_MOE), "--inventory", str(path)]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    current = tmp_path / "plan.json"
+    current.write_text(json.dumps(report))
+    assert main([*args, "--current", str(current)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["reason"].startswith("kept the current plan"), again["reason"]
+    assert (again["devices"], again["nodes"]) == (report["devices"], report["nodes"])

@@ -27,6 +27,7 @@ whole CPU layers are one more stage on the host.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -172,8 +173,17 @@ class _TierSearch:
         moe, cpu = chosen
         found = self.hosted(host.name, moe, cpu)
         assert found is not None  # what the bisection found
+        return self.attach(found, host, moe, cpu)
+
+    def attach(
+        self, found: _Candidate, host: InventoryNode, moe: int, cpu: int, slack: float = 1.0
+    ) -> _Candidate | None:
+        """A plan of the devices (layers counted from `cpu`) with its tier in
+        `host`'s RAM, if that RAM holds it (`slack` > 1: a plan already serving,
+        whose RAM may have shrunk by the stability margin)."""
         weights, kv, compute = _tier_memory(self.profile, self.request, moe, cpu)
-        if weights + kv + compute + found.host_bytes > host.host_memory_free_mib * MIB:
+        room = math.floor(host.host_memory_free_mib * slack) * MIB
+        if weights + kv + compute + found.host_bytes > room:
             return None
         devices = _shift(found.devices, cpu)
         bandwidth = self.request.cost.bandwidth("cpu", host.host_memory_bandwidth_gbps)

@@ -145,3 +145,6 @@ class CurrentPlan:
     # ((node, device), MiB) the plan holds now: the stability margin lets a kept
     # plan stay where free memory shrank, never grow past a device's capacity.
     held_mib: tuple[tuple[tuple[str, str], int], ...] = ()
+    # (node, moe_layers, cpu_layers) of its RAM tier; its layout then starts at
+    # layer cpu_layers.
+    tier: tuple[str, int, int] | None = None
