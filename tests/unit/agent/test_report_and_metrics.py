@@ -143,6 +143,9 @@ def test_metrics_expose_the_inventory(tmp_path: Path) -> None:
     metrics.update(Snapshot(inventory, status, PROBES, 0.01))
     metrics.stats.count("ok")
     samples = scrape(metrics)
+    assert samples["mesh_node_host_memory_free_bytes"] == [
+        ({"node": "node-a"}, float(inventory.host_memory_free_bytes))
+    ]
 
     free = {labels["uuid"]: value for labels, value in samples["mesh_gpu_memory_free_bytes"]}
     for gpu in inventory.nvml.gpus:
