@@ -266,11 +266,14 @@ def test_a_model_too_big_for_vram_is_planned_with_layers_in_the_hosts_ram(
     assert plan["devices"][0]["layers"][0] == tier["cpuLayers"]
     assert "in RAM on" in condition(obj, "Planned")["message"]  # type: ignore[index]
 
-    def host_args() -> list[str] | None:
+    def host() -> dict[str, Any] | None:
         dep = get(crds, "deployment", "tiered-host", "-n", namespace)
-        return dep["spec"]["template"]["spec"]["containers"][0]["args"] if dep else None
+        return dep["spec"]["template"]["spec"]["containers"][0] if dep else None
 
-    args = wait_for("the host Deployment", host_args, timeout=90)
+    server = wait_for("the host Deployment", host, timeout=90)
+    args = server["args"]
+    # The host requests the RAM its tier takes.
+    assert server["resources"]["requests"]["memory"] == f"{tier['memoryMiB']}Mi"
     layers = read_model_profile(model_file).n_device_layers
     assert args[args.index("-ngl") + 1] == str(layers - tier["cpuLayers"])
     assert args[args.index("-lm") + 1] == "none" and "--n-cpu-moe" not in args

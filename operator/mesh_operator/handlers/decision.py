@@ -550,6 +550,7 @@ class _Decider:
             gpus_per_node=planning.gpus_per_node(plan),
             variants=planning.image_variants(plan),
             group_restarts=self.status.group_restarts,
+            host_tier_mib=plan.host_tier.memory_mib if plan.host_tier else 0,
         )
         verdict = self._host_verdict(workload, pool)
         daemonsets = build_rpc_daemonsets(workload)
