@@ -94,6 +94,8 @@ class ModelWorkload:
     # MiB of the model the plan keeps in the host's RAM (its RAM tier): the host
     # requests that much memory unless hostResources says otherwise.
     host_tier_mib: int = 0
+    # A Hugging Face mirror (the operator's HF_ENDPOINT), given to `mesh fetch`.
+    hf_endpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -413,6 +415,8 @@ def _fetch_container(w: ModelWorkload, name: str, fetch_args: Sequence[str]) -> 
         "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
         "securityContext": _hardened_container(),
     }
+    if w.hf_endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": w.hf_endpoint})
     if env:
         container["env"] = env
     return container
