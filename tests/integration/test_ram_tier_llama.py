@@ -3,7 +3,8 @@
 The project's tiny models (e2e.tinymodels, random weights) on one local
 ggml-rpc-server whose device the inventory declares too small for the whole
 model, the node offering RAM beside it (`hostMemoryFreeMiB`). The planner puts
-the routed experts of the first layers (qwen3moe) or whole first layers (llama)
+the routed experts of the first layers (qwen3moe; deepseek2, whose first layer
+is dense and whose shared experts stay on the device) or whole first layers (llama)
 in the host's RAM; llama-server started with the planner's own arguments must
 answer a chat, and the buffers it logs must match the estimate: the RPC device's
 model and KV buffers, and the host CPU's buffers holding the tier (experts,
@@ -77,7 +78,7 @@ def _host_cpu(sizes: dict[str, dict[str, float]], kind: str) -> float:
     return sum(k.get(kind, 0.0) for name, k in sizes.items() if name.startswith("CPU"))
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "llama"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "llama"])
 def test_planned_ram_tier_matches_llama_cpp(
     arch: str,
     tiny_model: Callable[..., Path],
@@ -87,7 +88,8 @@ def test_planned_ram_tier_matches_llama_cpp(
 ) -> None:
     model = tiny_model(arch)
     profile = read_model_profile(model)
-    if arch == "qwen3moe":
+    moe = arch != "llama"
+    if moe:
         # Short by half the experts: some layers' experts must go to RAM.
         short = sum(layer.expert_bytes for layer in profile.layers) // 2
     else:
@@ -95,7 +97,7 @@ def test_planned_ram_tier_matches_llama_cpp(
     plan = _tight_plan(profile, short)
     assert plan.feasible and plan.host_tier is not None, plan.reason
     tier = plan.host_tier
-    if arch == "qwen3moe":
+    if moe:
         assert tier.cpu_layers == 0 and 0 < tier.moe_layers < profile.n_layer
     else:
         assert tier.moe_layers == 0 and 0 < tier.cpu_layers < profile.n_layer

@@ -94,7 +94,9 @@ def _describe(candidate: _Candidate) -> str:
         experts = tier.moe_layers - tier.cpu_layers
         if experts > 0:
             parts.append(f"experts of {experts} layer{'s' * (experts > 1)}")
-        ram = f", {' and '.join(parts)} in RAM on {tier.node} ({_gib(tier.total_bytes)})"
+        size = tier.total_bytes
+        shown = _gib(size) if size >= _GIB else f"{size / MIB:.0f} MiB"
+        ram = f", {' and '.join(parts)} in RAM on {tier.node} ({shown})"
     return (
         f"{len(candidate.nodes)} node{'s' * (len(candidate.nodes) > 1)} ({nodes}), "
         f"{count} device{'s' * (count > 1)}, host on {candidate.host}{ram}, "
