@@ -1,8 +1,9 @@
 """System RAM as a tier: when it is used, what it holds, the flags that put it there.
 
 A model that fits in VRAM never uses RAM (a hypothesis property over the
-placement generators); one that fits only with RAM is planned with the fewest
-experts in RAM, whole layers only once every expert is there; the flags put
+placement generators); one that fits only with RAM is planned, with the fewest
+experts in RAM, whole layers only once every expert is there (a property
+against an oracle that tries every amount on one device); the flags put
 exactly the planned tensors in RAM (checked with llama.cpp's own tensor name
 pattern against a real model's header); NoCapacity names VRAM and RAM.
 """
@@ -35,9 +36,9 @@ from mesh_operator.planner import (
     to_api_plan,
 )
 from mesh_operator.planner.gguf_header import read_header_file
-from mesh_operator.planner.memory import MIB
+from mesh_operator.planner.memory import MIB, estimate_memory
 from mesh_operator.planner.placement.problem import _cached_nodes, _pool
-from mesh_operator.planner.placement.ram_tier import _TierSearch
+from mesh_operator.planner.placement.ram_tier import _tier_memory, _TierSearch, tier_profile
 from mesh_operator.planner.profile import ModelProfile
 from tests.unit.planner.builders import device, inventory, node, synthetic_profile
 from tests.unit.planner.llama_log import MODEL_HEADERS
@@ -106,7 +107,7 @@ def _check_tiered(
     assert sum(result.tensor_split) == profile.n_device_layers - tier.cpu_layers
 
 
-@settings(SETTINGS, max_examples=100)
+@SETTINGS
 @given(
     profile=profiles(),
     pool=pools(),
@@ -369,3 +370,45 @@ def test_mesh_plan_keeps_a_current_plan_with_ram(
     again = json.loads(capsys.readouterr().out)
     assert again["reason"].startswith("kept the current plan"), again["reason"]
     assert (again["devices"], again["nodes"]) == (report["devices"], report["nodes"])
+
+
+def _oracle(
+    profile: ModelProfile, pool: dict[str, Any], request: PlacementRequest
+) -> tuple[int, int] | None:
+    """The least in RAM on a one-device node, by trying every amount in order:
+    experts of the first k layers, then (every expert in RAM) the first m layers."""
+    capacity = _capacity_bytes(pool, "solo", "CUDA0", request.reserve_percent)
+    room = pool["nodes"][0]["hostMemoryFreeMiB"] * MIB
+    n = profile.n_layer
+    has_experts = any(layer.expert_bytes for layer in profile.layers)
+    amounts = [(k, 0) for k in range(n + 1)] if has_experts else [(0, 0)]
+    amounts += [(n if has_experts else 0, m) for m in range(1, n)]
+    for moe, cpu in amounts:
+        rest = tier_profile(profile, moe, cpu)
+        estimate = estimate_memory(rest, request.serving, [(0, rest.n_device_layers)])
+        if estimate.devices[0].total > capacity:
+            continue
+        if (moe, cpu) == (0, 0):
+            return 0, 0
+        tier = sum(_tier_memory(profile, request, moe, cpu))
+        return (moe, cpu) if tier + estimate.host <= room else None
+    return None
+
+
+@settings(SETTINGS, max_examples=150)
+@given(
+    profile=profiles(),
+    request=requests(),
+    device_mib=st.integers(256, 32768),
+    ram=st.sampled_from([1024, 16384, 131072]),
+)
+def test_one_device_plans_the_least_ram_that_fits(
+    profile: ModelProfile, request: PlacementRequest, device_mib: int, ram: int
+) -> None:
+    pool = {"nodes": [node("solo", device(total=device_mib), rtt=0.2) | {"hostMemoryFreeMiB": ram}]}
+    expected = _oracle(profile, pool, request)
+    result = plan_placement(profile, parse_inventory(pool), request)
+    tier = result.host_tier
+    got = None if not result.feasible else (tier.moe_layers, tier.cpu_layers) if tier else (0, 0)
+    event("in VRAM" if got == (0, 0) else "in RAM" if got else "nowhere")
+    assert got == expected, result.reason
