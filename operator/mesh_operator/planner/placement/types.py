@@ -118,10 +118,6 @@ class PlacementResult:
     host_tier: HostTier | None = None  # None: everything in VRAM
 
     @property
-    def host_tier_bytes(self) -> int:
-        return self.host_tier.total_bytes if self.host_tier is not None else 0
-
-    @property
     def nodes(self) -> tuple[str, ...]:
         return self.rpc
 
