@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mesh_operator.api.meshmodel import Plan
+from mesh_operator.api.meshmodel import Plan, PlannedHostTier
 from mesh_operator.api.meshnode import MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.handlers.snapshot import node_info
@@ -166,3 +166,24 @@ def test_declared_round_trips_reach_the_planner_and_the_pools_limit() -> None:
     assert {n.name: n.rtt_ms for n in inventory.nodes} == {"a": 20.0, "b": None}
     limited = MeshPoolSpec.model_validate({"nodeSelector": {"pool": "x"}, "maxRttMs": 5})
     assert [n.name for n in limit_inventory(inventory, limited).nodes] == ["b"]
+
+
+def test_ram_tier_claims_leave_a_nodes_ram_to_the_others() -> None:
+    pool = MeshPoolSpec(sharing="shared", node_selector={"pool": "x"})
+    meshnodes = {
+        "a": status(hostMemoryFreeMiB=65536, hostMemoryBandwidthGBps=80.0),
+        "b": status(),
+    }
+    tiered = plan_on("a", 20000)
+    tiered.host_tier = PlannedHostTier(node="a", moe_layers=30, cpu_layers=0, memory_mib=40000)
+    alone = build_pool_view(pool, NODES, meshnodes, {}, NOW)
+    shared = build_pool_view(pool, NODES, meshnodes, {"ns/first": tiered}, NOW)
+    assert alone.by_name()["a"].host_memory_mib == 65536
+    assert shared.by_name()["a"].host_memory_mib == 65536 - 40000
+    assert shared.by_name()["b"].host_memory_mib == 0
+    node = to_inventory(shared).node("a")
+    assert node is not None
+    assert (node.host_memory_free_mib, node.host_memory_bandwidth_gbps) == (25536, 80.0)
+    exclusive = MeshPoolSpec(sharing="exclusive", node_selector={"pool": "x"})
+    held = build_pool_view(exclusive, NODES, meshnodes, {"ns/first": tiered}, NOW)
+    assert held.by_name()["a"].host_memory_mib == 0
