@@ -211,7 +211,14 @@ def build_ledger_rows(
     rows = []
     for node in view_all.nodes:
         status = meshnodes.get(node.name)
-        free = sum(d.memory_free_mib for d in status.devices) if status else 0
+        # A pool's device cap bounds the total; the free memory the agent reports
+        # is bounded by it as well, or a capped node would show more free than total.
+        totals = {d.device: d.total_mib for d in node.devices}
+        free = (
+            sum(min(d.memory_free_mib, totals.get(d.id, d.memory_free_mib)) for d in status.devices)
+            if status
+            else 0
+        )
         rows.append(
             NodeLedger(
                 node=node.name,

@@ -13,6 +13,7 @@ from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.handlers.snapshot import node_info
 from mesh_operator.ledger import (
     NodeInfo,
+    build_ledger_rows,
     build_pool_view,
     capacity_grew,
     plan_problems,
@@ -105,6 +106,15 @@ def test_device_cap_limits_what_a_cpu_pool_offers() -> None:
     assert capacity(crowded, "a") == 24576 - 24400
     inventory = to_inventory(view)
     assert [d.memory_total_mib for n in inventory.nodes for d in n.devices] == [300, 300]
+
+
+def test_a_capped_nodes_free_memory_is_not_shown_above_its_total() -> None:
+    pool = MeshPoolSpec.model_validate({"deviceMemoryCapMiB": 300, "nodeSelector": {"pool": "x"}})
+    statuses = {"a": status(free=20000), "b": status(free=120)}
+    view = build_pool_view(pool, NODES, statuses, {}, NOW)
+    rows = {r.node: r for r in build_ledger_rows(view, statuses)}
+    assert (rows["a"].memory_total_mib, rows["a"].memory_free_mib) == (300, 300)
+    assert (rows["b"].memory_total_mib, rows["b"].memory_free_mib) == (300, 120)
 
 
 def test_stale_and_missing_nodes_are_not_planned_on() -> None:
