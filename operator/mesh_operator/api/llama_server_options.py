@@ -297,6 +297,7 @@ OPERATOR_FLAGS: Final[tuple[str, ...]] = (
     "-c",
     "-ctk",
     "-ctv",
+    "-devd",
     "-fa",
     "-fit",
     "-lm",

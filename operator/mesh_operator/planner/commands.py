@@ -39,7 +39,12 @@ DEFAULT_BATCH = 2048
 
 @dataclass(frozen=True)
 class DraftSettings:
-    """A draft model for speculative decoding, loaded by the host."""
+    """A draft model for speculative decoding, loaded by the host.
+
+    It runs on the host's CPU (`-devd none`): the host pod has no accelerator of
+    its own, and without `-devd` llama.cpp would offload the draft onto the RPC
+    devices, in memory no plan holds and with round trips for every drafted token.
+    """
 
     model_path: str
     max_tokens: int = 16
@@ -191,7 +196,7 @@ def build_llama_server_args(
         args += ["-t", str(settings.threads)]
     if settings.draft is not None:
         args += ["-md", settings.draft.model_path]
-        args += ["--spec-draft-n-max", str(settings.draft.max_tokens)]
+        args += ["--spec-draft-n-max", str(settings.draft.max_tokens), "-devd", "none"]
         if settings.draft.gpu_layers is not None:
             args += ["-ngld", str(settings.draft.gpu_layers)]
     args += _speculation_args(settings)

@@ -88,6 +88,8 @@ def test_the_stored_plan_builds_the_same_command(plan: PlacementResult) -> None:
                 "/models/d.gguf",
                 "--spec-draft-n-max",
                 "8",
+                "-devd",
+                "none",
                 "-ngld",
                 "0",
                 "--spec-type",
