@@ -13,6 +13,7 @@ extraArgs (`--check-flags` exits 1 when that record is stale).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -29,6 +30,7 @@ from mesh_operator.api.meshmodel import (
     ModelSource,
     Plan,
     PlannedDevice,
+    PlannedDraft,
     PlannedHostTier,
     SecretKeyRef,
 )
@@ -50,8 +52,11 @@ from mesh_operator.planner import (
     rpc_devices_by_node,
     to_api_plan,
 )
+from mesh_operator.planner.draft import estimate_draft_memory
 from mesh_operator.planner.inventory import Inventory
+from mesh_operator.planner.memory import MIB
 from mesh_operator.planner.profile import ModelProfile
+from mesh_operator.planner.speculation import DEFAULT_DRAFT_MAX, MEASURED_NGRAM, NgramSpeculation
 from mesh_operator.source import build_fetch_args, container_model_path, model_file_name
 
 __all__ = ["ModelProfile"]
@@ -98,11 +103,22 @@ def plan(
     request: PlacementRequest,
     current: Plan | None,
     pool: MeshPoolSpec,
+    *,
+    speculation: NgramSpeculation | None = None,
 ) -> PlacementResult:
-    """Place the model; a result using more nodes than the pool allows is refused."""
+    """Place the model; a result using more nodes than the pool allows is refused.
+
+    With n-gram `speculation` the predicted time per token is the placement's
+    time per step over the tokens a step yields (`planner.speculation`); every
+    placement gains alike, so the choice of devices does not change.
+    """
     result = plan_placement(
         profile, limit_inventory(inventory, pool), request, current_plan_from_api(current)
     )
+    if result.feasible and speculation is not None:
+        result = dataclasses.replace(
+            result, predicted_token_ms=speculation.token_ms(result.predicted_token_ms)
+        )
     if result.feasible and len(result.rpc) > pool.max_nodes_per_model:
         return PlacementResult(
             feasible=False,
@@ -215,6 +231,43 @@ def ngram_settings(spec: MeshModelSpec) -> NgramSettings | None:
         size_n=s.size_n,
         size_m=s.size_m,
         min_hits=s.min_hits,
+    )
+
+
+def planned_draft(
+    draft: ModelProfile, spec: MeshModelSpec, host_node: str | None
+) -> PlannedDraft | None:
+    """The draft model's memory on the plan's host node, as the plan records it."""
+    if host_node is None:
+        return None
+    memory = estimate_draft_memory(draft, serving_params(spec))
+
+    def mib(n: int) -> int:
+        return -(-n // MIB)
+
+    return PlannedDraft(
+        node=host_node,
+        weights_mib=mib(memory.weights),
+        kv_mib=mib(memory.kv),
+        compute_mib=mib(memory.compute),
+        memory_mib=mib(memory.total),
+    )
+
+
+def ngram_speculation(spec: MeshModelSpec) -> NgramSpeculation | None:
+    """What the time model assumes of the spec's n-gram speculation: its declared
+    acceptance, else the measured one, and its longest draft."""
+    s = spec.speculative
+    if s is None:
+        return None
+    declared = s.size_m if s.type != "ngram-mod" else s.n_max
+    acceptance = MEASURED_NGRAM.acceptance
+    if s.acceptance_percent is not None:
+        acceptance = s.acceptance_percent / 100
+    return NgramSpeculation(
+        acceptance=acceptance,
+        draft_max=DEFAULT_DRAFT_MAX[s.type] if declared is None else declared,
+        share=MEASURED_NGRAM.share,
     )
 
 

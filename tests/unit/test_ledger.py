@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mesh_operator.api.meshmodel import Plan, PlannedHostTier
+from mesh_operator.api.meshmodel import Plan, PlannedDraft, PlannedHostTier
 from mesh_operator.api.meshnode import MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.handlers.snapshot import node_info
@@ -197,3 +197,15 @@ def test_ram_tier_claims_leave_a_nodes_ram_to_the_others() -> None:
     exclusive = MeshPoolSpec(sharing="exclusive", node_selector={"pool": "x"})
     held = build_pool_view(exclusive, NODES, meshnodes, {"ns/first": tiered}, NOW)
     assert held.by_name()["a"].host_memory_mib == 0
+
+
+def test_a_draft_model_s_memory_is_claimed_on_its_host_node() -> None:
+    pool = MeshPoolSpec(sharing="shared", node_selector={"pool": "x"})
+    meshnodes = {"a": status(hostMemoryFreeMiB=4096), "b": status(hostMemoryFreeMiB=4096)}
+    drafted = plan_on("a", 2000)
+    drafted.draft = PlannedDraft(
+        node="b", weights_mib=236, kv_mib=21, compute_mib=21, memory_mib=278
+    )
+    view = build_pool_view(pool, NODES, meshnodes, {"ns/first": drafted}, NOW)
+    assert view.by_name()["b"].host_memory_mib == 4096 - 278
+    assert view.by_name()["a"].host_memory_mib == 4096

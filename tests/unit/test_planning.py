@@ -11,6 +11,8 @@ from mesh_operator.api.contract import HOST_PORT, HOST_PORT_NAME
 from mesh_operator.api.meshmodel import MeshModelSpec, Plan
 from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.manifests.workloads import build_host_deployment
+from mesh_operator.planner.speculation import MEASURED_NGRAM, NgramSpeculation, tokens_per_step
+from tests.unit.planner.builders import device, inventory, node, synthetic_profile
 from tests.unit.test_manifests import workload
 
 pytestmark = pytest.mark.unit
@@ -188,3 +190,24 @@ def test_the_operator_s_flags_are_those_its_builders_set() -> None:
     for emitted in ("--spec-type", "--spec-ngram-mod-n-match", "--spec-ngram-map-k4v-min-hits"):
         assert emitted in flags
     assert "--pooling" not in flags
+
+
+def test_the_time_model_counts_ngram_speculation() -> None:
+    profile = synthetic_profile(n_layer=8, layer_mib=10, output_mib=10)
+    pool_nodes = inventory(node("a", device("CUDA0", total=4000)))
+    pool = MeshPoolSpec.model_validate({"backend": "cuda"})
+    s = spec(speculative={"type": "ngram-map-k", "sizeM": 8, "acceptancePercent": 50})
+    request = planning.placement_request(s, pool, profile)
+    without = planning.plan(profile, pool_nodes, request, None, pool)
+    speculation = planning.ngram_speculation(s)
+    assert speculation == NgramSpeculation(0.5, 8, MEASURED_NGRAM.share)
+    with_it = planning.plan(profile, pool_nodes, request, None, pool, speculation=speculation)
+    assert (with_it.devices, with_it.tensor_split) == (without.devices, without.tensor_split)
+    step = tokens_per_step(0.5, 8, MEASURED_NGRAM.share)
+    assert with_it.predicted_token_ms == pytest.approx(without.predicted_token_ms / step)
+
+
+def test_undeclared_speculation_takes_the_measured_acceptance_and_llama_s_draft() -> None:
+    assert planning.ngram_speculation(spec()) is None
+    mod = planning.ngram_speculation(spec(speculative={"type": "ngram-mod"}))
+    assert mod == NgramSpeculation(MEASURED_NGRAM.acceptance, 64, MEASURED_NGRAM.share)

@@ -138,6 +138,13 @@ class Speculative(ApiModel):
         le=1024,
         description="The other types: times an n-gram must have been seen to be drafted.",
     )
+    acceptance_percent: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Drafted tokens expected to be accepted, in percent, for the predicted "
+        "time per token; unset: the acceptance measured by python -m bench spec.",
+    )
 
     @model_validator(mode="after")
     def _sizes_of_type(self) -> Speculative:
@@ -355,9 +362,20 @@ class PlannedHostTier(ApiModel):
     memory_mib: int = Field(ge=0, alias="memoryMiB", description="RAM the plan claims there.")
 
 
+class PlannedDraft(ApiModel):
+    """The draft model's memory on the host's CPU (`-devd none`), claimed on its node."""
+
+    node: str
+    weights_mib: int = Field(ge=0, alias="weightsMiB")
+    kv_mib: int = Field(ge=0, alias="kvMiB")
+    compute_mib: int = Field(ge=0, alias="computeMiB")
+    memory_mib: int = Field(ge=0, alias="memoryMiB", description="RAM the draft claims there.")
+
+
 class Plan(ApiModel):
     devices: list[PlannedDevice] = Field(default_factory=list)
     host_tier: PlannedHostTier | None = None
+    draft: PlannedDraft | None = None
     tensor_split: list[int] = Field(default_factory=list)
     rpc: list[str] = Field(default_factory=list, description="Node names in --rpc order.")
     host_node: str | None = None
