@@ -93,6 +93,10 @@ def claims_by_device(claims: Mapping[str, Plan]) -> dict[tuple[str, str], int]:
         for dev in plan.devices:
             key = (dev.node, dev.device)
             out[key] = out.get(key, 0) + dev.total_mib
+        if plan.draft is not None:
+            # A draft runs in its host's RAM: on a CPU-only node, its CPU device.
+            key = (plan.draft.node, "CPU")
+            out[key] = out.get(key, 0) + plan.draft.memory_mib
     return out
 
 

@@ -254,6 +254,34 @@ def planned_draft(
     )
 
 
+def draft_room_problem(plan: Plan, inventory: Inventory, reserve_percent: float) -> str | None:
+    """Why the host's node has no room for the plan's draft model, if it has none.
+
+    On a node whose device is its CPU, the draft shares that device's memory with
+    the layers planned there (less the reserve); elsewhere it takes the node's
+    system RAM (hostMemoryFreeMiB) beside the plan's RAM tier.
+    """
+    draft = plan.draft
+    node = inventory.node(draft.node) if draft is not None else None
+    if draft is None or node is None:
+        return None
+    cpu = next((d for d in node.devices if d.backend == "cpu"), None)
+    if cpu is not None:
+        reserve = int(cpu.memory_total_mib * reserve_percent / 100)
+        used = sum(d.total_mib for d in plan.devices if (d.node, d.device) == (node.name, cpu.id))
+        free, where = cpu.memory_free_mib - reserve - used, f"its {cpu.id} device"
+    else:
+        tier = plan.host_tier
+        held = tier.memory_mib if tier is not None and tier.node == node.name else 0
+        free, where = node.host_memory_free_mib - held, "its RAM (hostMemoryFreeMiB)"
+    if draft.memory_mib <= free:
+        return None
+    return (
+        f"the draft model needs {draft.memory_mib} MiB on the host's node {node.name}; "
+        f"{where} has {max(free, 0)} MiB free"
+    )
+
+
 def ngram_speculation(spec: MeshModelSpec) -> NgramSpeculation | None:
     """What the time model assumes of the spec's n-gram speculation: its declared
     acceptance, else the measured one, and its longest draft."""

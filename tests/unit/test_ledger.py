@@ -16,6 +16,7 @@ from mesh_operator.ledger import (
     build_ledger_rows,
     build_pool_view,
     capacity_grew,
+    claims_by_device,
     plan_problems,
     to_inventory,
 )
@@ -209,3 +210,9 @@ def test_a_draft_model_s_memory_is_claimed_on_its_host_node() -> None:
     view = build_pool_view(pool, NODES, meshnodes, {"ns/first": drafted}, NOW)
     assert view.by_name()["b"].host_memory_mib == 4096 - 278
     assert view.by_name()["a"].host_memory_mib == 4096
+
+
+def test_on_a_cpu_node_the_draft_holds_its_cpu_device() -> None:
+    plan = plan_on("a", 100)
+    plan.draft = PlannedDraft(node="a", weights_mib=1, kv_mib=1, compute_mib=1, memory_mib=300)
+    assert claims_by_device({"ns/m": plan})[("a", "CPU")] == 300

@@ -11,6 +11,7 @@ from mesh_operator.api.contract import HOST_PORT, HOST_PORT_NAME
 from mesh_operator.api.meshmodel import MeshModelSpec, Plan
 from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.manifests.workloads import build_host_deployment
+from mesh_operator.planner import parse_inventory
 from mesh_operator.planner.speculation import MEASURED_NGRAM, NgramSpeculation, tokens_per_step
 from tests.unit.planner.builders import device, inventory, node, synthetic_profile
 from tests.unit.test_manifests import workload
@@ -211,3 +212,45 @@ def test_undeclared_speculation_takes_the_measured_acceptance_and_llama_s_draft(
     assert planning.ngram_speculation(spec()) is None
     mod = planning.ngram_speculation(spec(speculative={"type": "ngram-mod"}))
     assert mod == NgramSpeculation(MEASURED_NGRAM.acceptance, 64, MEASURED_NGRAM.share)
+
+
+CPU_NODE = {"name": "a", "devices": [{"id": "CPU", "backend": "cpu", "memoryTotalMiB": 4000,
+                                      "memoryFreeMiB": 3000}]}  # fmt: skip
+GPU_NODE = {"name": "a", "hostMemoryFreeMiB": 1000, "devices": [
+    {"id": "CUDA0", "memoryTotalMiB": 8000, "memoryFreeMiB": 8000}]}  # fmt: skip
+
+
+def _drafted(device: str, device_mib: int, draft_mib: int) -> Plan:
+    plan = Plan.model_validate(
+        {
+            "devices": [{"node": "a", "device": device, "layers": [0, 19], "weightsMiB": 0,
+                         "kvMiB": 0, "computeMiB": 0, "totalMiB": device_mib}],
+            "tensorSplit": [19], "rpc": ["a"], "hostNode": "a",
+            "draft": {"node": "a", "weightsMiB": 0, "kvMiB": 0, "computeMiB": 0,
+                      "memoryMiB": draft_mib},
+        }
+    )  # fmt: skip
+    return plan
+
+
+@pytest.mark.parametrize(
+    ("node", "device", "device_mib", "draft_mib", "problem"),
+    [
+        # 3000 free less a 10% reserve of 4000 is 2600, less the 2000 of layers: 600.
+        (CPU_NODE, "CPU", 2000, 600, None),
+        (CPU_NODE, "CPU", 2000, 601, "its CPU device has 600 MiB free"),
+        # A GPU node's draft takes its RAM, not its GPU.
+        (GPU_NODE, "CUDA0", 7000, 1000, None),
+        (GPU_NODE, "CUDA0", 7000, 1001, "its RAM (hostMemoryFreeMiB) has 1000 MiB free"),
+    ],
+)
+def test_the_draft_must_fit_on_the_host_s_node(
+    node: dict[str, Any], device: str, device_mib: int, draft_mib: int, problem: str | None
+) -> None:
+    pool_nodes = parse_inventory({"nodes": [node]})
+    found = planning.draft_room_problem(_drafted(device, device_mib, draft_mib), pool_nodes, 10.0)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and found.endswith(problem), found
+        assert found.startswith(f"the draft model needs {draft_mib} MiB on the host's node a")

@@ -423,6 +423,12 @@ class _Decider:
         changed = current is None or planning.layout_of(current) != planning.layout_of(new_plan)
         if reason == "Consolidate" and not changed:
             return current
+        # Checked where a layout is new: a serving host is not stopped for a small
+        # change of free RAM, as a kept plan's devices are not.
+        no_room = planning.draft_room_problem(new_plan, inventory, request.reserve_percent)
+        if changed and no_room is not None:
+            self._no_capacity(current, reason, message, no_room)
+            return None
         self.d.reason = reason
         self.status.planned_for_generation = s.model.generation
         self.status.pool_generation = pool.generation
