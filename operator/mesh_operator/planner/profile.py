@@ -354,6 +354,9 @@ def build_model_profile(header: GgufHeader, file_name: str | None = None) -> Mod
     ffn = max(_ffn_width(shapes, il, n_used, ff_fallback) for il in range(n_layer))
 
     widths = [_ffn_widths(shapes, il) for il in range(n_layer)]
+    # MLA's cached key is the latent plus the rotary part: without the rope key,
+    # the rotary width is what the key adds to the latent.
+    mla_rank = _opt_int(header.get(key(Keys.Attention.KV_LORA_RANK)), 0) if mla else 0
     layers = tuple(
         LayerProfile(
             weight_bytes=weight[il],
@@ -392,8 +395,8 @@ def build_model_profile(header: GgufHeader, file_name: str | None = None) -> Mod
         tied_output=tied,
         file_bytes=sum(t.n_bytes for t in header.tensors),
         qk_norm="blk.0.attn_q_norm.weight" in shapes,
-        n_rot=_opt_int(header.get(key(Keys.Rope.DIMENSION_COUNT)), head_k),
-        mla_rank=_opt_int(header.get(key(Keys.Attention.KV_LORA_RANK)), 0) if mla else 0,
+        n_rot=_opt_int(header.get(key(Keys.Rope.DIMENSION_COUNT)), head_k - mla_rank),
+        mla_rank=mla_rank,
         head_dim_q=_opt_int(header.get(key(Keys.Attention.KEY_LENGTH_MLA)), head_k),
         head_dim_v_mla=_opt_int(header.get(key(Keys.Attention.VALUE_LENGTH_MLA)), head_v),
     )
