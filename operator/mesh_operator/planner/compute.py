@@ -51,7 +51,6 @@ class _Tensor:
     srcs: list[_Tensor] = field(default_factory=list)
     inplace: bool = False  # the op may write over a parent of the same layout
     view_of: _Tensor | None = None  # a view: no memory of its own
-    reusable_view: bool = True  # a view at offset 0 with the parent's layout
     is_input: bool = False
     is_output: bool = False
     external: bool = False  # memory the allocator does not own (KV cache)
@@ -123,10 +122,11 @@ class _Graph:
         self.nodes.append(t)
         return t
 
-    def view(self, base: _Tensor, *, reusable: bool = True) -> _Tensor:
+    def view(self, base: _Tensor) -> _Tensor:
+        """A reshape, permute or slice: it keeps its source alive, and no op ever
+        writes in place through it (ggml-alloc does not own a view's memory)."""
         # A view of a view views the same memory (ggml keeps the first source).
         t = _Tensor(base.name + "(view)", base.nbytes, base.backend, [base], view_of=_base(base))
-        t.reusable_view = reusable
         self.nodes.append(t)
         return t
 
@@ -418,12 +418,12 @@ class _Builder:
         cells = s.cells_swa if swa else s.cells_full
         out_bytes = layer.n_head * p.head_dim_v * t * F32
         if s.flash:
-            cur = g.op("fattn", out_bytes, dev, g.view(q, reusable=False), mask)
+            cur = g.op("fattn", out_bytes, dev, g.view(q), mask)
         else:
-            kq = g.op("kq", cells * t * layer.n_head * F32, dev, g.view(q, reusable=False))
+            kq = g.op("kq", cells * t * layer.n_head * F32, dev, g.view(q))
             kq = g.op("kq_soft_max", kq.nbytes, dev, kq, mask, inplace=True)
             kqv = g.op("kqv", out_bytes, dev, kq)
-            cur = g.op("kqv_out", out_bytes, dev, g.view(kqv, reusable=False))
+            cur = g.op("kqv_out", out_bytes, dev, g.view(kqv))
         cur = self._rotate(cur, self.v_rot[swa], dev)
         return g.op("attn_out", p.n_embd * t * F32, dev, g.view(cur))
 
@@ -432,29 +432,27 @@ class _Builder:
         t, heads = s.n_tokens, layer.n_head
         rank, rope = p.mla_rank, p.n_rot
         q = g.op("q", heads * p.head_dim_q * t * F32, dev, cur)
-        q_absorbed = g.op("q_nope_absorbed", rank * t * heads * F32, dev, g.view(q, reusable=False))
-        q_pe = g.op("q_pe", rope * heads * t * F32, dev, g.view(q, reusable=False), self.pos)
-        q_cur = g.op(
-            "Qcur", (rank + rope) * heads * t * F32, dev, g.view(q_absorbed, reusable=False), q_pe
-        )
+        q_absorbed = g.op("q_nope_absorbed", rank * t * heads * F32, dev, g.view(q))
+        q_pe = g.op("q_pe", rope * heads * t * F32, dev, g.view(q), self.pos)
+        q_cur = g.op("Qcur", (rank + rope) * heads * t * F32, dev, g.view(q_absorbed), q_pe)
         kv = g.op("kv_cmpr_pe", (rank + rope) * t * F32, dev, cur)
-        kv_cmpr = g.op("kv_norm", rank * t * F32, dev, g.view(kv, reusable=False))
+        kv_cmpr = g.op("kv_norm", rank * t * F32, dev, g.view(kv))
         kv_cmpr = g.op("kv_norm_w", rank * t * F32, dev, kv_cmpr, inplace=True)
-        k_pe = g.op("k_pe", rope * t * F32, dev, g.view(kv, reusable=False), self.pos)
+        k_pe = g.op("k_pe", rope * t * F32, dev, g.view(kv), self.pos)
         k_cur = g.op("Kcur", (rank + rope) * t * F32, dev, kv_cmpr, k_pe)
         g.store(dev, g.view(k_cur), self.k_idxs[False])
         mask = self.masks[False]
         v_dim = p.head_dim_v_mla
         if s.flash:
-            att = g.op("fattn", rank * heads * t * F32, dev, g.view(q_cur, reusable=False), mask)
-            mla = g.op("fattn_mla", v_dim * t * heads * F32, dev, g.view(att, reusable=False))
+            att = g.op("fattn", rank * heads * t * F32, dev, g.view(q_cur), mask)
+            mla = g.op("fattn_mla", v_dim * t * heads * F32, dev, g.view(att))
         else:
             v_cont = g.op("v_cont", _row(s.cache_type_k, rank) * s.cells_full * s.n_stream, dev)
-            kq = g.op("kq", s.cells_full * t * heads * F32, dev, g.view(q_cur, reusable=False))
+            kq = g.op("kq", s.cells_full * t * heads * F32, dev, g.view(q_cur))
             kq = g.op("kq_soft_max", kq.nbytes, dev, kq, mask, inplace=True)
             kqv = g.op("kqv", rank * t * heads * F32, dev, v_cont, kq)
             mla = g.op("kqv_mla", v_dim * t * heads * F32, dev, kqv)
-        cur = g.op("kqv_out", v_dim * heads * t * F32, dev, g.view(mla, reusable=False))
+        cur = g.op("kqv_out", v_dim * heads * t * F32, dev, g.view(mla))
         return g.op("attn_out", p.n_embd * t * F32, dev, g.view(cur))
 
     def _ffn(self, layer: LayerProfile, cur: _Tensor, dev: int, rows: int) -> _Tensor:
@@ -467,7 +465,7 @@ class _Builder:
         logits = g.op("moe_logits", p.n_expert * rows * F32, dev, cur)
         probs = g.op("moe_probs", logits.nbytes, dev, logits, inplace=True)
         order = g.op("moe_argsort", p.n_expert * rows * I32, dev, probs)
-        top = g.view(order, reusable=False)
+        top = g.view(order)
         weights = g.op("moe_weights", n_used * rows * F32, dev, g.view(probs), top)
         flat = g.view(cur)
         width = layer.ffn_expert * n_used * rows * F32
@@ -480,11 +478,11 @@ class _Builder:
             "moe_sum",
             e,
             dev,
-            g.view(weighted, reusable=False),
-            g.view(weighted, reusable=False),
+            g.view(weighted),
+            g.view(weighted),
         )
         for _ in range(n_used - 2):
-            out = g.op("moe_sum", e, dev, out, g.view(weighted, reusable=False), inplace=True)
+            out = g.op("moe_sum", e, dev, out, g.view(weighted), inplace=True)
         if layer.ffn_shared:
             shared = self._dense(cur, dev, rows, layer.ffn_shared)
             out = g.op("ffn_out", e, dev, out, shared, inplace=True)
@@ -505,6 +503,14 @@ _POST_NORM = frozenset({"gemma2", "gemma3"})
 _QKV_ORDER = frozenset({"gemma", "gemma2", "gemma3"})
 
 
+@lru_cache(maxsize=64)
+def _kinds(profile: ModelProfile) -> tuple[int, ...]:
+    """Each repeating layer's kind: equal layers build equal subgraphs."""
+    index: dict[LayerProfile, int] = {}
+    return tuple(index.setdefault(layer, len(index)) for layer in profile.layers)
+
+
+@lru_cache(maxsize=65536)
 def _slots(profile: ModelProfile, first: int, last: int) -> tuple[_Slot, ...]:
     """The repeating layers of [first, last) that shape the device's buffer.
 
@@ -512,14 +518,15 @@ def _slots(profile: ModelProfile, first: int, last: int) -> tuple[_Slot, ...]:
     of them is replayed as its first few: the range's first three layers, the
     first two of each kind and the two after each, and its last two.
     """
+    kinds = _kinds(profile)
     ids = range(first, min(last, profile.n_layer))
     keep: set[int] = set(ids[:3]) | set(ids[-2:])
-    seen: dict[LayerProfile, int] = {}
+    seen: dict[int, int] = {}
     for il in ids:
-        count = seen.get(profile.layers[il], 0)
+        count = seen.get(kinds[il], 0)
         if count < 2:
             keep.update(i for i in (il, il + 1, il + 2) if i in ids)
-        seen[profile.layers[il]] = count + 1
+        seen[kinds[il]] = count + 1
     return tuple(
         _Slot(profile.layers[il], il == profile.n_layer - 1, il == 0) for il in sorted(keep)
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -138,6 +138,14 @@ class ModelProfile:
     mla_rank: int = 0  # MLA: the compressed KV width (kv_lora_rank); 0 without MLA
     head_dim_q: int = 0  # MLA: a query head (nope + rope)
     head_dim_v_mla: int = 0  # MLA: a value head after decompression
+
+    def __hash__(self) -> int:
+        # The planner caches per profile (compute buffers): hash its fields once.
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
 
     @property
     def n_device_layers(self) -> int:
