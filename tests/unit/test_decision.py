@@ -181,6 +181,13 @@ def test_first_plan() -> None:
     assert d.look_again == LookAgain() and d.plan_outcome == "planned"
 
 
+def test_the_operators_hub_mirror_is_the_fetchers() -> None:
+    d = decide(snapshot(hf_endpoint="http://hub.mirror:8080"))
+    init = host_deployment(d)["spec"]["template"]["spec"]["initContainers"]
+    fetch = next(c for c in init if c["name"] == "fetch")
+    assert {"name": "HF_ENDPOINT", "value": "http://hub.mirror:8080"} in fetch["env"]
+
+
 def test_plan_kept_and_serving() -> None:
     steady, up = serving()
     assert up.reason == "PlanKept"
@@ -355,8 +362,9 @@ def test_no_capacity_names_the_numbers_and_releases_the_workloads() -> None:
     assert first.reason == "NoCapacity" and first.outcome == "blocked"
     assert first.status.plan is None and first.children == []
     assert conditions(first)["Planned"] == ("False", "NoCapacity")
-    assert conditions_message(first, "Planned").startswith("needs 63.5 GiB")
+    assert conditions_message(first, "Planned").startswith("VRAM: needs 63.5 GiB")
     assert "pool has 21.6 GiB free" in conditions_message(first, "Planned")
+    assert "; RAM: no node offers RAM" in conditions_message(first, "Planned")
     assert event_reasons(first) == ["NoCapacity"]
     assert first.look_again == LookAgain(backoff=True)
     assert first.claim is None and first.claim_changed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -320,6 +321,15 @@ class TestHostDeployment:
         assert fetch_env[0]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
         assert all(e["name"] != "HF_TOKEN" for e in pod["containers"][0]["env"])
 
+    def test_a_hub_mirror_reaches_the_fetcher(self) -> None:
+        spec = {"source": {"huggingface": {"repo": "org/model", "file": "m.gguf"}}}
+        plain = build_host_deployment(workload(spec=spec))["spec"]["template"]["spec"]
+        assert "env" not in next(c for c in plain["initContainers"] if c["name"] == "fetch")
+        mirrored = dataclasses.replace(workload(spec=spec), hf_endpoint="http://hub.mirror:8080")
+        pod = build_host_deployment(mirrored)["spec"]["template"]["spec"]
+        fetch_env = next(c for c in pod["initContainers"] if c["name"] == "fetch")["env"]
+        assert {"name": "HF_ENDPOINT", "value": "http://hub.mirror:8080"} in fetch_env
+
     def test_api_key_secret_is_mounted(self) -> None:
         spec = {"apiKeySecretRef": {"name": "keys", "key": "key"}}
         pod = build_host_deployment(workload(spec=spec))["spec"]["template"]["spec"]
@@ -348,6 +358,25 @@ class TestHostDeployment:
         assert env.get("NVIDIA_VISIBLE_DEVICES") == visible
         assert pod.get("runtimeClassName") == runtime_class
         assert "resources" not in server  # never a GPU of its own
+
+    @pytest.mark.parametrize(
+        ("host_resources", "expected"),
+        [
+            (None, {"requests": {"memory": "4096Mi"}}),
+            (
+                {"limits": {"cpu": "4"}},
+                {"requests": {"memory": "4096Mi"}, "limits": {"cpu": "4"}},
+            ),
+            ({"requests": {"memory": "8Gi"}}, {"requests": {"memory": "8Gi"}}),
+        ],
+    )
+    def test_a_ram_tier_is_requested_as_host_memory(
+        self, host_resources: dict[str, Any] | None, expected: dict[str, Any]
+    ) -> None:
+        spec = {"hostResources": host_resources} if host_resources else {}
+        w = dataclasses.replace(workload(spec=spec), host_tier_mib=4096)
+        server = build_host_deployment(w)["spec"]["template"]["spec"]["containers"][0]
+        assert server["resources"] == expected
 
     @pytest.mark.parametrize(
         ("cache", "volume", "inits", "level"),

@@ -132,6 +132,9 @@ class ModelProfile:
     output_bytes: int  # output norm + output matrix (or the tied embedding copy)
     tied_output: bool
     file_bytes: int  # all tensors as stored
+    # Whether the file carries `tokenizer.chat_template` (a profile encoded before
+    # this was recorded is taken to have one: nothing is chosen in its place).
+    has_chat_template: bool = True
     # Attention details that shape the compute graph.
     qk_norm: bool = False  # per-head norms of Q and K
     n_rot: int = 0  # rotary dimensions (MLA: the positional part of a key)
@@ -402,6 +405,7 @@ def build_model_profile(header: GgufHeader, file_name: str | None = None) -> Mod
         output_bytes=output_bytes,
         tied_output=tied,
         file_bytes=sum(t.n_bytes for t in header.tensors),
+        has_chat_template=isinstance(header.get(Keys.Tokenizer.CHAT_TEMPLATE), str),
         qk_norm="blk.0.attn_q_norm.weight" in shapes,
         n_rot=_opt_int(header.get(key(Keys.Rope.DIMENSION_COUNT)), head_k - mla_rank),
         mla_rank=mla_rank,
