@@ -413,7 +413,8 @@ class _Builder:
             v = v_chain()
             k = k_chain()
         g.store(dev, g.view(k), self.k_idxs[swa])
-        g.store(dev, g.view(v), self.v_idxs[swa])
+        if swa in self.v_idxs:
+            g.store(dev, g.view(v), self.v_idxs[swa])
         mask = self.masks[swa]
         cells = s.cells_swa if swa else s.cells_full
         out_bytes = layer.n_head * p.head_dim_v * t * F32
