@@ -3,21 +3,38 @@ use as their mirror, here on loopback): `mesh push-model` pushes gemma-3-270m,
 and the operator's profile cache reads its GGUF header through the registry API
 without pulling the image; a gzip layer made by Python's own tarfile, with other
 entries before the model, is read the same way; each failure is the condition
-reason a MeshModel would show."""
+reason a MeshModel would show.
+
+A second registry process serves the same storage behind token authentication,
+as ghcr.io and Docker Hub do for public images: it answers 401 with a Bearer
+challenge and checks the signed tokens it is shown. The token service that signs
+them is the one stand-in here (the hosted ones are out of reach): a small HTTP
+server of this module that grants anonymous pulls of `models/*` and nothing
+else, with a key the registry trusts through a JWKS file."""
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
 import json
 import subprocess
 import tarfile
+import threading
+import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from e2e import parts
 from e2e.nodes import configs
@@ -34,19 +51,34 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """host:port of a registry started for this module, stopped by pid."""
+def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The registries' storage, shared by the open and the token-guarded one."""
+    return tmp_path_factory.mktemp("registry-storage")
+
+
+def _serve(state: Path, config: dict[str, object], address: str) -> ProcessTable:
     program = require_part(lambda: parts.binary("registry"))
-    state = tmp_path_factory.mktemp("registry")
-    address = f"127.0.0.1:{free_port()}"
     conf = state / "registry.yaml"
-    conf.write_text(configs.registry_config(state / "storage", address))
+    conf.write_text(yaml.safe_dump(config))
     procs = ProcessTable(state)
     procs.start(
         "registry", [str(program), "serve", str(conf)], env={"OTEL_TRACES_EXPORTER": "none"}
     )
     try:
         wait_for("the registry", lambda: _answers(address), timeout=30)
+    except BaseException:
+        procs.stop_all()
+        raise
+    return procs
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory, storage: Path) -> Iterator[str]:
+    """host:port of a registry started for this module, stopped by pid."""
+    state = tmp_path_factory.mktemp("registry")
+    address = f"127.0.0.1:{free_port()}"
+    procs = _serve(state, yaml.safe_load(configs.registry_config(storage, address)), address)
+    try:
         yield address
     finally:
         procs.stop_all()
@@ -56,8 +88,103 @@ def _answers(address: str) -> bool:
     try:
         with urllib.request.urlopen(f"http://{address}/v2/", timeout=2) as resp:
             return bool(resp.status == 200)
+    except urllib.error.HTTPError as exc:
+        return exc.code == 401  # up, and asking for a token
     except OSError:
         return False
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class TokenService:
+    """Signs registry tokens (RS256, `kid` in the JWKS the registry trusts): pull
+    of `models/*` for anyone, nothing else. Remembers what it was asked."""
+
+    key: rsa.RSAPrivateKey
+    service: str = "mesh-test-registry"
+    issuer: str = "mesh-test-tokens"
+    kid: str = "mesh-test"
+    asked: list[dict[str, list[str]]] = field(default_factory=list)
+
+    def jwks(self) -> str:
+        numbers = self.key.public_key().public_numbers()
+        n = numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")
+        e = numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big")
+        jwk = {"kty": "RSA", "kid": self.kid, "use": "sig", "alg": "RS256"}
+        return json.dumps({"keys": [{**jwk, "n": _b64(n), "e": _b64(e)}]})
+
+    def token(self, query: dict[str, list[str]]) -> str:
+        self.asked.append(query)
+        access = []
+        for scope in query.get("scope", []):
+            kind, name, _actions = scope.split(":")
+            if kind == "repository" and name.startswith("models/"):
+                access.append({"type": kind, "name": name, "actions": ["pull"]})
+        now = int(time.time())
+        claims = {
+            "iss": self.issuer, "sub": "", "aud": self.service, "exp": now + 300,
+            "nbf": now - 10, "iat": now, "jti": _b64(now.to_bytes(8, "big")), "access": access,
+        }  # fmt: skip
+        header = {"alg": "RS256", "typ": "JWT", "kid": self.kid}
+        signed = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+        signature = self.key.sign(signed.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signed}.{_b64(signature)}"
+
+
+@pytest.fixture(scope="module")
+def tokens() -> Iterator[tuple[TokenService, str]]:
+    """The token service on loopback, and its URL (the registry's realm)."""
+    service = TokenService(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            body = json.dumps({"token": service.token(query)}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield service, f"http://127.0.0.1:{server.server_address[1]}/token"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def guarded(
+    tmp_path_factory: pytest.TempPathFactory, storage: Path, tokens: tuple[TokenService, str]
+) -> Iterator[str]:
+    """host:port of a registry on the same storage that wants a signed token."""
+    service, realm = tokens
+    state = tmp_path_factory.mktemp("guarded")
+    (state / "jwks.json").write_text(service.jwks())
+    address = f"127.0.0.1:{free_port()}"
+    config = yaml.safe_load(configs.registry_config(storage, address))
+    config["auth"] = {
+        "token": {
+            "realm": realm,
+            "service": service.service,
+            "issuer": service.issuer,
+            "jwks": str(state / "jwks.json"),
+        }
+    }
+    procs = _serve(state, config, address)
+    try:
+        yield address
+    finally:
+        procs.stop_all()
 
 
 def _push(model: Path, reference: str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -208,6 +335,28 @@ def test_a_file_that_is_not_gguf_is_source_invalid(registry: str, tmp_path: Path
         ProfileCache().get(_source(f"{registry}/models/notes:1", "notes.gguf"), None, None)
     assert caught.value.reason == "SourceInvalid"
     assert "not a GGUF model" in str(caught.value)
+
+
+def test_a_registry_wanting_a_token_gets_one_anonymously(
+    guarded: str, pushed: str, tokens: tuple[TokenService, str], model_file: Path
+) -> None:
+    service, _ = tokens
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://{guarded}/v2/models/gemma/manifests/q4_k_m", timeout=10)
+    assert refused.value.code == 401
+    digest = pushed.split("@")[1]
+    profile = ProfileCache().get(_source(f"{guarded}/models/gemma@{digest}"), None, None)
+    assert profile == read_model_profile(model_file, file_name="model.gguf")
+    assert {"scope": ["repository:models/gemma:pull"], "service": [service.service]} in (
+        service.asked
+    )
+
+
+def test_a_token_without_the_right_is_forbidden(guarded: str, pushed: str) -> None:
+    with pytest.raises(SourceError) as caught:
+        ProfileCache().get(_source(f"{guarded}/private/gemma:q4_k_m"), None, None)
+    assert caught.value.reason == "SourceForbidden"
+    assert "401" in str(caught.value) or "token" in str(caught.value)
 
 
 def test_no_registry_there_is_unreachable() -> None:
