@@ -40,12 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
-from mesh_operator.api.imageref import (
-    DOCKER_HUB,
-    DOCKER_HUB_API,
-    Reference,
-    parse_reference,
-)
+from mesh_operator.api.imageref import Reference, api_host, parse_reference
 from mesh_operator.api.meshmodel import OciSource
 from mesh_operator.planner.errors import HeaderTruncatedError
 
@@ -78,11 +73,13 @@ UPLOAD_CHUNK = 8 * 1024 * 1024
 
 class RegistryError(RuntimeError):
     """The registry or the image cannot give what is asked; `reason` is the
-    CamelCase condition reason a MeshModel reports for it."""
+    CamelCase condition reason a MeshModel reports for it; `status` the HTTP
+    status the registry answered, if it answered."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.status = status
 
 
 def insecure_registries(env: str | None = None) -> frozenset[str]:
@@ -128,8 +125,7 @@ class RegistryClient:
     @property
     def base(self) -> str:
         scheme = "http" if uses_plain_http(self.registry, self.insecure) else "https"
-        host = DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
-        return f"{scheme}://{host}"
+        return f"{scheme}://{api_host(self.registry)}"
 
     def request(
         self,
@@ -162,8 +158,13 @@ class RegistryClient:
                 if exc.code == 401 and attempt == 0 and challenge.lower().startswith("bearer "):
                     exc.close()
                     self._tokens[scope] = self._token(challenge, scope)
-                    if hasattr(data, "seek"):
-                        data.seek(0)  # type: ignore[union-attr]
+                    if data is not None and not isinstance(data, bytes):
+                        if not data.seekable():
+                            raise RegistryError(
+                                "SourceForbidden",
+                                f"{self.registry} asked for a token in the middle of an upload",
+                            ) from exc
+                        data.seek(0)
                     continue
                 raise self._http_error(exc, method, url) from exc
             except (urllib.error.URLError, OSError) as exc:
@@ -225,10 +226,12 @@ class RegistryClient:
         where = f"{method} {urllib.parse.urlsplit(url).path}"
         if exc.code in (401, 403):
             return RegistryError(
-                "SourceForbidden", f"{self.registry} answered {exc.code} to {where}"
+                "SourceForbidden", f"{self.registry} answered {exc.code} to {where}", exc.code
             )
         if exc.code == 404:
-            return RegistryError("SourceNotFound", f"{self.registry} answered 404 to {where}")
+            return RegistryError(
+                "SourceNotFound", f"{self.registry} answered 404 to {where}", exc.code
+            )
         detail = ""
         try:
             errors = json.loads(exc.read(1 << 16)).get("errors") or []
@@ -236,7 +239,7 @@ class RegistryClient:
         except (ValueError, AttributeError, OSError):
             pass
         return RegistryError(
-            "SourceUnreachable", f"{self.registry} answered {exc.code} to {where}{detail}"
+            "SourceUnreachable", f"{self.registry} answered {exc.code} to {where}{detail}", exc.code
         )
 
     # -- reading -----------------------------------------------------------------
@@ -291,7 +294,7 @@ class RegistryClient:
                 "GET", f"/v2/{repository}/blobs/{digest}", repository, headers=headers
             )
         except RegistryError as exc:
-            if "answered 416" in str(exc):
+            if exc.status == 416:  # the range starts at or past the end
                 return b""
             raise
         with resp:
@@ -646,7 +649,7 @@ def push_model(
     client = RegistryClient(ref.registry, insecure_registries() if insecure is None else insecure)
     if not client.blob_exists(ref.repository, layer_digest):
         with _TarStream(header, path, path.stat().st_size) as stream:
-            client.upload_blob(ref.repository, layer_digest, layer_size, stream)  # type: ignore[arg-type]
+            client.upload_blob(ref.repository, layer_digest, layer_size, io.BufferedReader(stream))
     if not client.blob_exists(ref.repository, config_digest):
         client.upload_blob(ref.repository, config_digest, len(config), io.BytesIO(config))
     manifest_digest = client.put_manifest(

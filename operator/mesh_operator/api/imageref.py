@@ -26,6 +26,11 @@ DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 
 
+def api_host(registry: str) -> str:
+    """Where a registry's API answers: Docker Hub's is not at docker.io."""
+    return DOCKER_HUB_API if registry == DOCKER_HUB else registry
+
+
 @dataclass(frozen=True)
 class Reference:
     """An image reference, normalized as container runtimes do."""
@@ -37,7 +42,7 @@ class Reference:
 
     @property
     def api_host(self) -> str:
-        return DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
+        return api_host(self.registry)
 
     @property
     def version(self) -> str:
