@@ -25,6 +25,7 @@ Registries that want a token get one through their `WWW-Authenticate` challenge
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -120,7 +121,16 @@ class RegistryClient:
     registry: str
     insecure: Collection[str] = field(default_factory=insecure_registries)
     timeout: float = 30.0
-    _tokens: dict[str, str] = field(default_factory=dict, repr=False)
+    # (username, password): shown to the token service, or to a registry that
+    # asks for Basic authentication; None pulls anonymously.
+    credentials: tuple[str, str] | None = field(default=None, repr=False)
+    # The Authorization header of each scope, once a challenge asked for one.
+    _auth: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def _basic(self) -> str | None:
+        if self.credentials is None:
+            return None
+        return "Basic " + base64.b64encode(":".join(self.credentials).encode()).decode()
 
     @property
     def base(self) -> str:
@@ -144,29 +154,37 @@ class RegistryClient:
         scope = f"repository:{repository}:{'pull,push' if push else 'pull'}"
         for attempt in range(2):
             sent = dict(headers or {})
-            token = self._tokens.get(scope)
-            if (
-                token
-                and urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(self.base).netloc
-            ):
-                sent["Authorization"] = f"Bearer {token}"
+            auth = self._auth.get(scope)
+            same_host = urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(self.base).netloc
+            if auth and same_host:
+                sent["Authorization"] = auth
             req = urllib.request.Request(url, data=data, headers=sent, method=method)
             try:
                 return self._open(req)
             except urllib.error.HTTPError as exc:
                 challenge = exc.headers.get("WWW-Authenticate", "") if exc.headers else ""
-                if exc.code == 401 and attempt == 0 and challenge.lower().startswith("bearer "):
-                    exc.close()
-                    self._tokens[scope] = self._token(challenge, scope)
-                    if data is not None and not isinstance(data, bytes):
-                        if not data.seekable():
-                            raise RegistryError(
-                                "SourceForbidden",
-                                f"{self.registry} asked for a token in the middle of an upload",
-                            ) from exc
-                        data.seek(0)
-                    continue
-                raise self._http_error(exc, method, url) from exc
+                scheme = challenge.split(" ", 1)[0].lower()
+                if exc.code != 401 or attempt or scheme not in ("bearer", "basic"):
+                    raise self._http_error(exc, method, url) from exc
+                exc.close()
+                if scheme == "bearer":
+                    self._auth[scope] = "Bearer " + self._token(challenge, scope)
+                else:
+                    basic = self._basic()
+                    if basic is None:
+                        raise RegistryError(
+                            "SourceForbidden",
+                            f"{self.registry} wants a user name and password",
+                            401,
+                        ) from exc
+                    self._auth[scope] = basic
+                if data is not None and not isinstance(data, bytes):
+                    if not data.seekable():
+                        raise RegistryError(
+                            "SourceForbidden",
+                            f"{self.registry} asked for a token in the middle of an upload",
+                        ) from exc
+                    data.seek(0)
             except (urllib.error.URLError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
                 raise RegistryError("SourceUnreachable", f"{self.registry}: {reason}") from exc
@@ -203,9 +221,14 @@ class RegistryClient:
         query = {"scope": scope}
         if "service" in params:
             query["service"] = params["service"]
-        url = f"{realm}?{urllib.parse.urlencode(query)}"
+        if self.credentials is not None:
+            query["account"] = self.credentials[0]
+        request = urllib.request.Request(f"{realm}?{urllib.parse.urlencode(query)}")
+        basic = self._basic()
+        if basic is not None:
+            request.add_header("Authorization", basic)
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
                 body = json.loads(resp.read(1 << 20))
         except urllib.error.HTTPError as exc:
             raise RegistryError(
@@ -597,6 +620,7 @@ def push_model(
     *,
     file: str | None = None,
     insecure: Collection[str] | None = None,
+    credentials: tuple[str, str] | None = None,
     architecture: str = "amd64",
 ) -> PushedModel:
     """Push `path` as a one-layer image to `reference` (a tag: a digest is what
@@ -646,7 +670,11 @@ def push_model(
         sort_keys=True,
         separators=(",", ":"),
     ).encode()
-    client = RegistryClient(ref.registry, insecure_registries() if insecure is None else insecure)
+    client = RegistryClient(
+        ref.registry,
+        insecure_registries() if insecure is None else insecure,
+        credentials=credentials,
+    )
     if not client.blob_exists(ref.repository, layer_digest):
         with _TarStream(header, path, path.stat().st_size) as stream:
             client.upload_blob(ref.repository, layer_digest, layer_size, io.BufferedReader(stream))

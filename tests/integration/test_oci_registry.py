@@ -9,12 +9,15 @@ A second registry process serves the same storage behind token authentication,
 as ghcr.io and Docker Hub do for public images: it answers 401 with a Bearer
 challenge and checks the signed tokens it is shown. The token service that signs
 them is the one stand-in here (the hosted ones are out of reach): a small HTTP
-server of this module that grants anonymous pulls of `models/*` and nothing
-else, with a key the registry trusts through a JWKS file."""
+server of this module that grants anonymous pulls of `models/*`, pushes there to
+one user with a password, and nothing else, with a key the registry trusts
+through a JWKS file. A third registry process on the same storage wants HTTP
+Basic authentication (an htpasswd file, bcrypt by the system's libcrypt)."""
 
 from __future__ import annotations
 
 import base64
+import ctypes
 import gzip
 import hashlib
 import io
@@ -94,6 +97,9 @@ def _answers(address: str) -> bool:
         return False
 
 
+PUSHER = ("pusher", "s3cret")
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -101,7 +107,8 @@ def _b64(data: bytes) -> str:
 @dataclass
 class TokenService:
     """Signs registry tokens (RS256, `kid` in the JWKS the registry trusts): pull
-    of `models/*` for anyone, nothing else. Remembers what it was asked."""
+    of `models/*` for anyone, push there for PUSHER, nothing else. Remembers
+    what it was asked."""
 
     key: rsa.RSAPrivateKey
     service: str = "mesh-test-registry"
@@ -116,13 +123,15 @@ class TokenService:
         jwk = {"kty": "RSA", "kid": self.kid, "use": "sig", "alg": "RS256"}
         return json.dumps({"keys": [{**jwk, "n": _b64(n), "e": _b64(e)}]})
 
-    def token(self, query: dict[str, list[str]]) -> str:
+    def token(self, query: dict[str, list[str]], authorization: str | None) -> str:
         self.asked.append(query)
+        pusher = authorization == "Basic " + base64.b64encode(":".join(PUSHER).encode()).decode()
         access = []
         for scope in query.get("scope", []):
-            kind, name, _actions = scope.split(":")
+            kind, name, actions = scope.split(":")
             if kind == "repository" and name.startswith("models/"):
-                access.append({"type": kind, "name": name, "actions": ["pull"]})
+                granted = [a for a in actions.split(",") if a == "pull" or pusher]
+                access.append({"type": kind, "name": name, "actions": granted})
         now = int(time.time())
         claims = {
             "iss": self.issuer, "sub": "", "aud": self.service, "exp": now + 300,
@@ -142,7 +151,8 @@ def tokens() -> Iterator[tuple[TokenService, str]]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-            body = json.dumps({"token": service.token(query)}).encode()
+            token = service.token(query, self.headers.get("Authorization"))
+            body = json.dumps({"token": token}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -187,11 +197,14 @@ def guarded(
         procs.stop_all()
 
 
-def _push(model: Path, reference: str, *extra: str) -> subprocess.CompletedProcess[str]:
+def _push(
+    model: Path, reference: str, *extra: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(parts.mesh_cli()), "push-model", str(model), reference, *extra],
         capture_output=True,
         text=True,
+        input=stdin,
         timeout=300,
         check=False,
     )
@@ -357,6 +370,69 @@ def test_a_token_without_the_right_is_forbidden(guarded: str, pushed: str) -> No
         ProfileCache().get(_source(f"{guarded}/private/gemma:q4_k_m"), None, None)
     assert caught.value.reason == "SourceForbidden"
     assert "401" in str(caught.value) or "token" in str(caught.value)
+
+
+def test_push_to_a_registry_wanting_a_token_takes_a_user(
+    guarded: str, registry: str, tmp_path: Path, model_file: Path
+) -> None:
+    small = tmp_path / "head.gguf"
+    small.write_bytes(model_file.read_bytes()[: 8 * 1024 * 1024])
+    anonymous = _push(small, f"{guarded}/models/pushed:1")
+    assert anonymous.returncode == 2
+    assert "answered 401" in anonymous.stderr
+    assert len(anonymous.stderr.strip().splitlines()) == 1
+    wrong = _push(
+        small, f"{guarded}/models/pushed:1", "--username", PUSHER[0], "--password-stdin",
+        stdin="not-it\n",
+    )  # fmt: skip
+    assert wrong.returncode == 2
+    user = _push(
+        small, f"{guarded}/models/pushed:1", "--username", PUSHER[0], "--password-stdin",
+        stdin=PUSHER[1] + "\n",
+    )  # fmt: skip
+    assert user.returncode == 0, user.stderr
+    # Through the open registry on the same storage: the image is there.
+    profile = ProfileCache().get(_source(f"{registry}/models/pushed:1"), None, None)
+    assert profile == read_model_profile(model_file, file_name="model.gguf")
+
+
+@pytest.fixture(scope="module")
+def basic(tmp_path_factory: pytest.TempPathFactory, storage: Path) -> Iterator[str]:
+    """host:port of a registry on the same storage that wants PUSHER's password."""
+    libcrypt = ctypes.CDLL("libcrypt.so.1")
+    libcrypt.crypt.restype = ctypes.c_char_p
+    hashed = libcrypt.crypt(PUSHER[1].encode(), b"$2b$05$" + b"meshtestsaltmeshtestsa")
+    state = tmp_path_factory.mktemp("basic")
+    (state / "htpasswd").write_text(f"{PUSHER[0]}:{hashed.decode()}\n")
+    address = f"127.0.0.1:{free_port()}"
+    config = yaml.safe_load(configs.registry_config(storage, address))
+    config["auth"] = {"htpasswd": {"realm": "mesh-test", "path": str(state / "htpasswd")}}
+    procs = _serve(state, config, address)
+    try:
+        yield address
+    finally:
+        procs.stop_all()
+
+
+def test_push_to_a_registry_wanting_a_password(
+    basic: str, registry: str, tmp_path: Path, model_file: Path
+) -> None:
+    small = tmp_path / "head.gguf"
+    small.write_bytes(model_file.read_bytes()[: 8 * 1024 * 1024])
+    anonymous = _push(small, f"{basic}/models/basic:1")
+    assert anonymous.returncode == 2
+    assert "wants a user name and password" in anonymous.stderr
+    user = _push(
+        small, f"{basic}/models/basic:1", "--username", PUSHER[0], "--password-stdin",
+        stdin=PUSHER[1] + "\n",
+    )  # fmt: skip
+    assert user.returncode == 0, user.stderr
+    profile = ProfileCache().get(_source(f"{registry}/models/basic:1"), None, None)
+    assert profile == read_model_profile(model_file, file_name="model.gguf")
+    # The operator pulls anonymously: such a registry is forbidden to it.
+    with pytest.raises(SourceError) as caught:
+        ProfileCache().get(_source(f"{basic}/models/basic:1"), None, None)
+    assert caught.value.reason == "SourceForbidden"
 
 
 def test_no_registry_there_is_unreachable() -> None:

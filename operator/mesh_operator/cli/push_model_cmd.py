@@ -35,6 +35,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="model.gguf",
     )
     p.add_argument("--plain-http", action="store_true", help="speak plain HTTP to this registry")
+    p.add_argument("--username", help="user name for the registry (with --password-stdin)")
+    p.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password (or token) for --username from standard input",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +50,17 @@ def run(args: argparse.Namespace) -> int:
             insecure.add(parse_reference(args.reference).registry)
         if not str(args.file).endswith(".gguf"):
             raise ValueError(f"--file {args.file}: a model file inside an image ends in .gguf")
-        pushed = push_model(args.model, args.reference, file=args.file, insecure=insecure)
+        if bool(args.username) != bool(args.password_stdin):
+            raise ValueError("--username and --password-stdin go together")
+        credentials = None
+        if args.username:
+            password = sys.stdin.readline().rstrip("\r\n")
+            if not password:
+                raise ValueError("--password-stdin: no password on standard input")
+            credentials = (args.username, password)
+        pushed = push_model(
+            args.model, args.reference, file=args.file, insecure=insecure, credentials=credentials
+        )
     except (ValueError, RegistryError, OSError) as exc:
         print(f"mesh push-model: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
