@@ -45,7 +45,13 @@ from e2e.procs import ProcessTable
 from e2e.waiting import free_port, wait_for
 from mesh_operator.api.imageref import parse_reference
 from mesh_operator.api.meshmodel import ModelSource
-from mesh_operator.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, RegistryClient
+from mesh_operator.oci import (
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    RegistryClient,
+)
 from mesh_operator.planner import read_model_profile
 from mesh_operator.source import ProfileCache, SourceError
 from tests.conftest import require_part
@@ -318,6 +324,32 @@ def test_a_gzip_layer_is_read_from_its_start(registry: str, model_file: Path) ->
     source = _source(f"{registry}/models/gemma-gz:gz", "weights/gemma.gguf")
     profile = ProfileCache().get(source, None, None)
     assert profile == read_model_profile(model_file, file_name="gemma.gguf")
+
+
+def _push_index(registry: str, tag: str, platforms: list[tuple[str, str]], manifest: str) -> None:
+    """An image index on `models/gemma` whose every entry is the pushed manifest."""
+    client = RegistryClient(registry)
+    _, body, digest = client.manifest("models/gemma", manifest)
+    entry = {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(body)}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {**entry, "platform": {"os": os_, "architecture": arch}} for os_, arch in platforms
+        ],
+    }
+    client.put_manifest("models/gemma", tag, OCI_INDEX, json.dumps(index).encode())
+
+
+def test_an_index_resolves_to_its_linux_image(registry: str, pushed: str, model_file: Path) -> None:
+    _push_index(registry, "multi", [("windows", "amd64"), ("linux", "arm64")], "q4_k_m")
+    profile = ProfileCache().get(_source(f"{registry}/models/gemma:multi"), None, None)
+    assert profile == read_model_profile(model_file, file_name="model.gguf")
+    _push_index(registry, "windows-only", [("windows", "amd64")], "q4_k_m")
+    with pytest.raises(SourceError) as caught:
+        ProfileCache().get(_source(f"{registry}/models/gemma:windows-only"), None, None)
+    assert caught.value.reason == "SourceInvalid"
+    assert "no Linux image" in str(caught.value)
 
 
 @pytest.mark.parametrize(
