@@ -16,6 +16,7 @@ import pytest
 
 from e2e import parts
 from e2e.cluster import ClusterError, LocalCluster
+from e2e.hubserver import HubServer, project_repos, project_tokens, serve_hub
 
 
 def require_part(lookup: Callable[[], Path]) -> Path:
@@ -89,3 +90,11 @@ def crds(cluster: LocalCluster) -> LocalCluster:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
     cluster.wait_established(*(f"{p}.mesh.dev" for p in ("meshpools", "meshmodels", "meshnodes")))
     return cluster
+
+
+@pytest.fixture(scope="session")
+def hub(model_file: Path) -> Iterator[HubServer]:
+    """A stand-in Hugging Face Hub (`HF_ENDPOINT`) serving the project's model under
+    the README's repository and file name, and in a gated repository."""
+    with serve_hub(project_repos(model_file), project_tokens()) as server:
+        yield server

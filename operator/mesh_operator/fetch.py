@@ -1,9 +1,10 @@
 """Download a model file into the node's cache: resumable, verified, atomic.
 
 What the host pod's init container runs (`mesh fetch`). A finished file is
-renamed into place only after its sha256 matches (when one is given); an
-interrupted download resumes from its `.part` file. A file already in the cache
-whose size and mtime match the recorded digest is not hashed again.
+renamed into place only after its sha256 matches (the one given, else for a
+Hugging Face file the Hub's); an interrupted download, from a URL or from
+Hugging Face (`mesh_operator.hub`), resumes from its `.part` file. A file already
+in the cache whose size and mtime match the recorded digest is not hashed again.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError
+from mesh_operator.hub import HF_ENDPOINT_DEFAULT, HubError, HubFile, discard_part
+from mesh_operator.hub import download as hub_download
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class FetchRequest:
     revision: str = "main"
     sha256: str | None = None
     token: str | None = None
+    hf_endpoint: str = HF_ENDPOINT_DEFAULT
 
 
 def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
@@ -78,10 +80,10 @@ def _record_digest(dest: Path, digest: str) -> None:
     )
 
 
-def _verify(path: Path, want: str | None) -> str:
+def _verify(path: Path, want: str | None, name: str) -> str:
     got = sha256_file(path)
     if want and got != want:
-        raise FetchError(f"sha256 mismatch for {path.name}: got {got}, want {want}")
+        raise FetchError(f"sha256 mismatch for {name}: got {got}, want {want}")
     return got
 
 
@@ -132,21 +134,18 @@ def _download_url(url: str, part: Path, token: str | None) -> None:
                     next_log += PROGRESS_STEP
 
 
-def _download_hf(req: FetchRequest, part_dir: Path) -> Path:
+def _download_hf(req: FetchRequest, part: Path) -> str | None:
+    """Download into `part`; the sha256 the Hub gives the file, if it gives one."""
     assert req.hf_repo is not None and req.hf_file is not None
+    where = HubFile(req.hf_repo, req.hf_file, req.revision)
+    have = part.stat().st_size if part.exists() else 0
+    resuming = f", {have} bytes already here" if have else ""
+    log.info("fetching %s from %s%s", where, req.hf_endpoint, resuming)
     try:
-        path = hf_hub_download(
-            repo_id=req.hf_repo,
-            filename=req.hf_file,
-            revision=req.revision,
-            local_dir=part_dir,
-            token=req.token,
-        )
-    except HfHubHTTPError as exc:
-        raise FetchError(f"huggingface {req.hf_repo}/{req.hf_file}: {exc}") from exc
-    except OSError as exc:
-        raise FetchError(f"huggingface {req.hf_repo}/{req.hf_file}: {exc}") from exc
-    return Path(path)
+        blob = hub_download(where, part, endpoint=req.hf_endpoint, token=req.token)
+    except HubError as exc:
+        raise FetchError(str(exc)) from exc
+    return blob.sha256
 
 
 def fetch_model(req: FetchRequest) -> Path:
@@ -156,19 +155,21 @@ def fetch_model(req: FetchRequest) -> Path:
         return req.dest
     req.dest.parent.mkdir(parents=True, exist_ok=True)
     part = req.dest.with_name(req.dest.name + ".part")
+    want = req.sha256
     if req.url is not None:
         _download_url(req.url, part, req.token)
-        fetched = part
     elif req.hf_repo is not None:
-        fetched = _download_hf(req, req.dest.parent / ".hf")
+        hub_sha256 = _download_hf(req, part)
+        want = req.sha256 or hub_sha256
     else:
         raise FetchError("nothing to fetch: give --url or --hf-repo/--hf-file")
     try:
-        digest = _verify(fetched, req.sha256)
+        digest = _verify(part, want, req.dest.name)
     except FetchError:
-        fetched.unlink(missing_ok=True)  # start over next time, not from bad bytes
+        discard_part(part)  # start over next time, not from bad bytes
         raise
-    os.replace(fetched, req.dest)
+    os.replace(part, req.dest)
+    discard_part(part)  # the record of what the part held
     _record_digest(req.dest, digest)
     log.info("%s ready (sha256 %s)", req.dest, digest)
     return req.dest

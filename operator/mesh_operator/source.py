@@ -4,15 +4,15 @@ The pure half (`model_file_name`, `cache_key`, `container_model_path`,
 `build_fetch_args`) decides names and paths that the operator, the init
 container (`mesh fetch`) and the node agent's cache scan agree on. The I/O half
 (`fetch_header_bytes`) reads just the GGUF header of a remote file, with HTTP range
-requests, so the operator can plan before anything is downloaded; `ProfileCache`
-keeps the model profiles so read, once per source.
+requests (a Hugging Face file through `huggingface_hub`, in `mesh_operator.hub`),
+so the operator can plan before anything is downloaded; `ProfileCache` keeps the
+model profiles so read, once per source.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import urllib.error
 import urllib.parse
@@ -21,12 +21,14 @@ from collections.abc import Callable
 
 from mesh_operator import oci
 from mesh_operator.api.meshmodel import ModelSource
+from mesh_operator.hub import HF_ENDPOINT_DEFAULT, HubError, HubFile, file_url, hub_endpoint
+from mesh_operator.hub import read_range as hub_read_range
+from mesh_operator.hub import resolve as hub_resolve
 from mesh_operator.manifests.workloads import MODELS_MOUNT
 from mesh_operator.planner import read_model_profile
 from mesh_operator.planner.errors import HeaderTruncatedError
 from mesh_operator.planner.profile import ModelProfile
 
-HF_ENDPOINT_DEFAULT = "https://huggingface.co"
 # A GGUF header (metadata + tensor infos) is rarely above a few MiB; the vocabulary
 # of large tokenizers is what makes it big. Read in growing chunks up to a bound.
 HEADER_FIRST_READ = 4 * 1024 * 1024
@@ -85,13 +87,16 @@ def build_fetch_args(source: ModelSource, sha256: str | None) -> list[str]:
 def source_url(source: ModelSource, hf_endpoint: str = HF_ENDPOINT_DEFAULT) -> str:
     """The HTTP(S) or file URL the bytes of the model are read from."""
     if source.huggingface is not None:
-        hf = source.huggingface
-        quoted = urllib.parse.quote(hf.file)
-        revision = urllib.parse.quote(hf.revision, safe="")
-        return f"{hf_endpoint.rstrip('/')}/{hf.repo}/resolve/{revision}/{quoted}"
+        return file_url(_hub_file(source), hf_endpoint.rstrip("/"))
     if source.url is not None:
         return source.url
     raise SourceError("SourceUnreadable", "a pvc source cannot be read by the operator")
+
+
+def _hub_file(source: ModelSource) -> HubFile:
+    hf = source.huggingface
+    assert hf is not None
+    return HubFile(hf.repo, hf.file, hf.revision)
 
 
 def _read_range(url: str, start: int, length: int, token: str | None, timeout: float) -> bytes:
@@ -144,11 +149,31 @@ def fetch_header_bytes(
     `parse` raises `HeaderTruncatedError` while the prefix ends before the tensor
     infos, and any other exception when the bytes are not a GGUF model.
     """
-    url = source_url(source, hf_endpoint)
+    read: Callable[[int, int], bytes]
+    if source.huggingface is not None:
+        where = _hub_file(source)
+        name = str(where)
+        try:
+            blob = hub_resolve(where, endpoint=hf_endpoint, token=token, timeout=timeout)
+        except HubError as exc:
+            raise SourceError(exc.reason, str(exc)) from exc
+
+        def read(start: int, length: int) -> bytes:
+            try:
+                return hub_read_range(where, blob, start, length, token=token, timeout=timeout)
+            except HubError as exc:
+                raise SourceError(exc.reason, str(exc)) from exc
+    else:
+        url = source_url(source, hf_endpoint)
+        name = _redact(url)
+
+        def read(start: int, length: int) -> bytes:
+            return _read_range(url, start, length, token, timeout)
+
     data = b""
     want = HEADER_FIRST_READ
     while True:
-        chunk = _read_range(url, len(data), want - len(data), token, timeout)
+        chunk = read(len(data), want - len(data))
         data += chunk
         try:
             parse(data)
@@ -157,15 +182,13 @@ def fetch_header_bytes(
             if not chunk or len(data) < want or want >= HEADER_MAX:
                 raise SourceError(
                     "SourceInvalid",
-                    f"{_redact(url)} ends inside its GGUF header ({len(data)} bytes)",
+                    f"{name} ends inside its GGUF header ({len(data)} bytes)",
                 ) from exc
             want = min(want * 4, HEADER_MAX)
         except SourceError:
             raise
         except Exception as exc:
-            raise SourceError(
-                "SourceInvalid", f"{_redact(url)} is not a GGUF model: {exc}"
-            ) from exc
+            raise SourceError("SourceInvalid", f"{name} is not a GGUF model: {exc}") from exc
 
 
 class ProfileCache:
@@ -173,9 +196,14 @@ class ProfileCache:
 
     def __init__(self, hf_endpoint: str | None = None) -> None:
         # The same variable huggingface_hub (and so `mesh fetch`) reads: a mirror.
-        self.hf_endpoint = hf_endpoint or os.environ.get("HF_ENDPOINT") or HF_ENDPOINT_DEFAULT
+        self.hf_endpoint = hub_endpoint(hf_endpoint)
         self._profiles: dict[tuple[str, str | None], ModelProfile] = {}
         self._lock = threading.Lock()
+
+    @property
+    def mirror(self) -> str | None:
+        """The Hub read from when it is not huggingface.co."""
+        return None if self.hf_endpoint == HF_ENDPOINT_DEFAULT else self.hf_endpoint
 
     def cached(self, source: ModelSource, sha256: str | None) -> ModelProfile | None:
         with self._lock:

@@ -181,6 +181,13 @@ def test_first_plan() -> None:
     assert d.look_again == LookAgain() and d.plan_outcome == "planned"
 
 
+def test_the_operators_hub_mirror_is_the_fetchers() -> None:
+    d = decide(snapshot(hf_endpoint="http://hub.mirror:8080"))
+    init = host_deployment(d)["spec"]["template"]["spec"]["initContainers"]
+    fetch = next(c for c in init if c["name"] == "fetch")
+    assert {"name": "HF_ENDPOINT", "value": "http://hub.mirror:8080"} in fetch["env"]
+
+
 def test_plan_kept_and_serving() -> None:
     steady, up = serving()
     assert up.reason == "PlanKept"

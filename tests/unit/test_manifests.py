@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -319,6 +320,15 @@ class TestHostDeployment:
         fetch_env = next(c for c in pod["initContainers"] if c["name"] == "fetch")["env"]
         assert fetch_env[0]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
         assert all(e["name"] != "HF_TOKEN" for e in pod["containers"][0]["env"])
+
+    def test_a_hub_mirror_reaches_the_fetcher(self) -> None:
+        spec = {"source": {"huggingface": {"repo": "org/model", "file": "m.gguf"}}}
+        plain = build_host_deployment(workload(spec=spec))["spec"]["template"]["spec"]
+        assert "env" not in next(c for c in plain["initContainers"] if c["name"] == "fetch")
+        mirrored = dataclasses.replace(workload(spec=spec), hf_endpoint="http://hub.mirror:8080")
+        pod = build_host_deployment(mirrored)["spec"]["template"]["spec"]
+        fetch_env = next(c for c in pod["initContainers"] if c["name"] == "fetch")["env"]
+        assert {"name": "HF_ENDPOINT", "value": "http://hub.mirror:8080"} in fetch_env
 
     def test_api_key_secret_is_mounted(self) -> None:
         spec = {"apiKeySecretRef": {"name": "keys", "key": "key"}}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh_operator.fetch import FetchError, FetchRequest, fetch_model
+from mesh_operator.hub import hub_endpoint
 
 SHA256_LENGTH = 64
 
@@ -19,8 +20,9 @@ def add_parser(subparsers: Any) -> None:
         "fetch",
         help="download a model file into the node cache, resumable and verified",
         description="Download a GGUF model to --dest from a URL or Hugging Face, resuming an "
-        "interrupted download and checking --sha256. The Hugging Face token is read from "
-        "$HF_TOKEN.",
+        "interrupted download and checking --sha256 (for Hugging Face, the Hub's sha256 "
+        "when none is given). The Hugging Face token is read from $HF_TOKEN, the Hub's "
+        "address from $HF_ENDPOINT.",
     )
     parser.add_argument("--dest", type=Path, required=True, help="path of the model file")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         revision=args.revision,
         sha256=sha,
         token=os.environ.get("HF_TOKEN") or None,
+        hf_endpoint=hub_endpoint(),
     )
     try:
         path = fetch_model(request)

@@ -235,6 +235,7 @@ class ModelReconciler:
             capacity=capacity,
             capacity_seen=self._capacity_seen.get(ref.key),
             peers=self.peers,
+            hf_endpoint=self.profiles.mirror,
         )
 
     def _capacity(

@@ -91,6 +91,8 @@ class ModelWorkload:
     # Bumped each time the host must restart with its group (a worker restarted
     # under it): a change of the host's pod template, so its Deployment rolls it.
     group_restarts: int = 0
+    # A Hugging Face mirror (the operator's HF_ENDPOINT), given to `mesh fetch`.
+    hf_endpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -415,6 +417,8 @@ def _fetch_container(w: ModelWorkload, name: str, fetch_args: Sequence[str]) -> 
         "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
         "securityContext": _hardened_container(),
     }
+    if w.hf_endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": w.hf_endpoint})
     if env:
         container["env"] = env
     return container
