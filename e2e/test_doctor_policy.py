@@ -20,11 +20,13 @@ from typing import Any
 
 import pytest
 
-from e2e.realcluster import MODEL, POOL, RELEASE, RealCluster
+from e2e.realcluster import MODEL, OTHER, POOL, RELEASE, Model, RealCluster
 from e2e.scenario import NAMESPACE, REPO
 from mesh_operator import __version__
 
-pytestmark = pytest.mark.e2e
+# The probe that connects leaves its handshake queued on the model's busy RPC
+# server, which the reachability test of e2e/test_real_cluster.py would count.
+pytestmark = [pytest.mark.e2e, pytest.mark.real_mesh_late]
 
 OPEN_POLICY = "doctor-test-open"
 
@@ -43,24 +45,24 @@ def doctor(mesh: RealCluster, *args: str) -> tuple[int, list[dict[str, Any]]]:
     return done.returncode, json.loads(done.stdout)
 
 
-def policy_findings(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    subject = f"model {MODEL.namespace}/{MODEL.name}"
+def policy_findings(findings: list[dict[str, Any]], model: Model = MODEL) -> list[dict[str, Any]]:
+    subject = f"model {model.namespace}/{model.name}"
     return [f for f in findings if f["subject"] == subject and f["check"] == "network-policy"]
 
 
 @pytest.fixture
 def open_policy(real_mesh: RealCluster) -> Iterator[None]:
-    """A second NetworkPolicy in the model's namespace admitting every pod."""
+    """A second NetworkPolicy in the other model's namespace admitting every pod."""
     real_mesh.apply({
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": OPEN_POLICY, "namespace": MODEL.namespace},
+        "metadata": {"name": OPEN_POLICY, "namespace": OTHER.namespace},
         "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{}]},
     })  # fmt: skip
     try:
         yield
     finally:
         real_mesh.kubectl(
-            "delete", "networkpolicy", OPEN_POLICY, "-n", MODEL.namespace, "--ignore-not-found"
+            "delete", "networkpolicy", OPEN_POLICY, "-n", OTHER.namespace, "--ignore-not-found"
         )
 
 
@@ -94,8 +96,21 @@ def test_doctor_probes_the_policy_and_names_the_running_operators_version(
 def test_doctor_finds_a_policy_that_does_not_hold(
     real_mesh: RealCluster, open_policy: None
 ) -> None:
+    # A probe that the policy lets in must find room in the RPC server's listen
+    # queue (the server serves its host and accepts no one else): the reachability
+    # probes of e2e/test_real_cluster.py fill the queue of the first model's
+    # workers, while the other model's worker was restarted by its worker-kill test.
+    for worker in real_mesh.model_pods(OTHER, "rpc-server"):
+        port = next(
+            p["containerPort"]
+            for c in worker["spec"]["containers"]
+            for p in c.get("ports") or []
+            if p.get("name") == "rpc"
+        )
+        queued = real_mesh.listen_queue(worker, "rpc-server", port)
+        assert queued == 0, f"{worker['metadata']['name']} has {queued} queued connections"
     code, findings = doctor(real_mesh)
-    rules, probe = policy_findings(findings)
+    rules, probe = policy_findings(findings, OTHER)
     # The model's own policy is as the operator wrote it ...
     assert rules["level"] == "ok"
     # ... but the network lets the probe in.
@@ -103,5 +118,5 @@ def test_doctor_finds_a_policy_that_does_not_hold(
     assert probe["level"] == "fail", probe
     assert probe["problem"].startswith("the NetworkPolicy does not hold: pod ")
     assert "connected" in probe["problem"]
-    assert f"policies add up: look for another one in {MODEL.namespace}" in probe["fix"]
+    assert f"policies add up: look for another one in {OTHER.namespace}" in probe["fix"]
     assert "does not enforce NetworkPolicy" in probe["fix"]
