@@ -93,16 +93,22 @@ def claims_by_device(claims: Mapping[str, Plan]) -> dict[tuple[str, str], int]:
         for dev in plan.devices:
             key = (dev.node, dev.device)
             out[key] = out.get(key, 0) + dev.total_mib
+        if plan.draft is not None:
+            # A draft runs in its host's RAM: on a CPU-only node, its CPU device.
+            key = (plan.draft.node, "CPU")
+            out[key] = out.get(key, 0) + plan.draft.memory_mib
     return out
 
 
 def claims_by_host(claims: Mapping[str, Plan]) -> dict[str, int]:
-    """RAM-tier MiB claimed per node by the given plans."""
+    """RAM claimed per node by the given plans: RAM tiers and draft models."""
     out: dict[str, int] = {}
     for plan in claims.values():
         if plan.host_tier is not None:
             node = plan.host_tier.node
             out[node] = out.get(node, 0) + plan.host_tier.memory_mib
+        if plan.draft is not None:
+            out[plan.draft.node] = out.get(plan.draft.node, 0) + plan.draft.memory_mib
     return out
 
 

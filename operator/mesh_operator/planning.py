@@ -13,6 +13,7 @@ extraArgs (`--check-flags` exits 1 when that record is stale).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -23,11 +24,13 @@ from mesh_operator.api import llama_server_options
 from mesh_operator.api.chat_templates import parse_chat_templates
 from mesh_operator.api.contract import HOST_PORT
 from mesh_operator.api.meshmodel import (
+    NGRAM_TYPES,
     DraftModel,
     MeshModelSpec,
     ModelSource,
     Plan,
     PlannedDevice,
+    PlannedDraft,
     PlannedHostTier,
     SecretKeyRef,
 )
@@ -36,6 +39,7 @@ from mesh_operator.api.owned_flags import parse_help, render_options_module
 from mesh_operator.manifests.workloads import API_KEY_MOUNT
 from mesh_operator.planner import (
     DraftSettings,
+    NgramSettings,
     PlacementRequest,
     PlacementResult,
     ServerSettings,
@@ -48,8 +52,11 @@ from mesh_operator.planner import (
     rpc_devices_by_node,
     to_api_plan,
 )
+from mesh_operator.planner.draft import estimate_draft_memory
 from mesh_operator.planner.inventory import Inventory
+from mesh_operator.planner.memory import MIB
 from mesh_operator.planner.profile import ModelProfile
+from mesh_operator.planner.speculation import DEFAULT_DRAFT_MAX, MEASURED_NGRAM, NgramSpeculation
 from mesh_operator.source import build_fetch_args, container_model_path, model_file_name
 
 __all__ = ["ModelProfile"]
@@ -96,11 +103,22 @@ def plan(
     request: PlacementRequest,
     current: Plan | None,
     pool: MeshPoolSpec,
+    *,
+    speculation: NgramSpeculation | None = None,
 ) -> PlacementResult:
-    """Place the model; a result using more nodes than the pool allows is refused."""
+    """Place the model; a result using more nodes than the pool allows is refused.
+
+    With n-gram `speculation` the predicted time per token is the placement's
+    time per step over the tokens a step yields (`planner.speculation`); every
+    placement gains alike, so the choice of devices does not change.
+    """
     result = plan_placement(
         profile, limit_inventory(inventory, pool), request, current_plan_from_api(current)
     )
+    if result.feasible and speculation is not None:
+        result = dataclasses.replace(
+            result, predicted_token_ms=speculation.token_ms(result.predicted_token_ms)
+        )
     if result.feasible and len(result.rpc) > pool.max_nodes_per_model:
         return PlacementResult(
             feasible=False,
@@ -200,6 +218,87 @@ def rpc_args(
     return out
 
 
+def ngram_settings(spec: MeshModelSpec) -> NgramSettings | None:
+    """The host's n-gram speculation, from `spec.speculative`."""
+    s = spec.speculative
+    if s is None:
+        return None
+    return NgramSettings(
+        type=s.type,
+        n_match=s.n_match,
+        n_min=s.n_min,
+        n_max=s.n_max,
+        size_n=s.size_n,
+        size_m=s.size_m,
+        min_hits=s.min_hits,
+    )
+
+
+def planned_draft(
+    draft: ModelProfile, spec: MeshModelSpec, host_node: str | None
+) -> PlannedDraft | None:
+    """The draft model's memory on the plan's host node, as the plan records it."""
+    if host_node is None:
+        return None
+    memory = estimate_draft_memory(draft, serving_params(spec))
+
+    def mib(n: int) -> int:
+        return -(-n // MIB)
+
+    return PlannedDraft(
+        node=host_node,
+        weights_mib=mib(memory.weights),
+        kv_mib=mib(memory.kv),
+        compute_mib=mib(memory.compute),
+        memory_mib=mib(memory.total),
+    )
+
+
+def draft_room_problem(plan: Plan, inventory: Inventory, reserve_percent: float) -> str | None:
+    """Why the host's node has no room for the plan's draft model, if it has none.
+
+    On a node whose device is its CPU, the draft shares that device's memory with
+    the layers planned there (less the reserve); elsewhere it takes the node's
+    system RAM (hostMemoryFreeMiB) beside the plan's RAM tier.
+    """
+    draft = plan.draft
+    node = inventory.node(draft.node) if draft is not None else None
+    if draft is None or node is None:
+        return None
+    cpu = next((d for d in node.devices if d.backend == "cpu"), None)
+    if cpu is not None:
+        reserve = int(cpu.memory_total_mib * reserve_percent / 100)
+        used = sum(d.total_mib for d in plan.devices if (d.node, d.device) == (node.name, cpu.id))
+        free, where = cpu.memory_free_mib - reserve - used, f"its {cpu.id} device"
+    else:
+        tier = plan.host_tier
+        held = tier.memory_mib if tier is not None and tier.node == node.name else 0
+        free, where = node.host_memory_free_mib - held, "its RAM (hostMemoryFreeMiB)"
+    if draft.memory_mib <= free:
+        return None
+    return (
+        f"the draft model needs {draft.memory_mib} MiB on the host's node {node.name}; "
+        f"{where} has {max(free, 0)} MiB free"
+    )
+
+
+def ngram_speculation(spec: MeshModelSpec) -> NgramSpeculation | None:
+    """What the time model assumes of the spec's n-gram speculation: its declared
+    acceptance, else the measured one, and its longest draft."""
+    s = spec.speculative
+    if s is None:
+        return None
+    declared = s.size_m if s.type != "ngram-mod" else s.n_max
+    acceptance = MEASURED_NGRAM.acceptance
+    if s.acceptance_percent is not None:
+        acceptance = s.acceptance_percent / 100
+    return NgramSpeculation(
+        acceptance=acceptance,
+        draft_max=DEFAULT_DRAFT_MAX[s.type] if declared is None else declared,
+        share=MEASURED_NGRAM.share,
+    )
+
+
 def _pooling(spec: MeshModelSpec) -> tuple[str, ...]:
     # Models like gemma default to no pooling, which /v1/embeddings refuses.
     if spec.embeddings and not any(a.split("=")[0] == "--pooling" for a in spec.extra_args):
@@ -256,6 +355,7 @@ def llama_args(
             if spec.draft is not None
             else None
         ),
+        ngram=ngram_settings(spec),
         chat_template=chat_template(spec, profile),
         extra_args=tuple(spec.extra_args) + _pooling(spec),
     )
@@ -308,7 +408,17 @@ def operator_llama_flags() -> frozenset[str]:
         embeddings=True,
     )
     from_settings = _flags(build_llama_server_args(plan, "m", settings, {"n": PENDING_ENDPOINT}))
-    return frozenset(from_spec | from_settings)
+    # Every n-gram type with every size it reads.
+    sizes = {"ngram-mod": ("n_match", "n_min", "n_max")}
+    from_ngram: set[str] = set()
+    for kind in NGRAM_TYPES:
+        fields = sizes.get(kind, ("size_n", "size_m", "min_hits"))
+        ngram = NgramSettings(kind, **dict.fromkeys(fields, 1))
+        built = build_llama_server_args(
+            plan, "m", ServerSettings(ngram=ngram), {"n": PENDING_ENDPOINT}
+        )
+        from_ngram |= _flags(built)
+    return frozenset(from_spec | from_settings | from_ngram)
 
 
 def _llama_server_help(binary: Path) -> tuple[str, str]:

@@ -18,7 +18,9 @@ from e2e.cluster import LocalCluster
 from e2e.fileserver import serve_directory
 from e2e.nodesim import SimulatedCluster
 from e2e.waiting import wait_for
-from mesh_operator.planner import read_model_profile
+from mesh_operator.planner import ServingParams, read_model_profile
+from mesh_operator.planner.draft import estimate_draft_memory
+from mesh_operator.planner.memory import MIB
 from tests.integration.kube_helpers import (
     apply,
     condition,
@@ -277,6 +279,44 @@ def test_a_model_too_big_for_vram_is_planned_with_layers_in_the_hosts_ram(
     layers = read_model_profile(model_file).n_device_layers
     assert args[args.index("-ngl") + 1] == str(layers - tier["cpuLayers"])
     assert args[args.index("-lm") + 1] == "none" and "--n-cpu-moe" not in args
+
+
+def test_a_draft_model_is_planned_on_the_host_node_and_claimed(
+    operator: KopfRunner,
+    crds: LocalCluster,
+    namespace: str,
+    model_url: str,
+    model_file: Path,
+    cleanup: list[str],
+) -> None:
+    label = namespace
+    (name,) = _gpu_nodes(crds, label, [(2048, 900.0)], cleanup)
+    put_meshnode(
+        crds, name, [gpu_device(0, 2048, 2000, 900.0, "Test GPU 0")], hostMemoryFreeMiB=4096
+    )
+    pool = f"pool-{label}"
+    _pool(crds, pool, label, cleanup)
+    url = f"{model_url}/{MODEL_FILE}"
+    _model(crds, namespace, "drafted", pool, source={"url": url}, draft={"source": {"url": url}})
+
+    obj = wait_for("the plan", lambda: _planned(crds, namespace, "drafted"), timeout=90)
+    plan = obj["status"]["plan"]
+    draft = plan["draft"]
+    # The draft's header is read like the model's; its memory is the planner's estimate.
+    estimate = estimate_draft_memory(read_model_profile(model_file), ServingParams(ctx=1024))
+    assert draft["node"] == plan["hostNode"] == name, plan
+    assert draft["memoryMiB"] == -(-estimate.total // MIB), draft
+    assert draft["weightsMiB"] == -(-estimate.weights // MIB), draft
+
+    def host() -> dict[str, Any] | None:
+        dep = get(crds, "deployment", "drafted-host", "-n", namespace)
+        return dep["spec"]["template"]["spec"]["containers"][0] if dep else None
+
+    server = wait_for("the host Deployment", host, timeout=90)
+    args = server["args"]
+    assert args[args.index("--spec-type") + 1] == "draft-simple"
+    assert args[args.index("-devd") + 1] == "none"
+    assert server["resources"]["requests"]["memory"] == f"{draft['memoryMiB']}Mi"
 
 
 @pytest.mark.parametrize(

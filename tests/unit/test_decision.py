@@ -500,3 +500,37 @@ def test_rpc_version_mismatch_keeps_the_host_stopped() -> None:
     assert event_reasons(d) == ["RpcVersionMismatch"]
     assert d.status.version_mismatch.nodes == [refused.node]
     assert not d.claim_changed
+
+
+def test_a_draft_model_is_planned_on_the_host_and_claimed() -> None:
+    spec = {**SPEC, "draft": {"source": {"url": "http://files/small.gguf"}}}
+    roomy = {
+        n.name: one_gpu_status(NOW, 8000, total=8192, bandwidth=448.0, hostMemoryFreeMiB=8192)
+        for n in NODES
+    }
+    d = decide(snapshot(spec=spec, draft_profile=SMALL, meshnodes=roomy))
+    plan = d.status.plan
+    assert plan is not None and plan.draft is not None
+    assert plan.draft.node == plan.host_node
+    assert plan.draft.memory_mib >= plan.draft.weights_mib + plan.draft.kv_mib > 0
+    assert d.claim == plan and d.claim_changed
+    server = host_deployment(d)["spec"]["template"]["spec"]["containers"][0]
+    assert server["resources"]["requests"]["memory"] == f"{plan.draft.memory_mib}Mi"
+
+
+def test_an_unreadable_draft_model_blocks_the_plan() -> None:
+    spec = {**SPEC, "draft": {"source": {"url": "http://files/small.gguf"}}}
+    error = SourceError("SourceNotFound", "GET http://files/small.gguf: 404 Not Found")
+    d = decide(snapshot(spec=spec, draft_profile=error))
+    assert d.reason == "SourceNotFound" and d.outcome == "blocked"
+    assert conditions_message(d, "Ready") == f"draft model: {error}"
+    assert d.status.plan is None and not d.claim_changed
+
+
+def test_a_draft_model_without_room_on_the_host_is_not_planned() -> None:
+    spec = {**SPEC, "draft": {"source": {"url": "http://files/small.gguf"}}}
+    # The nodes offer no RAM beside their GPUs (hostMemoryFreeMiB 0).
+    d = decide(snapshot(spec=spec, draft_profile=SMALL))
+    assert d.status.plan is None
+    assert d.reason == "NoCapacity" and d.outcome == "blocked"
+    assert conditions_message(d, "Planned").startswith("the draft model needs "), d.status

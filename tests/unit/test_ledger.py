@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mesh_operator.api.meshmodel import Plan, PlannedHostTier
+from mesh_operator.api.meshmodel import Plan, PlannedDraft, PlannedHostTier
 from mesh_operator.api.meshnode import MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.handlers.snapshot import node_info
@@ -16,6 +16,7 @@ from mesh_operator.ledger import (
     build_ledger_rows,
     build_pool_view,
     capacity_grew,
+    claims_by_device,
     plan_problems,
     to_inventory,
 )
@@ -197,3 +198,21 @@ def test_ram_tier_claims_leave_a_nodes_ram_to_the_others() -> None:
     exclusive = MeshPoolSpec(sharing="exclusive", node_selector={"pool": "x"})
     held = build_pool_view(exclusive, NODES, meshnodes, {"ns/first": tiered}, NOW)
     assert held.by_name()["a"].host_memory_mib == 0
+
+
+def test_a_draft_model_s_memory_is_claimed_on_its_host_node() -> None:
+    pool = MeshPoolSpec(sharing="shared", node_selector={"pool": "x"})
+    meshnodes = {"a": status(hostMemoryFreeMiB=4096), "b": status(hostMemoryFreeMiB=4096)}
+    drafted = plan_on("a", 2000)
+    drafted.draft = PlannedDraft(
+        node="b", weights_mib=236, kv_mib=21, compute_mib=21, memory_mib=278
+    )
+    view = build_pool_view(pool, NODES, meshnodes, {"ns/first": drafted}, NOW)
+    assert view.by_name()["b"].host_memory_mib == 4096 - 278
+    assert view.by_name()["a"].host_memory_mib == 4096
+
+
+def test_on_a_cpu_node_the_draft_holds_its_cpu_device() -> None:
+    plan = plan_on("a", 100)
+    plan.draft = PlannedDraft(node="a", weights_mib=1, kv_mib=1, compute_mib=1, memory_mib=300)
+    assert claims_by_device({"ns/m": plan})[("a", "CPU")] == 300

@@ -11,6 +11,9 @@ from mesh_operator.api.contract import HOST_PORT, HOST_PORT_NAME
 from mesh_operator.api.meshmodel import MeshModelSpec, Plan
 from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.manifests.workloads import build_host_deployment
+from mesh_operator.planner import parse_inventory
+from mesh_operator.planner.speculation import MEASURED_NGRAM, NgramSpeculation, tokens_per_step
+from tests.unit.planner.builders import device, inventory, node, synthetic_profile
 from tests.unit.test_manifests import workload
 
 pytestmark = pytest.mark.unit
@@ -70,6 +73,47 @@ def test_draft_model_is_fetched_and_loaded() -> None:
     w = type(w)(**{**w.__dict__, "draft_fetch_args": fetch})
     init = build_host_deployment(w)["spec"]["template"]["spec"]["initContainers"]
     assert [c["name"] for c in init] == ["cache-owner", "fetch", "fetch-draft"]
+
+
+def test_a_draft_model_drafts() -> None:
+    # llama-server loads a -md model but drafts with it only under --spec-type draft-simple.
+    s = spec(draft={"source": {"url": "https://m.example/small.gguf"}})
+    assert flag(planning.llama_args(PLAN, s, "big", None), "--spec-type") == "draft-simple"
+
+
+@pytest.mark.parametrize(
+    ("speculative", "draft", "expected"),
+    [
+        (
+            {"type": "ngram-mod", "nMatch": 12, "nMax": 24},
+            False,
+            [
+                "--spec-type",
+                "ngram-mod",
+                "--spec-ngram-mod-n-match",
+                "12",
+                "--spec-ngram-mod-n-max",
+                "24",
+            ],
+        ),
+        (
+            {"type": "ngram-map-k4v", "minHits": 2},
+            True,
+            ["--spec-type", "ngram-map-k4v,draft-simple", "--spec-ngram-map-k4v-min-hits", "2"],
+        ),
+        ({"type": "ngram-simple"}, False, ["--spec-type", "ngram-simple", "--no-jinja"]),
+    ],
+    ids=["ngram-mod", "ngram-and-draft", "llama-defaults"],
+)
+def test_ngram_speculation_from_the_spec(
+    speculative: dict[str, Any], draft: bool, expected: list[str]
+) -> None:
+    extra: dict[str, Any] = {"speculative": speculative, "chatTemplate": "chatml"}
+    if draft:
+        extra["draft"] = {"source": {"url": "https://m.example/small.gguf"}}
+    args = planning.llama_args(PLAN, spec(**extra), "big", None)
+    start = args.index("--spec-type")
+    assert args[start : start + len(expected)] == expected
 
 
 def test_draft_on_a_pvc_needs_the_models_pvc() -> None:
@@ -144,4 +188,69 @@ def test_the_operator_s_flags_are_those_its_builders_set() -> None:
     flags = planning.operator_llama_flags()
     for emitted in ("-ub", "-b", "-t", "--spec-draft-n-max", "-ngld", "--rpc", "-ts", "--alias"):
         assert emitted in flags
+    for emitted in ("--spec-type", "--spec-ngram-mod-n-match", "--spec-ngram-map-k4v-min-hits"):
+        assert emitted in flags
     assert "--pooling" not in flags
+
+
+def test_the_time_model_counts_ngram_speculation() -> None:
+    profile = synthetic_profile(n_layer=8, layer_mib=10, output_mib=10)
+    pool_nodes = inventory(node("a", device("CUDA0", total=4000)))
+    pool = MeshPoolSpec.model_validate({"backend": "cuda"})
+    s = spec(speculative={"type": "ngram-map-k", "sizeM": 8, "acceptancePercent": 50})
+    request = planning.placement_request(s, pool, profile)
+    without = planning.plan(profile, pool_nodes, request, None, pool)
+    speculation = planning.ngram_speculation(s)
+    assert speculation == NgramSpeculation(0.5, 8, MEASURED_NGRAM.share)
+    with_it = planning.plan(profile, pool_nodes, request, None, pool, speculation=speculation)
+    assert (with_it.devices, with_it.tensor_split) == (without.devices, without.tensor_split)
+    step = tokens_per_step(0.5, 8, MEASURED_NGRAM.share)
+    assert with_it.predicted_token_ms == pytest.approx(without.predicted_token_ms / step)
+
+
+def test_undeclared_speculation_takes_the_measured_acceptance_and_llama_s_draft() -> None:
+    assert planning.ngram_speculation(spec()) is None
+    mod = planning.ngram_speculation(spec(speculative={"type": "ngram-mod"}))
+    assert mod == NgramSpeculation(MEASURED_NGRAM.acceptance, 64, MEASURED_NGRAM.share)
+
+
+CPU_NODE = {"name": "a", "devices": [{"id": "CPU", "backend": "cpu", "memoryTotalMiB": 4000,
+                                      "memoryFreeMiB": 3000}]}  # fmt: skip
+GPU_NODE = {"name": "a", "hostMemoryFreeMiB": 1000, "devices": [
+    {"id": "CUDA0", "memoryTotalMiB": 8000, "memoryFreeMiB": 8000}]}  # fmt: skip
+
+
+def _drafted(device: str, device_mib: int, draft_mib: int) -> Plan:
+    plan = Plan.model_validate(
+        {
+            "devices": [{"node": "a", "device": device, "layers": [0, 19], "weightsMiB": 0,
+                         "kvMiB": 0, "computeMiB": 0, "totalMiB": device_mib}],
+            "tensorSplit": [19], "rpc": ["a"], "hostNode": "a",
+            "draft": {"node": "a", "weightsMiB": 0, "kvMiB": 0, "computeMiB": 0,
+                      "memoryMiB": draft_mib},
+        }
+    )  # fmt: skip
+    return plan
+
+
+@pytest.mark.parametrize(
+    ("node", "device", "device_mib", "draft_mib", "problem"),
+    [
+        # 3000 free less a 10% reserve of 4000 is 2600, less the 2000 of layers: 600.
+        (CPU_NODE, "CPU", 2000, 600, None),
+        (CPU_NODE, "CPU", 2000, 601, "its CPU device has 600 MiB free"),
+        # A GPU node's draft takes its RAM, not its GPU.
+        (GPU_NODE, "CUDA0", 7000, 1000, None),
+        (GPU_NODE, "CUDA0", 7000, 1001, "its RAM (hostMemoryFreeMiB) has 1000 MiB free"),
+    ],
+)
+def test_the_draft_must_fit_on_the_host_s_node(
+    node: dict[str, Any], device: str, device_mib: int, draft_mib: int, problem: str | None
+) -> None:
+    pool_nodes = parse_inventory({"nodes": [node]})
+    found = planning.draft_room_problem(_drafted(device, device_mib, draft_mib), pool_nodes, 10.0)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and found.endswith(problem), found
+        assert found.startswith(f"the draft model needs {draft_mib} MiB on the host's node a")

@@ -120,6 +120,84 @@ class DraftModel(ApiModel):
     max_tokens: int = Field(default=16, ge=1, le=64)
 
 
+NgramType = Literal["ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod"]
+NGRAM_TYPES: Final[tuple[str, ...]] = ("ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod")
+# The sizes ngram-mod reads, and those the other n-gram types read, as llama.cpp names them.
+_MOD_SIZES: Final = {"n_match": "nMatch", "n_min": "nMin", "n_max": "nMax"}
+_MAP_SIZES: Final = {"size_n": "sizeN", "size_m": "sizeM", "min_hits": "minHits"}
+_MOD_ONLY: Final = "nMatch, nMin and nMax apply to type ngram-mod only"
+_MAP_ONLY: Final = (
+    "sizeN, sizeM and minHits apply to type ngram-simple, ngram-map-k or ngram-map-k4v only"
+)
+_MIN_ABOVE_MAX: Final = "nMin must not exceed nMax"
+
+
+def _any_of(sizes: dict[str, str]) -> str:
+    return " || ".join(f"has(self.{name})" for name in sizes.values())
+
+
+class Speculative(ApiModel):
+    """Draft-free speculative decoding from n-grams of the context (--spec-type ngram-*)."""
+
+    # Unset sizes keep llama.cpp's defaults.
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            {"rule": f"self.type == 'ngram-mod' || !({_any_of(_MOD_SIZES)})", "message": _MOD_ONLY},
+            {"rule": f"self.type != 'ngram-mod' || !({_any_of(_MAP_SIZES)})", "message": _MAP_ONLY},
+            {
+                "rule": "!has(self.nMin) || !has(self.nMax) || self.nMin <= self.nMax",
+                "message": _MIN_ABOVE_MAX,
+                "fieldPath": ".nMin",
+            },
+        )
+    )
+
+    type: NgramType = Field(
+        description="llama.cpp's --spec-type: ngram-simple, ngram-map-k, ngram-map-k4v or "
+        "ngram-mod. With spec.draft as well, the n-gram is tried first and the draft model "
+        "drafts when it finds no match."
+    )
+    n_match: int | None = Field(
+        default=None, ge=1, le=1024, description="ngram-mod: length of the n-gram looked up."
+    )
+    n_min: int | None = Field(
+        default=None, ge=0, le=1024, description="ngram-mod: fewest tokens worth drafting."
+    )
+    n_max: int | None = Field(
+        default=None, ge=0, le=1024, description="ngram-mod: most tokens drafted at once."
+    )
+    size_n: int | None = Field(
+        default=None, ge=1, le=1024, description="The other types: length of the n-gram looked up."
+    )
+    size_m: int | None = Field(
+        default=None, ge=1, le=1024, description="The other types: most tokens drafted at once."
+    )
+    min_hits: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="The other types: times an n-gram must have been seen to be drafted.",
+    )
+    acceptance_percent: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Drafted tokens expected to be accepted, in percent, for the predicted "
+        "time per token; unset: the acceptance measured by python -m bench spec.",
+    )
+
+    @model_validator(mode="after")
+    def _sizes_of_type(self) -> Speculative:
+        mod = self.type == "ngram-mod"
+        if not mod and any(getattr(self, name) is not None for name in _MOD_SIZES):
+            raise ValueError(f"speculative: {_MOD_ONLY}, not to {self.type}")
+        if mod and any(getattr(self, name) is not None for name in _MAP_SIZES):
+            raise ValueError(f"speculative: {_MAP_ONLY}, not to ngram-mod")
+        if self.n_min is not None and self.n_max is not None and self.n_min > self.n_max:
+            raise ValueError(f"speculative: {_MIN_ABOVE_MAX} ({self.n_min} > {self.n_max})")
+        return self
+
+
 class ResourceList(ApiModel):
     cpu: Quantity | None = None
     memory: Quantity | None = None
@@ -228,6 +306,7 @@ class MeshModelSpec(ApiModel):
     flash_attention: FlashAttention = "auto"
     strategy: Strategy = "latency"
     draft: DraftModel | None = None
+    speculative: Speculative | None = None
     served_name: str | None = Field(default=None, pattern=NAME_PATTERN)
     aliases: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=SERVED_NAME_MAX)]] = Field(
         default_factory=list,
@@ -347,9 +426,20 @@ class PlannedHostTier(ApiModel):
     memory_mib: int = Field(ge=0, alias="memoryMiB", description="RAM the plan claims there.")
 
 
+class PlannedDraft(ApiModel):
+    """The draft model's memory on the host's CPU (`-devd none`), claimed on its node."""
+
+    node: str
+    weights_mib: int = Field(ge=0, alias="weightsMiB")
+    kv_mib: int = Field(ge=0, alias="kvMiB")
+    compute_mib: int = Field(ge=0, alias="computeMiB")
+    memory_mib: int = Field(ge=0, alias="memoryMiB", description="RAM the draft claims there.")
+
+
 class Plan(ApiModel):
     devices: list[PlannedDevice] = Field(default_factory=list)
     host_tier: PlannedHostTier | None = None
+    draft: PlannedDraft | None = None
     tensor_split: list[int] = Field(default_factory=list)
     rpc: list[str] = Field(default_factory=list, description="Node names in --rpc order.")
     host_node: str | None = None

@@ -277,7 +277,10 @@ def plan_on_pool(
     request = planning.placement_request(spec, live.spec, profile)
     if reserve_percent is not None:
         request = dataclasses.replace(request, reserve_percent=reserve_percent)
-    result = planning.plan(profile, to_inventory(view), request, current, live.spec)
+    speculation = planning.ngram_speculation(spec)
+    result = planning.plan(
+        profile, to_inventory(view), request, current, live.spec, speculation=speculation
+    )
     unusable = [{"node": n.name, "problem": n.problem} for n in view.nodes if not n.usable]
     return result, build_holdings(claims, {n.name for n in view.nodes}), unusable
 

@@ -128,6 +128,9 @@ class ModelSnapshot:
     # The model file's profile, or why it could not be read; None when not read
     # (a PVC source whose header-reader pod has not reported yet).
     profile: planning.ModelProfile | SourceError | None = None
+    # The draft model's profile (spec.draft), or why it could not be read; None
+    # when there is none or it was not read (a draft on a PVC).
+    draft_profile: planning.ModelProfile | SourceError | None = None
     # The pool's capacity steps with every plan held, and those the previous
     # decision saw: more room lets a serving model consolidate.
     capacity: Capacity | None = None
@@ -296,6 +299,9 @@ class _Decider:
             )
         else:
             profile = s.profile
+        if isinstance(s.draft_profile, SourceError):
+            why = f"draft model: {s.draft_profile}"
+            return self.blocked(s.draft_profile.reason, why, LookAgain(backoff=True))
         self.status.model_size_bytes = profile.file_bytes
         plan = self._plan(spec, pool, profile)
         if plan is None:
@@ -403,15 +409,26 @@ class _Decider:
             inventory, keep = to_inventory(view, only=usable), None
         request = planning.placement_request(spec, pool.spec, profile)
         started = time.perf_counter()
-        result = planning.plan(profile, inventory, request, keep, pool.spec)
+        speculation = planning.ngram_speculation(spec)
+        result = planning.plan(
+            profile, inventory, request, keep, pool.spec, speculation=speculation
+        )
         self.d.plan_seconds = time.perf_counter() - started
         if not result.feasible:
             self._no_capacity(current, reason, message, result.reason)
             return None
         new_plan = planning.to_plan(result)
+        if isinstance(s.draft_profile, planning.ModelProfile):
+            new_plan.draft = planning.planned_draft(s.draft_profile, spec, new_plan.host_node)
         changed = current is None or planning.layout_of(current) != planning.layout_of(new_plan)
         if reason == "Consolidate" and not changed:
             return current
+        # Checked where a layout is new: a serving host is not stopped for a small
+        # change of free RAM, as a kept plan's devices are not.
+        no_room = planning.draft_room_problem(new_plan, inventory, request.reserve_percent)
+        if changed and no_room is not None:
+            self._no_capacity(current, reason, message, no_room)
+            return None
         self.d.reason = reason
         self.status.planned_for_generation = s.model.generation
         self.status.pool_generation = pool.generation
@@ -555,7 +572,8 @@ class _Decider:
             gpus_per_node=planning.gpus_per_node(plan),
             variants=planning.image_variants(plan),
             group_restarts=self.status.group_restarts,
-            host_tier_mib=plan.host_tier.memory_mib if plan.host_tier else 0,
+            host_tier_mib=(plan.host_tier.memory_mib if plan.host_tier else 0)
+            + (plan.draft.memory_mib if plan.draft else 0),
             hf_endpoint=self.s.hf_endpoint,
         )
         verdict = self._host_verdict(workload, pool)

@@ -151,6 +151,7 @@ class ModelReconciler:
         status = self._freshest(key, ref.uid, original)
         spec = _spec_or_none(body)
         secrets, profile = self._read(ref, spec, snapshot)
+        draft_profile = self._read_draft(spec, secrets, profile)
         pool_name = spec.pool_ref if spec is not None else ""
         with self._pool_lock(pool_name):
             decision = decide(
@@ -162,6 +163,7 @@ class ModelReconciler:
                     now=now,
                     secrets=secrets,
                     profile=profile,
+                    draft_profile=draft_profile,
                 )
             )
             if decision.claim_changed:
@@ -202,6 +204,25 @@ class ModelReconciler:
         except SourceError as exc:
             return secrets, exc
 
+    def _read_draft(
+        self,
+        spec: MeshModelSpec | None,
+        secrets: Mapping[tuple[str, str], str | None],
+        profile: ModelProfile | SourceError | None,
+    ) -> ModelProfile | SourceError | None:
+        """The draft model's profile, read once the model's own was (with its token)."""
+        if spec is None or spec.draft is None or not isinstance(profile, ModelProfile):
+            return None
+        if spec.draft.source.pvc is not None:
+            return self.profiles.cached(spec.draft.source, spec.draft.sha256)
+        token = next(
+            (secrets.get((n, k)) for role, n, k in secret_refs(spec) if role == "token"), None
+        )
+        try:
+            return self.profiles.get(spec.draft.source, spec.draft.sha256, token)
+        except SourceError as exc:
+            return exc
+
     def _snapshot(
         self,
         ref: ModelRef,
@@ -212,6 +233,7 @@ class ModelReconciler:
         now: dt.datetime,
         secrets: Mapping[tuple[str, str], str | None],
         profile: ModelProfile | SourceError | None,
+        draft_profile: ModelProfile | SourceError | None = None,
     ) -> ModelSnapshot:
         pool_name = (body.get("spec") or {}).get("poolRef") or ""
         pool = snapshot.pools.get(pool_name)
@@ -232,6 +254,7 @@ class ModelReconciler:
             children=snapshot.children.get(ref.key, {}),
             secrets=secrets,
             profile=profile,
+            draft_profile=draft_profile,
             capacity=capacity,
             capacity_seen=self._capacity_seen.get(ref.key),
             peers=self.peers,

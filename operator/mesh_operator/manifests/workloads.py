@@ -91,7 +91,7 @@ class ModelWorkload:
     # Bumped each time the host must restart with its group (a worker restarted
     # under it): a change of the host's pod template, so its Deployment rolls it.
     group_restarts: int = 0
-    # MiB of the model the plan keeps in the host's RAM (its RAM tier): the host
+    # MiB the plan keeps in the host's RAM (its RAM tier, a draft model): the host
     # requests that much memory unless hostResources says otherwise.
     host_tier_mib: int = 0
     # A Hugging Face mirror (the operator's HF_ENDPOINT), given to `mesh fetch`.

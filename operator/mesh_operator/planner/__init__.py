@@ -56,6 +56,7 @@ from mesh_operator.planner.api_plan import current_plan_from_api, to_api_plan
 from mesh_operator.planner.commands import (
     DEFAULT_RPC_PORT,
     DraftSettings,
+    NgramSettings,
     ServerSettings,
     build_llama_server_args,
     build_rpc_server_args,
@@ -110,6 +111,7 @@ __all__ = [
     "InventoryNode",
     "MemoryEstimate",
     "ModelProfile",
+    "NgramSettings",
     "PlacementRequest",
     "PlacementResult",
     "PlannerInputError",

@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_RPC_PORT",
     "DEFAULT_UBATCH",
     "DraftSettings",
+    "NgramSettings",
     "ServerSettings",
     "build_llama_server_args",
     "build_rpc_server_args",
@@ -38,11 +39,42 @@ DEFAULT_BATCH = 2048
 
 @dataclass(frozen=True)
 class DraftSettings:
-    """A draft model for speculative decoding, loaded by the host."""
+    """A draft model for speculative decoding, loaded by the host.
+
+    It runs on the host's CPU (`-devd none`): the host pod has no accelerator of
+    its own, and without `-devd` llama.cpp would offload the draft onto the RPC
+    devices, in memory no plan holds and with round trips for every drafted token.
+    """
 
     model_path: str
     max_tokens: int = 16
     gpu_layers: int | None = None
+
+
+@dataclass(frozen=True)
+class NgramSettings:
+    """Draft-free speculative decoding: llama.cpp drafts from n-grams of the context.
+
+    `type` is one of llama.cpp's `ngram-*` speculation types; the sizes are its own
+    (`--spec-<type>-<size>`): n_match, n_min, n_max for ngram-mod, size_n, size_m,
+    min_hits for the others. Unset sizes keep llama.cpp's defaults.
+    """
+
+    type: str
+    n_match: int | None = None
+    n_min: int | None = None
+    n_max: int | None = None
+    size_n: int | None = None
+    size_m: int | None = None
+    min_hits: int | None = None
+
+    def args(self) -> list[str]:
+        out: list[str] = []
+        for name in ("n_match", "n_min", "n_max", "size_n", "size_m", "min_hits"):
+            value = getattr(self, name)
+            if value is not None:
+                out += [f"--spec-{self.type}-{name.replace('_', '-')}", str(value)]
+        return out
 
 
 @dataclass(frozen=True)
@@ -56,6 +88,7 @@ class ServerSettings:
     metrics: bool = True
     api_key_file: str | None = None
     draft: DraftSettings | None = None
+    ngram: NgramSettings | None = None
     threads: int | None = None
     embeddings: bool = False
     # A llama.cpp built-in chat template by name (`mesh_operator.api.chat_templates`).
@@ -163,13 +196,29 @@ def build_llama_server_args(
         args += ["-t", str(settings.threads)]
     if settings.draft is not None:
         args += ["-md", settings.draft.model_path]
-        args += ["--spec-draft-n-max", str(settings.draft.max_tokens)]
+        args += ["--spec-draft-n-max", str(settings.draft.max_tokens), "-devd", "none"]
         if settings.draft.gpu_layers is not None:
             args += ["-ngld", str(settings.draft.gpu_layers)]
+    args += _speculation_args(settings)
     if settings.chat_template:
         args += chat_template_args(settings.chat_template)
     args += list(settings.extra_args)
     return args
+
+
+def _speculation_args(settings: ServerSettings) -> list[str]:
+    """`--spec-type` and the n-gram's sizes. llama.cpp loads a `-md` model but drafts
+    with it only when `draft-simple` is among the types; with an n-gram too, it tries
+    the n-gram first and the draft model when the n-gram finds no match."""
+    types = []
+    if settings.ngram is not None:
+        types.append(settings.ngram.type)
+    if settings.draft is not None:
+        types.append("draft-simple")
+    if not types:
+        return []
+    ngram = settings.ngram.args() if settings.ngram is not None else []
+    return ["--spec-type", ",".join(types), *ngram]
 
 
 def chat_template_args(name: str) -> list[str]:

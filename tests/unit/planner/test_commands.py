@@ -7,6 +7,7 @@ import pytest
 from mesh_operator.api.meshmodel import OWNED_FLAGS
 from mesh_operator.planner import (
     DraftSettings,
+    NgramSettings,
     PlacementRequest,
     PlacementResult,
     PlannerInputError,
@@ -82,7 +83,54 @@ def test_the_stored_plan_builds_the_same_command(plan: PlacementResult) -> None:
         (ServerSettings(serving=ServingParams(ubatch=256)), ["-ub", "256"]),
         (
             ServerSettings(draft=DraftSettings("/models/d.gguf", max_tokens=8, gpu_layers=0)),
-            ["-md", "/models/d.gguf", "--spec-draft-n-max", "8", "-ngld", "0"],
+            [
+                "-md",
+                "/models/d.gguf",
+                "--spec-draft-n-max",
+                "8",
+                "-devd",
+                "none",
+                "-ngld",
+                "0",
+                "--spec-type",
+                "draft-simple",
+            ],
+        ),
+        (
+            ServerSettings(ngram=NgramSettings("ngram-mod", n_match=16, n_min=2, n_max=32)),
+            [
+                "--spec-type",
+                "ngram-mod",
+                "--spec-ngram-mod-n-match",
+                "16",
+                "--spec-ngram-mod-n-min",
+                "2",
+                "--spec-ngram-mod-n-max",
+                "32",
+            ],
+        ),
+        (
+            ServerSettings(ngram=NgramSettings("ngram-simple", size_n=3, size_m=8, min_hits=2)),
+            [
+                "--spec-type",
+                "ngram-simple",
+                "--spec-ngram-simple-size-n",
+                "3",
+                "--spec-ngram-simple-size-m",
+                "8",
+                "--spec-ngram-simple-min-hits",
+                "2",
+            ],
+        ),
+        (
+            ServerSettings(ngram=NgramSettings("ngram-map-k4v"), extra_args=("--jinja",)),
+            ["--spec-type", "ngram-map-k4v", "--jinja"],
+        ),
+        (
+            ServerSettings(
+                draft=DraftSettings("/models/d.gguf"), ngram=NgramSettings("ngram-map-k", size_n=4)
+            ),
+            ["--spec-type", "ngram-map-k,draft-simple", "--spec-ngram-map-k-size-n", "4"],
         ),
         (ServerSettings(extra_args=("--jinja",)), ["--jinja"]),
     ],
@@ -97,6 +145,10 @@ def test_the_stored_plan_builds_the_same_command(plan: PlacementResult) -> None:
         "threads",
         "ubatch",
         "draft",
+        "ngram-mod",
+        "ngram-simple",
+        "ngram-defaults",
+        "ngram-then-draft",
         "extra",
     ],
 )
@@ -106,6 +158,11 @@ def test_llama_server_settings(
     args = build_llama_server_args(plan, "m", settings, ENDPOINTS)
     start = args.index(expected[0])
     assert args[start : start + len(expected)] == expected
+
+
+def test_no_speculation_without_a_draft_or_an_ngram(plan: PlacementResult) -> None:
+    args = build_llama_server_args(plan, "m", ServerSettings(), ENDPOINTS)
+    assert not [a for a in args if a.startswith("--spec")]
 
 
 def test_every_flag_set_is_one_the_operator_owns(plan: PlacementResult) -> None:

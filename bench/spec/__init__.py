@@ -1,0 +1,1 @@
+"""What n-gram speculation buys a split over a slow network, on real llama.cpp."""
