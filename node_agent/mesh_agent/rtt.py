@@ -13,8 +13,9 @@ MeshNode lists the medians of the `max_published` peers visited last, and their
 lower median as the node's own round trip to the pool (`roundTripMs`).
 
 A peer that does not answer loses its samples. The work is bounded whatever the
-pool's size: one peer list every `refresh_rounds` rounds (every round while none is
-known), `peers_per_round` probes per round, one sample window per peer listed.
+pool's size: one peer list every `refresh_rounds` rounds (sooner, backing off from
+every round, while none is known), `peers_per_round` probes per round, one sample
+window per peer listed.
 """
 
 from __future__ import annotations
@@ -287,16 +288,15 @@ class RttProber:
         self._rng = rng or random.Random()
         self._measure = measure_peer
         self._listed_round: int | None = None
+        self._empty_lists = 0
 
     async def _refresh(self) -> None:
-        # Every round while no peer is known (agents of a pool start together),
-        # then every `refresh_rounds`.
-        due = (
-            not self.peers
-            or self._listed_round is None
-            or self.rounds - self._listed_round >= self.settings.refresh_rounds
-        )
-        if not due:
+        # Every `refresh_rounds`; sooner while no peer is known (the agents of a
+        # pool start together): after 1, 2, 4, 8 ... rounds.
+        wait = self.settings.refresh_rounds
+        if not self.peers:
+            wait = min(wait, 2 ** max(0, self._empty_lists - 1))
+        if self._listed_round is not None and self.rounds - self._listed_round < wait:
             return
         self._listed_round = self.rounds
         try:
@@ -308,6 +308,7 @@ class RttProber:
             "rtt-peers", f"ok:{len(peers)}", f"round-trip peers: {len(peers)} agents"
         )
         self.peers = peers
+        self._empty_lists = 0 if peers else self._empty_lists + 1
         self.window.forget_except(p.node for p in peers)
 
     async def round(self) -> None:

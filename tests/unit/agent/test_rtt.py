@@ -274,13 +274,18 @@ async def _test_a_silent_peer_is_dropped_not_counted() -> None:
     assert summary == 0.4
 
 
-def test_an_empty_pool_is_listed_again_next_round() -> None:
-    asyncio.run(_test_an_empty_pool_is_listed_again_next_round())
+def test_an_empty_pool_is_listed_again_sooner_then_less_often() -> None:
+    asyncio.run(_test_an_empty_pool_is_listed_again_sooner_then_less_often())
 
 
-async def _test_an_empty_pool_is_listed_again_next_round() -> None:
-    rtt, visited, listings = prober([], {}, refresh_rounds=100)
-    await rtt.round()
-    await rtt.round()
-    assert len(listings) == 2 and visited == []
+async def _test_an_empty_pool_is_listed_again_sooner_then_less_often() -> None:
+    rtt, visited, listings = prober([], {}, refresh_rounds=6)
+    listed_in = []
+    for r in range(20):
+        before = len(listings)
+        await rtt.round()
+        if len(listings) > before:
+            listed_in.append(r)
+    # After 1, 2, 4 rounds, then every refresh_rounds.
+    assert listed_in == [0, 1, 3, 7, 13, 19] and visited == []
     assert rtt.report(now=0.0) == ([], None)
