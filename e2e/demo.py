@@ -3,7 +3,7 @@ real CPU nodes (and a system node) running the project's own images, from
 `helm install mesh` to a chat answer that survives losing a node.
 
 Test infrastructure driving the real product (`e2e.scenario`). Prints each step,
-the chat answer and the figures, and writes them to .mesh/e2e-report.json.
+the chat answer, a completion and the figures, and writes them to .mesh/e2e-report.json.
 `--keep` leaves the cluster running afterwards.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from e2e import parts
 from e2e.cluster import ClusterError
 from e2e.nodes import ImageError, NodesError
-from e2e.scenario import Scenario, ScenarioError, write_report
+from e2e.scenario import COMPLETION_PROMPT, Scenario, ScenarioError, write_report
 from e2e.waiting import WaitTimeoutError
 
 
@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         f"nodes up / helm install: {figures.nodes_up_seconds:.1f} s / "
         f"{figures.install_to_ready_seconds:.1f} s (image pulls included)"
     )
-    print(f"chat answer:            {figures.answer}")
+    # The model is a base model: the completion is the answer it can give; the chat
+    # shows the template at work (gemma's turns, no ChatML), not an instruction-tuned reply.
+    print(f"completion:             {COMPLETION_PROMPT!r} -> {figures.completion!r}")
+    print(f"chat answer:            {figures.answer!r}")
     print(f"planned on:             {', '.join(figures.planned_nodes)}")
     print(
         f"apply -> first token:   {figures.apply_to_first_token_seconds:.1f} s "

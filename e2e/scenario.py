@@ -56,6 +56,9 @@ SYSTEM_NODE = "node-system"
 DEVICE_CAP_MIB = 280
 CONTEXT = 2048
 PROMPT = "What is the capital of France?"
+# The model is the base gemma-3-270m, not an instruction-tuned one: the same
+# question as a text to carry on (/v1/completions, no chat template) is one it answers.
+COMPLETION_PROMPT = f"Question: {PROMPT}\nAnswer:"
 NODE_GRACE_SECONDS = 20
 # The model namespace's Pod Security level (docs/install.md): the pool's RPC and
 # model caches are hostPath volumes, which only `privileged` admits.
@@ -96,6 +99,7 @@ class Figures:
     agents_saw_workers: list[str] = field(default_factory=list)
     answer: str = ""
     streamed_answer: str = ""
+    completion: str = ""
 
 
 def log(message: str) -> None:
@@ -304,6 +308,11 @@ class Scenario:
         parts_ = [c.choices[0].delta.content or "" for c in stream if c.choices]
         self.figures.streamed_answer = "".join(parts_).strip()
         log(f"streamed answer ({len(parts_)} chunks): {self.figures.streamed_answer!r}")
+        completed = client.completions.create(
+            model=MODEL, prompt=COMPLETION_PROMPT, max_tokens=12, temperature=0, stop=["\n"]
+        )
+        self.figures.completion = completed.choices[0].text.strip()
+        log(f"completion of {COMPLETION_PROMPT!r}: {self.figures.completion!r}")
         self.figures.split_tokens_per_second = self._tokens_per_second(client)
         return client
 

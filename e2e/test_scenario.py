@@ -11,7 +11,7 @@ import pytest
 
 from e2e import parts
 from e2e.nodes.images import chart_images, require_real_nodes
-from e2e.scenario import Scenario, write_report
+from e2e.scenario import COMPLETION_PROMPT, Scenario, write_report
 from tests.conftest import require_part
 
 pytestmark = pytest.mark.e2e
@@ -32,6 +32,9 @@ def test_the_whole_mission(tmp_path: Path) -> None:
     # Split over two nodes because each node's capacity is capped below the model.
     assert len(figures.planned_nodes) >= 2, figures
     assert figures.answer and figures.streamed_answer
+    # The host formats chats with the model's own turn markers, not ChatML's.
+    assert "<|im_start|>" not in figures.answer + figures.streamed_answer, figures.answer
+    assert figures.completion, f"no completion of {COMPLETION_PROMPT!r}"
     # Each planned node's agent found the model's RPC server and it answered.
     assert sorted(figures.agents_saw_workers) == sorted(figures.planned_nodes)
     # The planned node that was lost is out of the new plan, and nobody noticed.

@@ -17,8 +17,10 @@ import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Final
 
 from mesh_operator.api import llama_server_options
+from mesh_operator.api.chat_templates import parse_chat_templates
 from mesh_operator.api.contract import HOST_PORT
 from mesh_operator.api.meshmodel import (
     DraftModel,
@@ -39,6 +41,7 @@ from mesh_operator.planner import (
     ServingParams,
     build_llama_server_args,
     build_rpc_server_args,
+    chat_template_args,
     current_plan_from_api,
     plan_placement,
     rpc_devices_by_node,
@@ -203,13 +206,36 @@ def _pooling(spec: MeshModelSpec) -> tuple[str, ...]:
     return ()
 
 
+# The built-in chat template of architectures whose files may come without one:
+# the base gemma models are published with no `tokenizer.chat_template`, and
+# llama-server's fallback (ChatML) uses markers they do not know.
+ARCHITECTURE_CHAT_TEMPLATES: Final[Mapping[str, str]] = {
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+}
+
+
+def chat_template(spec: MeshModelSpec, profile: ModelProfile | None) -> str | None:
+    """The built-in chat template the host is started with, if any: the spec's, else
+    the architecture's for a file without a template of its own, unless extraArgs
+    choose the template themselves."""
+    if spec.chat_template is not None:
+        return spec.chat_template
+    if profile is None or profile.has_chat_template or spec.template_in_extra_args():
+        return None
+    return ARCHITECTURE_CHAT_TEMPLATES.get(profile.architecture)
+
+
 def llama_args(
     plan: Plan,
     spec: MeshModelSpec,
     name: str,
     worker_addresses: list[str] | None,
+    profile: ModelProfile | None = None,
 ) -> list[str]:
-    """llama-server arguments of the host, workers in --rpc order."""
+    """llama-server arguments of the host, workers in --rpc order; `profile`, the
+    model file's, says whether the file has a chat template."""
     addresses = worker_addresses or [PENDING_ENDPOINT] * len(plan.rpc)
     settings = ServerSettings(
         serving=serving_params(spec),
@@ -229,6 +255,7 @@ def llama_args(
             if spec.draft is not None
             else None
         ),
+        chat_template=chat_template(spec, profile),
         extra_args=tuple(spec.extra_args) + _pooling(spec),
     )
     endpoints = dict(zip(plan.rpc, addresses, strict=True))
@@ -246,7 +273,8 @@ def operator_llama_flags() -> frozenset[str]:
     Found by calling the builders with settings that turn every optional flag on:
     `llama_args` for a MeshModel using every field that shapes the command line,
     and `build_llama_server_args` with every setting. Defaults that extraArgs may
-    override (`--pooling` of an embeddings model) are not the operator's.
+    override (`--pooling` of an embeddings model, a chat template) are not the
+    operator's.
     """
     device = PlannedDevice(
         node="n", device="CPU", layers=[0, 2], weights_mib=1, kv_mib=1, compute_mib=1, total_mib=3
@@ -261,8 +289,13 @@ def operator_llama_flags() -> frozenset[str]:
         embeddings=True,
         api_key_secret_ref=SecretKeyRef(name="k"),
         draft=DraftModel(source=source),
+        chat_template="chatml",
     )
-    from_spec = _flags(llama_args(plan, spec, "m", None)) - _flags(_pooling(spec))
+    from_spec = (
+        _flags(llama_args(plan, spec, "m", None))
+        - _flags(_pooling(spec))
+        - _flags(chat_template_args("chatml"))
+    )
     settings = ServerSettings(
         serving=ServingParams(ubatch=256, batch=1024),
         aliases=("a",),
@@ -293,10 +326,12 @@ def options_module_text(llama_server: Path | None) -> str:
     if llama_server is None:
         version = llama_server_options.LLAMA_SERVER_VERSION
         options = llama_server_options.OPTIONS
+        templates = llama_server_options.CHAT_TEMPLATES
     else:
         text, version = _llama_server_help(llama_server)
         options = parse_help(text)
-    return render_options_module(version, options, operator_llama_flags())
+        templates = parse_chat_templates(text)
+    return render_options_module(version, options, operator_llama_flags(), templates)
 
 
 def main(argv: list[str] | None = None) -> int:

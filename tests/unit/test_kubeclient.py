@@ -203,16 +203,18 @@ def test_cli_without_a_cluster_configuration_exits_2_with_one_line(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.count("\n") == 1
-    assert captured.err.startswith(f"mesh {command}: error: kubeconfig {absent}")
+    assert captured.err.startswith(
+        f"mesh {command}: error: cannot reach the cluster: kubeconfig {absent}"
+    )
 
 
 @pytest.mark.parametrize("command", ["status", "doctor"])
-def test_cli_with_no_api_server_exits_1_with_one_line(
+def test_cli_with_no_api_server_exits_2_with_one_line(
     places: dict[str, Any], capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
     dead = write_kubeconfig(places["tmp"] / "dead", f"https://127.0.0.1:{free_port()}")
-    assert main([command, "--kubeconfig", str(dead)]) == 1
+    assert main([command, "--kubeconfig", str(dead)]) == 2
     captured = capsys.readouterr()
-    text = captured.out + captured.err
-    assert text.count("\n") == 1
-    assert "cannot reach the API server" in text and "Traceback" not in text
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"mesh {command}: error: cannot reach the API server: ")
+    assert "Traceback" not in captured.err

@@ -48,6 +48,8 @@ POLICY_COMPONENT: Final = "network-policy"
 HEADER_COMPONENT: Final = "header-reader"
 GATEWAY_COMPONENT: Final = "gateway"
 AGENT_COMPONENT: Final = "agent"
+# The operator's leader-election Lease.
+OPERATOR_COMPONENT: Final = "operator"
 
 # -- annotations ----------------------------------------------------------------
 
@@ -69,6 +71,10 @@ SPEC_HASH_ANNOTATION: Final = f"{GROUP}/spec-hash"
 # (a box on a slower link); the planner counts it per remote hop and a pool's
 # maxRttMs leaves such nodes out. Unset: a LAN round trip is assumed.
 RTT_ANNOTATION: Final = f"{GROUP}/rtt-ms"
+# On the CRDs (stamped by the CRD generator) and on the operator's Lease (written
+# by the replica holding it): the mesh version that made them, so `mesh doctor`
+# can tell CRDs of another release from the running operator's.
+VERSION_ANNOTATION: Final = f"{GROUP}/version"
 # The largest round trip RTT_ANNOTATION and MeshPool spec.maxRttMs take.
 MAX_RTT_MS: Final = 1000
 

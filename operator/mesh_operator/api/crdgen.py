@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from mesh_operator import __version__
 from mesh_operator.api.base import (
     GROUP,
     MESHMODEL_PLURAL,
@@ -25,7 +26,7 @@ from mesh_operator.api.base import (
     MESHPOOL_PLURAL,
     VERSION,
 )
-from mesh_operator.api.contract import model_name_rule
+from mesh_operator.api.contract import VERSION_ANNOTATION, model_name_rule
 from mesh_operator.api.meshmodel import SERVED_NAMES_RULE, MeshModelSpec, MeshModelStatus
 from mesh_operator.api.meshnode import MeshNodeSpec, MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec, MeshPoolStatus
@@ -183,6 +184,8 @@ def build_crd(kind: Kind) -> Schema:
         "metadata": {
             "name": f"{kind.plural}.{GROUP}",
             "labels": {"app.kubernetes.io/part-of": "mesh"},
+            # The release that made it: `mesh doctor` compares it with the operator's.
+            "annotations": {VERSION_ANNOTATION: __version__},
         },
         "spec": {
             "group": GROUP,

@@ -8,12 +8,14 @@ conditions Planned / WorkersReady / Ready / Degraded and the endpoint.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Final, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from mesh_operator.api import owned_flags
 from mesh_operator.api.base import ApiModel, cel_rule, cel_rules
+from mesh_operator.api.chat_templates import CHAT_TEMPLATES, check_chat_template
 from mesh_operator.api.conditions import CONDITIONS_SCHEMA, Condition
 from mesh_operator.api.contract import SERVED_NAME_MAX, SERVED_NAME_PATTERN, check_model_name
 from mesh_operator.api.owned_flags import extra_args_rules, owned_flag
@@ -126,6 +128,13 @@ class HostResources(ApiModel):
 
 
 _FLOAT_CACHE: Final = "f16"
+# An extraArgs item that chooses the chat template, as llama-server reads it.
+_TEMPLATE_ARG: Final = r"^--(chat[-_]template([-_]file)?|jinja|no[-_]jinja)([ =]|$)"
+_TEMPLATE_ARG_CEL: Final = f"'{_TEMPLATE_ARG}'"  # no quote nor backslash in it
+_TEMPLATE_TWICE: Final = (
+    "chatTemplate and extraArgs (--chat-template, --chat-template-file, --jinja, "
+    "--no-jinja) both choose the chat template"
+)
 
 
 class MeshModelSpec(ApiModel):
@@ -144,6 +153,12 @@ class MeshModelSpec(ApiModel):
                 "messageExpression": "'cacheTypeV ' + self.cacheTypeV + "
                 "' needs flash attention (flashAttention is off)'",
                 "fieldPath": ".cacheTypeV",
+            },
+            {
+                "rule": "!has(self.chatTemplate) || !has(self.extraArgs) || "
+                f"!self.extraArgs.exists(a, a.matches({_TEMPLATE_ARG_CEL}))",
+                "message": _TEMPLATE_TWICE,
+                "fieldPath": ".chatTemplate",
             },
         )
     )
@@ -169,6 +184,13 @@ class MeshModelSpec(ApiModel):
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     embeddings: bool = False
+    chat_template: str | None = Field(
+        default=None,
+        description="A chat template built into llama-server, by name (e.g. gemma, llama3, "
+        "chatml). Unset: the model file's own; for a file without one, the template of its "
+        "architecture where llama.cpp has it (gemma), else llama-server's default.",
+        json_schema_extra={"enum": list(CHAT_TEMPLATES)},
+    )
     host_resources: HostResources | None = None
     api_key_secret_ref: SecretKeyRef | None = None
     extra_args: list[ExtraArg] = Field(
@@ -184,6 +206,15 @@ class MeshModelSpec(ApiModel):
             if owned_flag(arg) is not None:
                 raise ValueError(f"extraArgs may not set {arg}: the operator computes it")
         return extra_args
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template_built_in(cls, name: str | None) -> str | None:
+        return None if name is None else check_chat_template(name)
+
+    def template_in_extra_args(self) -> bool:
+        """Whether extraArgs choose the chat template (or its engine) themselves."""
+        return any(re.match(_TEMPLATE_ARG, arg) for arg in self.extra_args)
 
     @field_validator("aliases")
     @classmethod
@@ -203,6 +234,8 @@ class MeshModelSpec(ApiModel):
             raise ValueError(
                 f"cacheTypeV {self.cache_type_v} needs flash attention (flashAttention is off)"
             )
+        if self.chat_template is not None and self.template_in_extra_args():
+            raise ValueError(_TEMPLATE_TWICE)
         if self.host_resources is not None:
             problem = self.host_resources.limit_below_request()
             if problem:

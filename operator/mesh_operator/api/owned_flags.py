@@ -148,7 +148,10 @@ def _tuple_lines(name: str, items: Sequence[str], indent: str) -> list[str]:
 
 
 def render_options_module(
-    version: str, options: Sequence[Option], operator_flags: Iterable[str]
+    version: str,
+    options: Sequence[Option],
+    operator_flags: Iterable[str],
+    chat_templates: Sequence[str] = (),
 ) -> str:
     """The source of `llama_server_options`."""
     lines = [
@@ -167,6 +170,11 @@ def render_options_module(
         "# The flags the operator's command lines set, as they spell them.",
         "OPERATOR_FLAGS: Final[tuple[str, ...]] = (",
         *(f'    "{flag}",' for flag in sorted(set(operator_flags))),
+        ")",
+        "",
+        "# The built-in chat templates `--chat-template` lists, in its order.",
+        "CHAT_TEMPLATES: Final[tuple[str, ...]] = (",
+        *(f'    "{name}",' for name in chat_templates),
         ")",
         "",
     ]

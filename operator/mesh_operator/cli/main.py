@@ -1,10 +1,12 @@
-"""Entry point of the `mesh` console script."""
+"""Entry point of the `mesh` console script, and of `kubectl-mesh`, the same CLI as a
+kubectl plugin (`kubectl mesh status`)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -15,6 +17,8 @@ from mesh_operator import __version__
 SUBCOMMANDS = ("operator", "agent", "gateway", "plan", "profile", "fetch", "status", "doctor")
 
 EXIT_BAD_INPUT = 2
+# kubectl runs a plugin `kubectl-<name>` found on PATH for `kubectl <name>`.
+PLUGIN_SCRIPT = "kubectl-mesh"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,8 +39,13 @@ def _modules(only: str | None = None) -> dict[str, ModuleType]:
     return found
 
 
+def program_name(argv0: str) -> str:
+    """How the user called the CLI: `kubectl mesh` through the plugin, else `mesh`."""
+    return "kubectl mesh" if os.path.basename(argv0) == PLUGIN_SCRIPT else "mesh"
+
+
 def build_parser(
-    only: str | None = None,
+    only: str | None = None, prog: str = "mesh"
 ) -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
     """The parser; with `only`, just that subcommand's module is imported.
 
@@ -44,7 +53,7 @@ def build_parser(
     into each process: the node agent on every node would pay for the operator.
     """
     parser = _Parser(
-        prog="mesh",
+        prog=prog,
         description="Pool the GPUs of a Kubernetes cluster to serve llama.cpp models.",
     )
     parser.add_argument("--version", action="version", version=f"mesh {__version__}")
@@ -58,8 +67,9 @@ def build_parser(
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     chosen = args_list[0] if args_list and args_list[0] in SUBCOMMANDS else None
-    parser, modules = build_parser(chosen)
+    parser, modules = build_parser(chosen, program_name(sys.argv[0]))
     args = parser.parse_args(args_list)
+    args.prog = parser.prog
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT

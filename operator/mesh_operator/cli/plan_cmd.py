@@ -1,8 +1,9 @@
 """`mesh plan`: plan a model on an inventory and print the plan as JSON or a table.
 
 Owns the flags, reading the inventory file and the output formats; the planning
-itself is `mesh_operator.planner`. Exit codes: 0 feasible, 3 infeasible (the
-plan is still printed), 2 bad input with one line on stderr.
+itself is `mesh_operator.planner`, and on a live pool (`--pool`) `plan_live`.
+Exit codes: 0 feasible, 3 infeasible (the plan is still printed), 2 bad input
+with one line on stderr, 1 (`--pool`) the API server or the source unreachable.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from mesh_operator.cli import plan_live
 from mesh_operator.planner import (
     CACHE_TYPES,
     DEFAULT_RPC_PORT,
@@ -67,15 +69,26 @@ def add_parser(subparsers: Any) -> None:
         "plan",
         help="plan a model on a pool: devices, tensor split, command lines",
         description=(
-            "Read a GGUF header and an inventory of nodes, choose the devices, their order "
-            "and the tensor split, and print the plan. Exit 0 feasible, 3 infeasible, "
-            "2 bad input."
+            "Read a GGUF header and an inventory of nodes (or a live MeshPool), choose the "
+            "devices, their order and the tensor split, and print the plan. Exit 0 feasible, "
+            "3 infeasible, 2 bad input, 1 (--pool) API server or source unreachable."
         ),
     )
-    parser.add_argument("--model", required=True, metavar="FILE.gguf", help="model file")
     parser.add_argument(
-        "--inventory", required=True, metavar="nodes.yaml", help="nodes and devices (YAML)"
+        "--model",
+        required=True,
+        metavar="FILE.gguf|SOURCE",
+        help="model file; with --pool a SOURCE: https://, http:// or file:// URL, "
+        "hf://OWNER/REPO/PATH.gguf[@REVISION], or a local path",
     )
+    nodes = parser.add_mutually_exclusive_group(required=True)
+    nodes.add_argument("--inventory", metavar="nodes.yaml", help="nodes and devices (YAML)")
+    nodes.add_argument(
+        "--pool",
+        metavar="NAME",
+        help="a MeshPool of the cluster: its MeshNodes, with what other models hold",
+    )
+    plan_live.add_arguments(parser)
     parser.add_argument("--ctx", type=_positive, default=4096, metavar="N", help="context size")
     parser.add_argument(
         "--parallel", type=_positive, default=1, metavar="N", help="server slots (-np)"
@@ -84,7 +97,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--cache-type-v", choices=list(CACHE_TYPES), default="f16", metavar="T")
     parser.add_argument("--flash-attn", choices=["on", "off", "auto"], default="auto")
     parser.add_argument("--strategy", choices=list(STRATEGIES), default="latency")
-    parser.add_argument("--reserve-percent", type=_percent, default=10.0, metavar="P")
+    parser.add_argument(
+        "--reserve-percent",
+        type=_percent,
+        metavar="P",
+        help="memory held back per device (default 10; with --pool, the pool's)",
+    )
     parser.add_argument("--output", choices=["json", "table"], default="json")
     parser.add_argument(
         "--current",
@@ -205,6 +223,8 @@ def _serving(args: argparse.Namespace) -> ServingParams:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pool is not None:
+        return plan_live.run_live(args, _report, _table)
     try:
         profile = read_model_profile(args.model)
         inventory = parse_inventory(_read_inventory(args.inventory), source=args.inventory)
@@ -212,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         request = PlacementRequest(
             serving=_serving(args),
             strategy=args.strategy,
-            reserve_percent=args.reserve_percent,
+            reserve_percent=10.0 if args.reserve_percent is None else args.reserve_percent,
         )
         result = plan_placement(profile, inventory, request, current=current)
         report = _report(result, profile, args)

@@ -1,53 +1,45 @@
-"""`mesh status`: pools, models and nodes at a glance."""
+"""`mesh status`: pools, nodes and models on one screen, as a table or as JSON."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
-import sys
 from typing import Any
 
-import urllib3
-from kubernetes.client import ApiException
-
-from mesh_operator.fleet import build_status_summary, build_status_table, read_fleet
-from mesh_operator.kubeclient import KubeconfigError, api_client, unreachable_reason
-
-# Seconds for each API request: an API server that does not answer is an error.
-API_TIMEOUT = 30.0
+from mesh_operator.cli.reach import KUBECONFIG_HELP, read_cluster
+from mesh_operator.fleet import build_status_report, build_status_table, read_fleet
 
 
 def add_parser(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "status",
-        help="show pools, models and nodes",
-        description="Show every MeshPool, MeshModel and MeshNode: readiness, plans, heartbeats.",
+        help="show pools, nodes and models",
+        description="Show every MeshPool, the nodes it picks (devices, free memory, "
+        "agent heartbeat and health) and every MeshModel (plan: nodes, split, predicted "
+        "ms/token; replicas; readiness). --output json follows the schema of "
+        "docs/status.md.",
+        epilog="Exit status: 0 shown; 1 the API server answered an error; 2 the cluster "
+        "cannot be reached (no usable kubeconfig, no answer, credentials refused).",
     )
-    parser.add_argument("-n", "--namespace", help="only models of this namespace")
+    parser.add_argument("-n", "--namespace", help="only the models of this namespace")
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    parser.add_argument(
-        "--kubeconfig",
-        help="kubeconfig file (default: $KUBECONFIG, in a pod its service account, ~/.kube/config)",
-    )
+    parser.add_argument("--kubeconfig", help=KUBECONFIG_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        fleet = read_fleet(api_client(args.kubeconfig, timeout=API_TIMEOUT), args.namespace)
-    except KubeconfigError as exc:
-        print(f"mesh status: error: {exc}", file=sys.stderr)
-        return 2
-    except ApiException as exc:
-        print(f"mesh status: error: API server answered {exc.status} {exc.reason}", file=sys.stderr)
-        return 1
-    except (OSError, urllib3.exceptions.HTTPError) as exc:
-        reason = unreachable_reason(exc)
-        print(f"mesh status: error: cannot reach the API server: {reason}", file=sys.stderr)
-        return 1
-    summary = build_status_summary(fleet, dt.datetime.now(dt.UTC))
+    read = read_cluster(
+        f"{args.prog} status",
+        args.kubeconfig,
+        lambda api: read_fleet(api, args.namespace),
+        not_found="the cluster has no mesh resources (404): are the CRDs installed? "
+        f"({args.prog} doctor checks)",
+    )
+    if read.value is None:
+        return read.exit_code
+    report = build_status_report(read.value, dt.datetime.now(dt.UTC))
     if args.output == "json":
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(report.model_dump(mode="json", by_alias=True), indent=2))
     else:
-        print(build_status_table(summary))
+        print(build_status_table(report))
     return 0

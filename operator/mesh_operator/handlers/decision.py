@@ -300,7 +300,7 @@ class _Decider:
         plan = self._plan(spec, pool, profile)
         if plan is None:
             return self.d
-        self._converge(spec, pool, plan)
+        self._converge(spec, pool, plan, profile)
         return self.d
 
     # -- the model's header on a PVC -----------------------------------------------
@@ -532,7 +532,9 @@ class _Decider:
         if existing != child_digest(obj):
             self.d.apply.append(obj)
 
-    def _converge(self, spec: MeshModelSpec, pool: PoolInfo, plan: Plan) -> None:
+    def _converge(
+        self, spec: MeshModelSpec, pool: PoolInfo, plan: Plan, profile: planning.ModelProfile
+    ) -> None:
         model = self.s.model
         addresses = self._worker_addresses(plan, pool)
         workload = ModelWorkload(
@@ -546,7 +548,7 @@ class _Decider:
             rpc_nodes=list(plan.rpc),
             host_node=plan.host_node or plan.rpc[-1],
             rpc_args=planning.rpc_args(plan, pool.spec),
-            llama_args=planning.llama_args(plan, spec, model.name, addresses),
+            llama_args=planning.llama_args(plan, spec, model.name, addresses, profile),
             model_path=planning.model_path(spec),
             fetch_args=planning.fetch_args(spec),
             draft_fetch_args=planning.draft_fetch_args(spec),

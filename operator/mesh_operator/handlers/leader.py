@@ -34,11 +34,31 @@ from kubernetes.client import (
     V1ObjectMeta,
 )
 
+from mesh_operator import __version__
+from mesh_operator.api.contract import (
+    APP_NAME,
+    COMPONENT_LABEL,
+    NAME_LABEL,
+    OPERATOR_COMPONENT,
+    PART_OF_LABEL,
+    VERSION_ANNOTATION,
+)
+
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 8.0
 RENEW_SECONDS = 2.0
 RETRY_SECONDS = 1.0
+# The Lease says which mesh the replica holding it runs: `mesh doctor` compares it
+# with the CRDs' version. Found by these labels.
+LEASE_LABELS = {NAME_LABEL: APP_NAME, PART_OF_LABEL: APP_NAME, COMPONENT_LABEL: OPERATOR_COMPONENT}
+
+
+def _stamp(meta: V1ObjectMeta) -> V1ObjectMeta:
+    """The Lease's metadata with the holder's labels and version."""
+    meta.labels = {**(meta.labels or {}), **LEASE_LABELS}
+    meta.annotations = {**(meta.annotations or {}), VERSION_ANNOTATION: __version__}
+    return meta
 
 
 @dataclass
@@ -97,6 +117,7 @@ class LeaderElector:
             spec.acquire_time = now
             spec.lease_transitions = (spec.lease_transitions or 0) + 1
         spec.holder_identity = self.identity
+        lease.metadata = _stamp(lease.metadata or V1ObjectMeta())
         spec.lease_duration_seconds = int(self.lease_seconds)
         spec.renew_time = now
         try:
@@ -111,7 +132,7 @@ class LeaderElector:
 
     def _create(self, now: dt.datetime) -> bool:
         body = V1Lease(
-            metadata=V1ObjectMeta(name=self.name, namespace=self.namespace),
+            metadata=_stamp(V1ObjectMeta(name=self.name, namespace=self.namespace)),
             spec=V1LeaseSpec(
                 holder_identity=self.identity,
                 lease_duration_seconds=int(self.lease_seconds),

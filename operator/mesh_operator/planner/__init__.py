@@ -44,6 +44,7 @@ Public API::
                           cache: bool = True, threads: int | None = None) -> list[str]
     build_rpc_server_commands(plan, *, host, port=50052, cache=True, threads=None)
         -> dict[str, list[str]]
+    chat_template_args(name: str) -> list[str]       a built-in chat template's flags
 
     to_api_plan(result: PlacementResult) -> api.meshmodel.Plan
     current_plan_from_api(plan: api.meshmodel.Plan | None) -> CurrentPlan | None
@@ -57,6 +58,7 @@ from mesh_operator.planner.commands import (
     build_llama_server_args,
     build_rpc_server_args,
     build_rpc_server_commands,
+    chat_template_args,
     rpc_devices_by_node,
 )
 from mesh_operator.planner.errors import PlannerInputError
@@ -115,6 +117,7 @@ __all__ = [
     "build_llama_server_args",
     "build_rpc_server_args",
     "build_rpc_server_commands",
+    "chat_template_args",
     "current_plan_from_api",
     "estimate_memory",
     "evaluate_layout",

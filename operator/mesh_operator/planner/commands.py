@@ -28,6 +28,7 @@ __all__ = [
     "build_llama_server_args",
     "build_rpc_server_args",
     "build_rpc_server_commands",
+    "chat_template_args",
     "rpc_devices_by_node",
 ]
 
@@ -57,6 +58,8 @@ class ServerSettings:
     draft: DraftSettings | None = None
     threads: int | None = None
     embeddings: bool = False
+    # A llama.cpp built-in chat template by name (`mesh_operator.api.chat_templates`).
+    chat_template: str | None = None
     extra_args: tuple[str, ...] = ()
 
 
@@ -117,8 +120,16 @@ def build_llama_server_args(
         args += ["--spec-draft-n-max", str(settings.draft.max_tokens)]
         if settings.draft.gpu_layers is not None:
             args += ["-ngld", str(settings.draft.gpu_layers)]
+    if settings.chat_template:
+        args += chat_template_args(settings.chat_template)
     args += list(settings.extra_args)
     return args
+
+
+def chat_template_args(name: str) -> list[str]:
+    """llama-server's arguments for a built-in chat template: llama.cpp's own
+    formatter reads the name, Jinja (on by default) would take it for the text."""
+    return ["--no-jinja", "--chat-template", name]
 
 
 def build_rpc_server_args(

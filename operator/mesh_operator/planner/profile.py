@@ -128,6 +128,9 @@ class ModelProfile:
     output_bytes: int  # output norm + output matrix (or the tied embedding copy)
     tied_output: bool
     file_bytes: int  # all tensors as stored
+    # Whether the file carries `tokenizer.chat_template` (a profile encoded before
+    # this was recorded is taken to have one: nothing is chosen in its place).
+    has_chat_template: bool = True
 
     @property
     def n_device_layers(self) -> int:
@@ -361,6 +364,7 @@ def build_model_profile(header: GgufHeader, file_name: str | None = None) -> Mod
         output_bytes=output_bytes,
         tied_output=tied,
         file_bytes=sum(t.n_bytes for t in header.tensors),
+        has_chat_template=isinstance(header.get(Keys.Tokenizer.CHAT_TEMPLATE), str),
     )
 
 

@@ -77,7 +77,8 @@ def decode_profile(text: str) -> ModelProfile:
     values: dict[str, Any] = {"layers": tuple(layers)}
     kinds = {"str": str, "int": int, "bool": bool, "SwaKind": str}
     for f in dataclasses.fields(ModelProfile):
-        if f.name != "layers":
+        # A field added later, with a default, may be missing from older text.
+        if f.name != "layers" and (f.name in fields or f.default is dataclasses.MISSING):
             values[f.name] = _typed(fields, f.name, kinds[str(f.type)])
     if values["swa_kind"] not in get_args(SwaKind):
         raise PlannerInputError(f"model profile: unknown swa_kind {values['swa_kind']!r}")
