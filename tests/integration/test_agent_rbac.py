@@ -121,5 +121,6 @@ def test_agent_may_write_only_its_own_meshnode(cluster: LocalCluster, tmp_path: 
     assert deleting.value.status == 403
     # Listing is allowed: the other agents' probe endpoints (round trips).
     listed = agent.list_cluster_custom_object(GROUP, VERSION, MESHNODE_PLURAL)
+    assert isinstance(listed, dict)
     assert mine in {item["metadata"]["name"] for item in listed["items"]}
     cluster.kubectl("delete", "meshnode", mine, "--wait=false")
