@@ -10,11 +10,13 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from e2e.cluster import LocalCluster
 from mesh_operator.api.meshnode import MeshNodeStatus
@@ -90,6 +92,17 @@ def test_agents_measure_each_other_and_the_ledger_uses_it(
                 assert 0 < trips[other]["ms"] < 50  # loopback on a busy machine
             assert status["roundTripMs"] == lower_median(t["ms"] for t in trips.values())
             statuses[name] = MeshNodeStatus.model_validate(status)
+
+        # /metrics says the same, by peer.
+        with urllib.request.urlopen(f"http://{endpoints[names[0]]}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        peers = {
+            s.labels["peer"]
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "mesh_node_round_trip_seconds" and s.value > 0
+        }
+        assert set(names[1:]) <= peers
 
         pool = MeshPoolSpec(node_selector={"pool": tag})
         nodes = [NodeInfo(n, {"pool": tag}) for n in names]

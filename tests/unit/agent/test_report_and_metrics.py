@@ -170,6 +170,19 @@ def test_round_trips_go_out_with_the_endpoint_and_their_summary(tmp_path: Path) 
     ]
     assert wire["roundTripMs"] == 0.41
     assert MeshNodeStatus.model_validate(wire).round_trips == trips
+    metrics = AgentMetrics("node-a")
+    try:
+        metrics.update(Snapshot(None, status, (), 0.1))
+        text = metrics.render().decode()
+    finally:
+        metrics.shutdown()
+    seen = {
+        s.labels["peer"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "mesh_node_round_trip_seconds"
+    }
+    assert seen == {"b": pytest.approx(0.00041), "far": pytest.approx(0.0302)}
 
 
 def test_a_meshnode_lists_a_bounded_number_of_round_trips() -> None:
