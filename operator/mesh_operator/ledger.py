@@ -108,8 +108,12 @@ def build_pool_view(
     view = PoolView()
     keep = set(only) if only is not None else None
     members = pool_members(pool, nodes)
-    # Measured among the pool's own nodes: the peers a plan can pair it with.
-    measured = node_round_trips(meshnodes, (n.name for n in members))
+    # Measured among the pool's own nodes (the peers a plan can pair it with),
+    # by agents still reporting.
+    reporting = {
+        n.name: s for n in members if (s := meshnodes.get(n.name)) and not is_stale(s, now)
+    }
+    measured = node_round_trips(reporting, reporting)
     for node in members:
         if keep is not None and node.name not in keep:
             continue

@@ -211,3 +211,14 @@ def test_a_measured_far_node_is_left_out_by_the_pools_limit() -> None:
     pool = MeshPoolSpec.model_validate({"nodeSelector": {"pool": "x"}, "maxRttMs": 5})
     inventory = to_inventory(build_pool_view(pool, nodes, meshnodes, {}, NOW))
     assert [n.name for n in limit_inventory(inventory, pool).nodes] == ["a", "b"]
+
+
+def test_round_trips_listed_by_a_stale_node_do_not_count() -> None:
+    nodes = [NodeInfo(n, {"pool": "x"}) for n in ("a", "b", "gone")]
+    meshnodes = {
+        "a": status(roundTrips=trips(b=0.3)),
+        "b": status(),
+        "gone": status(age=600, roundTrips=trips(a=40.0, b=40.0)),
+    }
+    view = build_pool_view(MeshPoolSpec(node_selector={"pool": "x"}), nodes, meshnodes, {}, NOW)
+    assert {n.name: n.rtt_ms for n in view.nodes} == {"a": 0.3, "b": 0.3, "gone": None}
