@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e import parts
+from e2e import parts, tinymodels
 from e2e.cluster import ClusterError, LocalCluster
 from e2e.hubserver import HubServer, project_repos, project_tokens, serve_hub
 
@@ -42,6 +42,16 @@ def rpc_server_bin() -> Path:
 @pytest.fixture(scope="session")
 def model_file() -> Path:
     return require_part(parts.model_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[..., Path]:
+    """`tiny_model("qwen3moe")`: the project's tiny model of an architecture.
+
+    Made from seeded random weights by `e2e.tinymodels` (numpy and the gguf
+    package only, so never missing), then cached.
+    """
+    return tinymodels.make_model
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 
 Prints two tables. The suite needs nothing but this package; the real run
 needs llama.cpp and the model from `scripts/setup.sh` and is skipped, saying
-why, when they are missing (or with --no-real). With --floor, a third table
+why, when they are missing (or with --no-real). With --ram-tier GIB, the suite
+again with that much system RAM offered on every node (`ram_tier`). With --floor, a third table
 (`floor`): how often the beam search's plan is kept when the branch and bound
 runs out of budget, over the suite's pools with both strategies (minutes).
 """
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 from bench.planner.floor import format_floor, run_floor
+from bench.planner.ram_tier import format_ram_tier, run_ram_tier
 from bench.planner.real import format_real, measure
 from bench.planner.shapes import write_fixtures
 from bench.planner.suite import format_suite, run_suite
@@ -31,6 +33,12 @@ def main(argv: list[str]) -> int:
         "--floor",
         action="store_true",
         help="also count the plans the beam search keeps when the search runs out of budget",
+    )
+    parser.add_argument(
+        "--ram-tier",
+        type=int,
+        metavar="GIB",
+        help="also plan the suite with GIB of system RAM offered on every node",
     )
     parser.add_argument("--rtt-ms", type=float, default=5.0, help="RTT the proxy adds")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per generation")
@@ -56,6 +64,10 @@ def main(argv: list[str]) -> int:
         print("== planner scenario suite (predicted, same estimate and time model for all)")
         print(format_suite(run_suite()))
         print(f"suite took {time.monotonic() - started:.0f} s", flush=True)
+    if args.ram_tier is not None:
+        print()
+        print("== the suite with system RAM as a tier")
+        print(format_ram_tier(run_ram_tier(args.ram_tier), args.ram_tier))
     if args.floor:
         print()
         print("== plans cut short by the search's work budget, and the beam search's floor")

@@ -180,6 +180,12 @@ class AgentMetrics:
                 self._cached_bytes,
             ),
             (
+                "node_host_memory_free_bytes",
+                "By",
+                "System RAM offered to the RAM tier beside the node's GPUs (0 on a CPU node).",
+                self._host_memory,
+            ),
+            (
                 "rpc_server_up",
                 "",
                 "1 when the RPC server answers HELLO or is busy with its client.",
@@ -360,6 +366,11 @@ class AgentMetrics:
         inv = self.snapshot.inventory
         if inv is not None:
             yield Observation(sum(f.size_bytes for f in inv.cached), {"node": self.node})
+
+    def _host_memory(self) -> Iterable[Observation]:
+        inv = self.snapshot.inventory
+        if inv is not None:
+            yield Observation(inv.host_memory_free_bytes, {"node": self.node})
 
     def _rpc_labels(self, probe: RpcProbe) -> dict[str, str]:
         return {

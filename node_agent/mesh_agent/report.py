@@ -117,6 +117,8 @@ def build_status(
             RpcServer(model=p.target.model, port=p.target.port, answering=p.answering)
             for p in probes[:MAX_RPC]
         ],
+        host_memory_free_mib=_mib(inventory.host_memory_free_bytes),
+        host_memory_bandwidth_gbps=inventory.host_bandwidth_gbps,
         system=SystemInfo(
             cpu_cores=inventory.cpu.cores,
             memory_total_mib=_mib(inventory.cpu.memory_total_bytes),

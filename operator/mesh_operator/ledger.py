@@ -5,7 +5,8 @@ minus what other models' current plans claim on it, minus what processes that ar
 not mesh's use; the planner then holds back the pool's reserve. Free memory as the device reports
 it is not enough: two models planned at the same moment would both see the same
 free memory. In `exclusive` pools a device claimed by another model is not
-offered at all.
+offered at all. The same holds for a node's system RAM (the RAM tier): what the
+agent offers (`hostMemoryFreeMiB`) less other models' RAM-tier claims.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class NodeCapacity:
     cached_models: tuple[str, ...] = ()
     rtt_ms: float | None = None  # unknown: the planner assumes a LAN round trip
     problem: str = ""
+    # System RAM a plan may still put layers or experts in, after other models'
+    # RAM-tier claims, and its bandwidth.
+    host_memory_mib: int = 0
+    host_bandwidth_gbps: float = 0.0
 
     @property
     def usable(self) -> bool:
@@ -93,6 +98,16 @@ def claims_by_device(claims: Mapping[str, Plan]) -> dict[tuple[str, str], int]:
     return out
 
 
+def claims_by_host(claims: Mapping[str, Plan]) -> dict[str, int]:
+    """RAM-tier MiB claimed per node by the given plans."""
+    out: dict[str, int] = {}
+    for plan in claims.values():
+        if plan.host_tier is not None:
+            node = plan.host_tier.node
+            out[node] = out.get(node, 0) + plan.host_tier.memory_mib
+    return out
+
+
 def build_pool_view(
     pool: MeshPoolSpec,
     nodes: Iterable[NodeInfo],
@@ -105,6 +120,7 @@ def build_pool_view(
     """Capacity of every device of the pool (or of the `only` nodes) for a plan,
     with `other_claims` held."""
     claimed = claims_by_device(other_claims)
+    claimed_ram = claims_by_host(other_claims)
     view = PoolView()
     keep = set(only) if only is not None else None
     members = pool_members(pool, nodes)
@@ -170,9 +186,18 @@ def build_pool_view(
                 ),
                 rtt_ms=node.rtt_ms if node.rtt_ms is not None else measured.get(node.name),
                 problem=problem,
+                host_memory_mib=_host_memory(pool, status, claimed_ram.get(node.name, 0)),
+                host_bandwidth_gbps=status.host_memory_bandwidth_gbps,
             )
         )
     return view
+
+
+def _host_memory(pool: MeshPoolSpec, status: MeshNodeStatus, held: int) -> int:
+    """RAM left for a plan's tier on a node: what the agent offers less other plans'."""
+    if pool.sharing == "exclusive" and held > 0:
+        return 0
+    return max(0, status.host_memory_free_mib - held)
 
 
 def plan_problems(plan: Plan, view: PoolView) -> list[str]:
@@ -195,7 +220,14 @@ def build_ledger_rows(
     rows = []
     for node in view_all.nodes:
         status = meshnodes.get(node.name)
-        free = sum(d.memory_free_mib for d in status.devices) if status else 0
+        # A pool's device cap bounds the total; the free memory the agent reports
+        # is bounded by it as well, or a capped node would show more free than total.
+        totals = {d.device: d.total_mib for d in node.devices}
+        free = (
+            sum(min(d.memory_free_mib, totals.get(d.id, d.memory_free_mib)) for d in status.devices)
+            if status
+            else 0
+        )
         rows.append(
             NodeLedger(
                 node=node.name,
@@ -242,6 +274,8 @@ def _inventory_node(node: NodeCapacity) -> InventoryNode:
         cached_models=node.cached_models,
         healthy=True,
         devices=devices,
+        host_memory_free_mib=node.host_memory_mib,
+        host_memory_bandwidth_gbps=node.host_bandwidth_gbps,
     )
 
 

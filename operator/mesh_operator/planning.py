@@ -28,6 +28,7 @@ from mesh_operator.api.meshmodel import (
     ModelSource,
     Plan,
     PlannedDevice,
+    PlannedHostTier,
     SecretKeyRef,
 )
 from mesh_operator.api.meshpool import ImageVariant, MeshPoolSpec
@@ -279,7 +280,9 @@ def operator_llama_flags() -> frozenset[str]:
     device = PlannedDevice(
         node="n", device="CPU", layers=[0, 2], weights_mib=1, kv_mib=1, compute_mib=1, total_mib=3
     )
-    plan = Plan(devices=[device], tensor_split=[1], rpc=["n"], host_node="n")
+    # With a RAM tier, so its flags (--n-cpu-moe, -lm) are the operator's too.
+    tier = PlannedHostTier(node="n", moe_layers=1, cpu_layers=0, memory_mib=1)
+    plan = Plan(devices=[device], tensor_split=[1], rpc=["n"], host_node="n", host_tier=tier)
     source = ModelSource(url="https://models.example/m.gguf")
     spec = MeshModelSpec(
         source=source,

@@ -66,8 +66,10 @@ def put_meshnode(
     heartbeat: str | None = None,
     interval_seconds: int = 3600,
     cached_models: list[str] | None = None,
+    **status_fields: Any,
 ) -> None:
-    """Create or update a MeshNode and its status, as the node's agent would."""
+    """Create or update a MeshNode and its status, as the node's agent would
+    (`status_fields`: more status fields, camelCase)."""
     apply(
         cluster,
         {
@@ -83,6 +85,7 @@ def put_meshnode(
         "health": {"state": "Healthy", "reason": "AsExpected", "message": ""},
         "devices": devices,
         "cachedModels": [{"file": f, "sizeBytes": 1} for f in cached_models or []],
+        **status_fields,
     }
     cluster.kubectl(
         "patch", "meshnode", name, "--subresource=status", "--type=merge",

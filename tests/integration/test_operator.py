@@ -239,6 +239,46 @@ def test_model_that_cannot_fit_reports_the_numbers(
     assert not [c for c in _children(crds, namespace, "big") if "daemonset" in c]
 
 
+def test_a_model_too_big_for_vram_is_planned_with_layers_in_the_hosts_ram(
+    operator: KopfRunner,
+    crds: LocalCluster,
+    namespace: str,
+    model_url: str,
+    model_file: Path,
+    cleanup: list[str],
+) -> None:
+    label = namespace
+    # gemma-3-270m needs about 300 MiB here; its output layer alone fits in 260.
+    (name,) = _gpu_nodes(crds, label, [(260, 900.0)], cleanup)
+    # The node's agent offers 2 GiB of RAM beside its GPU (the RAM tier).
+    gpu = gpu_device(0, 260, 250, 900.0, "Test GPU 0")
+    put_meshnode(crds, name, [gpu], hostMemoryFreeMiB=2048, hostMemoryBandwidthGBps=50.0)
+    pool = f"pool-{label}"
+    _pool(crds, pool, label, cleanup)
+    _model(crds, namespace, "tiered", pool, source={"url": f"{model_url}/{MODEL_FILE}"})
+
+    obj = wait_for("the plan", lambda: _planned(crds, namespace, "tiered"), timeout=90)
+    plan = obj["status"]["plan"]
+    tier = plan["hostTier"]
+    # gemma-3-270m is dense: whole first layers on the host's CPU, host on that node.
+    assert tier["node"] == plan["hostNode"] == name, plan
+    assert tier["moeLayers"] == 0 and tier["cpuLayers"] > 0 and tier["memoryMiB"] > 0
+    assert plan["devices"][0]["layers"][0] == tier["cpuLayers"]
+    assert "in RAM on" in condition(obj, "Planned")["message"]  # type: ignore[index]
+
+    def host() -> dict[str, Any] | None:
+        dep = get(crds, "deployment", "tiered-host", "-n", namespace)
+        return dep["spec"]["template"]["spec"]["containers"][0] if dep else None
+
+    server = wait_for("the host Deployment", host, timeout=90)
+    args = server["args"]
+    # The host requests the RAM its tier takes.
+    assert server["resources"]["requests"]["memory"] == f"{tier['memoryMiB']}Mi"
+    layers = read_model_profile(model_file).n_device_layers
+    assert args[args.index("-ngl") + 1] == str(layers - tier["cpuLayers"])
+    assert args[args.index("-lm") + 1] == "none" and "--n-cpu-moe" not in args
+
+
 @pytest.mark.parametrize(
     ("case", "reason"),
     [

@@ -1,9 +1,12 @@
 """The planner's memory estimate and command lines against real llama.cpp.
 
-gemma-3-270m (sliding-window layers, tied embeddings) split over 1, 2 and 3
-local ggml-rpc-server processes, started with the planner's own llama-server
-arguments: every device's model, KV and compute buffer that llama.cpp logs is
-within 10% of the estimate, and a plan made for a tight pool fits in it.
+gemma-3-270m (sliding-window layers, tied embeddings) and the project's tiny
+llama, qwen3moe (MoE), gemma3 (sliding window) and deepseek2 (MLA) models split
+over 1, 2 and 3 local ggml-rpc-server processes, started with the planner's own
+llama-server arguments at several contexts, slot counts, cache types, with flash
+attention on and off: every buffer llama.cpp logs — each device's model, KV and
+compute buffer and the host's input-layer, output and compute buffers — is
+within 5% of the estimate, and a plan made for a tight pool fits in it.
 Set MESH_PLANNER_RECORD=1 to refresh the recorded logs the unit tests read.
 """
 
@@ -12,12 +15,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.planner.shapes import write_header_replica
+from e2e import tinymodels
 from e2e.llama import LlamaProcess, post_json, running, start_llama_server
 from e2e.llama import start_rpc_server as start_worker
 from e2e.waiting import free_port
@@ -36,9 +41,17 @@ from mesh_operator.planner.memory import MIB, compute_buffer_bytes, kv_geometry
 from mesh_operator.planner.memory import layer_memory_bytes as layer_bytes
 from mesh_operator.planner.profile import ModelProfile
 from tests.unit.planner.estimate_check import TOLERANCE, check_buffers, serving_of
-from tests.unit.planner.llama_log import LOG_DIR, parse_buffers, write_recording
+from tests.unit.planner.llama_log import (
+    LOG_DIR,
+    header_fixture,
+    parse_buffers,
+    write_recording,
+)
 
 pytestmark = pytest.mark.integration
+
+
+GEMMA = "gemma-3-270m"
 
 
 @dataclass(frozen=True)
@@ -51,10 +64,15 @@ class Config:
     cache_type: str = "f16"
     flash_attention: str = "auto"
     ubatch: int = 512
+    model: str = GEMMA  # or the architecture of one of the project's tiny models
+
+    @property
+    def recording(self) -> str:
+        return self.name if self.model == GEMMA else f"tiny-{self.model}-{self.name}"
 
     def record(self) -> dict[str, Any]:
         return {
-            "name": self.name,
+            "name": self.recording,
             "ctx": self.ctx,
             "parallel": self.parallel,
             "cache_type": self.cache_type,
@@ -63,7 +81,7 @@ class Config:
         }
 
 
-CONFIGS = [
+GEMMA_CONFIGS = [
     Config("one-server", 1, (1,)),
     Config("one-server-fa-off", 1, (1,), ctx=4096, flash_attention="off"),
     Config("one-server-ub256", 1, (1,), ubatch=256),
@@ -75,6 +93,23 @@ CONFIGS = [
     Config("three-servers-q4-np2", 3, (5, 3, 2), ctx=4096, parallel=2, cache_type="q4_0"),
     Config("three-servers-planned", 3, None),
 ]
+
+# The same matrix for each tiny model: contexts, slots, cache types, flash
+# attention off, a smaller ubatch, 1-3 servers with even and uneven splits.
+_TINY_MATRIX = [
+    Config("one-server", 1, (1,)),
+    Config("one-server-fa-off", 1, (1,), ctx=4096, flash_attention="off"),
+    Config("one-server-q4-ub256", 1, (1,), ctx=4096, cache_type="q4_0", ubatch=256),
+    Config("two-servers-np4", 2, (1, 1), ctx=8192, parallel=4),
+    Config("two-servers-q8", 2, (1, 1), ctx=4096, cache_type="q8_0"),
+    Config("two-servers-fa-off-np2", 2, (2, 1), ctx=8192, parallel=2, flash_attention="off"),
+    Config("three-servers", 3, (1, 1, 1), ctx=4096),
+    # (3, 2, 1) leaves the third server only the output layer.
+    Config("three-servers-q4-np3", 3, (3, 2, 1), ctx=16384, parallel=3, cache_type="q4_0"),
+]
+TINY_CONFIGS = [replace(c, model=arch) for arch in tinymodels.ARCHS for c in _TINY_MATRIX]
+
+CONFIGS = GEMMA_CONFIGS + TINY_CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -140,14 +175,22 @@ def _plan(profile: ModelProfile, config: Config, nodes: list[str]) -> PlacementR
     return evaluate_layout(profile, parse_inventory(roomy), layout, request)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
-def test_estimate_within_ten_percent_of_llama_cpp(
+def _model(config: Config, request: pytest.FixtureRequest) -> Path:
+    if config.model == GEMMA:
+        path: Path = request.getfixturevalue("model_file")
+        return path
+    return tinymodels.make_model(config.model)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.recording)
+def test_estimate_within_tolerance_of_llama_cpp(
     config: Config,
     workers: list[LlamaProcess],
     llama_server_bin: Path,
-    model_file: Path,
+    request: pytest.FixtureRequest,
     tmp_path: Path,
 ) -> None:
+    model_file = _model(config, request)
     profile = read_model_profile(model_file)
     nodes = [f"w{i}" for i in range(config.servers)]
     plan = _plan(profile, config, nodes)
@@ -173,17 +216,21 @@ def test_estimate_within_ten_percent_of_llama_cpp(
             assert reply.get("content") is not None
         log = host.log_text()
 
+    header = header_fixture(model_file)
     record = {
         **config.record(),
+        "model": header.name.removesuffix(".header.gguf"),
         "layout": [[d.node, d.device, [d.first_layer, d.last_layer]] for d in plan.devices],
         "endpoints": {d.node: endpoints[d.node] for d in plan.devices},
     }
     if os.environ.get("MESH_PLANNER_RECORD"):
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        write_recording(LOG_DIR / f"{config.name}.log", record, log)
+        write_recording(LOG_DIR / f"{config.recording}.log", record, log)
+        if not header.exists():
+            write_header_replica(model_file, header)
 
     checks = check_buffers(profile, record, log)
-    assert len(checks) == 3 * len(plan.devices)
+    assert len(checks) == 3 * len(plan.devices) + 3  # and the host's three
     bad = [str(c) for c in checks if c.error > TOLERANCE]
     assert not bad, "\n".join(bad)
     # What llama.cpp allocated fits in each device's free memory.

@@ -299,7 +299,8 @@ def test_doctor_explains_no_capacity_with_the_shortfall_and_who_holds_the_memory
     assert found["level"] == "fail"
     # The planner's numbers (what gemma-3-270m needs) are its own; the sentence is doctor's.
     assert re.search(
-        rf"no capacity in pool {pool}: needs \d+\.\d GiB.*; short by \d+\.\d GiB;", found["problem"]
+        rf"no capacity in pool {pool}: VRAM: needs \d+\.\d GiB.*; RAM: .*; short by \d+\.\d GiB;",
+        found["problem"],
     ), found["problem"]
     assert (
         f"held by {namespace}/first {claimed['totalMiB']} MiB ({gpu}/CUDA0 {claimed['totalMiB']})"

@@ -362,8 +362,9 @@ def test_no_capacity_names_the_numbers_and_releases_the_workloads() -> None:
     assert first.reason == "NoCapacity" and first.outcome == "blocked"
     assert first.status.plan is None and first.children == []
     assert conditions(first)["Planned"] == ("False", "NoCapacity")
-    assert conditions_message(first, "Planned").startswith("needs 63.5 GiB")
+    assert conditions_message(first, "Planned").startswith("VRAM: needs 63.5 GiB")
     assert "pool has 21.6 GiB free" in conditions_message(first, "Planned")
+    assert "; RAM: no node offers RAM" in conditions_message(first, "Planned")
     assert event_reasons(first) == ["NoCapacity"]
     assert first.look_again == LookAgain(backoff=True)
     assert first.claim is None and first.claim_changed

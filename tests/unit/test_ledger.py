@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 
-from mesh_operator.api.meshmodel import Plan
+from mesh_operator.api.meshmodel import Plan, PlannedHostTier
 from mesh_operator.api.meshnode import MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.handlers.snapshot import node_info
 from mesh_operator.ledger import (
     NodeInfo,
+    build_ledger_rows,
     build_pool_view,
     capacity_grew,
     plan_problems,
@@ -107,6 +108,15 @@ def test_device_cap_limits_what_a_cpu_pool_offers() -> None:
     assert [d.memory_total_mib for n in inventory.nodes for d in n.devices] == [300, 300]
 
 
+def test_a_capped_nodes_free_memory_is_not_shown_above_its_total() -> None:
+    pool = MeshPoolSpec.model_validate({"deviceMemoryCapMiB": 300, "nodeSelector": {"pool": "x"}})
+    statuses = {"a": status(free=20000), "b": status(free=120)}
+    view = build_pool_view(pool, NODES, statuses, {}, NOW)
+    rows = {r.node: r for r in build_ledger_rows(view, statuses)}
+    assert (rows["a"].memory_total_mib, rows["a"].memory_free_mib) == (300, 300)
+    assert (rows["b"].memory_total_mib, rows["b"].memory_free_mib) == (300, 120)
+
+
 def test_stale_and_missing_nodes_are_not_planned_on() -> None:
     pool = MeshPoolSpec(node_selector={"pool": "x"})
     view = build_pool_view(pool, NODES, {"a": status(age=31)}, {}, NOW)
@@ -166,6 +176,27 @@ def test_declared_round_trips_reach_the_planner_and_the_pools_limit() -> None:
     assert {n.name: n.rtt_ms for n in inventory.nodes} == {"a": 20.0, "b": None}
     limited = MeshPoolSpec.model_validate({"nodeSelector": {"pool": "x"}, "maxRttMs": 5})
     assert [n.name for n in limit_inventory(inventory, limited).nodes] == ["b"]
+
+
+def test_ram_tier_claims_leave_a_nodes_ram_to_the_others() -> None:
+    pool = MeshPoolSpec(sharing="shared", node_selector={"pool": "x"})
+    meshnodes = {
+        "a": status(hostMemoryFreeMiB=65536, hostMemoryBandwidthGBps=80.0),
+        "b": status(),
+    }
+    tiered = plan_on("a", 20000)
+    tiered.host_tier = PlannedHostTier(node="a", moe_layers=30, cpu_layers=0, memory_mib=40000)
+    alone = build_pool_view(pool, NODES, meshnodes, {}, NOW)
+    shared = build_pool_view(pool, NODES, meshnodes, {"ns/first": tiered}, NOW)
+    assert alone.by_name()["a"].host_memory_mib == 65536
+    assert shared.by_name()["a"].host_memory_mib == 65536 - 40000
+    assert shared.by_name()["b"].host_memory_mib == 0
+    node = to_inventory(shared).node("a")
+    assert node is not None
+    assert (node.host_memory_free_mib, node.host_memory_bandwidth_gbps) == (25536, 80.0)
+    exclusive = MeshPoolSpec(sharing="exclusive", node_selector={"pool": "x"})
+    held = build_pool_view(exclusive, NODES, meshnodes, {"ns/first": tiered}, NOW)
+    assert held.by_name()["a"].host_memory_mib == 0
 
 
 def trips(**peers: float) -> list[dict[str, Any]]:

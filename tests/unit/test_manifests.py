@@ -360,6 +360,25 @@ class TestHostDeployment:
         assert "resources" not in server  # never a GPU of its own
 
     @pytest.mark.parametrize(
+        ("host_resources", "expected"),
+        [
+            (None, {"requests": {"memory": "4096Mi"}}),
+            (
+                {"limits": {"cpu": "4"}},
+                {"requests": {"memory": "4096Mi"}, "limits": {"cpu": "4"}},
+            ),
+            ({"requests": {"memory": "8Gi"}}, {"requests": {"memory": "8Gi"}}),
+        ],
+    )
+    def test_a_ram_tier_is_requested_as_host_memory(
+        self, host_resources: dict[str, Any] | None, expected: dict[str, Any]
+    ) -> None:
+        spec = {"hostResources": host_resources} if host_resources else {}
+        w = dataclasses.replace(workload(spec=spec), host_tier_mib=4096)
+        server = build_host_deployment(w)["spec"]["template"]["spec"]["containers"][0]
+        assert server["resources"] == expected
+
+    @pytest.mark.parametrize(
         ("cache", "volume", "inits", "level"),
         [
             (

@@ -38,6 +38,10 @@ class Inventory:
     cpu: CpuReading
     cpu_bandwidth_gbps: float | None
     cached: tuple[model_cache.CachedFile, ...]
+    # The RAM tier of a node with GPUs: system RAM llama.cpp may use beyond them
+    # (0 on a CPU node, whose CPU device is that RAM), and its bandwidth.
+    host_memory_free_bytes: int = 0
+    host_bandwidth_gbps: float = 0.0
 
     @property
     def cpu_device(self) -> bool:
@@ -54,6 +58,16 @@ class CollectorConfig:
     bandwidth_cache: Path | None = None
     bandwidth_size_mib: int = 64
     bandwidth_streams: int = 0  # 0: one per usable core, at most 8
+    # Share of the node's RAM never offered to the RAM tier (system, kubelet, pods).
+    host_memory_reserve_percent: float = 20.0
+
+
+def host_memory_free(cpu: CpuReading, reserve_percent: float) -> int:
+    """RAM llama.cpp may use on a node with GPUs: what processes that are not
+    mesh's leave (mesh's own servers count as free, as on devices: the ledger
+    subtracts what plans claim), less the reserve."""
+    reserve = int(cpu.memory_total_bytes * reserve_percent / 100)
+    return max(0, cpu.memory_total_bytes - cpu.memory_used_by_others_bytes - reserve)
 
 
 class InventoryCollector:
@@ -72,7 +86,16 @@ class InventoryCollector:
         use_cpu = self._config.mode != BackendMode.CUDA and not (nvml.available and nvml.gpus)
         gbps = self._cpu_bandwidth(cpu) if use_cpu else None
         cached = tuple(model_cache.scan(self._config.model_cache_dir))
-        return Inventory(nvml=nvml, cpu=cpu, cpu_bandwidth_gbps=gbps, cached=cached)
+        if use_cpu:
+            return Inventory(nvml=nvml, cpu=cpu, cpu_bandwidth_gbps=gbps, cached=cached)
+        return Inventory(
+            nvml=nvml,
+            cpu=cpu,
+            cpu_bandwidth_gbps=None,
+            cached=cached,
+            host_memory_free_bytes=host_memory_free(cpu, self._config.host_memory_reserve_percent),
+            host_bandwidth_gbps=self._cpu_bandwidth(cpu),
+        )
 
     def _cpu_bandwidth(self, cpu: CpuReading) -> float:
         if self._bandwidth is not None:

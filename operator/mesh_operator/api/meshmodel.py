@@ -272,8 +272,20 @@ class PlannedDevice(ApiModel):
     total_mib: int = Field(ge=0, alias="totalMiB")
 
 
+class PlannedHostTier(ApiModel):
+    """What a plan keeps in the host node's system RAM because VRAM is short."""
+
+    node: str
+    moe_layers: int = Field(
+        ge=0, description="Routed experts of layers [0, moeLayers) in RAM (--n-cpu-moe)."
+    )
+    cpu_layers: int = Field(ge=0, description="Whole layers [0, cpuLayers) on the host's CPU.")
+    memory_mib: int = Field(ge=0, alias="memoryMiB", description="RAM the plan claims there.")
+
+
 class Plan(ApiModel):
     devices: list[PlannedDevice] = Field(default_factory=list)
+    host_tier: PlannedHostTier | None = None
     tensor_split: list[int] = Field(default_factory=list)
     rpc: list[str] = Field(default_factory=list, description="Node names in --rpc order.")
     host_node: str | None = None

@@ -120,6 +120,19 @@ class MeshNodeStatus(ApiModel):
     cached_models: list[CachedModel] = Field(default_factory=list, max_length=256)
     rpc_servers: list[RpcServer] = Field(default_factory=list, max_length=64)
     system: SystemInfo | None = None
+    host_memory_free_mib: int = Field(
+        default=0,
+        ge=0,
+        alias="hostMemoryFreeMiB",
+        description="System RAM llama.cpp may use beyond the node's devices (the RAM tier): "
+        "memory not used by others less the agent's reserve; 0 on a CPU-only node.",
+    )
+    host_memory_bandwidth_gbps: float = Field(
+        default=0.0,
+        ge=0,
+        alias="hostMemoryBandwidthGBps",
+        description="Bandwidth of that RAM, GB/s (0: unknown).",
+    )
     probe_endpoint: str | None = Field(
         default=None,
         max_length=300,

@@ -75,6 +75,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "MESH_AGENT_BANDWIDTH_STREAMS",
         "copy benchmark processes (default: one per core, at most 8)",
     ),
+    "host_memory_reserve_percent": (
+        "MESH_AGENT_HOST_MEMORY_RESERVE_PERCENT",
+        "share of system RAM a node with GPUs never offers to the RAM tier (20)",
+    ),
     "slowdown_c": (
         "MESH_AGENT_SLOWDOWN_C",
         "temperature that degrades a GPU when NVML has no threshold (90)",
@@ -134,6 +138,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _percent(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 100:
+        raise ValueError(f"{value} is not between 0 and 100")
+    return value
+
+
 def _listen(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not port.isdigit() or not 0 <= int(port) < 65536:
@@ -185,6 +196,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         bandwidth_cache=state_dir / "bandwidth.json",
         bandwidth_size_mib=_convert(args, "bandwidth_mib", _positive_int, 64),
         bandwidth_streams=_convert(args, "bandwidth_streams", int, 0),
+        host_memory_reserve_percent=_convert(args, "host_memory_reserve_percent", _percent, 20.0),
     )
     return AgentConfig(
         node_name=node,

@@ -135,11 +135,19 @@ def _read_current(path: str) -> CurrentPlan:
             for d in data["devices"]
         )
         host = data.get("hostNode")
+        tier = next(
+            (
+                (str(n["node"]), int(n["moeLayers"]), int(n["cpuLayers"]))
+                for n in data.get("nodes", [])
+                if n.get("hostTierMiB")
+            ),
+            None,
+        )
     except OSError as exc:
         raise PlannerInputError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise PlannerInputError(f"{path}: not a `mesh plan` JSON output ({exc})") from None
-    return CurrentPlan(layout=layout, host_node=str(host) if host else None)
+    return CurrentPlan(layout=layout, host_node=str(host) if host else None, tier=tier)
 
 
 def _report(
@@ -163,6 +171,7 @@ def _report(
         "hostNode": result.host_node,
         "predictedTokenMs": round(result.predicted_token_ms, 3) if result.feasible else None,
         "hostMemoryMiB": mib_ceil(result.host_memory_bytes) if result.feasible else None,
+        "nodes": _nodes(result),
         "model": {
             "file": profile.file_name,
             "architecture": profile.architecture,
@@ -171,6 +180,34 @@ def _report(
         },
         "args": commands,
     }
+
+
+def _nodes(result: PlacementResult) -> list[dict[str, Any]]:
+    """Per planned node (--rpc order): VRAM and RAM the plan takes there."""
+    tier = result.host_tier
+    out = []
+    for name in result.rpc:
+        vram = sum(mib_ceil(d.total_bytes) for d in result.devices if d.node == name)
+        here = tier is not None and tier.node == name
+        out.append(
+            {
+                "node": name,
+                "vramMiB": vram,
+                "hostTierMiB": mib_ceil(tier.total_bytes) if here and tier else 0,
+                "moeLayers": tier.moe_layers if here and tier else 0,
+                "cpuLayers": tier.cpu_layers if here and tier else 0,
+            }
+        )
+    return out
+
+
+def _tier_line(node: dict[str, Any]) -> str:
+    parts = []
+    if node["cpuLayers"]:
+        parts.append(f"layers 0-{node['cpuLayers'] - 1}")
+    if node["moeLayers"] > node["cpuLayers"]:
+        parts.append(f"experts of layers {node['cpuLayers']}-{node['moeLayers'] - 1}")
+    return f"RAM on {node['node']}: {' and '.join(parts)}, {node['hostTierMiB']} MiB"
 
 
 def _table(report: dict[str, Any], args: argparse.Namespace) -> str:
@@ -199,6 +236,7 @@ def _table(report: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append("")
         for row in [header, *rows]:
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+        lines += [_tier_line(n) for n in report["nodes"] if n["hostTierMiB"]]
         lines += [
             "",
             f"tensor split {','.join(map(str, report['tensorSplit']))}; "

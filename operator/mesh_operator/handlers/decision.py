@@ -555,6 +555,7 @@ class _Decider:
             gpus_per_node=planning.gpus_per_node(plan),
             variants=planning.image_variants(plan),
             group_restarts=self.status.group_restarts,
+            host_tier_mib=plan.host_tier.memory_mib if plan.host_tier else 0,
             hf_endpoint=self.s.hf_endpoint,
         )
         verdict = self._host_verdict(workload, pool)

@@ -91,6 +91,9 @@ class ModelWorkload:
     # Bumped each time the host must restart with its group (a worker restarted
     # under it): a change of the host's pod template, so its Deployment rolls it.
     group_restarts: int = 0
+    # MiB of the model the plan keeps in the host's RAM (its RAM tier): the host
+    # requests that much memory unless hostResources says otherwise.
+    host_tier_mib: int = 0
     # A Hugging Face mirror (the operator's HF_ENDPOINT), given to `mesh fetch`.
     hf_endpoint: str | None = None
 
@@ -466,8 +469,13 @@ def build_host_deployment(w: ModelWorkload, replicas: int = 1) -> Obj:
         "volumeMounts": mounts,
         "securityContext": _hardened_container(),
     }
-    if w.spec.host_resources is not None:
-        server["resources"] = w.spec.host_resources.to_wire()
+    resources = w.spec.host_resources.to_wire() if w.spec.host_resources is not None else {}
+    if w.host_tier_mib:
+        requests = resources.setdefault("requests", {})
+        assert isinstance(requests, dict)
+        requests.setdefault("memory", f"{w.host_tier_mib}Mi")
+    if resources:
+        server["resources"] = resources
     pod_spec = _pod_common(w, [w.host_node])
     pod_spec["containers"] = [server]
     pod_spec["volumes"] = volumes

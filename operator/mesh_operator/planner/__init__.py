@@ -3,7 +3,8 @@
 Pure code: no Kubernetes and no I/O except reading a model's header. Used by
 the operator (MeshModel reconciliation) and by `mesh plan`. Modules:
 `gguf_header` (the byte format), `profile` (what a model needs per layer),
-`memory` (per-device buffers), `timing` (predicted ms/token), `tensor_split`
+`memory` (per-device buffers), `compute` (the compute buffers, by replaying
+ggml's graph allocator), `timing` (predicted ms/token), `tensor_split`
 (llama.cpp's `-ts` rule), `placement` (the search), `bounds` (lower bounds that
 let the search skip node sets), `commands` (argument lists), `api_plan`
 (MeshModel status), `inventory` (the pool).
@@ -19,7 +20,8 @@ Public API::
     estimate_memory(profile, params: ServingParams,
                     layer_ranges: Sequence[tuple[int, int]]) -> MemoryEstimate
         Weights, KV and compute bytes per device for `[first, last)` ranges in
-        device order (layer n_layer is the output layer), plus host RAM.
+        device order (layer n_layer is the output layer), plus host RAM (total
+        and `host_buffers`: input layer, output buffer, compute).
 
     parse_inventory(data: Mapping, source: str = "inventory") -> Inventory
 

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import math
 
-from mesh_operator.api.meshmodel import Plan, PlannedDevice
+from mesh_operator.api.meshmodel import Plan, PlannedDevice, PlannedHostTier
 from mesh_operator.planner.memory import MIB
-from mesh_operator.planner.placement import CurrentPlan, DevicePlacement, PlacementResult
+from mesh_operator.planner.placement import (
+    CurrentPlan,
+    DevicePlacement,
+    HostTier,
+    PlacementResult,
+)
 
 
 def mib_ceil(n_bytes: int) -> int:
@@ -31,12 +36,25 @@ def planned_device(d: DevicePlacement) -> PlannedDevice:
     )
 
 
+def planned_host_tier(tier: HostTier | None) -> PlannedHostTier | None:
+    """What sits in the host's RAM, as MeshModel status shows it."""
+    if tier is None:
+        return None
+    return PlannedHostTier(
+        node=tier.node,
+        moe_layers=tier.moe_layers,
+        cpu_layers=tier.cpu_layers,
+        memory_mib=mib_ceil(tier.total_bytes),
+    )
+
+
 def to_api_plan(result: PlacementResult) -> Plan:
     """The plan as MeshModel status stores it (an infeasible one keeps its reason)."""
     if not result.feasible:
         return Plan(strategy=result.strategy, reason=result.reason)
     return Plan(
         devices=[planned_device(d) for d in result.devices],
+        host_tier=planned_host_tier(result.host_tier),
         tensor_split=list(result.tensor_split),
         rpc=list(result.rpc),
         host_node=result.host_node,
@@ -52,4 +70,10 @@ def current_plan_from_api(plan: Plan | None) -> CurrentPlan | None:
         return None
     layout = tuple((d.node, d.device, (d.layers[0], d.layers[1])) for d in plan.devices)
     held = tuple(((d.node, d.device), d.total_mib) for d in plan.devices)
-    return CurrentPlan(layout=layout, host_node=plan.host_node, held_mib=held)
+    tier = plan.host_tier
+    return CurrentPlan(
+        layout=layout,
+        host_node=plan.host_node,
+        held_mib=held,
+        tier=(tier.node, tier.moe_layers, tier.cpu_layers) if tier else None,
+    )

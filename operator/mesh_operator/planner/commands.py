@@ -63,16 +63,60 @@ class ServerSettings:
     extra_args: tuple[str, ...] = ()
 
 
-def _layout(plan: Plan | PlacementResult) -> tuple[list[str], list[int], int]:
-    """Nodes in --rpc order, the split, and how many layers go to devices."""
+@dataclass(frozen=True)
+class _Layout:
+    nodes: list[str]  # --rpc order
+    split: list[int]
+    gpu_layers: int  # layers on devices: the last ones
+    cpu_layers: int  # whole layers [0, cpu_layers) on the host's CPU
+    moe_layers: int  # routed experts of layers [0, moe_layers) in the host's RAM
+
+
+def _layout(plan: Plan | PlacementResult) -> _Layout:
     if isinstance(plan, PlacementResult):
         if not plan.feasible:
             raise PlannerInputError(f"no command line for an infeasible plan: {plan.reason}")
-        return list(plan.rpc), list(plan.tensor_split), plan.n_device_layers
+        tier = plan.host_tier
+        return _Layout(
+            list(plan.rpc),
+            list(plan.tensor_split),
+            plan.n_device_layers - (tier.cpu_layers if tier else 0),
+            tier.cpu_layers if tier else 0,
+            tier.moe_layers if tier else 0,
+        )
     if not plan.rpc or not plan.tensor_split or not plan.devices:
         raise PlannerInputError("the plan has no devices")
+    first = min(d.layers[0] for d in plan.devices)
     last = max(d.layers[1] for d in plan.devices)
-    return list(plan.rpc), list(plan.tensor_split), last
+    planned = plan.host_tier
+    cpu = planned.cpu_layers if planned else 0
+    if first != cpu:
+        raise PlannerInputError(
+            f"the plan's devices start at layer {first}, but {cpu} layers are on the CPU"
+        )
+    return _Layout(
+        list(plan.rpc),
+        list(plan.tensor_split),
+        last - first,
+        cpu,
+        planned.moe_layers if planned else 0,
+    )
+
+
+def _ram_tier_args(layout: _Layout) -> list[str]:
+    """The flags that put the plan's RAM tier in the host's RAM.
+
+    Whole layers need none beyond `-ngl` (llama.cpp keeps the first layers past
+    `-ngl` on the CPU). `--n-cpu-moe k` puts the routed experts of layers < k
+    (`blk.<i>.ffn_(up|down|gate|gate_up)_exps`) in the CPU buffer, and
+    `--load-mode none` makes the CPU's weights memory of their own rather than a
+    mapping of the file's range from the first such tensor to the last, so RAM
+    holds exactly what the plan counted (llama.cpp advises it with overrides).
+    """
+    args = ["--n-cpu-moe", str(layout.moe_layers)] if layout.moe_layers else []
+    if layout.moe_layers or layout.cpu_layers:
+        args += ["-lm", "none"]
+    return args
 
 
 def build_llama_server_args(
@@ -82,7 +126,8 @@ def build_llama_server_args(
     rpc_endpoints: Mapping[str, str],
 ) -> list[str]:
     """Arguments of the host's llama-server; `rpc_endpoints` maps node -> host:port."""
-    nodes, split, gpu_layers = _layout(plan)
+    layout = _layout(plan)
+    nodes, split, gpu_layers = layout.nodes, layout.split, layout.gpu_layers
     missing = [n for n in nodes if n not in rpc_endpoints]
     if missing:
         raise PlannerInputError(f"no RPC endpoint for node(s) {', '.join(missing)}")
@@ -101,6 +146,7 @@ def build_llama_server_args(
         "--host", settings.host,
         "--port", str(settings.port),
     ]  # fmt: skip
+    args += _ram_tier_args(layout)
     if serving.ubatch != DEFAULT_UBATCH:
         args += ["-ub", str(serving.ubatch)]
     if serving.batch != DEFAULT_BATCH:

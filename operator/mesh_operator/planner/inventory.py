@@ -8,6 +8,11 @@ the planner. Validation errors are one line naming the field, e.g.
 `memoryFreeMiB` is what the planner may use before the reserve: the operator
 passes free memory with this model's own current servers counted as free and
 other models' plans counted as used (the ledger).
+
+`hostMemoryFreeMiB` (per node, absent = 0) is the system RAM llama.cpp may use on
+that node beyond what its devices already offer (a CPU-only node's CPU device
+already is its RAM: 0 there), the RAM tier the planner falls back on when VRAM is
+short; `hostMemoryBandwidthGBps` is that RAM's bandwidth (0 = the CPU default).
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ class InventoryNode(_Model):
     cached_models: tuple[str, ...] = ()
     healthy: bool = True
     devices: tuple[InventoryDevice, ...] = ()
+    host_memory_free_mib: int = Field(default=0, ge=0, alias="hostMemoryFreeMiB")
+    host_memory_bandwidth_gbps: float = Field(default=0.0, ge=0, alias="hostMemoryBandwidthGBps")
 
     @model_validator(mode="after")
     def _unique_devices(self) -> InventoryNode:

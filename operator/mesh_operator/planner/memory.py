@@ -7,15 +7,13 @@ Owns the estimate of the three buffers llama.cpp logs per device:
 - KV buffer: llama.cpp's cache geometry — the context is padded to 256 cells, an
   explicit `--parallel N` gives N streams of `ctx/N` cells each, and layers with a
   sliding window keep only `pad256(min(ctx/N, window + ubatch))` cells per stream;
-- compute buffer: the graph's working memory for one ubatch. An empirical model
-  of what ggml's allocator reserves, fitted on llama.cpp's own logs: the
-  attention masks and the activation arriving from the previous device (four
-  copies of each when the model spans several devices, for pipeline
-  parallelism), plus the widest activations of a layer (three FFN-wide and three
-  embedding-wide float rows per token), the K·Q scores when flash attention is
-  off, and the Hadamard rotation of Q when the cache is quantized.
+- compute buffer: the graph's working memory for the worst-case ubatch, from a
+  replay of ggml's graph allocator over the layers the device holds
+  (`compute`);
 
-Everything is in bytes; the callers round to MiB.
+and the host's own: the input layer's weights, the output buffer (the logits of
+one output per slot) and its compute buffer (the graph inputs and the token
+embedding's rows). Everything is in bytes; the callers round to MiB.
 """
 
 from __future__ import annotations
@@ -26,6 +24,12 @@ from typing import Literal
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from mesh_operator.planner.compute import (
+    GraphShape,
+    compute_buffers,
+    device_compute_bytes,
+    host_compute_bytes,
+)
 from mesh_operator.planner.errors import PlannerInputError
 from mesh_operator.planner.profile import ModelProfile
 
@@ -46,7 +50,6 @@ CACHE_TYPES: Mapping[str, GGMLQuantizationType] = {
 _FLOAT_CACHES = frozenset({"f32", "f16", "bf16"})
 
 KV_PAD = 256  # llama.cpp pads the context and the SWA cache to 256 cells
-SCHED_COPIES = 4  # GGML_SCHED_MAX_COPIES: input copies with pipeline parallelism
 MIB = 1 << 20
 F32 = 4
 
@@ -156,6 +159,24 @@ def layer_memory_bytes(
     return per_layer
 
 
+def graph_shape(profile: ModelProfile, params: ServingParams, geometry: KvGeometry) -> GraphShape:
+    """The worst-case ubatch llama.cpp reserves its graphs for."""
+    n_seq = geometry.n_stream
+    # llama_context::graph_reserve: n_ubatch tokens (at most the context), a
+    # multiple of the sequences, and one output per sequence.
+    tokens = pad(geometry.ubatch, n_seq)
+    return GraphShape(
+        n_tokens=tokens,
+        n_outputs=min(tokens, params.parallel),
+        n_stream=n_seq,
+        cells_full=geometry.cells_full,
+        cells_swa=geometry.cells_swa,
+        flash=params.flash,
+        cache_type_k=int(CACHE_TYPES[params.cache_type_k]),
+        cache_type_v=int(CACHE_TYPES[params.cache_type_v]),
+    )
+
+
 def compute_buffer_bytes(
     profile: ModelProfile,
     params: ServingParams,
@@ -166,50 +187,63 @@ def compute_buffer_bytes(
     has_swa: bool = True,
     holds_output: bool = True,
 ) -> int:
-    """The compute buffer llama.cpp reserves on one device.
+    """The compute buffer of a device whose layers use these kinds of attention.
 
-    The defaults (both kinds of attention, output layer present) give the most a
-    device of this model can need, which is what placement budgets for.
+    For placement, which budgets a range before knowing it exactly: the buffer
+    of a representative range holding the first layer of each kind asked for
+    (and everything from there to the output layer when it holds that too). The
+    defaults give what a device of this model needs at most. `estimate_memory`
+    replays the exact ranges.
     """
-    ub = geometry.ubatch
-    copies = SCHED_COPIES if n_devices > 1 else 1
-    mask_elem = 2 if params.flash else F32
-    full = geometry.cells_full if has_full and profile.has_full_attention else 0
-    swa = geometry.cells_swa if has_swa and profile.has_swa else 0
-    inputs = copies * ((full + swa) * ub * mask_elem + profile.n_embd * ub * F32)
-    q_dim = profile.n_head * profile.head_dim_k
-    kv_dim = max((layer.n_embd_k + layer.n_embd_v for layer in profile.layers), default=0)
-    peak = 3 * profile.n_embd + max(3 * profile.ffn_active_width, 2 * q_dim + kv_dim)
-    peak += profile.n_expert  # router logits
-    work = ub * F32 * peak
-    if not params.flash:
-        # Without flash attention the K*Q scores are materialized per head. With
-        # pipeline parallelism llama.cpp's logs show both kinds' scores live at once.
-        kq_full = profile.n_head * full * ub * F32
-        kq_swa = profile.n_head * swa * ub * F32
-        scores = kq_full + kq_swa if copies > 1 else max(kq_full, kq_swa)
-        attention = ub * F32 * (3 * profile.n_embd + q_dim + kv_dim) + scores
-        work = max(work, attention)
-    elif params.quantized_cache and profile.head_dim_k % 64 == 0:
-        work += q_dim * ub * F32 + copies * profile.head_dim_k**2 * F32
+    shape = graph_shape(profile, params, geometry)
+    n = profile.n_layer
+    if n_devices <= 1:
+        return device_compute_bytes(
+            profile, shape, 0, n + 1, first_device=True, last_device=True, n_devices=1
+        )
+    wanted = [
+        next(il for il, layer in enumerate(profile.layers) if layer.is_swa == swa)
+        for swa, asked in ((False, has_full), (True, has_swa))
+        if asked and any(layer.is_swa == swa for layer in profile.layers)
+    ]
     if holds_output:
-        logits = profile.n_vocab * params.parallel * F32
-        work = max(work, logits + 2 * profile.n_embd * ub * F32)
-    return inputs + work
+        # A device holding the output layer is budgeted as if it held two
+        # repeating layers before it: alone, the output layer needs a few hundred
+        # KiB (and the last repeating layer runs its FFN on the output rows only),
+        # and the search's bounds, which take the least any device needs, would no
+        # longer rule out node sets.
+        first, last = min([*wanted, max(n - 2, 0)]), n + 1
+    else:
+        wanted = wanted or [0]
+        first, last = min(wanted), max(wanted) + 1
+    return device_compute_bytes(
+        profile,
+        shape,
+        first,
+        last,
+        first_device=first == 0,
+        last_device=holds_output,
+        n_devices=n_devices,
+    )
 
 
 def host_memory_bytes(
     profile: ModelProfile, params: ServingParams, geometry: KvGeometry, *, n_devices: int
 ) -> int:
     """RAM of the host process beyond its binary: inputs, output buffer, compute."""
-    ub = geometry.ubatch
-    copies = SCHED_COPIES if n_devices > 1 else 1
-    mask_elem = 2 if params.flash else F32
-    cells = (geometry.cells_full if profile.has_full_attention else 0) + geometry.cells_swa
+    return host_buffers(profile, params, geometry, n_devices=n_devices).total
+
+
+def host_buffers(
+    profile: ModelProfile, params: ServingParams, geometry: KvGeometry, *, n_devices: int
+) -> DeviceMemory:
+    """The host's CPU buffers: the input layer's weights, the logits of one
+    output per slot (llama.cpp's output buffer, counted with the KV as what the
+    context holds) and its compute buffer."""
+    shape = graph_shape(profile, params, geometry)
     logits = profile.n_vocab * params.parallel * F32
-    compute = copies * (cells * ub * mask_elem + profile.n_embd * ub * F32)
-    compute += profile.n_embd * ub * F32 + logits
-    return profile.input_bytes + logits + compute
+    compute = host_compute_bytes(profile, shape, n_devices=n_devices)
+    return DeviceMemory(profile.input_bytes, logits, compute)
 
 
 @dataclass(frozen=True)
@@ -230,6 +264,7 @@ class MemoryEstimate:
     devices: tuple[DeviceMemory, ...]
     host: int
     geometry: KvGeometry
+    host_buffers: DeviceMemory  # weights: input layer, kv: output buffer, compute
 
     @property
     def total(self) -> int:
@@ -257,27 +292,17 @@ def estimate_memory(
         raise PlannerInputError(f"layer ranges {list(layer_ranges)} do not cover 0..{n}")
     geometry = kv_geometry(profile, params)
     kv = layer_kv_bytes(profile, params, geometry)
+    computes, _ = compute_buffers(profile, graph_shape(profile, params, geometry), layer_ranges)
     used = sum(1 for first, last in layer_ranges if last > first)
     devices = []
-    for first, last in layer_ranges:
+    for (first, last), compute in zip(layer_ranges, computes, strict=True):
         if last == first:
             devices.append(DeviceMemory(0, 0, 0))
             continue
         repeating = range(first, min(last, profile.n_layer))
         weights = sum(profile.layers[il].weight_bytes for il in repeating)
-        holds_output = last == n
-        if holds_output:
+        if last == n:
             weights += profile.output_bytes
-        kinds = [profile.layers[il] for il in repeating]
-        compute = compute_buffer_bytes(
-            profile,
-            params,
-            geometry,
-            n_devices=used,
-            has_full=any(not k.is_swa for k in kinds),
-            has_swa=any(k.is_swa for k in kinds),
-            holds_output=holds_output,
-        )
         devices.append(DeviceMemory(weights, sum(kv[il] for il in repeating), compute))
-    host = host_memory_bytes(profile, params, geometry, n_devices=used)
-    return MemoryEstimate(tuple(devices), host, geometry)
+    host = host_buffers(profile, params, geometry, n_devices=used)
+    return MemoryEstimate(tuple(devices), host.total, geometry, host)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -102,6 +102,10 @@ class LayerProfile:
     n_embd_v: int  # V elements per KV cell (0 with MLA: V is a view of K)
     is_swa: bool
     n_head: int
+    # FFN widths per token: a dense FFN's, or one routed expert's and the shared experts'.
+    ffn_dense: int = 0
+    ffn_expert: int = 0
+    ffn_shared: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,20 @@ class ModelProfile:
     # Whether the file carries `tokenizer.chat_template` (a profile encoded before
     # this was recorded is taken to have one: nothing is chosen in its place).
     has_chat_template: bool = True
+    # Attention details that shape the compute graph.
+    qk_norm: bool = False  # per-head norms of Q and K
+    n_rot: int = 0  # rotary dimensions (MLA: the positional part of a key)
+    mla_rank: int = 0  # MLA: the compressed KV width (kv_lora_rank); 0 without MLA
+    head_dim_q: int = 0  # MLA: a query head (nope + rope)
+    head_dim_v_mla: int = 0  # MLA: a value head after decompression
+
+    def __hash__(self) -> int:
+        # The planner caches per profile (compute buffers): hash its fields once.
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
 
     @property
     def n_device_layers(self) -> int:
@@ -226,6 +244,22 @@ def _ffn_width(names: Mapping[str, tuple[int, ...]], il: int, n_used: int, fallb
     if shared is not None and len(shared) >= 2:
         width += shared[1]
     return width
+
+
+def _opt_int(value: MetadataValue | None, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _ffn_widths(names: Mapping[str, tuple[int, ...]], il: int) -> tuple[int, int, int]:
+    """(dense, one routed expert, shared experts) FFN widths of layer `il`."""
+
+    def rows(kind: str, per: int = 1) -> int:
+        shape = names.get(f"blk.{il}.{kind}.weight")
+        return shape[1] // per if shape is not None and len(shape) >= 2 else 0
+
+    expert = rows("ffn_up_exps") or rows("ffn_gate_up_exps", 2)
+    dense = 0 if expert else rows("ffn_up") or rows("ffn_gate")
+    return dense, expert, rows("ffn_up_shexp")
 
 
 def build_model_profile(header: GgufHeader, file_name: str | None = None) -> ModelProfile:
@@ -330,6 +364,10 @@ def build_model_profile(header: GgufHeader, file_name: str | None = None) -> Mod
     ff_fallback = ff_default if isinstance(ff_default, int) else 4 * n_embd
     ffn = max(_ffn_width(shapes, il, n_used, ff_fallback) for il in range(n_layer))
 
+    widths = [_ffn_widths(shapes, il) for il in range(n_layer)]
+    # MLA's cached key is the latent plus the rotary part: without the rope key,
+    # the rotary width is what the key adds to the latent.
+    mla_rank = _opt_int(header.get(key(Keys.Attention.KV_LORA_RANK)), 0) if mla else 0
     layers = tuple(
         LayerProfile(
             weight_bytes=weight[il],
@@ -338,6 +376,9 @@ def build_model_profile(header: GgufHeader, file_name: str | None = None) -> Mod
             n_embd_v=0 if mla else head_v * heads_kv[il],
             is_swa=swa_flags[il],
             n_head=heads[il],
+            ffn_dense=widths[il][0],
+            ffn_expert=widths[il][1],
+            ffn_shared=widths[il][2],
         )
         for il in range(n_layer)
     )
@@ -365,6 +406,11 @@ def build_model_profile(header: GgufHeader, file_name: str | None = None) -> Mod
         tied_output=tied,
         file_bytes=sum(t.n_bytes for t in header.tensors),
         has_chat_template=isinstance(header.get(Keys.Tokenizer.CHAT_TEMPLATE), str),
+        qk_norm="blk.0.attn_q_norm.weight" in shapes,
+        n_rot=_opt_int(header.get(key(Keys.Rope.DIMENSION_COUNT)), head_k - mla_rank),
+        mla_rank=mla_rank,
+        head_dim_q=_opt_int(header.get(key(Keys.Attention.KEY_LENGTH_MLA)), head_k),
+        head_dim_v_mla=_opt_int(header.get(key(Keys.Attention.VALUE_LENGTH_MLA)), head_v),
     )
 
 

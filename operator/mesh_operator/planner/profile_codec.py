@@ -26,6 +26,9 @@ MAX_MESSAGE_BYTES = 4096
 _MAX_JSON_BYTES = 4 * 1024 * 1024
 
 _LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerProfile))
+_REQUIRED_LAYER_FIELDS = sum(
+    1 for f in dataclasses.fields(LayerProfile) if f.default is dataclasses.MISSING
+)
 
 
 def encode_profile(profile: ModelProfile) -> str:
@@ -68,11 +71,15 @@ def decode_profile(text: str) -> ModelProfile:
     rows = _typed(fields, "layers", list)
     layers = []
     for i, row in enumerate(rows):
-        if not isinstance(row, list) or len(row) != len(_LAYER_FIELDS):
+        # Older text lacks the columns added later, which have defaults.
+        if not isinstance(row, list) or not _REQUIRED_LAYER_FIELDS <= len(row) <= len(
+            _LAYER_FIELDS
+        ):
             raise PlannerInputError(f"model profile: layer {i} has the wrong shape")
-        layer = dict(zip(_LAYER_FIELDS, row, strict=True))
+        layer = dict(zip(_LAYER_FIELDS, row, strict=False))
         for f in dataclasses.fields(LayerProfile):
-            _typed(layer, f.name, bool if f.type == "bool" else int)
+            if f.name in layer:
+                _typed(layer, f.name, bool if f.type == "bool" else int)
         layers.append(LayerProfile(**layer))
     values: dict[str, Any] = {"layers": tuple(layers)}
     kinds = {"str": str, "int": int, "bool": bool, "SwaKind": str}

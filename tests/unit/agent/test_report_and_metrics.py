@@ -11,7 +11,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from mesh_agent.health import HealthRules
-from mesh_agent.inventory import BackendMode, CollectorConfig, Inventory, InventoryCollector
+from mesh_agent.inventory import (
+    BackendMode,
+    CollectorConfig,
+    Inventory,
+    InventoryCollector,
+    host_memory_free,
+)
 from mesh_agent.inventory.nvml import NvmlReader
 from mesh_agent.metrics import AgentMetrics, Snapshot
 from mesh_agent.report import build_status, build_status_body
@@ -46,9 +52,8 @@ PROBES = (
 def test_gpu_node_status(tmp_path: Path) -> None:
     fake = FakeNvml.from_fixtures("rtx-4090", "rtx-3060-12gb")
     fake.add_process(1, 77, "ggml-rpc-server", 2048 * MIB)
-    status = build_status(
-        collect(fake, tmp_path), PROBES, now=NOW, interval_seconds=10, rules=HealthRules()
-    )
+    inventory = collect(fake, tmp_path)
+    status = build_status(inventory, PROBES, now=NOW, interval_seconds=10, rules=HealthRules())
     assert [d.id for d in status.devices] == ["CUDA0", "CUDA1"]  # no CPU device
     rtx3060 = status.devices[1]
     recorded = load_fixture("rtx-3060-12gb")["memory"]
@@ -64,6 +69,29 @@ def test_gpu_node_status(tmp_path: Path) -> None:
     ]
     assert (status.health.state, status.health.reason) == ("Degraded", "RpcServerDown")
     assert status.heartbeat_time == "2025-06-01T12:00:00Z"
+    # Beside its GPUs the node offers its RAM as a tier: what processes that are
+    # not mesh's leave, less the 20% reserve, at the measured bandwidth.
+    cpu = inventory.cpu
+    offered = cpu.memory_total_bytes - cpu.memory_used_by_others_bytes
+    offered -= int(cpu.memory_total_bytes * 0.2)
+    assert status.host_memory_free_mib == max(0, offered) // MIB > 0
+    assert status.host_memory_bandwidth_gbps > 0
+
+
+def test_host_memory_offered_leaves_the_reserve(tmp_path: Path) -> None:
+    fake = FakeNvml.from_fixtures("rtx-4090")
+    reader = NvmlReader(lambda: fake, transitions=TransitionLog())
+    config = CollectorConfig(
+        bandwidth_cache=tmp_path / "bw.json",
+        bandwidth_size_mib=16,
+        bandwidth_streams=1,
+        host_memory_reserve_percent=100,
+    )
+    inventory = InventoryCollector(config, reader).collect()
+    assert inventory.host_memory_free_bytes == 0
+    assert host_memory_free(inventory.cpu, 0) == (
+        inventory.cpu.memory_total_bytes - inventory.cpu.memory_used_by_others_bytes
+    )
 
 
 def test_cpu_node_status_and_apply_body(tmp_path: Path) -> None:
@@ -116,6 +144,9 @@ def test_metrics_expose_the_inventory(tmp_path: Path) -> None:
     metrics.update(Snapshot(inventory, status, PROBES, 0.01))
     metrics.stats.count("ok")
     samples = scrape(metrics)
+    assert samples["mesh_node_host_memory_free_bytes"] == [
+        ({"node": "node-a"}, float(inventory.host_memory_free_bytes))
+    ]
 
     free = {labels["uuid"]: value for labels, value in samples["mesh_gpu_memory_free_bytes"]}
     for gpu in inventory.nvml.gpus:

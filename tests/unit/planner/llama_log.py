@@ -4,7 +4,9 @@ Test support for the planner. llama.cpp logs (at `-lv 4`) one line per device
 and buffer: `load_tensors: <buf> model buffer size = X MiB`, `llama_kv_cache:
 <buf> KV buffer size = X MiB` (once per cache, SWA and full) and
 `sched_reserve: <buf> compute buffer size = X MiB`, where an RPC device's buffer
-is named `RPC<i>[host:port]`. Recorded logs start with `# config: {json}`.
+is named `RPC<i>[host:port]`; the host's are `CPU_Mapped` (the input layer's
+weights), `CPU` (`llama_context: CPU output buffer`, its compute buffer).
+Recorded logs start with `# config: {json}`.
 """
 
 from __future__ import annotations
@@ -20,9 +22,20 @@ LOG_DIR = FIXTURES / "llama-logs"
 MODEL_HEADERS = FIXTURES / "models"
 GEMMA_HEADER = MODEL_HEADERS / "gemma-3-270m-q4_k_m.header.gguf"
 
+
+def header_fixture(model: Path) -> Path:
+    """Where the header-only copy of a real model file is kept."""
+    return MODEL_HEADERS / model.name.replace(".gguf", ".header.gguf")
+
+
+def recorded_header(config: dict[str, Any]) -> Path:
+    """The header of the model a recording was made with."""
+    return MODEL_HEADERS / f"{config['model']}.header.gguf"
+
+
 _LINE = re.compile(
-    r"(?P<who>load_tensors|llama_kv_cache|sched_reserve):\s+(?P<buf>\S+)\s+"
-    r"(?P<kind>model|KV|compute) buffer size =\s+(?P<mib>[\d.]+) MiB"
+    r"(?P<who>load_tensors|llama_kv_cache|llama_context|sched_reserve):\s+(?P<buf>\S+)\s+"
+    r"(?P<kind>model|KV|compute|output) buffer size =\s+(?P<mib>[\d.]+) MiB"
 )
 _ENDPOINT = re.compile(r"^RPC\d+\[(?P<endpoint>[^\]]+)\]$")
 # Lines worth keeping in a recorded fixture (no paths, no prompts).
@@ -37,6 +50,15 @@ class LoggedBuffers:
     """MiB per buffer name and kind ("model", "KV", "compute"), summed per device."""
 
     sizes: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def host(self) -> dict[str, float]:
+        """The host CPU's buffers: model (input layer), output, compute."""
+        out: dict[str, float] = {}
+        for name, kinds in self.sizes.items():
+            if name.startswith("CPU"):
+                for kind, mib in kinds.items():
+                    out[kind] = out.get(kind, 0.0) + mib
+        return out
 
     def by_endpoint(self) -> dict[str, dict[str, float]]:
         """Buffers of RPC devices, keyed by the server's host:port."""

@@ -108,8 +108,9 @@ def test_nothing_fits_says_why_with_the_numbers(llama8b: ModelProfile) -> None:
     result = plan_placement(llama8b, pool)
     assert not result.feasible and not result.devices
     assert re.fullmatch(
-        r"needs \d+\.\d GiB across <=15 devices; pool has 2\.7 GiB free after the 10% "
-        r"reserve in 2 devices \(largest 1\.8 GiB\)",
+        r"VRAM: needs \d+\.\d GiB across <=15 devices; pool has 2\.7 GiB free after the 10% "
+        r"reserve in 2 devices \(largest 1\.8 GiB\); "
+        r"RAM: no node offers RAM for layers or experts \(hostMemoryFreeMiB\)",
         result.reason,
     ), result.reason
 

@@ -108,7 +108,7 @@ def _check_plan(
     result: PlacementResult, profile: ModelProfile, pool: dict[str, Any], reserve: float
 ) -> None:
     if not result.feasible:
-        assert result.reason.startswith("needs ")
+        assert result.reason.startswith("VRAM: needs ")
         assert not result.devices and not result.tensor_split
         return
     for d in result.devices:

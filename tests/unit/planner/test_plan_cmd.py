@@ -99,7 +99,7 @@ def test_infeasible_plan_exits_3_and_still_prints_json(
     model = str(MODEL_HEADERS / "qwen3-30b-a3b.header.gguf")
     code, report, _ = _plan(capsys, "--model", model, "--inventory", str(inv))
     assert code == 3 and isinstance(report, dict)
-    assert report["feasible"] is False and report["reason"].startswith("needs ")
+    assert report["feasible"] is False and report["reason"].startswith("VRAM: needs ")
     assert report["devices"] == [] and report["args"]["llama-server"] == []
 
 

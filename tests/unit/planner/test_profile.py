@@ -149,3 +149,31 @@ def test_sliding_window_rules_follow_llama_cpp(
     profile = read_model_profile(_header_only(tmp_path / "m.gguf", arch, 6, extra))
     assert [layer.is_swa for layer in profile.layers] == expected_swa
     assert profile.n_swa == window
+
+
+@pytest.mark.parametrize(
+    ("name", "layer", "widths"),
+    [
+        ("llama-3.1-8b", 1, (14336, 0, 0)),
+        ("qwen3-30b-a3b", 1, (0, 768, 0)),
+        ("deepseek-v2-lite", 0, (10944, 0, 0)),  # its dense first layer
+        ("deepseek-v2-lite", 1, (0, 1408, 2816)),  # routed experts of 1408, two shared
+    ],
+)
+def test_ffn_widths_per_layer(name: str, layer: int, widths: tuple[int, int, int]) -> None:
+    got = _profile(name).layers[layer]
+    assert (got.ffn_dense, got.ffn_expert, got.ffn_shared) == widths
+
+
+def test_mla_geometry_for_the_compute_graph() -> None:
+    profile = _profile("deepseek-v2-lite")
+    # Latent 512, rotary 64 (what the cached key adds to the latent), query heads
+    # of 128 + 64, value heads of 128.
+    assert (profile.mla_rank, profile.n_rot, profile.head_dim_q, profile.head_dim_v_mla) == (
+        512,
+        64,
+        192,
+        128,
+    )
+    assert not _profile("llama-3.1-8b").mla_rank
+    assert read_model_profile(GEMMA_HEADER).qk_norm

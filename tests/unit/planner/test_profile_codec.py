@@ -5,6 +5,7 @@ what is wrong, and the command's exit codes."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import zlib
 from pathlib import Path
@@ -94,3 +95,16 @@ def test_mesh_profile_bad_file_exits_2_with_one_line_in_both_places(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mesh profile: ") and str(model) in err
     assert log.read_text() == err.removeprefix("mesh profile: ").strip()
+
+
+def test_text_from_before_the_compute_graph_fields_still_decodes() -> None:
+    profile = read_model_profile(GEMMA_HEADER)
+    fields = dataclasses.asdict(profile)
+    old_layer = ["weight_bytes", "expert_bytes", "n_embd_k", "n_embd_v", "is_swa", "n_head"]
+    fields["layers"] = [[getattr(layer, n) for n in old_layer] for layer in profile.layers]
+    for name in ("qk_norm", "n_rot", "mla_rank", "head_dim_q", "head_dim_v_mla"):
+        del fields[name]
+    raw = json.dumps(fields).encode()
+    decoded = decode_profile(PREFIX + base64.b64encode(zlib.compress(raw)).decode())
+    assert decoded.layers[0].weight_bytes == profile.layers[0].weight_bytes
+    assert (decoded.layers[0].ffn_dense, decoded.qk_norm) == (0, False)  # the defaults

@@ -17,11 +17,16 @@ it still fits (allowing the free memory it was planned on to have dropped by
 `stability_percent`) unless a plan that fits with that much margin is
 `improvement_percent` faster or uses fewer nodes at no cost.
 
+RAM: when nothing fits in VRAM, a host node's system RAM (`hostMemoryFreeMiB`)
+takes the routed experts of the first layers, then whole first layers
+(`ram_tier`); a model that fits in VRAM never uses it.
+
 Modules: `types` (the request and the result), `problem` (the model side of a
 call, the pool's devices, a plan from devices and ranges), `split` (the layer
 dynamic programs), `search` (the branch and bound), `previous` (the beam search
 the branch and bound falls back on when out of budget), `ranking` (the one rule
-between plans, and the stability rule), `explain` (the reasons), `plan` (the
+between plans, and the stability rule), `ram_tier` (plans with part of the
+model in a host's RAM), `explain` (the reasons), `plan` (the
 entry points).
 """
 
@@ -32,6 +37,7 @@ from mesh_operator.planner.placement.types import (
     STRATEGIES,
     CurrentPlan,
     DevicePlacement,
+    HostTier,
     Layout,
     PlacementRequest,
     PlacementResult,
@@ -44,6 +50,7 @@ __all__ = [
     "STRATEGIES",
     "CurrentPlan",
     "DevicePlacement",
+    "HostTier",
     "Layout",
     "PlacementRequest",
     "PlacementResult",

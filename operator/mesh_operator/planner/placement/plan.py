@@ -1,6 +1,7 @@
 """The planner's entry points: plan a model on a pool, or time a given layout.
 
-`plan_placement` searches (`search`), and given the plan a model is served with,
+`plan_placement` searches (`search`), falls back on a host's RAM when nothing
+fits in VRAM (`ram_tier`), and given the plan a model is served with,
 keeps it while it still fits with the stability margin unless the search finds
 one that `ranking._better` prefers. `evaluate_layout` estimates and times a
 layout without searching.
@@ -23,11 +24,13 @@ from mesh_operator.planner.placement.problem import (
     _pool,
     _Problem,
 )
+from mesh_operator.planner.placement.ram_tier import _TierSearch, ram_tier_plan, tier_profile
 from mesh_operator.planner.placement.ranking import _better
 from mesh_operator.planner.placement.search import _search
 from mesh_operator.planner.placement.types import (
     MAX_RPC_SERVERS,
     CurrentPlan,
+    HostTier,
     Layout,
     PlacementRequest,
     PlacementResult,
@@ -53,6 +56,7 @@ def _result(
         host_memory_bytes=candidate.host_bytes,
         kept_current=kept,
         n_device_layers=problem.n,
+        host_tier=candidate.tier,
     )
 
 
@@ -97,6 +101,53 @@ def _layout_candidate(
         slack=slack,
         held_mib=held_mib,
     )
+
+
+def _tier_key(tier: HostTier | None) -> tuple[str, int, int] | None:
+    return None if tier is None else (tier.node, tier.moe_layers, tier.cpu_layers)
+
+
+def _kept(
+    problem: _Problem,
+    inventory: Inventory,
+    pool: Sequence[_Device],
+    cached: frozenset[str],
+    current: CurrentPlan,
+    *,
+    slack: float,
+) -> _Candidate | None:
+    """The plan a model is served with, if it still fits with the stability margin
+    (its RAM tier too, on the same host)."""
+    held = dict(current.held_mib) if current.held_mib else None
+    if current.tier is None:
+        return _layout_candidate(
+            problem,
+            pool=pool,
+            layout=current.layout,
+            host=current.host_node,
+            cached=cached,
+            slack=slack,
+            held_mib=held,
+        )
+    node, moe, cpu = current.tier
+    host = inventory.node(node)
+    if host is None or not host.healthy or node != current.host_node:
+        return None
+    devices_see = _Problem(tier_profile(problem.profile, moe, cpu), problem.request)
+    layout = [(n, d, (int(r[0]) - cpu, int(r[1]) - cpu)) for n, d, r in current.layout]
+    found = _layout_candidate(
+        devices_see,
+        pool=pool,
+        layout=layout,
+        host=node,
+        cached=cached,
+        slack=slack,
+        held_mib=held,
+    )
+    if found is None or found.host != node:
+        return None
+    search = _TierSearch(problem.profile, inventory, problem.request, pool, cached)
+    return search.attach(found, host, moe, cpu, slack)
 
 
 def evaluate_layout(
@@ -160,41 +211,42 @@ def plan_placement(
                 tuple(
                     ((d.node, d.device), math.ceil(d.total_bytes / MIB)) for d in current.devices
                 ),
+                _tier_key(current.host_tier),
             )
             if current.feasible
             else None
         )
     if current is not None and current.layout:
         margin = 1 - request.stability_percent / 100
-        kept = _layout_candidate(
-            problem,
-            pool=pool,
-            layout=current.layout,
-            host=current.host_node,
-            cached=cached,
-            slack=1 / margin,
-            held_mib=dict(current.held_mib) if current.held_mib else None,
-        )
+        kept = _kept(problem, inventory, pool, cached, current, slack=1 / margin)
         if kept is not None:
-            challenger = _search(problem, _pool(inventory, request, margin), cached)
+            margin_pool = _pool(inventory, request, margin)
+            challenger = _search(problem, margin_pool, cached)
+            if challenger is None and kept.tier is not None:
+                challenger = ram_tier_plan(profile, inventory, request, margin_pool, cached)
             if challenger is None or not _better(challenger, kept, request):
                 return _result(
                     problem, kept, "kept the current plan: " + _describe(kept), kept=True
                 )
-            fitted = _layout_candidate(
-                problem,
-                pool=pool,
-                layout=[(d.node, d.device, d.layers) for d in challenger.devices],
-                host=challenger.host,
-                cached=cached,
-            )
-            if fitted is not None:
-                return _result(problem, fitted, _describe(fitted))
+            if challenger.tier is None:
+                fitted = _layout_candidate(
+                    problem,
+                    pool=pool,
+                    layout=[(d.node, d.device, d.layers) for d in challenger.devices],
+                    host=challenger.host,
+                    cached=cached,
+                )
+                if fitted is not None:
+                    return _result(problem, fitted, _describe(fitted))
     best = _search(problem, pool, cached)
     if best is None:
+        # Only when nothing fits in VRAM: part of the model in a host's RAM.
+        tiered = ram_tier_plan(profile, inventory, request, pool, cached)
+        if tiered is not None:
+            return _result(problem, tiered, _describe(tiered))
         return PlacementResult(
             feasible=False,
-            reason=_explain(problem, pool, request),
+            reason=_explain(problem, pool, request, inventory),
             strategy=request.strategy,
             n_device_layers=problem.n,
         )

@@ -22,7 +22,12 @@ from mesh_operator.planner.memory import (
     kv_geometry,
     layer_memory_bytes,
 )
-from mesh_operator.planner.placement.types import DevicePlacement, PlacementRequest, Strategy
+from mesh_operator.planner.placement.types import (
+    DevicePlacement,
+    HostTier,
+    PlacementRequest,
+    Strategy,
+)
 from mesh_operator.planner.profile import ModelProfile
 from mesh_operator.planner.timing import layer_read_bytes
 
@@ -47,6 +52,7 @@ class _Candidate:
     bottleneck_ms: float
     host_bytes: int
     cached: int
+    tier: HostTier | None = None  # what sits in the host's RAM, if anything
 
     def objective(self, strategy: Strategy) -> float:
         return self.total_ms if strategy == "latency" else self.bottleneck_ms

@@ -180,8 +180,17 @@ class _Search:
     partial set takes the smallest node indices (= names) still to come.
     """
 
-    def __init__(self, problem: _Problem, pool: Sequence[_Device], cached: frozenset[str]) -> None:
+    def __init__(
+        self,
+        problem: _Problem,
+        pool: Sequence[_Device],
+        cached: frozenset[str],
+        host: str | None = None,
+    ) -> None:
         self.problem = problem
+        # Only plans hosted on this node (the RAM tier lives in the host's RAM);
+        # dropping plans leaves every bound a lower bound.
+        self.host = host
         self.strategy = problem.request.strategy
         self.cached_names = cached
         cost = problem.cost
@@ -330,6 +339,8 @@ class _Search:
                 ]
                 plans = []
                 for h in range(len(members)):
+                    if self.host is not None and self.nodes[members[h]].name != self.host:
+                        continue
                     fixed_floor = fixed_lower_bound(remote, spare, self.local_ms, h, extra)
                     floor = 0.0
                     stages: list[StageDevice] = []
@@ -673,14 +684,17 @@ def _top_profiles(profiles: Sequence[Sequence[float]], r_max: int) -> list[list[
 
 
 def _search(
-    problem: _Problem, pool: Sequence[_Device], cached: frozenset[str]
+    problem: _Problem, pool: Sequence[_Device], cached: frozenset[str], host: str | None = None
 ) -> _Candidate | None:
-    search = _Search(problem, pool, cached)
+    """The best plan; with `host`, the best plan hosted on that node."""
+    search = _Search(problem, pool, cached, host)
     best = search.run()
     if search.stopped and len(search.nodes) <= _PREVIOUS_SEARCH_NODES:
         # Out of budget (`balanced` on pools of 8-16 equal-ish nodes): the beam
         # search, affordable here, often finds a better plan (see `previous`).
         previous = _previous_search(problem, pool, cached)
+        if previous is not None and host is not None and previous.host != host:
+            previous = None
         plans = [c for c in (best, previous) if c is not None]
         if plans:
             best = _choose(plans, search.strategy)

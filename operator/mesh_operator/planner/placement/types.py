@@ -75,6 +75,31 @@ class DevicePlacement:
 
 
 @dataclass(frozen=True)
+class HostTier:
+    """What a plan keeps in the host node's system RAM when VRAM is short.
+
+    The routed experts of layers `[0, moe_layers)` (llama-server
+    `--n-cpu-moe moe_layers`), and whole layers `[0, cpu_layers)` with their KV
+    (`-ngl` short by `cpu_layers`): llama.cpp's first layers, on the host's CPU.
+    Experts go first; whole layers only once every layer's experts are in RAM.
+    """
+
+    node: str
+    moe_layers: int
+    cpu_layers: int
+    weights_bytes: int  # expert tensors and whole layers' weights
+    kv_bytes: int  # KV of the whole layers
+    compute_bytes: int  # the host CPU's compute buffer for them
+    free_mib: int  # the node's hostMemoryFreeMiB
+    bandwidth_gbps: float
+    time_ms: float  # its share of the predicted time per token
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes
+
+
+@dataclass(frozen=True)
 class PlacementResult:
     """A plan, or why there is none. Devices are in llama.cpp device order."""
 
@@ -90,6 +115,7 @@ class PlacementResult:
     host_memory_bytes: int = 0
     kept_current: bool = False
     n_device_layers: int = 0
+    host_tier: HostTier | None = None  # None: everything in VRAM
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -115,3 +141,6 @@ class CurrentPlan:
     # ((node, device), MiB) the plan holds now: the stability margin lets a kept
     # plan stay where free memory shrank, never grow past a device's capacity.
     held_mib: tuple[tuple[tuple[str, str], int], ...] = ()
+    # (node, moe_layers, cpu_layers) of its RAM tier; its layout then starts at
+    # layer cpu_layers.
+    tier: tuple[str, int, int] | None = None
