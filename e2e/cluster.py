@@ -355,6 +355,9 @@ class LocalCluster:
             # its own Node, Lease and pods (simulated nodes use node credentials).
             "--enable-admission-plugins=NodeRestriction",
             "--allow-privileged=true",
+            # Pods with `image` volumes (model images): beta and off by default in
+            # 1.34; without the gate the API server drops the volume's source.
+            "--feature-gates=ImageVolume=true",
             f"--kubelet-client-certificate={files['kubelet_client_cert']}",
             f"--kubelet-client-key={files['kubelet_client_key']}",
             "--kubelet-preferred-address-types=InternalIP",

@@ -44,6 +44,16 @@ def binary(name: str) -> Path:
     return path
 
 
+def containerd2_dir() -> Path:
+    """containerd 2 (`containerd`, `containerd-shim-runc-v2`, `ctr`), built by
+    scripts/build-containerd.sh: the runtime of nodes that mount image volumes."""
+    folder = mesh_dir() / "containerd2"
+    for name in ("containerd", "containerd-shim-runc-v2"):
+        if not os.access(folder / name, os.X_OK):
+            raise PartMissingError(f"{name} (containerd 2) not found in {folder}: {SETUP_HINT}")
+    return folder
+
+
 def model_path(name: str = MODEL_FILE) -> Path:
     path = mesh_dir() / "models" / name
     if not path.is_file():

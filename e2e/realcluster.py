@@ -1,9 +1,9 @@
 """mesh installed on real nodes as docs/install.md says, for tests of what the real
 parts enforce: image pulls, the containers' users, Pod Security admission,
-NetworkPolicies, cluster DNS and Services.
+NetworkPolicies, cluster DNS and Services, image volumes.
 
 Test infrastructure. A local control plane (`e2e.cluster`) and real nodes
-(`e2e.nodes`: kubelet, containerd, runc, CNI, kube-proxy, kube-router, CoreDNS):
+(`e2e.nodes`: kubelet, containerd 2, runc, CNI, kube-proxy, kube-router, CoreDNS):
 one system node for the operator and gateway, two pool nodes. The chart is
 installed with its default images (pulled through the nodes' registry mirror),
 the release namespace enforcing Pod Security `restricted` and the agents in a
@@ -49,6 +49,7 @@ from e2e.nodes import RealNodes, chart_images
 from e2e.nodes.images import require_real_nodes
 from e2e.scenario import NAMESPACE, POOL_LABEL, REPO, SYSTEM_LABEL, SYSTEM_NODE
 from e2e.waiting import WaitTimeoutError, wait_for
+from mesh_operator.oci import INSECURE_ENV
 from tests.conftest import require_part
 
 Obj = dict[str, Any]
@@ -256,7 +257,9 @@ class RealCluster:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir.resolve()
         self.cluster = LocalCluster(self.workdir / "cluster")
-        self.nodes = RealNodes(self.cluster, self.workdir / "nodes")
+        # containerd 2: a model image is mounted as an `image` volume
+        # (e2e/test_oci_model.py); the other tests run on it as well.
+        self.nodes = RealNodes(self.cluster, self.workdir / "nodes", containerd2=True)
         # (namespace, name) of the one-shot pods `start_pod` made.
         self.started: set[tuple[str, str]] = set()
 
@@ -349,6 +352,10 @@ class RealCluster:
             "--set", f"agent.stateDir={self.host_path('agent')}",
             "--set", f"agent.modelCache={self.host_path('models')}",
             "--set", f"networkPolicy.scraperNamespaces={{{SCRAPER_NAMESPACE}}}",
+            # The nodes' registry speaks plain HTTP: the operator reads model
+            # images' headers from it (source.oci).
+            "--set", f"operator.extraEnv[0].name={INSECURE_ENV}",
+            "--set", f"operator.extraEnv[0].value={self.nodes.registry}",
             "--set", "metrics.podMonitor.enabled=true",
             "--set", f"metrics.podMonitor.interval={SCRAPE_INTERVAL}",
             "--wait", "--timeout", "5m",
@@ -597,6 +604,7 @@ def shared_real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sh
         require_part(lambda name=name: parts.binary(name))  # type: ignore[misc]
     model_file = require_part(parts.model_path)
     require_part(require_real_nodes)
+    require_part(parts.containerd2_dir)
     sha256 = Path(f"{model_file.resolve()}.sha256").read_text().strip()
     cluster = RealCluster(tmp_path_factory.mktemp("real-cluster"))
     started = time.monotonic()

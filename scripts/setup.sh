@@ -4,7 +4,8 @@
 #   - llama.cpp (llama-server, ggml-rpc-server), the gemma-3-270m model,
 #     the Kubernetes control plane + helm + kwok, Prometheus
 #   - the parts of real test nodes: kubelet, kube-proxy, containerd, runc, CNI
-#     plugins, CoreDNS, kube-router, a local image registry
+#     plugins, CoreDNS, kube-router, a local image registry; containerd 2 for
+#     nodes that mount image volumes
 # Built parts are cached in $MESH_CACHE (default ~/.cache/mesh) and linked under
 # .mesh/ in the work tree, where the tests and the demo look for them.
 source "$(dirname "$0")/lib.sh"
@@ -30,10 +31,13 @@ model=$(bash scripts/fetch-model.sh)
 toolchain_bin=$(bash scripts/build-toolchain.sh)
 prometheus_bin=$(bash scripts/fetch-prometheus.sh)
 nodeparts_bin=$(bash scripts/build-node-parts.sh)
+containerd2_bin=$(bash scripts/build-containerd.sh)
 
 mkdir -p .mesh/bin .mesh/models
 for f in "$llama_bin"/* "$toolchain_bin"/* "$prometheus_bin"/* "$nodeparts_bin"/*; do
     ln -sfn "$f" ".mesh/bin/$(basename "$f")"
 done
 ln -sfn "$model" ".mesh/models/$(basename "$model")"
+# A folder of its own: Debian's containerd 1.6 keeps the names on PATH.
+ln -sfn "$containerd2_bin" .mesh/containerd2
 log "setup complete: parts linked under .mesh/"

@@ -1,6 +1,6 @@
 """Command line of the real test nodes (test infrastructure).
 
-    python -m e2e.nodes up [--nodes 3] [--label k=v] [--push LOCAL=PATH]
+    python -m e2e.nodes up [--nodes 3] [--label k=v] [--push LOCAL=PATH] [--containerd2]
                                         # default push: the chart's images built here
     python -m e2e.nodes status
     python -m e2e.nodes lose NODE       # cut the node's link (a lost node)
@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="LOCAL_IMAGE=REGISTRY_PATH (default: the chart's images that `make images` built)",
     )
+    up.add_argument(
+        "--containerd2",
+        action="store_true",
+        help="run containerd 2 (scripts/build-containerd.sh) instead of Debian's 1.6",
+    )
     sub.add_parser("status", help="the programs and whether each is running")
     for name in ("lose", "restore"):
         cmd = sub.add_parser(name)
@@ -68,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cluster = LocalCluster(args.cluster_dir)
-    nodes = RealNodes(cluster, args.state_dir)
+    nodes = RealNodes(cluster, args.state_dir, containerd2=getattr(args, "containerd2", False))
     try:
         if args.command == "up":
             require_root()

@@ -154,6 +154,70 @@ def containerd_config(files: NodeFiles, sandbox_image: str, cni_bin_dir: str, ru
     )
 
 
+def containerd2_config(
+    files: NodeFiles, sandbox_image: str, cni_bin_dir: str, runc: str, shim: str
+) -> str:
+    """containerd 2's configuration (version 3): the settings of `containerd_config`
+    under the plugin names containerd 2 gives them, the runc shim named by path (the
+    machine's PATH holds Debian's 1.6 shim), network namespaces and NRI kept out
+    of the machine-wide folders several nodes would share."""
+    images = "plugins.'io.containerd.cri.v1.images'"
+    runtime = "plugins.'io.containerd.cri.v1.runtime'"
+    return _toml(
+        {
+            "": {
+                "version": 3,
+                "root": str(files.containerd_root),
+                "state": str(files.containerd_state),
+                "disabled_plugins": [
+                    "io.containerd.snapshotter.v1.aufs",
+                    "io.containerd.snapshotter.v1.btrfs",
+                    "io.containerd.snapshotter.v1.zfs",
+                    "io.containerd.snapshotter.v1.devmapper",
+                    "io.containerd.snapshotter.v1.blockfile",
+                    "io.containerd.snapshotter.v1.erofs",
+                    "io.containerd.differ.v1.erofs",
+                    "io.containerd.tracing.processor.v1.otlp",
+                    "io.containerd.internal.v1.tracing",
+                    # NRI listens on /var/run/nri/nri.sock: one per machine.
+                    "io.containerd.nri.v1.nri",
+                ],
+            },
+            "grpc": {"address": str(files.containerd_socket)},
+            "ttrpc": {"address": f"{files.containerd_socket}.ttrpc"},
+            "debug": {"address": ""},
+            "metrics": {"address": ""},
+            "plugins.'io.containerd.internal.v1.opt'": {
+                "path": str(files.root / "containerd" / "opt")
+            },
+            images: {"snapshotter": "overlayfs"},
+            f"{images}.pinned_images": {"sandbox": sandbox_image},
+            f"{images}.registry": {"config_path": str(files.registry_hosts)},
+            runtime: {
+                # As for containerd 1.6: see `containerd_config`.
+                "restrict_oom_score_adj": True,
+                "disable_apparmor": True,
+                "max_container_log_line_size": 16384,
+                "netns_mounts_under_state_dir": True,
+            },
+            f"{runtime}.containerd": {"default_runtime_name": "runc"},
+            f"{runtime}.containerd.runtimes.runc": {
+                "runtime_type": "io.containerd.runc.v2",
+                "runtime_path": shim,
+            },
+            f"{runtime}.containerd.runtimes.runc.options": {
+                "BinaryName": runc,
+                "SystemdCgroup": False,
+            },
+            f"{runtime}.cni": {"bin_dirs": [cni_bin_dir], "conf_dir": str(files.cni_conf_dir)},
+            "plugins.'io.containerd.grpc.v1.cri'": {
+                "stream_server_address": "127.0.0.1",
+                "stream_server_port": "0",
+            },
+        }
+    )
+
+
 def registry_hosts_toml(server: str, mirror: str) -> str:
     """containerd's hosts.toml: pull the images of `server` (a URL) from the
     plain-HTTP `mirror` (host:port). A `server` alone is not enough for plain
@@ -242,6 +306,9 @@ def kubelet_config(files: NodeFiles, node_ip: str, client_ca: Path) -> str:
         "podPidsLimit": -1,
         "volumeStatsAggPeriod": "0s",
         "logging": {"format": "text"},
+        # `image` volumes (an OCI image mounted read-only): beta and off in 1.34;
+        # the API server's gate is on too (e2e.cluster). They need containerd >= 2.1.
+        "featureGates": {"ImageVolume": True},
     }
     return yaml.safe_dump(config, sort_keys=False)
 

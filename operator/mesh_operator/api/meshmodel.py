@@ -18,6 +18,7 @@ from mesh_operator.api.base import ApiModel, cel_rule, cel_rules
 from mesh_operator.api.chat_templates import CHAT_TEMPLATES, check_chat_template
 from mesh_operator.api.conditions import CONDITIONS_SCHEMA, Condition
 from mesh_operator.api.contract import SERVED_NAME_MAX, SERVED_NAME_PATTERN, check_model_name
+from mesh_operator.api.imageref import REFERENCE_MAX, REFERENCE_PATTERN, parse_reference
 from mesh_operator.api.owned_flags import extra_args_rules, owned_flag
 from mesh_operator.api.quantity import Quantity, parse_quantity
 
@@ -48,33 +49,72 @@ class PvcSource(ApiModel):
     path: str = Field(min_length=1, max_length=1024, pattern=r"^[^/].*\.gguf$")
 
 
+class OciSource(ApiModel):
+    """A model image in an OCI registry (`mesh push-model` makes one), mounted
+    read-only into the host pod as an `image` volume: the node's runtime pulls and
+    caches it (containerd >= 2.1, the ImageVolume feature gate)."""
+
+    reference: str = Field(
+        min_length=1,
+        max_length=REFERENCE_MAX,
+        pattern=REFERENCE_PATTERN,
+        description="registry/repository:tag or registry/repository@sha256:<digest>.",
+    )
+    file: str = Field(
+        default="model.gguf",
+        min_length=1,
+        max_length=512,
+        pattern=r"^[^/].*\.gguf$",
+        description="Path of the .gguf file inside the image.",
+    )
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, reference: str) -> str:
+        parse_reference(reference)
+        return reference
+
+
 ExtraArg = Annotated[str, Field(min_length=1, max_length=512)]
+SOURCE_KINDS: Final = ("huggingface", "url", "pvc", "oci")
 
 
 class ModelSource(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=cel_rule(
-            "[has(self.huggingface), has(self.url), has(self.pvc)].filter(x, x).size() == 1",
-            "source must set exactly one of huggingface, url, pvc",
+            "[has(self.huggingface), has(self.url), has(self.pvc), has(self.oci)]"
+            ".filter(x, x).size() == 1",
+            "source must set exactly one of huggingface, url, pvc, oci",
         )
     )
 
     huggingface: HuggingFaceSource | None = None
     url: str | None = Field(default=None, pattern=r"^(https?|file)://.+", max_length=2048)
     pvc: PvcSource | None = None
+    oci: OciSource | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
-        given = [n for n in ("huggingface", "url", "pvc") if getattr(self, n) is not None]
+        given = [n for n in SOURCE_KINDS if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError(
-                "source must set exactly one of huggingface, url, pvc"
+                f"source must set exactly one of {', '.join(SOURCE_KINDS)}"
                 + (f" (got {', '.join(given)})" if given else "")
             )
         return self
 
 
 class DraftModel(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            {
+                "rule": "!has(self.source.oci)",
+                "message": "a draft model cannot come from an OCI image",
+                "fieldPath": ".source",
+            }
+        )
+    )
+
     source: ModelSource
     sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
     max_tokens: int = Field(default=16, ge=1, le=64)
@@ -160,6 +200,17 @@ class MeshModelSpec(ApiModel):
                 "message": _TEMPLATE_TWICE,
                 "fieldPath": ".chatTemplate",
             },
+            {
+                # The image volume is the host's model folder, read-only.
+                "rule": "!has(self.source.oci) || !has(self.draft)",
+                "message": "a model from an OCI image cannot have a draft model",
+                "fieldPath": ".draft",
+            },
+            {
+                "rule": "!has(self.source.oci) || !has(self.sha256)",
+                "message": "sha256 is for downloaded files; an OCI image is checked by its digest",
+                "fieldPath": ".sha256",
+            },
         )
     )
 
@@ -199,6 +250,13 @@ class MeshModelSpec(ApiModel):
         json_schema_extra={"x-kubernetes-validations": extra_args_rules()},
     )
 
+    @field_validator("draft")
+    @classmethod
+    def _draft_not_oci(cls, draft: DraftModel | None) -> DraftModel | None:
+        if draft is not None and draft.source.oci is not None:
+            raise ValueError("a draft model cannot come from an OCI image")
+        return draft
+
     @field_validator("extra_args")
     @classmethod
     def _extra_args_not_owned(cls, extra_args: list[str]) -> list[str]:
@@ -236,6 +294,12 @@ class MeshModelSpec(ApiModel):
             )
         if self.chat_template is not None and self.template_in_extra_args():
             raise ValueError(_TEMPLATE_TWICE)
+        if self.source.oci is not None and self.draft is not None:
+            raise ValueError("a model from an OCI image cannot have a draft model")
+        if self.source.oci is not None and self.sha256 is not None:
+            raise ValueError(
+                "sha256 is for downloaded files; an OCI image is checked by its digest"
+            )
         if self.host_resources is not None:
             problem = self.host_resources.limit_below_request()
             if problem:

@@ -14,7 +14,17 @@ from types import ModuleType
 from mesh_operator import __version__
 
 # Subcommands in help order; a module that is not there yet is simply not offered.
-SUBCOMMANDS = ("operator", "agent", "gateway", "plan", "profile", "fetch", "status", "doctor")
+SUBCOMMANDS = (
+    "operator",
+    "agent",
+    "gateway",
+    "plan",
+    "profile",
+    "fetch",
+    "push-model",
+    "status",
+    "doctor",
+)
 
 EXIT_BAD_INPUT = 2
 # kubectl runs a plugin `kubectl-<name>` found on PATH for `kubectl <name>`.
@@ -33,7 +43,7 @@ def _modules(only: str | None = None) -> dict[str, ModuleType]:
     for name in SUBCOMMANDS:
         if only is not None and name != only:
             continue
-        qualified = f"mesh_operator.cli.{name}_cmd"
+        qualified = f"mesh_operator.cli.{name.replace('-', '_')}_cmd"
         if importlib.util.find_spec(qualified) is not None:
             found[name] = importlib.import_module(qualified)
     return found

@@ -387,6 +387,11 @@ def _model_volume(w: ModelWorkload) -> Obj:
     pvc = w.spec.source.pvc
     if pvc is not None:
         return _pvc_volume(pvc.claim_name)
+    image = w.spec.source.oci
+    if image is not None:
+        # The kubelet has the node's runtime pull the model image and mounts it
+        # read-only; the pull policy is the API server's default for the tag.
+        return {"name": "models", "image": {"reference": image.reference}}
     cache = w.pool.model_cache
     return _cache_volume("models", cache, cache.host_path)
 
@@ -484,13 +489,15 @@ def build_host_deployment(w: ModelWorkload, replicas: int = 1) -> Obj:
     if runtime_class:
         pod_spec["runtimeClassName"] = runtime_class
     init = []
-    if w.spec.source.pvc is None and w.pool.model_cache.volume == "hostPath":
+    # A model on a PVC or in an image volume is there already: nothing to fetch.
+    fetched = w.spec.source.pvc is None and w.spec.source.oci is None
+    if fetched and w.pool.model_cache.volume == "hostPath":
         init.append(
             _owner_container(
                 w.pool.images.mesh, w.pool.images.pull_policy, [("models", MODELS_MOUNT)]
             )
         )
-    if w.spec.source.pvc is None:
+    if fetched:
         init.append(_fetch_container(w, "fetch", w.fetch_args))
     if w.draft_fetch_args:
         init.append(_fetch_container(w, "fetch-draft", w.draft_fetch_args))

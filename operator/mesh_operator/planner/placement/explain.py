@@ -104,9 +104,12 @@ def _describe(candidate: _Candidate) -> str:
     )
 
 
-def _overflow(device: DevicePlacement, capacity: int, request: PlacementRequest) -> str:
-    """Why a layout does not fit: its first device over its budget."""
+def _overflow(
+    device: DevicePlacement, capacity: int, request: PlacementRequest, needs: int | None = None
+) -> str:
+    """Why a layout does not fit: its first device over its budget (`needs`: what
+    placement budgets for it, when more than its estimate)."""
     return (
-        f"{device.node}/{device.device} needs {_gib(device.total_bytes)}, has "
+        f"{device.node}/{device.device} needs {_gib(needs or device.total_bytes)}, has "
         f"{_gib(max(0, capacity))} after the {request.reserve_percent:g}% reserve"
     )

@@ -181,13 +181,19 @@ def evaluate_layout(
             n_device_layers=problem.n,
         )
     capacity = {(d.node, d.id): d.capacity for d in pool}
-    over = [d for d in loose.devices if d.total_bytes > capacity[(d.node, d.device)]]
+    budget = problem.range_bytes(len(loose.devices) > 1)
+    needs = {
+        (d.node, d.device): max(d.total_bytes, budget(d.first_layer, d.last_layer))
+        for d in loose.devices
+    }
+    over = [d for d in loose.devices if needs[(d.node, d.device)] > capacity[(d.node, d.device)]]
     worst = over[0]
+    key = (worst.node, worst.device)
     devices = tuple(replace(d, capacity_bytes=capacity[(d.node, d.device)]) for d in loose.devices)
     return replace(
         _result(problem, replace(loose, devices=devices), ""),
         feasible=False,
-        reason=_overflow(worst, capacity[(worst.node, worst.device)], request),
+        reason=_overflow(worst, capacity[key], request, needs[key]),
     )
 
 

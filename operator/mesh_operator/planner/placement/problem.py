@@ -205,7 +205,12 @@ def _finish(
     if not used:
         return None
     estimate = estimate_memory(problem.profile, problem.serving, [r for _, r in used])
-    for (device, _), mem in zip(used, estimate.devices, strict=True):
+    # A device fits by the same budget the search used for its range (which takes
+    # a device holding the output layer as holding two repeating layers too), or by
+    # the exact estimate where that is larger: the search and an exhaustive check
+    # of layouts agree on what fits, and the plan reports the exact estimate.
+    budget = problem.range_bytes(len(used) > 1)
+    for (device, (first, last)), mem in zip(used, estimate.devices, strict=True):
         # With slack > 1 (a plan already serving), the reserve is kept but the free
         # memory may have dropped by the stability margin.
         limit = device.capacity
@@ -213,7 +218,7 @@ def _finish(
             held = (held_mib or {}).get((device.node, device.id))
             if held is None or mem.total <= held * MIB:
                 limit = _slack_capacity(device, slack)
-        if mem.total > limit:
+        if max(mem.total, budget(first, last)) > limit:
             return None
     used_devices = [d for d, _ in used]
     nodes = tuple(dict.fromkeys(d.node for d in used_devices))
