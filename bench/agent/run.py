@@ -5,9 +5,12 @@ MeshNode CRD, runs `mesh agent` on the CPU path at the production interval
 (10 s), lets its first cycle finish (bandwidth measured and cached), then
 measures its CPU time from /proc/<pid>/stat and its RSS from /proc/<pid>/status
 over --duration seconds while /metrics is scraped every 15 s as Prometheus would.
-Budget (issue 5): under 1% of one core, RSS under 80 MB. Exits 1 over budget.
+With --peers N (default 8) it first starts N more agents on other loopback
+addresses, as other nodes' agents: the measured agent probes their round trips
+at the production rate (8 peers every 20 s) and answers theirs. Budget (issue
+5): under 1% of one core, RSS under 80 MB. Exits 1 over budget.
 
-    python -m bench agent [--duration 120] [--interval 10] [--cluster-dir DIR]
+    python -m bench agent [--duration 120] [--interval 10] [--peers 8] [--cluster-dir DIR]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from e2e import parts
 from e2e.cluster import LocalCluster
@@ -46,9 +50,49 @@ def _status_kb(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
-def _meshnode_written(cluster: LocalCluster, node: str) -> bool:
+def _meshnode_written(cluster: LocalCluster, node: str, field: str = "heartbeatTime") -> bool:
     out = cluster.kubectl("get", "meshnode", node, "-o", "json", "--ignore-not-found")
-    return bool(out.strip()) and "heartbeatTime" in out
+    return bool(out.strip()) and field in out
+
+
+def _meshnode_status(cluster: LocalCluster, node: str) -> dict[str, Any]:
+    out = cluster.kubectl("get", "meshnode", node, "-o", "json", "--ignore-not-found")
+    return dict(json.loads(out).get("status") or {}) if out.strip() else {}
+
+
+def _start_peers(
+    cluster: LocalCluster, count: int, interval: int, work: Path
+) -> list[tuple[str, subprocess.Popen[bytes]]]:
+    """Other nodes' agents on 127.0.0.2, .3, ...: what the measured one probes."""
+    peers = []
+    for k in range(count):
+        node = f"bench-peer-{os.getpid()}-{k}"
+        env = {
+            **os.environ,
+            "NODE_NAME": node,
+            "KUBECONFIG": str(cluster.kubeconfig),
+            "MESH_AGENT_INTERVAL": str(interval),
+            "MESH_AGENT_LISTEN": f"127.0.0.{k + 2}:{free_port()}",
+            "MESH_AGENT_STATE_DIR": str(work / "state"),
+            "MESH_AGENT_DISCOVER_RPC": "false",
+            "MESH_AGENT_LOG_LEVEL": "warning",
+        }
+        with (work / f"{node}.log").open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, *ENTRIES["mesh"]],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        peers.append((node, proc))
+    deadline = time.monotonic() + 180
+    for node, proc in peers:
+        while not _meshnode_written(cluster, node, "probeEndpoint"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"peer agent {node} did not publish; see {work}")
+            time.sleep(0.5)
+    return peers
 
 
 # `mesh agent` as the DaemonSet runs it, and the agent's subcommand module alone
@@ -65,7 +109,13 @@ ENTRIES = {
 
 
 def measure(
-    cluster: LocalCluster, duration: float, interval: int, work: Path, entry: str = "mesh"
+    cluster: LocalCluster,
+    duration: float,
+    interval: int,
+    work: Path,
+    entry: str = "mesh",
+    *,
+    peers: int = 8,
 ) -> dict[str, object]:
     cluster.kubectl(
         "apply",
@@ -91,6 +141,8 @@ def measure(
         "MESH_AGENT_LOG_LEVEL": "warning",
     }
     log = work / "agent.log"
+    # Started first, so the measured agent finds every peer in its first listing.
+    peer_procs = _start_peers(cluster, peers, interval, work)
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, *ENTRIES[entry]],
@@ -120,10 +172,13 @@ def measure(
             time.sleep(1.0)
         cpu1, wall1 = _cpu_seconds(proc.pid), time.monotonic()
         peak = _status_kb(proc.pid, "VmHWM")
+        status = _meshnode_status(cluster, node)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        cluster.kubectl("delete", "meshnode", node, "--wait=false", check=False)
+        for name, running in [(node, proc), *peer_procs]:
+            os.killpg(running.pid, signal.SIGTERM)
+            running.wait(timeout=30)
+            cluster.kubectl("delete", "meshnode", name, "--wait=false", check=False)
+    trips = status.get("roundTrips", [])
     cpu_percent = 100 * (cpu1 - cpu0) / (wall1 - wall0)
     return {
         "entry": entry,
@@ -134,6 +189,10 @@ def measure(
         "rss_mb_mean": round(sum(rss_samples) / len(rss_samples) / 1024, 1),
         "rss_mb_max": round(max(rss_samples) / 1024, 1),
         "rss_mb_peak_hwm": round(peak / 1024, 1),
+        "peers": peers,
+        "round_trips_published": len(trips),
+        "probes_per_peer": min((t["samples"] for t in trips), default=0),
+        "round_trip_ms": status.get("roundTripMs"),
     }
 
 
@@ -153,14 +212,21 @@ def main(argv: list[str]) -> int:
         default=None,
         help="reuse a cluster started by `python -m e2e.cluster up`",
     )
+    parser.add_argument(
+        "--peers", type=int, default=8, help="other agents the measured one probes (0: none)"
+    )
     args = parser.parse_args(argv)
+    if not 0 <= args.peers <= 200:
+        parser.error("--peers must be between 0 and 200")
     with tempfile.TemporaryDirectory(prefix="mesh-bench-agent-") as tmp:
         work = Path(tmp)
         cluster = LocalCluster(args.cluster_dir or work / "cluster")
         started_here = not (args.cluster_dir and cluster.status())
         cluster.up()
         try:
-            result = measure(cluster, args.duration, args.interval, work, args.entry)
+            result = measure(
+                cluster, args.duration, args.interval, work, args.entry, peers=args.peers
+            )
         finally:
             if started_here:
                 cluster.down()

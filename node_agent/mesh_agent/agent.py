@@ -40,6 +40,7 @@ from mesh_agent.rpc_liveness import (
     read_socket_rows,
     socket_sources,
 )
+from mesh_agent.rtt import Peer, RttProber, RttSettings, advertised_endpoint, list_peers
 from mesh_agent.server import build_app, start
 from mesh_agent.transitions import TransitionLog
 from mesh_operator.api.heartbeat import STALE_INTERVALS
@@ -68,6 +69,7 @@ class AgentConfig:
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     rules: HealthRules = field(default_factory=HealthRules)
     backoff_base_seconds: float = 1.0
+    rtt: RttSettings = field(default_factory=RttSettings)
 
     @property
     def backoff_cap_seconds(self) -> float:
@@ -115,6 +117,15 @@ class Agent:
         # One worker thread for all blocking work (it runs in sequence anyway):
         # every extra thread costs the agent a malloc arena of resident memory.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-agent")
+        self._peers_api: client.ApiClient | None = None
+        self.rtt = RttProber(
+            config.node_name,
+            config.rtt,
+            list_peers=self._list_peers,
+            blocking=self._blocking,
+            transitions=self.transitions,
+            rng=self._rng,
+        )
 
     async def _blocking(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._worker, call)
@@ -176,6 +187,15 @@ class Agent:
             probe(t, timeout=self.config.rpc_timeout_seconds, socket_rows=rows) for t in targets
         )
 
+    def _list_peers(self) -> list[Peer]:
+        if self._peers_api is None:
+            self._peers_api = self._api_factory()
+        try:
+            return list_peers(self._peers_api, self.config.node_name)
+        except Exception:
+            self._peers_api = None  # a new client next time (rotated credentials)
+            raise
+
     def _publish(self, status: MeshNodeStatus) -> None:
         if self._publisher is None:
             self._publisher = MeshNodePublisher(self._api_factory(), self.config.node_name)
@@ -186,6 +206,7 @@ class Agent:
         started = time.monotonic()
         inventory = await self._blocking(self.collector.collect)
         probes = await self._blocking(self._probe_all)
+        round_trips, round_trip_ms = self.rtt.report(time.monotonic())
         status = build_status(
             inventory,
             probes,
@@ -194,6 +215,13 @@ class Agent:
             rules=self.config.rules,
             agent_version=__version__,
             address=self.config.address,
+            probe_endpoint=(
+                advertised_endpoint(self.config.listen_host, self.port)
+                if self.port is not None and self.config.rtt.enabled
+                else None
+            ),
+            round_trips=round_trips,
+            round_trip_ms=round_trip_ms,
         )
         snapshot = Snapshot(inventory, status, probes, time.monotonic() - started)
         self.metrics.update(snapshot)
@@ -272,9 +300,14 @@ class Agent:
             self.port,
         )
         self._loop_task = asyncio.create_task(self._loop(stop))
+        probing = asyncio.create_task(self.rtt.run(stop)) if self.config.rtt.enabled else None
         try:
             await self._loop_task
         finally:
+            if probing is not None:
+                probing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await probing
             await runner.cleanup()
             await self._blocking(self.collector.close)
             self._worker.shutdown(wait=False)

@@ -193,6 +193,12 @@ class AgentMetrics:
             ),
             ("rpc_server_state", "", "1 for the RPC server's probe state.", self._rpc_state),
             (
+                "node_round_trip_seconds",
+                "s",
+                "Median measured round trip to another node's agent, by peer node.",
+                self._round_trips,
+            ),
+            (
                 "agent_cycle_duration_seconds",
                 "s",
                 "Time the last inventory cycle took.",
@@ -380,6 +386,12 @@ class AgentMetrics:
     def _rpc_state(self) -> Iterable[Observation]:
         for probe in self.snapshot.probes:
             yield Observation(1, {**self._rpc_labels(probe), "state": probe.state.value})
+
+    def _round_trips(self) -> Iterable[Observation]:
+        status = self.snapshot.status
+        if status is not None:
+            for trip in status.round_trips:
+                yield Observation(trip.ms / 1000.0, {"node": self.node, "peer": trip.node})
 
     def _cycle(self) -> Iterable[Observation]:
         if self.snapshot.cycle_seconds is not None:

@@ -22,6 +22,7 @@ from mesh_operator.api.meshnode import (
     Health,
     MeshNodeStatus,
     PcieLink,
+    RoundTrip,
     RpcServer,
     SystemInfo,
 )
@@ -89,6 +90,9 @@ def build_status(
     rules: HealthRules,
     agent_version: str | None = None,
     address: str | None = None,
+    probe_endpoint: str | None = None,
+    round_trips: Sequence[RoundTrip] = (),
+    round_trip_ms: float | None = None,
 ) -> MeshNodeStatus:
     gpu_healths = [gpu_health(gpu, rules) for gpu in inventory.nvml.gpus]
     devices = [
@@ -122,6 +126,9 @@ def build_status(
             cuda_version=inventory.nvml.cuda_version,
             nvml=inventory.nvml.available,
         ),
+        probe_endpoint=probe_endpoint,
+        round_trips=list(round_trips),
+        round_trip_ms=round_trip_ms,
     )
 
 

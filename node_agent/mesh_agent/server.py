@@ -1,4 +1,5 @@
-"""The agent's HTTP endpoint (aiohttp, one port): /healthz, /readyz and /metrics.
+"""The agent's HTTP endpoint (aiohttp, one port): /healthz, /readyz, /metrics and
+/rtt, the small answer other nodes' agents time their round trips by (rtt.py).
 
 Handlers only read what the agent loop last stored; rendering /metrics runs the
 OpenTelemetry callbacks in a worker thread so a slow scrape never stalls the loop.
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from mesh_agent.metrics import AgentMetrics
+from mesh_agent.rtt import ECHO_BODY, ECHO_PATH
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -37,7 +39,11 @@ def build_app(metrics: AgentMetrics, *, liveness: Check, readiness: Check) -> we
         body = await asyncio.get_running_loop().run_in_executor(renderer, metrics.render)
         return web.Response(body=body, headers={"Content-Type": PROMETHEUS_TEXT})
 
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(body=ECHO_BODY, content_type="text/plain")
+
     app = web.Application()
+    app.router.add_get(ECHO_PATH, echo)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)

@@ -20,6 +20,7 @@ from mesh_operator.api.heartbeat import is_stale
 from mesh_operator.api.meshmodel import Plan
 from mesh_operator.api.meshnode import Backend, MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec, NodeLedger
+from mesh_operator.api.roundtrip import node_round_trips
 from mesh_operator.planner.inventory import Inventory, InventoryDevice, InventoryNode
 
 
@@ -31,7 +32,8 @@ class NodeInfo:
     labels: Mapping[str, str]
     ready: bool = True
     unschedulable: bool = False
-    # Round trip to the rest of the pool, declared on the Node (RTT_ANNOTATION).
+    # Round trip to the rest of the pool, declared on the Node (RTT_ANNOTATION):
+    # it overrides the round trips the agents measure.
     rtt_ms: float | None = None
 
 
@@ -127,7 +129,14 @@ def build_pool_view(
     claimed_ram = claims_by_host(other_claims)
     view = PoolView()
     keep = set(only) if only is not None else None
-    for node in pool_members(pool, nodes):
+    members = pool_members(pool, nodes)
+    # Measured among the pool's own nodes (the peers a plan can pair it with),
+    # by agents still reporting.
+    reporting = {
+        n.name: s for n in members if (s := meshnodes.get(n.name)) and not is_stale(s, now)
+    }
+    measured = node_round_trips(reporting, reporting)
+    for node in members:
         if keep is not None and node.name not in keep:
             continue
         status = meshnodes.get(node.name)
@@ -181,7 +190,7 @@ def build_pool_view(
                 cached_models=tuple(
                     sorted(c.file.rsplit("/", 1)[-1] for c in status.cached_models)
                 ),
-                rtt_ms=node.rtt_ms,
+                rtt_ms=node.rtt_ms if node.rtt_ms is not None else measured.get(node.name),
                 problem=problem,
                 host_memory_mib=_host_memory(pool, status, claimed_ram.get(node.name, 0)),
                 host_bandwidth_gbps=status.host_memory_bandwidth_gbps,

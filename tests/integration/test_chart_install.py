@@ -145,7 +145,7 @@ MATRIX: list[tuple[str, str, str, bool, bool]] = [
     ("agent", "create", "meshnodes.mesh.dev", False, True),
     ("agent", "patch", "meshnodes.mesh.dev", False, True),
     ("agent", "patch", "meshnodes.mesh.dev/status", False, True),
-    ("agent", "list", "meshnodes.mesh.dev", False, False),
+    ("agent", "list", "meshnodes.mesh.dev", False, True),
     ("agent", "watch", "meshnodes.mesh.dev", False, False),
     ("agent", "delete", "meshnodes.mesh.dev", False, False),
     ("agent", "get", "meshmodels.mesh.dev", True, False),

@@ -202,10 +202,20 @@ def test_network_policies_admit_only_the_named_namespaces(
     policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
     assert sorted(policies) == ["mesh-agent", "mesh-gateway", "mesh-operator"]
     assert policies["mesh-agent"]["metadata"]["namespace"] == "mesh-agent"
-    for name in ("mesh-operator", "mesh-agent"):
+    agents = {
+        "podSelector": {
+            "matchLabels": {
+                "app.kubernetes.io/name": "mesh",
+                "app.kubernetes.io/instance": "mesh",
+                "app.kubernetes.io/component": "agent",
+            }
+        }
+    }
+    # Agents also admit each other: the round-trip probes on the same port.
+    for name, peers in (("mesh-operator", []), ("mesh-agent", [agents])):
         (rule,) = policies[name]["spec"]["ingress"]
         assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
-        assert rule["from"] == [scraper_peer(scrapers)], name
+        assert rule["from"] == [scraper_peer(scrapers), *peers], name
     (rule,) = policies["mesh-gateway"]["spec"]["ingress"]
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
     assert rule["from"] == [

@@ -216,3 +216,59 @@ def test_on_a_cpu_node_the_draft_holds_its_cpu_device() -> None:
     plan = plan_on("a", 100)
     plan.draft = PlannedDraft(node="a", weights_mib=1, kv_mib=1, compute_mib=1, memory_mib=300)
     assert claims_by_device({"ns/m": plan})[("a", "CPU")] == 300
+
+
+def trips(**peers: float) -> list[dict[str, Any]]:
+    return [{"node": n, "ms": ms, "samples": 5} for n, ms in peers.items()]
+
+
+def test_measured_round_trips_make_a_far_node_far_and_its_peers_near() -> None:
+    nodes = [NodeInfo(n, {"pool": "x"}) for n in ("a", "b", "far")]
+    meshnodes = {
+        "a": status(roundTrips=trips(b=0.3, far=20.4)),
+        "b": status(roundTrips=trips(a=0.5, far=19.6)),
+        # far measured nothing yet: its pairs come from the others' measurements
+        "far": status(),
+    }
+    view = build_pool_view(MeshPoolSpec(node_selector={"pool": "x"}), nodes, meshnodes, {}, NOW)
+    # a-b measured both ways counts once at their mean.
+    assert {n.name: n.rtt_ms for n in view.nodes} == {"a": 0.4, "b": 0.4, "far": 19.6}
+
+
+def test_a_declared_round_trip_overrides_the_measured_one() -> None:
+    nodes = [NodeInfo("a", {"pool": "x"}, rtt_ms=2.0), NodeInfo("b", {"pool": "x"})]
+    meshnodes = {"a": status(roundTrips=trips(b=9.0)), "b": status()}
+    view = build_pool_view(MeshPoolSpec(node_selector={"pool": "x"}), nodes, meshnodes, {}, NOW)
+    assert {n.name: n.rtt_ms for n in view.nodes} == {"a": 2.0, "b": 9.0}
+
+
+def test_round_trips_to_nodes_outside_the_pool_do_not_count() -> None:
+    nodes = [NodeInfo("a", {"pool": "x"}), NodeInfo("b", {"pool": "x"}), NodeInfo("c", {})]
+    meshnodes = {"a": status(roundTrips=trips(b=0.2, c=50.0)), "b": status(), "c": status()}
+    pool = MeshPoolSpec.model_validate({"nodeSelector": {"pool": "x"}, "maxRttMs": 5})
+    inventory = to_inventory(build_pool_view(pool, nodes, meshnodes, {}, NOW))
+    assert {n.name: n.rtt_ms for n in inventory.nodes} == {"a": 0.2, "b": 0.2}
+    assert [n.name for n in limit_inventory(inventory, pool).nodes] == ["a", "b"]
+
+
+def test_a_measured_far_node_is_left_out_by_the_pools_limit() -> None:
+    nodes = [NodeInfo(n, {"pool": "x"}) for n in ("a", "b", "far")]
+    meshnodes = {
+        "a": status(roundTrips=trips(b=0.3, far=30.0)),
+        "b": status(roundTrips=trips(a=0.3, far=30.0)),
+        "far": status(roundTrips=trips(a=30.0, b=30.0)),
+    }
+    pool = MeshPoolSpec.model_validate({"nodeSelector": {"pool": "x"}, "maxRttMs": 5})
+    inventory = to_inventory(build_pool_view(pool, nodes, meshnodes, {}, NOW))
+    assert [n.name for n in limit_inventory(inventory, pool).nodes] == ["a", "b"]
+
+
+def test_round_trips_listed_by_a_stale_node_do_not_count() -> None:
+    nodes = [NodeInfo(n, {"pool": "x"}) for n in ("a", "b", "gone")]
+    meshnodes = {
+        "a": status(roundTrips=trips(b=0.3)),
+        "b": status(),
+        "gone": status(age=600, roundTrips=trips(a=40.0, b=40.0)),
+    }
+    view = build_pool_view(MeshPoolSpec(node_selector={"pool": "x"}), nodes, meshnodes, {}, NOW)
+    assert {n.name: n.rtt_ms for n in view.nodes} == {"a": 0.3, "b": 0.3, "gone": None}

@@ -86,6 +86,18 @@ class RpcServer(ApiModel):
     answering: bool
 
 
+# Round trips a MeshNode lists at most (the peers probed most recently).
+MAX_ROUND_TRIPS = 32
+
+
+class RoundTrip(ApiModel):
+    node: str = Field(min_length=1, max_length=253, description="The peer node measured.")
+    ms: float = Field(
+        ge=0, le=60000, description="Median application-level round trip to its agent, ms."
+    )
+    samples: int = Field(ge=1, description="Probes the median is taken over.")
+
+
 class SystemInfo(ApiModel):
     cpu_cores: int = Field(ge=0)
     memory_total_mib: int = Field(ge=0, alias="memoryTotalMiB")
@@ -120,6 +132,23 @@ class MeshNodeStatus(ApiModel):
         ge=0,
         alias="hostMemoryBandwidthGBps",
         description="Bandwidth of that RAM, GB/s (0: unknown).",
+    )
+    probe_endpoint: str | None = Field(
+        default=None,
+        max_length=300,
+        description="host:port where this node's agent answers other agents' round-trip probes.",
+    )
+    round_trips: list[RoundTrip] = Field(
+        default_factory=list,
+        max_length=MAX_ROUND_TRIPS,
+        description="Measured round trips to other nodes' agents (docs/agent.md).",
+    )
+    round_trip_ms: float | None = Field(
+        default=None,
+        ge=0,
+        le=60000,
+        alias="roundTripMs",
+        description="Lower median of roundTrips: this node's round trip to the pool as it sees it.",
     )
     conditions: list[Condition] = Field(
         default_factory=list, max_length=16, json_schema_extra=CONDITIONS_SCHEMA

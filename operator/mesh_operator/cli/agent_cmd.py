@@ -22,6 +22,7 @@ from mesh_agent.health import HealthRules
 from mesh_agent.inventory import BackendMode, CollectorConfig
 from mesh_agent.inventory.cpu import HostPaths
 from mesh_agent.rpc_liveness import RpcTarget
+from mesh_agent.rtt import RttSettings
 from mesh_operator.kubeclient import KubeconfigError, api_client
 
 EXIT_OK = 0
@@ -55,6 +56,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "probe the operator's RPC server pods on this node: true or false (default true)",
     ),
     "rpc_timeout": ("MESH_AGENT_RPC_TIMEOUT", "seconds to wait for an RPC HELLO (default 1)"),
+    "rtt_interval": (
+        "MESH_AGENT_RTT_INTERVAL",
+        "seconds between round-trip probe rounds to other agents; 0: off (default 20)",
+    ),
+    "rtt_peers": ("MESH_AGENT_RTT_PEERS", "peers probed per round, 1-64 (default 8)"),
     "backend": ("MESH_AGENT_BACKEND", "auto, cuda or cpu (default auto)"),
     "state_dir": ("MESH_AGENT_STATE_DIR", "folder for the cached bandwidth figure"),
     "memory_cgroup": (
@@ -146,6 +152,20 @@ def _listen(text: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
+def _rtt_interval(text: str) -> float:
+    value = float(text)
+    if not (value == 0 or 1 <= value <= 3600):
+        raise ValueError(f"{text} is neither 0 nor between 1 and 3600")
+    return value
+
+
+def _rtt_peers(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 64:
+        raise ValueError(f"{value} is not between 1 and 64")
+    return value
+
+
 def _default_state_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "mesh" / "agent"
@@ -194,6 +214,10 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         rules=HealthRules(
             fallback_slowdown_c=_convert(args, "slowdown_c", int, 90),
             require_gpu=backend == BackendMode.CUDA,
+        ),
+        rtt=RttSettings(
+            interval_seconds=_convert(args, "rtt_interval", _rtt_interval, 20.0),
+            peers_per_round=_convert(args, "rtt_peers", _rtt_peers, 8),
         ),
     )
 

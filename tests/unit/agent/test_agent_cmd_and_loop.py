@@ -42,6 +42,10 @@ def test_environment_configures_and_flags_override(monkeypatch: pytest.MonkeyPat
     )
     assert config.collector.mode is BackendMode.CUDA
     assert config.rules.require_gpu
+    assert (config.rtt.interval_seconds, config.rtt.peers_per_round) == (20.0, 8)
+    monkeypatch.setenv("MESH_AGENT_RTT_INTERVAL", "0")
+    assert not parse(["--rtt-peers", "3"]).rtt.enabled
+    assert parse(["--rtt-peers", "3"]).rtt.peers_per_round == 3
 
 
 @pytest.mark.parametrize(
@@ -52,6 +56,9 @@ def test_environment_configures_and_flags_override(monkeypatch: pytest.MonkeyPat
         ({"NODE_NAME": "n"}, ["--backend", "tpu"], "backend"),
         ({"NODE_NAME": "n"}, ["--rpc-servers", "nowhere"], "host:port"),
         ({"NODE_NAME": "n"}, ["--listen", "9464x"], "listen"),
+        ({"NODE_NAME": "n"}, ["--rtt-interval", "0.5"], "rtt-interval"),
+        ({"NODE_NAME": "n"}, ["--rtt-peers", "0"], "rtt-peers"),
+        ({"NODE_NAME": "n"}, ["--rtt-peers", "many"], "rtt-peers"),
     ],
 )
 def test_bad_configuration_exits_2_with_one_line(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pynvml
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
 from mesh_agent.health import HealthRules
 from mesh_agent.inventory import (
@@ -22,7 +23,7 @@ from mesh_agent.metrics import AgentMetrics, Snapshot
 from mesh_agent.report import build_status, build_status_body
 from mesh_agent.rpc_liveness import RpcProbe, RpcState, RpcTarget
 from mesh_agent.transitions import TransitionLog
-from mesh_operator.api.meshnode import MeshNodeStatus
+from mesh_operator.api.meshnode import MAX_ROUND_TRIPS, MeshNodeStatus, RoundTrip
 from tests.fixtures.nvml.double import FakeNvml, load_fixture
 
 pytestmark = pytest.mark.unit
@@ -176,3 +177,46 @@ def test_metrics_before_the_first_cycle_are_empty_not_failing() -> None:
     metrics = AgentMetrics("node-a")
     assert scrape(metrics) == {}
     metrics.shutdown()
+
+
+def test_round_trips_go_out_with_the_endpoint_and_their_summary(tmp_path: Path) -> None:
+    fake = FakeNvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+    trips = [RoundTrip(node="b", ms=0.41, samples=9), RoundTrip(node="far", ms=30.2, samples=3)]
+    status = build_status(
+        collect(fake, tmp_path),
+        (),
+        now=NOW,
+        interval_seconds=5,
+        rules=HealthRules(),
+        probe_endpoint="10.1.0.7:9464",
+        round_trips=trips,
+        round_trip_ms=0.41,
+    )
+    wire = build_status_body("node-a", status)["status"]
+    assert isinstance(wire, dict)
+    assert wire["probeEndpoint"] == "10.1.0.7:9464"
+    assert wire["roundTrips"] == [
+        {"node": "b", "ms": 0.41, "samples": 9},
+        {"node": "far", "ms": 30.2, "samples": 3},
+    ]
+    assert wire["roundTripMs"] == 0.41
+    assert MeshNodeStatus.model_validate(wire).round_trips == trips
+    metrics = AgentMetrics("node-a")
+    try:
+        metrics.update(Snapshot(None, status, (), 0.1))
+        text = metrics.render().decode()
+    finally:
+        metrics.shutdown()
+    seen = {
+        s.labels["peer"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "mesh_node_round_trip_seconds"
+    }
+    assert seen == {"b": pytest.approx(0.00041), "far": pytest.approx(0.0302)}
+
+
+def test_a_meshnode_lists_a_bounded_number_of_round_trips() -> None:
+    trips = [{"node": f"n{i}", "ms": 1.0, "samples": 1} for i in range(MAX_ROUND_TRIPS + 1)]
+    with pytest.raises(ValidationError, match="roundTrips"):
+        MeshNodeStatus.model_validate({"roundTrips": trips})

@@ -73,6 +73,17 @@ def test_the_host_runs_on_the_node_whose_hops_cost_most(llama8b: ModelProfile) -
     assert result.host_node == "far"
 
 
+def test_a_far_node_is_left_out_as_the_host_too(llama8b: ModelProfile) -> None:
+    # Two nodes are needed and any two fit; the far one comes first by name, so
+    # only its round trip can keep it out, and as the host it would still pay it:
+    # every hop to the host crosses its link.
+    far = node("a-far", device(total=4 * GIB), rtt=20.0)
+    near = [node(n, device(total=4 * GIB), rtt=0.3) for n in ("b", "c")]
+    result = plan_placement(llama8b, inventory(far, *near))
+    assert result.feasible and set(result.rpc) == {"b", "c"}
+    assert result.predicted_token_ms == plan_placement(llama8b, inventory(*near)).predicted_token_ms
+
+
 def test_fewer_nodes_win_and_cached_nodes_break_ties(llama8b: ModelProfile) -> None:
     pool = inventory(
         node("a", device(total=24 * GIB)),

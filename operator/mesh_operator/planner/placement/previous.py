@@ -29,6 +29,7 @@ from mesh_operator.planner.placement.problem import (
     _Device,
     _finish,
     _fixed_ms,
+    _host_rtt,
     _node_devices,
     _Problem,
 )
@@ -73,7 +74,7 @@ def _previous_plans(
     for output_node, host in plans:
         order = _previous_order(devices, output_node)
         caps = [d.capacity for d in order]
-        fixed = [_fixed_ms(problem, d, host) for d in order]
+        fixed = [_fixed_ms(problem, d, host, _host_rtt(devices, host)) for d in order]
         per_byte = [problem.cost.ms_per_byte(d.bandwidth) for d in order]
         if problem.request.strategy == "latency":
             ranges = _split_latency(problem, caps, fixed, per_byte, worst_case=True)

@@ -165,17 +165,25 @@ def _cached_nodes(inventory: Inventory, model_file: str) -> frozenset[str]:
     )
 
 
-def _fixed_ms(problem: _Problem, device: _Device, host: str) -> float:
-    return problem.cost.device_overhead_ms + problem.cost.hop_ms(device.rtt, device.node == host)
+def _host_rtt(devices: Sequence[_Device], host: str) -> float:
+    """The host node's round trip (its devices all carry it)."""
+    return next((d.rtt for d in devices if d.node == host), 0.0)
+
+
+def _fixed_ms(problem: _Problem, device: _Device, host: str, host_rtt: float) -> float:
+    # A hop crosses both the device's link and the host's: it costs the round trip
+    # of the farther of the two nodes, so a far node is no cheaper as the host.
+    rtt = max(device.rtt, host_rtt)
+    return problem.cost.device_overhead_ms + problem.cost.hop_ms(rtt, device.node == host)
 
 
 def _best_host(problem: _Problem, devices: Sequence[_Device]) -> str:
-    """The used node whose hops cost most when remote: the host runs there."""
-    saving: dict[str, float] = {}
-    for d in devices:
-        gain = problem.cost.hop_ms(d.rtt, False) - problem.cost.hop_ms(d.rtt, True)
-        saving[d.node] = saving.get(d.node, 0.0) + gain
-    return min(saving, key=lambda n: (-saving[n], n))
+    """The used node that, as the host, makes the hops cheapest."""
+    cost: dict[str, float] = {}
+    for host in dict.fromkeys(d.node for d in devices):
+        rtt = _host_rtt(devices, host)
+        cost[host] = sum(_fixed_ms(problem, d, host, rtt) for d in devices)
+    return min(cost, key=lambda n: (cost[n], n))
 
 
 def _finish(
@@ -216,12 +224,15 @@ def _finish(
     nodes = tuple(dict.fromkeys(d.node for d in used_devices))
     if host is None or host not in nodes:
         host = _best_host(problem, used_devices)
+    host_rtt = _host_rtt(used_devices, host)
     placements = []
     total = 0.0
     bottleneck = 0.0
     for (device, (first, last)), mem in zip(used, estimate.devices, strict=True):
         reads = problem.read_prefix[last] - problem.read_prefix[first]
-        ms = _fixed_ms(problem, device, host) + reads * problem.cost.ms_per_byte(device.bandwidth)
+        ms = _fixed_ms(problem, device, host, host_rtt) + reads * problem.cost.ms_per_byte(
+            device.bandwidth
+        )
         total += ms
         bottleneck = max(bottleneck, ms)
         placements.append(

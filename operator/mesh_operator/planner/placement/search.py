@@ -395,7 +395,8 @@ class _Search:
             host_name = self.nodes[host].name
             self._spend(len(order) * problem.n * (3 if self.strategy == "balanced" else 1))
             caps = [d.capacity for d in order]
-            fixed = [_fixed_ms(problem, d, host_name) for d in order]
+            host_rtt = self.nodes[host].devices[0].rtt
+            fixed = [_fixed_ms(problem, d, host_name, host_rtt) for d in order]
             per_byte = [problem.cost.ms_per_byte(d.bandwidth) for d in order]
             if self.strategy == "latency":
                 ranges = _split_latency(problem, caps, fixed, per_byte)
