@@ -17,6 +17,7 @@ import pytest
 
 from e2e import parts
 from e2e.cluster import LocalCluster
+from mesh_operator.api.contract import VERSION_ANNOTATION
 from mesh_operator.api.crdgen import build_crds
 from tests.integration.chart_support import (
     CHART,
@@ -134,9 +135,12 @@ def test_crds_are_kept_and_follow_the_images_in_values() -> None:
     assert len(default) == len(generated) == 3
     for crd in default:
         annotations = crd["metadata"].pop("annotations")
-        assert annotations == {"helm.sh/resource-policy": "keep"}
+        want = dict(generated[crd["metadata"]["name"]]["metadata"])
+        # The chart keeps the CRDs on uninstall; the version stamp is crdgen's.
+        assert annotations == {**want.pop("annotations"), "helm.sh/resource-policy": "keep"}
+        assert set(annotations) == {"helm.sh/resource-policy", VERSION_ANNOTATION}
         # Rendered through fromYaml/toYaml, still exactly the generated CRD.
-        assert crd == generated[crd["metadata"]["name"]]
+        assert crd == {**generated[crd["metadata"]["name"]], "metadata": want}
     cpu = [
         d
         for d in documents(
