@@ -6,7 +6,7 @@ follows models as they are planned onto and off its node.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kubernetes import client
@@ -42,19 +42,19 @@ def target_of(pod: Mapping[str, Any]) -> RpcTarget | None:
     )
 
 
-def discover_rpc_targets(api: client.ApiClient, node_name: str) -> tuple[RpcTarget, ...]:
-    """RPC servers of mesh's worker pods bound to `node_name` (blocking: call off-loop).
+def get_json(
+    api: client.ApiClient, path: str, query: Sequence[tuple[str, str | int]]
+) -> dict[str, Any]:
+    """A raw GET of the API server (blocking: call off the loop).
 
-    A raw GET rather than `CoreV1Api`: importing the generated core API and its
-    models would cost the agent about 20 MB of memory on every node.
+    Raw rather than through `CoreV1Api` or `CustomObjectsApi`: importing the
+    generated APIs and their models would cost the agent about 20 MB of memory on
+    every node.
     """
     method, url, headers, body, post = api.param_serialize(
         method="GET",
-        resource_path="/api/v1/pods",
-        query_params=[
-            ("labelSelector", RPC_SELECTOR),
-            ("fieldSelector", f"spec.nodeName={node_name}"),
-        ],
+        resource_path=path,
+        query_params=list(query),
         header_params={"Accept": "application/json"},
         auth_settings=["BearerToken"],
     )
@@ -62,6 +62,13 @@ def discover_rpc_targets(api: client.ApiClient, node_name: str) -> tuple[RpcTarg
     response.read()  # type: ignore[no-untyped-call]
     if not 200 <= response.status < 300:
         raise client.ApiException(http_resp=response)
-    pods = json.loads(response.data or b"{}").get("items", [])
+    found: dict[str, Any] = json.loads(response.data or b"{}")
+    return found
+
+
+def discover_rpc_targets(api: client.ApiClient, node_name: str) -> tuple[RpcTarget, ...]:
+    """RPC servers of mesh's worker pods bound to `node_name` (blocking: call off-loop)."""
+    query = [("labelSelector", RPC_SELECTOR), ("fieldSelector", f"spec.nodeName={node_name}")]
+    pods = get_json(api, "/api/v1/pods", query).get("items", [])
     found = [t for t in (target_of(p) for p in pods) if t is not None]
     return tuple(sorted(found, key=lambda t: (t.model, t.host, t.port)))

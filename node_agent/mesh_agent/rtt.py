@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
 import math
 import random
@@ -36,6 +35,7 @@ from typing import Any, TypeVar
 
 from kubernetes import client
 
+from mesh_agent.discovery import get_json
 from mesh_agent.transitions import TransitionLog
 from mesh_operator.api.base import GROUP, MESHNODE_PLURAL, VERSION
 from mesh_operator.api.heartbeat import is_stale
@@ -198,18 +198,7 @@ def list_peers(api: client.ApiClient, self_node: str) -> list[Peer]:
         query: list[tuple[str, str | int]] = [("limit", LIST_PAGE)]
         if token:
             query.append(("continue", token))
-        method, url, headers, body, post = api.param_serialize(
-            method="GET",
-            resource_path=f"/apis/{GROUP}/{VERSION}/{MESHNODE_PLURAL}",
-            query_params=query,
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-        )
-        response = api.call_api(method, url, headers, body, post, _request_timeout=10)
-        response.read()  # type: ignore[no-untyped-call]
-        if not 200 <= response.status < 300:
-            raise client.ApiException(http_resp=response)
-        page = json.loads(response.data or b"{}")
+        page = get_json(api, f"/apis/{GROUP}/{VERSION}/{MESHNODE_PLURAL}", query)
         items = page.get("items", []) or []
         listed += len(items)
         peers += peers_of(items, self_node, dt.datetime.now(dt.UTC))
