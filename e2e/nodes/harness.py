@@ -224,6 +224,10 @@ class RealNodes:
         if self.record_file.exists() or (self.state_dir / "addresses.json").exists():
             plan = self.plan
             for record in records:
+                # The host's end first: deleting it takes the pair down at once,
+                # while a namespace whose name is gone lives on as long as a
+                # process still in it is exiting, with the node's end inside.
+                _ip("link", "del", plan.veth_host(record.index), check=False)
                 _ip("netns", "del", plan.netns(record.name), check=False)
             _ip("link", "del", plan.bridge, check=False)
             addresses.release(self.state_dir, plan)
@@ -277,7 +281,10 @@ class RealNodes:
         if not Path(f"/run/netns/{netns}").exists():
             _ip("netns", "add", netns)
         host_if, node_if = plan.veth_host(record.index), plan.veth_node(record.index)
-        if _ip("link", "show", host_if, check=False) == "":
+        if _ip("-n", netns, "link", "show", node_if, check=False) == "":
+            # A host end left by an earlier set of nodes whose namespace was not
+            # yet gone has its peer elsewhere: make the pair again.
+            _ip("link", "del", host_if, check=False)
             _ip("link", "add", host_if, "type", "veth", "peer", "name", node_if, "netns", netns)
         _ip("link", "set", host_if, "master", plan.bridge, "up")
         _ip("-n", netns, "link", "set", "lo", "up")
