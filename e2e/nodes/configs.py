@@ -10,6 +10,7 @@ beyond a local one) are explained where they are set.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,32 +106,41 @@ def _toml(tables: dict[str, Obj]) -> str:
     return "\n".join(lines).lstrip() + "\n"
 
 
+# Snapshotters and tracing that need kernel features or tools this machine lacks
+# only add errors to the log.
+_DISABLED_PLUGINS = (
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.tracing.processor.v1.otlp",
+    "io.containerd.internal.v1.tracing",
+)
+
+
+def _containerd_base(files: NodeFiles, version: int, disabled: Sequence[str]) -> dict[str, Obj]:
+    """What both containerd versions' configurations share: the node's own folders,
+    sockets and plugins left out."""
+    return {
+        "": {
+            "version": version,
+            "root": str(files.containerd_root),
+            "state": str(files.containerd_state),
+            "disabled_plugins": list(disabled),
+        },
+        "grpc": {"address": str(files.containerd_socket)},
+        "ttrpc": {"address": f"{files.containerd_socket}.ttrpc"},
+        "debug": {"address": ""},
+        "metrics": {"address": ""},
+        "plugins.'io.containerd.internal.v1.opt'": {"path": str(files.root / "containerd" / "opt")},
+    }
+
+
 def containerd_config(files: NodeFiles, sandbox_image: str, cni_bin_dir: str, runc: str) -> str:
     cri = 'plugins."io.containerd.grpc.v1.cri"'
     return _toml(
         {
-            "": {
-                "version": 2,
-                "root": str(files.containerd_root),
-                "state": str(files.containerd_state),
-                # Snapshotters that need kernel features or tools this machine
-                # lacks only add errors to the log.
-                "disabled_plugins": [
-                    "io.containerd.snapshotter.v1.aufs",
-                    "io.containerd.snapshotter.v1.btrfs",
-                    "io.containerd.snapshotter.v1.zfs",
-                    "io.containerd.snapshotter.v1.devmapper",
-                    "io.containerd.tracing.processor.v1.otlp",
-                    "io.containerd.internal.v1.tracing",
-                ],
-            },
-            "grpc": {"address": str(files.containerd_socket)},
-            "ttrpc": {"address": f"{files.containerd_socket}.ttrpc"},
-            "debug": {"address": ""},
-            "metrics": {"address": ""},
-            'plugins."io.containerd.internal.v1.opt"': {
-                "path": str(files.root / "containerd" / "opt")
-            },
+            **_containerd_base(files, 2, _DISABLED_PLUGINS),
             cri: {
                 "sandbox_image": sandbox_image,
                 # Lowering a process's OOM score is not permitted on this
@@ -163,33 +173,17 @@ def containerd2_config(
     of the machine-wide folders several nodes would share."""
     images = "plugins.'io.containerd.cri.v1.images'"
     runtime = "plugins.'io.containerd.cri.v1.runtime'"
+    disabled = [
+        *_DISABLED_PLUGINS,
+        "io.containerd.snapshotter.v1.blockfile",
+        "io.containerd.snapshotter.v1.erofs",
+        "io.containerd.differ.v1.erofs",
+        # NRI listens on /var/run/nri/nri.sock: one per machine.
+        "io.containerd.nri.v1.nri",
+    ]
     return _toml(
         {
-            "": {
-                "version": 3,
-                "root": str(files.containerd_root),
-                "state": str(files.containerd_state),
-                "disabled_plugins": [
-                    "io.containerd.snapshotter.v1.aufs",
-                    "io.containerd.snapshotter.v1.btrfs",
-                    "io.containerd.snapshotter.v1.zfs",
-                    "io.containerd.snapshotter.v1.devmapper",
-                    "io.containerd.snapshotter.v1.blockfile",
-                    "io.containerd.snapshotter.v1.erofs",
-                    "io.containerd.differ.v1.erofs",
-                    "io.containerd.tracing.processor.v1.otlp",
-                    "io.containerd.internal.v1.tracing",
-                    # NRI listens on /var/run/nri/nri.sock: one per machine.
-                    "io.containerd.nri.v1.nri",
-                ],
-            },
-            "grpc": {"address": str(files.containerd_socket)},
-            "ttrpc": {"address": f"{files.containerd_socket}.ttrpc"},
-            "debug": {"address": ""},
-            "metrics": {"address": ""},
-            "plugins.'io.containerd.internal.v1.opt'": {
-                "path": str(files.root / "containerd" / "opt")
-            },
+            **_containerd_base(files, 3, disabled),
             images: {"snapshotter": "overlayfs"},
             f"{images}.pinned_images": {"sandbox": sandbox_image},
             f"{images}.registry": {"config_path": str(files.registry_hosts)},
