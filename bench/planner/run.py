@@ -1,11 +1,14 @@
 """`python -m bench planner`: the scenario suite, then the real measurement.
 
-Prints two tables. The suite needs nothing but this package; the real run
-needs llama.cpp and the model from `scripts/setup.sh` and is skipped, saying
-why, when they are missing (or with --no-real). With --ram-tier GIB, the suite
+Prints two tables. The suite needs nothing but this package; the real runs
+(`real`: the time model against llama.cpp, then mesh's plan against llama.cpp's
+split) need llama.cpp and the model from `scripts/setup.sh` and are skipped,
+saying why, when they are missing (or with --no-real). With --ram-tier GIB, the suite
 again with that much system RAM offered on every node (`ram_tier`). With --floor, a third table
 (`floor`): how often the beam search's plan is kept when the branch and bound
 runs out of budget, over the suite's pools with both strategies (minutes).
+With --compare-round-trips K (`refit`), the suite planned with K round trips per
+remote device as well, both plans judged by today's time model.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 
 from bench.planner.floor import format_floor, run_floor
 from bench.planner.ram_tier import format_ram_tier, run_ram_tier
-from bench.planner.real import format_real, measure
+from bench.planner.real import format_real, format_run, measure
+from bench.planner.refit import format_refit, run_refit
 from bench.planner.shapes import write_fixtures
 from bench.planner.suite import format_suite, run_suite
 from e2e import parts
@@ -40,9 +44,16 @@ def main(argv: list[str]) -> int:
         metavar="GIB",
         help="also plan the suite with GIB of system RAM offered on every node",
     )
+    parser.add_argument(
+        "--compare-round-trips",
+        type=float,
+        metavar="K",
+        help="also plan the suite with K round trips per remote device and judge both plans "
+        "by today's time model",
+    )
     parser.add_argument("--rtt-ms", type=float, default=5.0, help="RTT the proxy adds")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per generation")
-    parser.add_argument("--runs", type=int, default=5, help="generations per configuration")
+    parser.add_argument("--runs", type=int, default=3, help="generations per configuration")
     parser.add_argument(
         "--write-fixtures",
         action="store_true",
@@ -68,6 +79,10 @@ def main(argv: list[str]) -> int:
         print()
         print("== the suite with system RAM as a tier")
         print(format_ram_tier(run_ram_tier(args.ram_tier), args.ram_tier))
+    if args.compare_round_trips is not None:
+        print()
+        print("== the suite's plans under the refit time model")
+        print(format_refit(run_refit(args.compare_round_trips), args.compare_round_trips))
     if args.floor:
         print()
         print("== plans cut short by the search's work budget, and the beam search's floor")
@@ -79,11 +94,12 @@ def main(argv: list[str]) -> int:
         print("== real run on llama.cpp")
         started = time.monotonic()
         try:
-            results, measured_rtt, plan = measure(args.rtt_ms, args.tokens, args.runs)
+            report = measure(
+                args.rtt_ms, args.tokens, args.runs, lambda run: print(format_run(run), flush=True)
+            )
         except PartMissingError as exc:
             print(f"skipped: {exc}")
             return 0
-        print(f"mesh plan: {plan.reason}; tensor split {','.join(map(str, plan.tensor_split))}")
-        print(format_real(results, measured_rtt, args.rtt_ms))
+        print(format_real(report))
         print(f"real run took {time.monotonic() - started:.0f} s")
     return 0

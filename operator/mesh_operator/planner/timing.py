@@ -51,6 +51,13 @@ class CostModel:
     def hop_ms(self, rtt_ms: float, local: bool) -> float:
         return self.round_trips_per_device * (self.local_rtt_ms if local else rtt_ms)
 
+    def device_ms(
+        self, read_bytes: float, bandwidth_gbps: float, rtt_ms: float, local: bool
+    ) -> float:
+        """One device's share of a token: its fixed overhead, its hops, its reads."""
+        fixed = self.device_overhead_ms + self.hop_ms(rtt_ms, local)
+        return fixed + read_bytes * self.ms_per_byte(bandwidth_gbps)
+
 
 def layer_read_bytes(
     profile: ModelProfile, params: ServingParams, geometry: KvGeometry

@@ -173,8 +173,9 @@ def _host_rtt(devices: Sequence[_Device], host: str) -> float:
 def _fixed_ms(problem: _Problem, device: _Device, host: str, host_rtt: float) -> float:
     # A hop crosses both the device's link and the host's: it costs the round trip
     # of the farther of the two nodes, so a far node is no cheaper as the host.
-    rtt = max(device.rtt, host_rtt)
-    return problem.cost.device_overhead_ms + problem.cost.hop_ms(rtt, device.node == host)
+    return problem.cost.device_ms(
+        0.0, device.bandwidth, max(device.rtt, host_rtt), device.node == host
+    )
 
 
 def _best_host(problem: _Problem, devices: Sequence[_Device]) -> str:
