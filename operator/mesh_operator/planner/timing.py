@@ -4,10 +4,11 @@ Owns the cost model. Decode runs the devices one after the other, so a token
 costs the sum over used devices of the bytes that device reads (its layers'
 weights — for MoE only the share of experts a token is routed to — plus the KV
 of a half-full context) divided by its memory bandwidth, plus per device a
-fixed overhead and a few round trips to the host when the device's node is not
-the host's. The defaults are calibrated on llama.cpp's RPC backend: three remote
-devices at 0/5/10/20 ms RTT decode at 60/30/21/13 tok/s, i.e. two round trips
-per device and token.
+fixed overhead and round trips to the host when the device's node is not the
+host's. The round trips per remote device and token are measured, not assumed:
+`python -m bench planner` runs gemma-3-270m over 1-3 ggml-rpc-server processes
+behind a delay proxy at 0/2/5/10 ms, fits this constant on the 0 and 10 ms runs
+and judges the prediction on the others (docs/planner.md, "The time model").
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class CostModel:
     """Constants of the time model; all times in milliseconds."""
 
     bandwidth_efficiency: float = 0.7  # share of peak bandwidth decode reaches
-    round_trips_per_device: float = 2.0  # per remote device and token
+    round_trips_per_device: float = 1.0  # per remote device and token, measured
     device_overhead_ms: float = 0.3  # launch and sync per device and token
     local_rtt_ms: float = 0.05  # round trip to a server on the host's own node
     default_rtt_ms: float = 0.5  # a node's RTT when the inventory does not say
