@@ -32,6 +32,11 @@ Public API::
         `tensor_split` (ints), `rpc` (nodes in --rpc order), `host_node`,
         `predicted_token_ms`. Passing `current` keeps a serving plan stable.
 
+    plan_replicas(profile, inventory, request, count, current=()) -> ReplicaPlan
+        `count` plans on disjoint nodes, serving ones (`current[i]`) kept while
+        they fit; `feasible`, `reason` ("k of n replicas fit: ..."), `replicas`,
+        `fitting`, `slowest_ms`.
+
     evaluate_layout(profile, inventory, layout, request=None, host_node=None)
         -> PlacementResult
         Estimate and time a given layout without searching (baselines, tests).
@@ -86,9 +91,11 @@ from mesh_operator.planner.placement import (
     DevicePlacement,
     PlacementRequest,
     PlacementResult,
+    ReplicaPlan,
     Strategy,
     evaluate_layout,
     plan_placement,
+    plan_replicas,
 )
 from mesh_operator.planner.profile import ARCHITECTURES, ModelProfile, read_model_profile
 from mesh_operator.planner.tensor_split import layers_for_split, split_for_layers
@@ -115,6 +122,7 @@ __all__ = [
     "PlacementRequest",
     "PlacementResult",
     "PlannerInputError",
+    "ReplicaPlan",
     "ServerSettings",
     "ServingParams",
     "Strategy",
@@ -128,6 +136,7 @@ __all__ = [
     "layers_for_split",
     "parse_inventory",
     "plan_placement",
+    "plan_replicas",
     "read_model_profile",
     "rpc_devices_by_node",
     "split_for_layers",

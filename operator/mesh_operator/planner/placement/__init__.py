@@ -26,11 +26,12 @@ call, the pool's devices, a plan from devices and ranges), `split` (the layer
 dynamic programs), `search` (the branch and bound), `previous` (the beam search
 the branch and bound falls back on when out of budget), `ranking` (the one rule
 between plans, and the stability rule), `ram_tier` (plans with part of the
-model in a host's RAM), `explain` (the reasons), `plan` (the
-entry points).
+model in a host's RAM), `replicas` (several copies of a model on disjoint
+nodes), `explain` (the reasons), `plan` (the entry points).
 """
 
 from mesh_operator.planner.placement.plan import evaluate_layout, plan_placement
+from mesh_operator.planner.placement.replicas import ReplicaPlan, plan_replicas
 from mesh_operator.planner.placement.types import (
     MAX_DEVICES,
     MAX_RPC_SERVERS,
@@ -54,7 +55,9 @@ __all__ = [
     "Layout",
     "PlacementRequest",
     "PlacementResult",
+    "ReplicaPlan",
     "Strategy",
     "evaluate_layout",
     "plan_placement",
+    "plan_replicas",
 ]
