@@ -15,7 +15,7 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 _CHUNK = 1 << 16
@@ -32,14 +32,16 @@ def _no_delay(writer: asyncio.StreamWriter) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: Callable[[], float]
+) -> None:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[float, bytes | None]] = asyncio.Queue()
 
     async def pump_in() -> None:
         while True:
             data = await reader.read(_CHUNK)
-            queue.put_nowait((loop.time() + delay, data or None))
+            queue.put_nowait((loop.time() + delay(), data or None))
             if not data:
                 return
 
@@ -80,6 +82,13 @@ class DelayProxies:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
+    def one_way(self) -> float:
+        return self.delay
+
+    def set_rtt(self, rtt_ms: float) -> None:
+        """Change the added round trip; bytes already on their way keep theirs."""
+        self.delay = rtt_ms / 2000.0
+
     async def _handle(
         self, route: _Route, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
     ) -> None:
@@ -91,7 +100,7 @@ class DelayProxies:
         _no_delay(client_w)
         _no_delay(upstream_w)
         await asyncio.gather(
-            _pipe(client_r, upstream_w, self.delay), _pipe(upstream_r, client_w, self.delay)
+            _pipe(client_r, upstream_w, self.one_way), _pipe(upstream_r, client_w, self.one_way)
         )
 
     async def _start(self) -> None:
@@ -131,10 +140,17 @@ class DelayProxies:
 
 @contextlib.contextmanager
 def delayed(targets: Sequence[tuple[str, int]], rtt_ms: float) -> Iterator[list[str]]:
+    with proxied(targets, rtt_ms) as proxies:
+        yield [f"127.0.0.1:{r.port}" for r in proxies.routes]
+
+
+@contextlib.contextmanager
+def proxied(targets: Sequence[tuple[str, int]], rtt_ms: float) -> Iterator[DelayProxies]:
+    """Proxies whose round trip `set_rtt` changes while connections stay open."""
     proxies = DelayProxies(targets, rtt_ms)
-    addresses = proxies.start()
+    proxies.start()
     try:
-        yield addresses
+        yield proxies
     finally:
         proxies.stop()
 

@@ -2,8 +2,10 @@
 
 Owns the measurements on this machine. Three ggml-rpc-server processes (one CPU
 thread each) stand for three nodes; a delay proxy in front of each adds the
-round trip of a network. Tokens per second come from llama-server's own
-timings, median of a few generations after a warm-up.
+round trip of a network. Time per token comes from llama-server's own
+timings: the configurations take turns, one generation each per round (after
+a warm-up), and each figure is the median over the rounds, so the drift of a
+shared machine falls on all of them alike.
 
 1. **Time model.** gemma-3-270m over 1, 2 and 3 servers, every hop behind the
    proxy (the host on a node of its own), at 0, 2, 5 and 10 ms. Two constants
@@ -28,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.planner.delay_proxy import delayed, measure_rtt_ms
+from bench.planner.delay_proxy import delayed, measure_rtt_ms, proxied
 from e2e import parts
 from e2e.llama import LlamaProcess, post_json, running, start_llama_server
 from e2e.llama import start_rpc_server as start_worker
@@ -106,8 +108,8 @@ class Report:
         return sum(1 for r in self.judged() if abs(r.error) <= TOLERANCE)
 
 
-def _generate(host: LlamaProcess, tokens: int, runs: int) -> list[float]:
-    """ms per token of `runs` generations, after a short warm-up."""
+def _generate(host: LlamaProcess, tokens: int) -> float:
+    """ms per token of one generation."""
     body: dict[str, object] = {
         "prompt": PROMPT,
         "n_predict": tokens,
@@ -115,19 +117,13 @@ def _generate(host: LlamaProcess, tokens: int, runs: int) -> list[float]:
         "cache_prompt": False,
         "ignore_eos": True,
     }
-    post_json(f"{host.url}/completion", {**body, "n_predict": 8})
-    out = []
-    for _ in range(runs):
-        timings = post_json(f"{host.url}/completion", body)["timings"]
-        assert isinstance(timings, dict)
-        out.append(1000.0 / float(timings["predicted_per_second"]))
-    return out
+    timings = post_json(f"{host.url}/completion", body)["timings"]
+    assert isinstance(timings, dict)
+    return 1000.0 / float(timings["predicted_per_second"])
 
 
-def _time(log_dir: Path, args: Sequence[str], port: int, tokens: int, runs: int) -> list[float]:
-    host = start_llama_server(log_dir, args, port=port, timeout=300)
-    with running(host):
-        return _generate(host, tokens, runs)
+def _warm(host: LlamaProcess) -> None:
+    _generate(host, 8)
 
 
 def _plain_args(model: Path, rpc: Sequence[str], split: Sequence[int], ngl: int) -> list[str]:
@@ -214,35 +210,51 @@ class _Session:
     def targets(self) -> list[tuple[str, int]]:
         return [("127.0.0.1", w.port) for w in self.workers]
 
-    def time(self, args: Sequence[str], port: int) -> list[float]:
-        return _time(self.log_dir, args, port, self.tokens, self.runs)
+    def host(self, args: Sequence[str], port: int) -> LlamaProcess:
+        return start_llama_server(self.log_dir, args, port=port, timeout=300)
 
     def matrix(self) -> list[Run]:
-        out = []
+        """Each round starts a host per server count and times one generation at
+        every round trip (the proxy's delay changes between them), so the
+        machine's drift falls on every cell alike; medians over the rounds."""
         n_layers = self.profile.n_device_layers
-        for rtt in RTTS:
-            measured_rtt = measure_rtt_ms(rtt)
-            with delayed(self.targets, rtt) as proxied:
+        measured = {rtt: measure_rtt_ms(rtt) for rtt in RTTS}
+        samples: dict[tuple[int, float], list[float]] = {}
+        with proxied(self.targets, 0.0) as proxies:
+            addresses = [f"127.0.0.1:{r.port}" for r in proxies.routes]
+            for _ in range(self.runs):
                 for n in (1, 2, 3):
-                    ranges = layers_for_split([1.0] * n, n_layers)
-                    ms = self.time(_plain_args(self.model, proxied[:n], [1] * n, 999), free_port())
-                    run = Run(
-                        label=f"{n} server(s), every hop proxied",
-                        servers=n,
-                        rtt_ms=rtt,
-                        measured_rtt_ms=measured_rtt,
-                        layers=_layers_text(ranges),
-                        ms_per_token=statistics.median(ms),
-                        samples=tuple(ms),
-                        fit=rtt in FIT_RTTS,
-                    )
-                    out.append(run)
-                    self.progress(run)
+                    args = _plain_args(self.model, addresses[:n], [1] * n, 999)
+                    port = free_port()
+                    with running(self.host(args, port)) as (host,):
+                        _warm(host)
+                        for rtt in RTTS:
+                            proxies.set_rtt(rtt)
+                            _warm(host)
+                            samples.setdefault((n, rtt), []).append(_generate(host, self.tokens))
+                    proxies.set_rtt(0.0)
+        out = []
+        for rtt in RTTS:
+            for n in (1, 2, 3):
+                ms = samples[(n, rtt)]
+                run = Run(
+                    label=f"{n} server(s), every hop proxied",
+                    servers=n,
+                    rtt_ms=rtt,
+                    measured_rtt_ms=measured[rtt],
+                    layers=_layers_text(layers_for_split([1.0] * n, n_layers)),
+                    ms_per_token=statistics.median(ms),
+                    samples=tuple(ms),
+                    fit=rtt in FIT_RTTS,
+                )
+                out.append(run)
+                self.progress(run)
         return out
 
     def pool_runs(
         self, plan: PlacementResult, inventory: Inventory, request: PlacementRequest, fit: Fit
     ) -> list[Run]:
+        """The pool's configurations, one generation each per round, in turn."""
         profile, model = self.profile, self.model
         n_layers = profile.n_device_layers
         rtt_ms = next(iter(inventory.nodes)).rtt_ms or 0.0
@@ -258,10 +270,10 @@ class _Session:
         other = next(n for n in NODES if n != host)
         lever_layout = [(host, "CPU", lever_ranges[0]), (other, "CPU", lever_ranges[1])]
         lever = evaluate_layout(profile, inventory, lever_layout, request, host)
-        out: list[Run] = []
-        with delayed(self.targets, rtt_ms) as proxied:
+        samples: dict[str, list[float]] = {}
+        with delayed(self.targets, rtt_ms) as proxied_addresses:
             direct = {n: w.address for n, w in zip(NODES, self.workers, strict=True)}
-            through = dict(zip(NODES, proxied, strict=True))
+            through = dict(zip(NODES, proxied_addresses, strict=True))
             # Label, llama-server's arguments (a mapping: mesh's own, with these
             # endpoints), the layers per device, and the prediction.
             cases: list[tuple[str, list[str] | dict[str, str], list[tuple[int, int]], float]] = [
@@ -275,7 +287,7 @@ class _Session:
                 ("mesh plan, every hop proxied", {n: through[n] for n in plan.rpc},
                  mesh_ranges, predict_remote(profile, mesh_ranges, measured_rtt, fit)),
                 ("llama.cpp proportional, every hop proxied",
-                 _plain_args(model, list(proxied), [1, 1, 1], 999),
+                 _plain_args(model, list(proxied_addresses), [1, 1, 1], 999),
                  proportional, predict_remote(profile, proportional, measured_rtt, fit)),
                 ("host node's layers on a local rpc server",
                  _plain_args(model, [direct[host], through[other]],
@@ -286,36 +298,42 @@ class _Session:
                  _plain_args(model, [through[other]], [1], n_layers - host_layers),
                  lever_ranges, lever.predicted_token_ms - request.cost.hop_ms(0.0, True)),
             ]  # fmt: skip
-            for label, how, ranges, predicted in cases:
-                port = free_port()
-                if isinstance(how, dict):
-                    settings = ServerSettings(
-                        serving=request.serving, host="127.0.0.1", port=port, metrics=False,
-                        threads=1,
-                    )  # fmt: skip
-                    args = build_llama_server_args(plan, str(model), settings, how)
-                else:
-                    args = how
-                ms = self.time(args, port)
-                run = Run(
-                    label=label,
-                    servers=len(ranges),
-                    rtt_ms=rtt_ms,
-                    measured_rtt_ms=measured_rtt,
-                    layers=_layers_text(ranges),
-                    ms_per_token=statistics.median(ms),
-                    samples=tuple(ms),
-                    predicted_ms=predicted,
-                )
-                out.append(run)
-                self.progress(run)
+            for _ in range(self.runs):
+                for label, how, _, _ in cases:
+                    port = free_port()
+                    if isinstance(how, dict):
+                        settings = ServerSettings(
+                            serving=request.serving, host="127.0.0.1", port=port, metrics=False,
+                            threads=1,
+                        )  # fmt: skip
+                        args = build_llama_server_args(plan, str(model), settings, how)
+                    else:
+                        args = how
+                    with running(self.host(args, port)) as (server,):
+                        _warm(server)
+                        samples.setdefault(label, []).append(_generate(server, self.tokens))
+        out: list[Run] = []
+        for label, _, ranges, predicted in cases:
+            ms = samples[label]
+            run = Run(
+                label=label,
+                servers=len(ranges),
+                rtt_ms=rtt_ms,
+                measured_rtt_ms=measured_rtt,
+                layers=_layers_text(ranges),
+                ms_per_token=statistics.median(ms),
+                samples=tuple(ms),
+                predicted_ms=predicted,
+            )
+            out.append(run)
+            self.progress(run)
         return out
 
 
 def measure(
     rtt_ms: float = 5.0,
     tokens: int = 64,
-    runs: int = 3,
+    runs: int = 5,
     progress: Callable[[Run], None] = lambda run: None,
 ) -> Report:
     """The time-model matrix, the fit, then the pool runs at `rtt_ms`."""

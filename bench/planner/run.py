@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--rtt-ms", type=float, default=5.0, help="RTT the proxy adds")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per generation")
-    parser.add_argument("--runs", type=int, default=3, help="generations per configuration")
+    parser.add_argument("--runs", type=int, default=5, help="rounds: generations per configuration")
     parser.add_argument(
         "--write-fixtures",
         action="store_true",
