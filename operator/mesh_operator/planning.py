@@ -238,9 +238,16 @@ def planned_draft(
     draft: ModelProfile, spec: MeshModelSpec, host_node: str | None
 ) -> PlannedDraft | None:
     """The draft model's memory on the plan's host node, as the plan records it."""
+    return draft_on_host(draft, serving_params(spec), host_node)
+
+
+def draft_on_host(
+    draft: ModelProfile, serving: ServingParams, host_node: str | None
+) -> PlannedDraft | None:
+    """The draft model's memory on `host_node` for these serving parameters."""
     if host_node is None:
         return None
-    memory = estimate_draft_memory(draft, serving_params(spec))
+    memory = estimate_draft_memory(draft, serving)
 
     def mib(n: int) -> int:
         return -(-n // MIB)

@@ -137,6 +137,25 @@ def test_plan_on_a_live_pool_goes_around_held_memory_and_names_the_holder(
     assert line.split() == [live_pool.holder, held, "CPU", str(HELD_MIB), "MiB"]
 
 
+def test_a_draft_model_on_a_live_pool_is_planned_on_the_hosts_cpu(
+    crds: LocalCluster, live_pool: LivePool, model_file: Path
+) -> None:
+    run = mesh_plan(
+        "--pool", live_pool.name, "--model", str(model_file), "--draft", str(model_file),
+        "--ctx", "1024", "--name", "ai/gemma", kubeconfig=crds.kubeconfig,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    _, free = live_pool.nodes
+    # The draft shares the CPU device of the host's node with the layers there.
+    assert report["hostNode"] == free and report["draft"]["node"] == free
+    layers = sum(d["totalMiB"] for d in report["devices"] if d["node"] == free)
+    assert layers + report["draft"]["memoryMiB"] <= DEVICE_MIB
+    host = report["args"]["llama-server"]
+    assert host[host.index("-md") + 1].endswith("/" + model_file.name)
+    assert host[host.index("-devd") + 1] == "none"
+
+
 def test_a_pool_the_cluster_lacks_is_a_one_line_error(crds: LocalCluster, model_file: Path) -> None:
     config = crds.kubeconfig
     run = mesh_plan("--pool", "no-such-pool", "--model", str(model_file), kubeconfig=config)

@@ -17,12 +17,15 @@ from typing import Any
 
 import yaml
 
+from mesh_operator import planning
 from mesh_operator.cli import plan_live
 from mesh_operator.planner import (
     CACHE_TYPES,
     DEFAULT_RPC_PORT,
     STRATEGIES,
     CurrentPlan,
+    DraftSettings,
+    Inventory,
     PlacementRequest,
     PlacementResult,
     PlannerInputError,
@@ -109,6 +112,12 @@ def add_parser(subparsers: Any) -> None:
         metavar="PLAN.json",
         help="a previous `mesh plan` JSON output: keep it unless a plan is clearly better",
     )
+    parser.add_argument(
+        "--draft",
+        metavar="FILE.gguf|SOURCE",
+        help="a draft model for speculative decoding (-md), planned in RAM on the host's "
+        "node; with --pool a SOURCE as for --model",
+    )
     parser.add_argument("--rpc-port", type=_positive, default=DEFAULT_RPC_PORT, metavar="PORT")
     parser.add_argument("--port", type=_positive, default=8080, metavar="PORT")
 
@@ -155,7 +164,8 @@ def _report(
 ) -> dict[str, Any]:
     commands: dict[str, Any] = {"llama-server": [], "ggml-rpc-server": {}}
     if result.feasible:
-        settings = ServerSettings(serving=_serving(args), port=args.port)
+        draft = DraftSettings(model_path=args.draft) if args.draft else None
+        settings = ServerSettings(serving=_serving(args), port=args.port, draft=draft)
         endpoints = {n: f"{n}:{args.rpc_port}" for n in result.rpc}
         commands["llama-server"] = build_llama_server_args(result, args.model, settings, endpoints)
         commands["ggml-rpc-server"] = build_rpc_server_commands(
@@ -172,6 +182,7 @@ def _report(
         "predictedTokenMs": round(result.predicted_token_ms, 3) if result.feasible else None,
         "hostMemoryMiB": mib_ceil(result.host_memory_bytes) if result.feasible else None,
         "nodes": _nodes(result),
+        "draft": None,
         "model": {
             "file": profile.file_name,
             "architecture": profile.architecture,
@@ -180,6 +191,30 @@ def _report(
         },
         "args": commands,
     }
+
+
+def add_draft(
+    report: dict[str, Any],
+    result: PlacementResult,
+    draft: ModelProfile | None,
+    *,
+    serving: ServingParams,
+    inventory: Inventory,
+    reserve_percent: float,
+) -> None:
+    """Put the draft model's memory on the host's node into `report`; a host node
+    without room for it makes the plan infeasible, as the operator would."""
+    if draft is None or not result.feasible:
+        return
+    plan = planning.to_plan(result)
+    plan.draft = planning.draft_on_host(draft, serving, result.host_node)
+    if plan.draft is None:
+        return
+    report["draft"] = plan.draft.to_wire()
+    problem = planning.draft_room_problem(plan, inventory, reserve_percent)
+    if problem is not None:
+        report["feasible"] = False
+        report["reason"] = problem
 
 
 def _nodes(result: PlacementResult) -> list[dict[str, Any]]:
@@ -237,6 +272,12 @@ def _table(report: dict[str, Any], args: argparse.Namespace) -> str:
         for row in [header, *rows]:
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
         lines += [_tier_line(n) for n in report["nodes"] if n["hostTierMiB"]]
+        if report["draft"]:
+            d = report["draft"]
+            lines.append(
+                f"draft model on {d['node']}: {d['memoryMiB']} MiB of RAM (weights "
+                f"{d['weightsMiB']}, KV {d['kvMiB']}, compute {d['computeMiB']} MiB)"
+            )
         lines += [
             "",
             f"tensor split {','.join(map(str, report['tensorSplit']))}; "
@@ -262,7 +303,7 @@ def _serving(args: argparse.Namespace) -> ServingParams:
 
 def run(args: argparse.Namespace) -> int:
     if args.pool is not None:
-        return plan_live.run_live(args, _report, _table)
+        return plan_live.run_live(args, _report, _table, add_draft)
     try:
         profile = read_model_profile(args.model)
         inventory = parse_inventory(_read_inventory(args.inventory), source=args.inventory)
@@ -272,8 +313,17 @@ def run(args: argparse.Namespace) -> int:
             strategy=args.strategy,
             reserve_percent=10.0 if args.reserve_percent is None else args.reserve_percent,
         )
+        draft = read_model_profile(args.draft) if args.draft else None
         result = plan_placement(profile, inventory, request, current=current)
         report = _report(result, profile, args)
+        add_draft(
+            report,
+            result,
+            draft,
+            serving=request.serving,
+            inventory=inventory,
+            reserve_percent=request.reserve_percent,
+        )
     except PlannerInputError as exc:
         print(f"mesh plan: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -281,4 +331,4 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(_table(report, args))
-    return EXIT_FEASIBLE if result.feasible else EXIT_INFEASIBLE
+    return EXIT_FEASIBLE if report["feasible"] else EXIT_INFEASIBLE

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import kubernetes
 import urllib3
@@ -48,8 +48,8 @@ from mesh_operator.handlers.snapshot import (
     pool_claims,
 )
 from mesh_operator.kubeclient import KubeconfigError, api_client, unreachable_reason
-from mesh_operator.ledger import NodeInfo, build_pool_view, to_inventory
-from mesh_operator.planner import PlacementResult, PlannerInputError
+from mesh_operator.ledger import NodeInfo, PoolView, build_pool_view, to_inventory
+from mesh_operator.planner import Inventory, PlacementResult, PlannerInputError, ServingParams
 from mesh_operator.planner.profile import ModelProfile
 from mesh_operator.source import ProfileCache, SourceError, model_file_name
 
@@ -206,11 +206,14 @@ def model_identity(name: str | None, source: ModelSource) -> tuple[str, str]:
     return "default", model_file_name(source).removesuffix(".gguf").lower()
 
 
-def build_spec(args: argparse.Namespace, source: ModelSource) -> MeshModelSpec:
+def build_spec(
+    args: argparse.Namespace, source: ModelSource, draft: ModelSource | None = None
+) -> MeshModelSpec:
     """The MeshModel spec the serving options describe, validated as the CRD would."""
     try:
         return MeshModelSpec.model_validate(
             {
+                **({"draft": {"source": draft.to_wire()}} if draft is not None else {}),
                 "source": source.to_wire(),
                 "poolRef": args.pool,
                 "contextSize": args.ctx,
@@ -259,6 +262,12 @@ def build_holdings(claims: Mapping[str, Plan], pool_nodes: set[str]) -> list[Hol
     return sorted(held, key=lambda h: (h.node, h.device, h.model))
 
 
+def _pool_view(live: LivePool, key: str, now: dt.datetime) -> tuple[dict[str, Plan], PoolView]:
+    """Other models' plans on the pool, and the pool as the model `key` sees it."""
+    claims = pool_claims(live.plans, live.name, exclude=key)
+    return claims, build_pool_view(live.spec, live.nodes, live.meshnodes, claims, now)
+
+
 def plan_on_pool(
     live: LivePool,
     spec: MeshModelSpec,
@@ -270,10 +279,9 @@ def plan_on_pool(
 ) -> tuple[PlacementResult, list[Holding], list[dict[str, str]]]:
     """The operator's plan for the model `key` on the pool, the memory other models
     hold there, and the pool's nodes it cannot use (and why). Pure."""
-    claims = pool_claims(live.plans, live.name, exclude=key)
+    claims, view = _pool_view(live, key, now)
     own = live.plans.get(key)
     current = own[1] if own is not None and own[0] == live.name and own[1].devices else None
-    view = build_pool_view(live.spec, live.nodes, live.meshnodes, claims, now)
     request = planning.placement_request(spec, live.spec, profile)
     if reserve_percent is not None:
         request = dataclasses.replace(request, reserve_percent=reserve_percent)
@@ -320,12 +328,36 @@ def holdings_table(holdings: list[Holding], unusable: list[dict[str, str]]) -> s
     return "\n".join(line.rstrip() for line in lines)
 
 
+def live_inventory(
+    live: LivePool, key: str, reserve_percent: float | None, now: dt.datetime
+) -> tuple[Inventory, float]:
+    """The pool as the model `key` would be planned on it, and the reserve. Pure."""
+    _, view = _pool_view(live, key, now)
+    reserve = live.spec.reserve_percent if reserve_percent is None else reserve_percent
+    return to_inventory(view), reserve
+
+
+class AddDraft(Protocol):
+    def __call__(
+        self,
+        report: dict[str, Any],
+        result: PlacementResult,
+        draft: ModelProfile | None,
+        *,
+        serving: ServingParams,
+        inventory: Inventory,
+        reserve_percent: float,
+    ) -> None: ...
+
+
 def run_live(
     args: argparse.Namespace,
     report: Callable[[PlacementResult, ModelProfile, argparse.Namespace], dict[str, Any]],
     table: Callable[[dict[str, Any], argparse.Namespace], str],
+    add_draft: AddDraft,
 ) -> int:
-    """`mesh plan --pool`; `report` and `table` are `mesh plan`'s own output builders."""
+    """`mesh plan --pool`; `report`, `table` and `add_draft` are `mesh plan`'s own
+    output builders."""
     try:
         if args.current:
             raise LiveInputError(
@@ -333,20 +365,21 @@ def run_live(
                 "the cluster (--name)"
             )
         source = parse_source(args.model)
+        draft_source = parse_source(args.draft) if args.draft else None
         namespace, name = model_identity(args.name, source)
-        spec = build_spec(args, source)
+        spec = build_spec(args, source, draft_source)
         live = read_live_pool(args.kubeconfig, args.pool)
         profile = read_profile(source)
+        draft = read_profile(draft_source) if draft_source is not None else None
         key = model_key(namespace, name)
+        now = dt.datetime.now(dt.UTC)
         result, holdings, unusable = plan_on_pool(
-            live,
-            spec,
-            profile,
-            key,
-            reserve_percent=args.reserve_percent,
-            now=dt.datetime.now(dt.UTC),
+            live, spec, profile, key, reserve_percent=args.reserve_percent, now=now
         )
         out = report(result, profile, args)
+        inventory, reserve = live_inventory(live, key, args.reserve_percent, now)
+        serving = planning.serving_params(spec)
+        add_draft(out, result, draft, serving=serving, inventory=inventory, reserve_percent=reserve)
     except (LiveInputError, PlannerInputError) as exc:
         print(f"mesh plan: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -361,4 +394,4 @@ def run_live(
         print(json.dumps(out, indent=2))
     else:
         print(table(out, args) + holdings_table(holdings, unusable))
-    return EXIT_FEASIBLE if result.feasible else EXIT_INFEASIBLE
+    return EXIT_FEASIBLE if out["feasible"] else EXIT_INFEASIBLE

@@ -228,3 +228,41 @@ def test_no_traceback_from_the_console_script(tmp_path: Path) -> None:
     run = subprocess.run(argv, capture_output=True, text=True, check=False)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.count("\n") == 1
+
+
+def test_a_draft_model_is_planned_in_the_host_nodes_ram(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with_ram = yaml.safe_load(yaml.safe_dump(INVENTORY))
+    with_ram["nodes"][0]["hostMemoryFreeMiB"] = 8192
+    inv = _write(tmp_path, with_ram)
+    model = str(MODEL_HEADERS / "llama-3.1-8b.header.gguf")
+    draft = str(GEMMA_HEADER)
+    code, report, err = _plan(capsys, "--model", model, "--inventory", str(inv), "--draft", draft)
+    assert code == 0 and err == "" and isinstance(report, dict)
+    assert report["hostNode"] == "gpu-a"
+    planned = report["draft"]
+    assert planned["node"] == "gpu-a" and 0 < planned["memoryMiB"] < 8192
+    assert planned["memoryMiB"] >= planned["weightsMiB"] + planned["kvMiB"]
+    server = report["args"]["llama-server"]
+    assert server[server.index("-md") + 1] == draft
+    assert server[server.index("-devd") + 1] == "none"
+    code, text, _ = _plan(
+        capsys, "--model", model, "--inventory", str(inv), "--draft", draft, "--output", "table"
+    )
+    assert code == 0 and f"draft model on gpu-a: {planned['memoryMiB']} MiB of RAM" in str(text)
+
+
+def test_a_draft_without_room_on_the_host_node_is_infeasible(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inv = _write(tmp_path, INVENTORY)  # GPU nodes offering no RAM
+    model = str(MODEL_HEADERS / "llama-3.1-8b.header.gguf")
+    code, report, _ = _plan(
+        capsys, "--model", model, "--inventory", str(inv), "--draft", str(GEMMA_HEADER)
+    )
+    assert code == 3 and isinstance(report, dict) and report["feasible"] is False
+    assert report["reason"].startswith("the draft model needs "), report["reason"]
+    assert "on the host's node gpu-a; its RAM (hostMemoryFreeMiB) has 0 MiB free" in (
+        report["reason"]
+    )
