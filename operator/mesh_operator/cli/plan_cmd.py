@@ -17,7 +17,6 @@ from typing import Any
 
 import yaml
 
-from mesh_operator import planning
 from mesh_operator.cli import plan_live
 from mesh_operator.planner import (
     CACHE_TYPES,
@@ -25,7 +24,6 @@ from mesh_operator.planner import (
     STRATEGIES,
     CurrentPlan,
     DraftSettings,
-    Inventory,
     PlacementRequest,
     PlacementResult,
     PlannerInputError,
@@ -193,30 +191,6 @@ def _report(
     }
 
 
-def add_draft(
-    report: dict[str, Any],
-    result: PlacementResult,
-    draft: ModelProfile | None,
-    *,
-    serving: ServingParams,
-    inventory: Inventory,
-    reserve_percent: float,
-) -> None:
-    """Put the draft model's memory on the host's node into `report`; a host node
-    without room for it makes the plan infeasible, as the operator would."""
-    if draft is None or not result.feasible:
-        return
-    plan = planning.to_plan(result)
-    plan.draft = planning.draft_on_host(draft, serving, result.host_node)
-    if plan.draft is None:
-        return
-    report["draft"] = plan.draft.to_wire()
-    problem = planning.draft_room_problem(plan, inventory, reserve_percent)
-    if problem is not None:
-        report["feasible"] = False
-        report["reason"] = problem
-
-
 def _nodes(result: PlacementResult) -> list[dict[str, Any]]:
     """Per planned node (--rpc order): VRAM and RAM the plan takes there."""
     tier = result.host_tier
@@ -303,7 +277,7 @@ def _serving(args: argparse.Namespace) -> ServingParams:
 
 def run(args: argparse.Namespace) -> int:
     if args.pool is not None:
-        return plan_live.run_live(args, _report, _table, add_draft)
+        return plan_live.run_live(args, _report, _table)
     try:
         profile = read_model_profile(args.model)
         inventory = parse_inventory(_read_inventory(args.inventory), source=args.inventory)
@@ -316,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
         draft = read_model_profile(args.draft) if args.draft else None
         result = plan_placement(profile, inventory, request, current=current)
         report = _report(result, profile, args)
-        add_draft(
+        plan_live.add_draft(
             report,
             result,
             draft,

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import kubernetes
 import urllib3
@@ -337,27 +337,36 @@ def live_inventory(
     return to_inventory(view), reserve
 
 
-class AddDraft(Protocol):
-    def __call__(
-        self,
-        report: dict[str, Any],
-        result: PlacementResult,
-        draft: ModelProfile | None,
-        *,
-        serving: ServingParams,
-        inventory: Inventory,
-        reserve_percent: float,
-    ) -> None: ...
+def add_draft(
+    report: dict[str, Any],
+    result: PlacementResult,
+    draft: ModelProfile | None,
+    *,
+    serving: ServingParams,
+    inventory: Inventory,
+    reserve_percent: float,
+) -> None:
+    """Put the draft model's memory on the host's node into `report`; a host node
+    without room for it makes the plan infeasible, as the operator would."""
+    if draft is None or not result.feasible:
+        return
+    plan = planning.to_plan(result)
+    plan.draft = planning.draft_on_host(draft, serving, result.host_node)
+    if plan.draft is None:
+        return
+    report["draft"] = plan.draft.to_wire()
+    problem = planning.draft_room_problem(plan, inventory, reserve_percent)
+    if problem is not None:
+        report["feasible"] = False
+        report["reason"] = problem
 
 
 def run_live(
     args: argparse.Namespace,
     report: Callable[[PlacementResult, ModelProfile, argparse.Namespace], dict[str, Any]],
     table: Callable[[dict[str, Any], argparse.Namespace], str],
-    add_draft: AddDraft,
 ) -> int:
-    """`mesh plan --pool`; `report`, `table` and `add_draft` are `mesh plan`'s own
-    output builders."""
+    """`mesh plan --pool`; `report` and `table` are `mesh plan`'s own output builders."""
     try:
         if args.current:
             raise LiveInputError(
