@@ -177,3 +177,13 @@ def test_the_double_repeats_an_xid_when_told(monkeypatch: pytest.MonkeyPatch) ->
         if len(seen) >= 2:
             break
     assert seen[:2] == [48, 48]
+
+
+def test_the_double_reports_the_utilisation_it_is_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESH_FAKE_NVML", "rtx-4090")
+    monkeypatch.setenv("MESH_FAKE_NVML_UTILIZATION", "37,12")
+    lib: Any = load_nvml("tests.fixtures.nvml.double:from_env")
+    lib.nvmlInit()
+    rates = lib.nvmlDeviceGetUtilizationRates(lib.nvmlDeviceGetHandleByIndex(0))
+    assert (rates.gpu, rates.memory) == (37, 12)
+    assert load_fixture("rtx-4090")["utilization"] == {"gpu": 0, "memory": 0}
