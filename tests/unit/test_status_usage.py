@@ -12,12 +12,12 @@ import datetime as dt
 import json
 import re
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
+import kubernetes
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from mesh_operator import usage as usage_module
 from mesh_operator.fleet import Fleet, StatusReport, build_status_report, build_status_table
 from mesh_operator.gateway.metrics import GatewayMetrics
 from mesh_operator.usage import GATEWAY_SELECTOR, GatewayUsage, parse_usage, read_gateway_usage
@@ -134,7 +134,7 @@ def test_no_tokens_yet() -> None:
 class FakeCore:
     """The two CoreV1Api calls of `read_gateway_usage`, answered from the test's data."""
 
-    calls: list[tuple[str, ...]] = []
+    calls: ClassVar[list[tuple[str, ...]]] = []
 
     def __init__(self, pods: list[Any] | Exception, answers: dict[str, str | Exception]) -> None:
         self._pods = pods
@@ -166,7 +166,7 @@ def pod(name: str, phase: str = "Running", port: int = 8000) -> Any:
 
 
 def with_api(monkeypatch: pytest.MonkeyPatch, core: FakeCore) -> None:
-    monkeypatch.setattr(usage_module.kubernetes.client, "CoreV1Api", lambda api: core)
+    monkeypatch.setattr(kubernetes.client, "CoreV1Api", lambda api: core)
     FakeCore.calls = []
 
 
