@@ -27,11 +27,13 @@ from mesh_operator.api.base import (
 )
 from mesh_operator.api.heartbeat import heartbeat_age, is_stale
 from mesh_operator.ledger import selects
+from mesh_operator.usage import GatewayUsage, Tokens
 
 Obj = dict[str, Any]
 
 # Bumped when a field changes meaning or goes away; new fields keep it.
 SCHEMA_VERSION = 1
+USAGE_SOURCE = "gateway pods' /metrics through the API server's pod proxy"
 
 
 @dataclass
@@ -189,12 +191,38 @@ class ModelReport(_Report):
     version_mismatch: VersionMismatchReport | None
 
 
+class TokenUsageReport(_Report):
+    name: str = Field(
+        description="The model (namespace/name), the API key's name (- without keys) or the node."
+    )
+    prompt_tokens: float = Field(
+        description="Summed over the gateway replicas; a node's is its share of the "
+        "layers of each model it serves, so it may be a fraction."
+    )
+    completion_tokens: float
+
+
+class UsageReport(_Report):
+    available: bool = Field(description="False: no gateway answered; the lists are empty.")
+    source: str = Field(description="Where the counts come from.")
+    gateways: int = Field(description="Running gateway pods found.")
+    gateways_read: int = Field(description="Of those, the ones whose metrics were read.")
+    problems: list[str] = Field(description="What could not be read, and why.")
+    models: list[TokenUsageReport]
+    keys: list[TokenUsageReport]
+    nodes: list[TokenUsageReport]
+
+
 class StatusReport(_Report):
     schema_version: Literal[1] = Field(alias="schemaVersion")
     time: str = Field(description="When it was read, RFC 3339 UTC.")
     pools: list[PoolReport]
     nodes: list[NodeReport]
     models: list[ModelReport]
+    usage: UsageReport = Field(
+        description="Tokens per model, API key and node, from the gateways' counters "
+        "(since each gateway replica started)."
+    )
 
 
 def status_schema() -> dict[str, Any]:
@@ -326,10 +354,39 @@ def _model_report(model: Obj) -> ModelReport:
     )
 
 
-def build_status_report(fleet: Fleet, now: dt.datetime) -> StatusReport:
+def _usage_rows(table: Mapping[str, Tokens]) -> list[TokenUsageReport]:
+    return [
+        TokenUsageReport(
+            name=name,
+            prompt_tokens=round(t.prompt, 3),
+            completion_tokens=round(t.completion, 3),
+        )
+        for name, t in sorted(table.items())
+    ]
+
+
+def usage_report(usage: GatewayUsage | None) -> UsageReport:
+    """The usage part of the report; `None`: the gateways were not read."""
+    read = usage or GatewayUsage(problems=["the gateways were not read"])
+    return UsageReport(
+        available=read.available,
+        source=USAGE_SOURCE,
+        gateways=read.gateways,
+        gateways_read=read.read,
+        problems=list(read.problems),
+        models=_usage_rows(read.models),
+        keys=_usage_rows(read.keys),
+        nodes=_usage_rows(read.nodes),
+    )
+
+
+def build_status_report(
+    fleet: Fleet, now: dt.datetime, usage: GatewayUsage | None = None
+) -> StatusReport:
     """The whole fleet, as `mesh status` shows it. Pure.
 
-    Nodes are every Node some pool picks, and every node with a MeshNode.
+    Nodes are every Node some pool picks, and every node with a MeshNode; usage
+    is what `usage.read_gateway_usage` read (None: not read).
     """
     pools = [_pool_report(p, fleet.nodes) for p in fleet.pools]
     member_of: dict[str, list[str]] = {}
@@ -344,6 +401,7 @@ def build_status_report(fleet: Fleet, now: dt.datetime) -> StatusReport:
         pools=pools,
         nodes=[_node_report(n, by_name.get(n), member_of.get(n, []), now) for n in names],
         models=[_model_report(m) for m in fleet.models],
+        usage=usage_report(usage),
     )
 
 
@@ -431,4 +489,30 @@ def build_status_table(report: StatusReport) -> str:
     out = f"{pools}\n\n{nodes}\n\n{models}"
     if notes:
         out += "\n\n" + "\n".join(notes)
-    return out
+    return f"{out}\n\n{_usage_table(report.usage)}"
+
+
+def _tokens(value: float, exact: bool) -> str:
+    return str(round(value)) if exact else f"{value:.1f}"
+
+
+def _usage_table(usage: UsageReport) -> str:
+    """Tokens by model, key and node, with where they come from; or why not."""
+    if not usage.available:
+        why = "; ".join(usage.problems) or "no gateway answered"
+        return f"usage unavailable: {why}"
+    rows = [
+        [by, row.name, _tokens(row.prompt_tokens, by != "node"),
+         _tokens(row.completion_tokens, by != "node")]
+        for by, rows_of in (("model", usage.models), ("key", usage.keys), ("node", usage.nodes))
+        for row in rows_of
+    ]  # fmt: skip
+    head = (
+        f"usage: tokens counted by {usage.gateways_read} of {usage.gateways} gateway "
+        "replicas since they started"
+    )
+    if usage.problems:
+        head += "\n" + "\n".join(f"  {p}" for p in usage.problems)
+    if not rows:
+        return f"{head}\nno tokens counted yet"
+    return head + "\n" + _table(["USAGE BY", "NAME", "PROMPT TOKENS", "COMPLETION TOKENS"], rows)

@@ -153,7 +153,7 @@ def test_a_model_not_ready_says_why_under_the_table() -> None:
     m = model("big", cond("Ready", "False", "NoCapacity", "needs 9.0 GiB"))
     table = build_status_table(build_status_report(Fleet(models=[m]), NOW))
     assert "ai/big  gpu   False NoCapacity  -      -" in table
-    assert table.endswith("ai/big: needs 9.0 GiB")
+    assert "\nai/big: needs 9.0 GiB\n\nusage unavailable: the gateways were not read" in table
 
 
 # -- mesh doctor: one check at a time -----------------------------------------------

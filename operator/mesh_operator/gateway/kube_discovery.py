@@ -13,6 +13,9 @@ EndpointSlice controller sets. Hosts are pod IPs and the slice's `http` port: no
 ClusterIP, so kube-proxy is not needed. An endpoint is used when its
 `conditions.ready` is true or unset (the API says unset means ready).
 
+The model's plan (`status.plan`) gives each node's share of its layers, by which
+the gateway counts tokens per node (`gateway.shares`).
+
 The API key llama-server wants (`spec.apiKeySecretRef`) is read from the Secret in
 the model's namespace and cached until the next relist.
 """
@@ -43,6 +46,7 @@ from mesh_operator.api.meshmodel import MeshModelSpec, SecretKeyRef
 from mesh_operator.gateway.auth import keys_from_secret_data
 from mesh_operator.gateway.discovery import Publish
 from mesh_operator.gateway.routing import ModelRecord
+from mesh_operator.gateway.shares import layer_shares
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +178,7 @@ def build_records(
                 ready=model_is_ready(obj),
                 backends=tuple(dict.fromkeys(backends)),
                 created=_timestamp((obj.get("metadata") or {}).get("creationTimestamp")),
+                node_shares=layer_shares((obj.get("status") or {}).get("plan")),
                 upstream_api_key=(
                     keys.get((namespace, ref.name, ref.key)) if ref is not None else None
                 ),

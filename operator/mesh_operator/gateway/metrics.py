@@ -5,8 +5,14 @@ depth, requests in flight, hosts per state) are read from the router at scrape
 time, so they cost nothing per request. Each gateway has its own registry.
 
 The `model` label is always a `namespace/name` the gateway knows (or `-` for a
-request that never named one), and `key` an API key's name (or `-`), so a client
-cannot create label values at will.
+request that never named one), `key` an API key's name (or `-`), and `node` a
+node of the model's plan, so a client cannot create label values at will.
+
+Usage: every answer that reports tokens adds them per model, per key and per
+node; a node gets the share of the model's layers its devices hold in the plan
+(`gateway.shares`), so its counter moves in fractions of a token and the nodes'
+counters of a model add up to the model's. No label set exists before a request
+used it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from mesh_operator.gateway.admission import Router
+from mesh_operator.gateway.sse import Usage
 
 NO_LABEL = "-"
 
@@ -89,8 +96,15 @@ class GatewayMetrics:
         )
         self.key_tokens = Counter(
             "mesh_gateway_key_tokens",
-            "Tokens per API key name, model and kind.",
+            "Tokens per API key name (- without keys), model and kind.",
             ["key", "model", "kind"],
+            registry=reg,
+        )
+        self.node_tokens = Counter(
+            "mesh_gateway_node_tokens",
+            "Tokens per model, node and kind: each request's tokens times the node's "
+            "share of the model's layers in its plan.",
+            ["model", "node", "kind"],
             registry=reg,
         )
         self.ttft = Histogram(
@@ -137,6 +151,22 @@ class GatewayMetrics:
 
     def watch(self, router: Router) -> None:
         self._router = router
+
+    def count_usage(self, model: str, key: str, usage: Usage) -> None:
+        """Add one answer's tokens per model, key and node (by the plan's shares)."""
+        router = self._router
+        gate = router.gates.get(model) if router is not None else None
+        shares = gate.record.node_shares if gate is not None else ()
+        for kind, count in (
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+        ):
+            if count <= 0:
+                continue
+            self.tokens.labels(model, kind).inc(count)
+            self.key_tokens.labels(key, model, kind).inc(count)
+            for node, share in shares:
+                self.node_tokens.labels(model, node, kind).inc(count * share)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -530,14 +530,7 @@ class Proxy:
         if self._keys is not None:
             m.key_requests.labels(x.key, x.model, status).inc()
         if x.usage is not None:
-            for kind, count in (
-                ("prompt", x.usage.prompt_tokens),
-                ("completion", x.usage.completion_tokens),
-            ):
-                if count:
-                    m.tokens.labels(x.model, kind).inc(count)
-                    if self._keys is not None:
-                        m.key_tokens.labels(x.key, x.model, kind).inc(count)
+            m.count_usage(x.model, x.key, x.usage)
         if self._traced:
             self._annotate(x, span)
         if self._settings.access_log:

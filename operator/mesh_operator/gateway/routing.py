@@ -29,6 +29,9 @@ class ModelRecord:
     ready: bool
     backends: tuple[str, ...]
     created: int = 0
+    # (node, share of the plan's layers): how the model's tokens are counted
+    # per node (gateway.shares); empty without a plan.
+    node_shares: tuple[tuple[str, float], ...] = ()
     # The key llama-server wants (MeshModel spec.apiKeySecretRef); never printed.
     upstream_api_key: str | None = field(default=None, repr=False)
 

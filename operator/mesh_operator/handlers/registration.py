@@ -272,9 +272,17 @@ class _Work:
         self.indices = indices
 
     def __call__(self, key: str) -> float | None:
-        if key.startswith(MODEL_PREFIX):
-            return self.model(key.removeprefix(MODEL_PREFIX))
-        return self.pool(key.removeprefix(POOL_PREFIX))
+        model = key.startswith(MODEL_PREFIX)
+        try:
+            if model:
+                return self.model(key.removeprefix(MODEL_PREFIX))
+            return self.pool(key.removeprefix(POOL_PREFIX))
+        except Exception:
+            # Counted here, logged and retried by the queue: an API write refused,
+            # a bug. Reconciles that end deliberately count as ok or blocked.
+            kind = "MeshModel" if model else "MeshPool"
+            metrics.RECONCILES.labels(kind=kind, outcome="error").inc()
+            raise
 
     def model(self, key: str) -> float | None:
         assert _State.models is not None

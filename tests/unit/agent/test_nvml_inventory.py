@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any
 
 import pynvml
 import pytest
@@ -157,3 +159,31 @@ def test_load_nvml_resolves_a_factory_spec() -> None:
     lib = load_nvml("tests.fixtures.nvml.double:from_env")
     with pytest.raises(pynvml.NVMLError_LibraryNotFound):
         lib.nvmlInit()
+
+
+def test_the_double_repeats_an_xid_when_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESH_FAKE_NVML", "rtx-4090")
+    monkeypatch.setenv("MESH_FAKE_NVML_XID_EVERY", "48@0.02")
+    lib: Any = load_nvml("tests.fixtures.nvml.double:from_env")
+    lib.nvmlInit()
+    events = lib.nvmlEventSetCreate()
+    lib.nvmlDeviceRegisterEvents(lib.nvmlDeviceGetHandleByIndex(0), 0, events)
+    seen: list[int] = []
+    for _ in range(500):
+        try:
+            seen.append(int(lib.nvmlEventSetWait_v2(events, 0).eventData))
+        except pynvml.NVMLError_Timeout:
+            time.sleep(0.01)
+        if len(seen) >= 2:
+            break
+    assert seen[:2] == [48, 48]
+
+
+def test_the_double_reports_the_utilisation_it_is_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESH_FAKE_NVML", "rtx-4090")
+    monkeypatch.setenv("MESH_FAKE_NVML_UTILIZATION", "37,12")
+    lib: Any = load_nvml("tests.fixtures.nvml.double:from_env")
+    lib.nvmlInit()
+    rates = lib.nvmlDeviceGetUtilizationRates(lib.nvmlDeviceGetHandleByIndex(0))
+    assert (rates.gpu, rates.memory) == (37, 12)
+    assert load_fixture("rtx-4090")["utilization"] == {"gpu": 0, "memory": 0}

@@ -224,6 +224,7 @@ def record(
     slots: int = 1,
     ready: bool = True,
     upstream_api_key: str | None = None,
+    node_shares: tuple[tuple[str, float], ...] = (),
 ) -> ModelRecord:
     return ModelRecord(
         namespace=namespace,
@@ -233,6 +234,7 @@ def record(
         ready=ready,
         backends=tuple(backends),
         created=1795303869,
+        node_shares=node_shares,
         upstream_api_key=upstream_api_key,
     )
 

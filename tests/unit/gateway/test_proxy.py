@@ -735,6 +735,81 @@ def test_api_keys(caplog: pytest.LogCaptureFixture) -> None:
     assert "key=team-a" in caplog.text
 
 
+def test_usage_per_model_key_and_node() -> None:
+    secret = "sk-team-b-0123456789"
+    shares = (("node-a", 0.75), ("node-b", 0.25))
+
+    async def scenario() -> None:
+        keys = KeyReloader(KeyRing(), lambda: {"team-b": secret})
+        async with hosts(2) as [planned_host, unplanned_host]:
+            source = SettableSource(
+                [
+                    record("gemma", [planned_host.url], namespace="ns", node_shares=shares),
+                    record("other", [unplanned_host.url], namespace="ns"),
+                ]
+            )
+            async with gateway(source, keys=keys) as (gw, client):
+                # Nothing is counted before traffic: no label set born at zero.
+                for name in (
+                    "mesh_gateway_tokens_total",
+                    "mesh_gateway_key_tokens_total",
+                    "mesh_gateway_node_tokens_total",
+                ):
+                    assert samples(gw, name) == {}
+                good = {"Authorization": f"Bearer {secret}"}
+                for body in (CHAT, STREAM, {**CHAT, "model": "other"}):
+                    async with client.post("/v1/chat/completions", json=body, headers=good) as resp:
+                        assert resp.status == 200
+                        await resp.read()
+                chat_prompt, chat_completion = RECORDED_CHAT_USAGE
+                stream_prompt, stream_completion = RECORDED_STREAM_USAGE
+                prompt = chat_prompt + stream_prompt
+                completion = chat_completion + stream_completion
+                gemma = {"model": "ns/gemma"}
+                assert value(gw, "mesh_gateway_tokens_total", kind="prompt", **gemma) == prompt
+                per_key = {"key": "team-b", **gemma}
+                assert (
+                    value(gw, "mesh_gateway_key_tokens_total", kind="completion", **per_key)
+                    == completion
+                )
+                nodes = samples(gw, "mesh_gateway_node_tokens_total")
+                assert nodes == {
+                    (("kind", kind), ("model", "ns/gemma"), ("node", node)): count * share
+                    for kind, count in (("prompt", prompt), ("completion", completion))
+                    for node, share in shares
+                }
+                # A model without a plan is counted per model and key, per node nowhere.
+                other = {"model": "ns/other"}
+                assert value(gw, "mesh_gateway_tokens_total", kind="prompt", **other) == (
+                    chat_prompt
+                )
+                assert value(gw, "mesh_gateway_key_tokens_total", key="team-b", **other) == (
+                    chat_prompt + chat_completion
+                )
+                assert value(gw, "mesh_gateway_node_tokens_total", **other) == 0
+
+    run(scenario())
+
+
+def test_usage_without_keys_is_counted_under_no_key() -> None:
+    async def scenario() -> None:
+        async with (
+            hosts() as [host],
+            gateway(SettableSource([record("gemma", [host.url])])) as (gw, client),
+        ):
+            async with client.post("/v1/chat/completions", json=CHAT) as resp:
+                assert resp.status == 200
+            prompt, _ = RECORDED_CHAT_USAGE
+            assert (
+                samples(gw, "mesh_gateway_key_tokens_total")[
+                    (("key", "-"), ("kind", "prompt"), ("model", "default/gemma"))
+                ]
+                == prompt
+            )
+
+    run(scenario())
+
+
 def test_a_span_per_request_with_model_host_and_wait() -> None:
     exporter = InMemorySpanExporter()
 
