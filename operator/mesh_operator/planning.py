@@ -165,13 +165,15 @@ def replicas(
     )
     placed: list[PlacementResult] = []
     slots: list[int] = []
-    reason = result.reason
+    # Why the next replica did not fit, without the planner's ordinal of it (a
+    # replica's number is its index, which names its children).
+    ordinal = f"{result.fitting} of {count} replicas fit: replica {result.fitting + 1}: "
+    reason = result.reason.removeprefix(ordinal)
     for slot, one in zip(result.slots, result.replicas, strict=True):
         if len(one.rpc) > pool.max_nodes_per_model:
             reason = (
-                f"{len(placed)} of {count} replicas fit: replica {slot + 1}: needs "
-                f"{len(one.rpc)} nodes; the pool allows {pool.max_nodes_per_model} per model "
-                f"(maxNodesPerModel)"
+                f"needs {len(one.rpc)} nodes; the pool allows {pool.max_nodes_per_model} "
+                f"per model (maxNodesPerModel)"
             )
             if current[slot] is None:
                 break  # the new replicas after it were placed on what it left
@@ -184,8 +186,9 @@ def replicas(
             )
         )
         slots.append(slot)
-    feasible = len(placed) == count
-    return ReplicaPlan(feasible, reason, tuple(placed), len(placed), tuple(slots))
+    if len(placed) < count:
+        reason = f"{len(placed)} of {count} replicas fit: {reason}"
+    return ReplicaPlan(len(placed) == count, reason, tuple(placed), len(placed), tuple(slots))
 
 
 def combined_claim(plans: Sequence[Plan]) -> Plan | None:

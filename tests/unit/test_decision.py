@@ -713,7 +713,7 @@ def test_when_only_some_replicas_fit_those_run_and_the_condition_says_how_many()
     assert d.status.replicas == 2
     assert conditions(d)["ReplicasAvailable"] == ("False", "NoCapacity")
     message = conditions_message(d, "ReplicasAvailable")
-    assert message.startswith("2 of 3 replicas fit: replica 3: "), message
+    assert message.startswith("2 of 3 replicas fit: VRAM: needs "), message
     assert conditions(d)["Planned"] == ("True", "Initial")
     assert sorted(named(d, "Deployment")) == ["big-host", "big-host-r1"]
     assert d.look_again == LookAgain(backoff=True), "retried as capacity may come"
@@ -818,3 +818,16 @@ def test_a_plan_from_before_replicas_keeps_its_pods() -> None:
     d = decide(dataclasses.replace(steady, status=legacy))
     assert d.reason == "PlanKept" and d.apply == [], "its pods' template is unchanged"
     assert d.status.plan is not None and d.status.plan.generation == 1
+
+
+def test_a_replica_needing_more_nodes_than_the_pool_allows_does_not_fit() -> None:
+    pool = PoolInfo(
+        spec=MeshPoolSpec.model_validate({"nodeSelector": {"pool": "p"}, "maxNodesPerModel": 1}),
+        generation=1,
+    )
+    d = decide(replica_snapshot(pool=pool))
+    assert d.reason == "NoCapacity" and d.status.plan is None
+    assert conditions_message(d, "Planned") == (
+        "0 of 2 replicas fit: needs 2 nodes; the pool allows 1 per model (maxNodesPerModel)"
+    )
+    assert d.delete == [] and d.children == []

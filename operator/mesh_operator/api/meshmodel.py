@@ -458,7 +458,7 @@ class Plan(ApiModel):
     strategy: Strategy | None = None
     reason: str = ""
     replica: int = Field(
-        default=0, ge=0, lt=MAX_REPLICAS, description="The replica this plan is for."
+        default=0, ge=0, le=MAX_REPLICAS - 1, description="The replica this plan is for."
     )
     generation: int | None = Field(
         default=None,

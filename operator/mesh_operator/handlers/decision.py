@@ -486,10 +486,12 @@ class _Decider:
             # small change of free RAM, as a kept plan's devices are not.
             no_room = planning.draft_room_problem(new_plan, inventory, request.reserve_percent)
             if no_room is not None:
-                why = no_room if count == 1 else f"replica {new_plan.replica}: {no_room}"
+                why = no_room
                 continue
             placed.append(new_plan)
             changed.append(new_plan)
+        if count > 1 and len(placed) < count and not why.startswith(f"{len(placed)} of "):
+            why = f"{len(placed)} of {count} replicas fit: {why}"
         if not placed:
             self._no_capacity(current, reason, message, why)
             return None
