@@ -36,6 +36,7 @@ from mesh_operator.api.meshmodel import (
 )
 from mesh_operator.api.meshpool import ImageVariant, MeshPoolSpec
 from mesh_operator.api.owned_flags import parse_help, render_options_module
+from mesh_operator.ledger import ModelClaim
 from mesh_operator.manifests.workloads import API_KEY_MOUNT
 from mesh_operator.planner import (
     DraftSettings,
@@ -192,22 +193,20 @@ def replicas(
 
 
 def combined_claim(plans: Sequence[Plan]) -> Plan | None:
-    """What a model's replicas hold in its pool's ledger, as one plan: the devices
-    of every replica (they are disjoint), the RAM tier and draft of the first
-    replica that has one. None without a planned replica."""
+    """What a model's replicas hold in its pool's ledger, as one plan: a model of
+    one replica holds its plan; of more, a `ModelClaim` with every replica's
+    devices (they are disjoint) and their plans, whose RAM tiers and draft models
+    the ledger counts each. None without a planned replica."""
     held = [p for p in plans if p.devices]
     if not held:
         return None
     if len(held) == 1:
         return held[0]
-    first = held[0]
-    return first.model_copy(
-        update={
-            "devices": [d for p in held for d in p.devices],
-            "host_tier": next((p.host_tier for p in held if p.host_tier), None),
-            "draft": next((p.draft for p in held if p.draft), None),
-        }
+    fields = {name: getattr(held[0], name) for name in Plan.model_fields}
+    fields.update(
+        devices=[d for p in held for d in p.devices], host_tier=None, draft=None, replicas=held
     )
+    return ModelClaim(**fields)
 
 
 def status_plans(plan: Plan | None, others: Sequence[Plan]) -> list[Plan]:

@@ -1,5 +1,6 @@
 """What the operator reads of replicas from the objects its watches bring: the
-replica of a pod, a child made before replicas, every replica's claim."""
+replica of a pod, a child made before replicas, every replica's claim in the
+ledger."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from mesh_operator.api.contract import REPLICA_LABEL
 from mesh_operator.handlers.registration import daemonset_index, deployment_index
 from mesh_operator.handlers.snapshot import STALE_SELECTOR, model_plan, pod_info
+from mesh_operator.ledger import claims_by_device, claims_by_host
 from mesh_operator.manifests.workloads import build_host_deployment, build_rpc_daemonsets
 from tests.unit.test_manifests import workload
 
@@ -59,3 +61,19 @@ def test_a_models_claim_holds_every_replicas_devices() -> None:
     assert [(d.node, d.total_mib) for d in claim.devices] == [("a", 100), ("b", 200)]
     one = model_plan({"spec": {"poolRef": "gpus"}, "status": {"plan": plan("a", 100)}})
     assert one is not None and [d.node for d in one[1].devices] == ["a"]
+
+
+def test_every_replicas_ram_tier_and_draft_are_claimed() -> None:
+    first = plan("a", 100)
+    first["hostTier"] = {"node": "a", "moeLayers": 0, "cpuLayers": 2, "memoryMiB": 300}
+    second = plan("b", 200, 1)
+    second["hostTier"] = {"node": "b", "moeLayers": 0, "cpuLayers": 2, "memoryMiB": 400}
+    second["draft"] = {
+        "node": "b", "weightsMiB": 40, "kvMiB": 5, "computeMiB": 5, "memoryMiB": 50
+    }  # fmt: skip
+    body = {"spec": {"poolRef": "gpus"}, "status": {"plan": first, "replicaPlans": [second]}}
+    found = model_plan(body)
+    assert found is not None
+    claims = {"ai/gemma": found[1]}
+    assert claims_by_host(claims) == {"a": 300, "b": 400 + 50}
+    assert claims_by_device(claims) == {("a", "CUDA0"): 100, ("b", "CUDA0"): 200, ("b", "CPU"): 50}
