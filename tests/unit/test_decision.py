@@ -831,3 +831,31 @@ def test_a_replica_needing_more_nodes_than_the_pool_allows_does_not_fit() -> Non
         "0 of 2 replicas fit: needs 2 nodes; the pool allows 1 per model (maxNodesPerModel)"
     )
     assert d.delete == [] and d.children == []
+
+
+def test_a_lost_replica_without_room_leaves_the_other_serving_under_its_own_name() -> None:
+    steady, up = serving_replicas()
+    first, second = all_plans(up)
+    (spare,) = {n.name for n in FIVE} - nodes_of(first) - nodes_of(second)
+    lost = sorted(nodes_of(first))[0]
+    meshnodes = {**FIVE_MESHNODES, lost: meshnode(age=600), spare: meshnode(age=600)}
+    d = decide(dataclasses.replace(steady, meshnodes=meshnodes))
+    assert d.reason == "NodeLost"
+    assert all_plans(d) == [second], "replica 1 serves on, replica 0 has no room"
+    assert d.status.replicas == 1 and d.status.replica_plans == []
+    assert sorted((c.kind, c.name) for c in d.delete) == [
+        ("DaemonSet", "big-rpc"),
+        ("Deployment", "big-host"),
+    ]
+    assert d.apply == [], "replica 1's children stay as they are"
+    assert conditions(d)["Ready"] == ("True", "Serving")
+    assert conditions(d)["ReplicasAvailable"] == ("False", "NoCapacity")
+    assert conditions_message(d, "ReplicasAvailable").startswith("1 of 2 replicas fit: ")
+    assert d.claim == second and d.look_again == LookAgain(backoff=True)
+    assert "PlanLost" in event_reasons(d)
+    # The nodes come back: replica 0 is planned again, replica 1 untouched.
+    back = decide(dataclasses.replace(d_snapshot(steady, d), meshnodes=FIVE_MESHNODES))
+    assert back.reason == "ScaleUp"
+    assert [p.replica for p in all_plans(back)] == [0, 1] and all_plans(back)[1] == second
+    assert sorted(c["metadata"]["name"] for c in back.apply) == ["big-host", "big-rpc"]
+    assert conditions(back)["ReplicasAvailable"] == ("True", "AllPlanned")
