@@ -636,3 +636,75 @@ def test_replicas_are_planned_on_disjoint_nodes_claimed_and_replanned_alone(
             untouched[name]["generation"],
         ), f"{kind}/{name} of the serving replica changed"
     wait_for("both replicas serving again", serving, timeout=120)
+
+
+def test_a_host_made_before_replicas_is_made_again_with_the_replica_in_its_selector(
+    operator: KopfRunner,
+    crds: LocalCluster,
+    namespace: str,
+    model_url: str,
+    cleanup: list[str],
+) -> None:
+    """A Deployment an operator before replicas made selects its pods without
+    mesh.dev/replica, and a selector cannot change: it is deleted and made again."""
+    cluster = crds
+    label = namespace
+    _gpu_nodes(cluster, label, [(4096, 900.0)], cleanup)
+    pool = f"pool-{label}"
+    # The pool does not exist yet: the model waits (PoolNotFound) with no children.
+    _model(cluster, namespace, "old", pool, source={"url": f"{model_url}/{MODEL_FILE}"})
+
+    def waiting() -> dict[str, Any] | None:
+        obj = _model_obj(cluster, namespace, "old")
+        cond = condition(obj, "Planned")
+        return obj if cond and cond["reason"] == "PoolNotFound" else None
+
+    model = wait_for("Planned=False PoolNotFound", waiting, timeout=60)
+    selector = {
+        "app.kubernetes.io/name": "mesh",
+        "app.kubernetes.io/component": "host",
+        "mesh.dev/model": "old",
+    }
+    labels = {**selector, "app.kubernetes.io/managed-by": "mesh-operator"}
+    owner = {
+        "apiVersion": "mesh.dev/v1alpha1",
+        "kind": "MeshModel",
+        "name": "old",
+        "uid": model["metadata"]["uid"],
+        "controller": True,
+    }
+    apply(
+        cluster,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {
+                "name": "old-host",
+                "namespace": namespace,
+                "labels": labels,
+                "annotations": {"mesh.dev/spec-hash": "0123456789abcdef"},
+                "ownerReferences": [owner],
+            },
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": selector},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [{"name": "llama-server", "image": "old:1"}]},
+                },
+            },
+        },
+    )
+    before = get(cluster, "deployment", "old-host", "-n", namespace)["metadata"]["uid"]
+    _pool(cluster, pool, label, cleanup)
+
+    def remade() -> dict[str, Any] | None:
+        dep = get(cluster, "deployment", "old-host", "-n", namespace)
+        if dep and dep["metadata"]["uid"] != before:
+            return dict(dep)
+        return None
+
+    dep = wait_for("the host Deployment made again", remade, timeout=90)
+    assert dep["spec"]["selector"]["matchLabels"]["mesh.dev/replica"] == "0"
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] != "old:1"
+    wait_for("the plan", lambda: _planned(cluster, namespace, "old"), timeout=60)
