@@ -50,6 +50,7 @@ HEADERS = REPO / "tests" / "fixtures" / "planner" / "models"
 GROUP, VERSION = "mesh.dev", "v1alpha1"
 MODEL_LABEL = "mesh.dev/model"
 COMPONENT_LABEL = "app.kubernetes.io/component"
+REPLICA_LABEL = "mesh.dev/replica"
 # Model files drawn from (header-only GGUFs: the operator reads no more).
 FILES = ("llama-3.1-8b.header.gguf", "gpt-oss-20b.header.gguf", "qwen3-30b-a3b.header.gguf")
 CONTEXTS = (2048, 8192, 32768)
@@ -264,7 +265,9 @@ class Watched:
         labels = meta.get("labels") or {}
         if labels.get(COMPONENT_LABEL) != "host":
             return
-        model = labels.get(MODEL_LABEL, "")
+        # One host per replica of a model (a pod of an older operator: replica 0).
+        replica = labels.get(REPLICA_LABEL, "0")
+        model = labels.get(MODEL_LABEL, "") + ("" if replica == "0" else f" replica {replica}")
         with self.lock:
             live = self.hosts.setdefault(model, set())
             if kind == "DELETED" or meta.get("deletionTimestamp"):

@@ -88,10 +88,11 @@ def pool_nodes(pool: Mapping[str, Any], nodes: Mapping[str, Mapping[str, str]]) 
 
 
 def model_claims(model: Mapping[str, Any]) -> dict[tuple[str, str], int]:
-    """MiB the model's current plan holds, per (node, device)."""
-    plan = (model.get("status") or {}).get("plan") or {}
+    """MiB the model's current plans (every replica's) hold, per (node, device)."""
+    status = model.get("status") or {}
+    plans = [status.get("plan") or {}, *(status.get("replicaPlans") or [])]
     out: dict[tuple[str, str], int] = {}
-    for d in plan.get("devices") or []:
+    for d in (d for plan in plans for d in plan.get("devices") or []):
         key = (str(d.get("node")), str(d.get("device")))
         out[key] = out.get(key, 0) + int(d.get("totalMiB", 0))
     return out
@@ -165,8 +166,8 @@ class PlanReport(_Report):
 
 
 class ReplicasReport(_Report):
-    desired: int = Field(description="Hosts wanted (1 until MeshModel spec.replicas exists).")
-    ready: int
+    desired: int = Field(description="Replicas wanted (MeshModel spec.replicas).")
+    ready: int = Field(description="Replicas whose host answers /health.")
 
 
 class VersionMismatchReport(_Report):
@@ -338,8 +339,7 @@ def _model_report(model: Obj) -> ModelReport:
         endpoint=status.get("endpoint"),
         served_names=list(status.get("servedNames") or []),
         plan=_plan_report(plan) if plan else None,
-        # One host per model today: ready when its Ready condition is True.
-        replicas=ReplicasReport(desired=1, ready=1 if ready.get("status") == "True" else 0),
+        replicas=_replicas_report(model, ready),
         memory_claimed_mib=sum(model_claims(model).values()),
         version_mismatch=(
             VersionMismatchReport(
@@ -352,6 +352,14 @@ def _model_report(model: Obj) -> ModelReport:
             else None
         ),
     )
+
+
+def _replicas_report(model: Obj, ready: Mapping[str, Any]) -> ReplicasReport:
+    desired = int((model.get("spec") or {}).get("replicas") or 1)
+    count = (model.get("status") or {}).get("readyReplicas")
+    if count is None:  # written by an operator before replicas: its one host
+        count = 1 if ready.get("status") == "True" else 0
+    return ReplicasReport(desired=desired, ready=int(count))
 
 
 def _usage_rows(table: Mapping[str, Tokens]) -> list[TokenUsageReport]:

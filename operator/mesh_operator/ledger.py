@@ -16,6 +16,8 @@ import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from pydantic import Field
+
 from mesh_operator.api.heartbeat import is_stale
 from mesh_operator.api.meshmodel import Plan
 from mesh_operator.api.meshnode import Backend, MeshNodeStatus
@@ -88,10 +90,28 @@ def pool_members(pool: MeshPoolSpec, nodes: Iterable[NodeInfo]) -> list[NodeInfo
     return sorted((n for n in nodes if selects(pool.node_selector, n.labels)), key=lambda n: n.name)
 
 
+class ModelClaim(Plan):
+    """What a model of several replicas holds in its pool: every replica's devices
+    (`devices`), and the replicas' plans, whose RAM tiers and draft models the
+    ledger counts one by one (the model's own fields hold none). Made by
+    `planning.combined_claim`; never written to the API."""
+
+    replicas: list[Plan] = Field(default_factory=list)
+
+
+def claim_parts(claims: Mapping[str, Plan]) -> list[Plan]:
+    """The plans that hold memory: a model's, or each of its replicas'."""
+    return [
+        part
+        for plan in claims.values()
+        for part in (plan.replicas if isinstance(plan, ModelClaim) else [plan])
+    ]
+
+
 def claims_by_device(claims: Mapping[str, Plan]) -> dict[tuple[str, str], int]:
     """MiB claimed per (node, device) by the given plans."""
     out: dict[tuple[str, str], int] = {}
-    for plan in claims.values():
+    for plan in claim_parts(claims):
         for dev in plan.devices:
             key = (dev.node, dev.device)
             out[key] = out.get(key, 0) + dev.total_mib
@@ -105,7 +125,7 @@ def claims_by_device(claims: Mapping[str, Plan]) -> dict[tuple[str, str], int]:
 def claims_by_host(claims: Mapping[str, Plan]) -> dict[str, int]:
     """RAM claimed per node by the given plans: RAM tiers and draft models."""
     out: dict[str, int] = {}
-    for plan in claims.values():
+    for plan in claim_parts(claims):
         if plan.host_tier is not None:
             node = plan.host_tier.node
             out[node] = out.get(node, 0) + plan.host_tier.memory_mib

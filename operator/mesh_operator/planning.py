@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -36,12 +36,14 @@ from mesh_operator.api.meshmodel import (
 )
 from mesh_operator.api.meshpool import ImageVariant, MeshPoolSpec
 from mesh_operator.api.owned_flags import parse_help, render_options_module
+from mesh_operator.ledger import ModelClaim
 from mesh_operator.manifests.workloads import API_KEY_MOUNT
 from mesh_operator.planner import (
     DraftSettings,
     NgramSettings,
     PlacementRequest,
     PlacementResult,
+    ReplicaPlan,
     ServerSettings,
     ServingParams,
     build_llama_server_args,
@@ -49,6 +51,7 @@ from mesh_operator.planner import (
     chat_template_args,
     current_plan_from_api,
     plan_placement,
+    plan_replicas,
     rpc_devices_by_node,
     to_api_plan,
 )
@@ -129,6 +132,88 @@ def plan(
             strategy=result.strategy,
         )
     return result
+
+
+def replicas(
+    profile: ModelProfile,
+    inventory: Inventory,
+    request: PlacementRequest,
+    current: Sequence[Plan | None],
+    pool: MeshPoolSpec,
+    *,
+    speculation: NgramSpeculation | None = None,
+) -> ReplicaPlan:
+    """Place `len(current)` replicas on disjoint nodes, `current[i]` the serving
+    plan of the i-th (None: a new one, or one to move).
+
+    One replica is placed by `plan`, exactly as a model without replicas. More
+    are placed by the planner's `plan_replicas`, which keeps each serving one on
+    its own nodes while it fits; a replica needing more nodes than the pool
+    allows per model does not fit, nor do the new ones after it.
+    """
+    count = len(current)
+    if count == 1:
+        one = plan(profile, inventory, request, current[0], pool, speculation=speculation)
+        if not one.feasible:
+            return ReplicaPlan(False, one.reason, (), 0, ())
+        return ReplicaPlan(True, one.reason, (one,), 1, (0,))
+    result = plan_replicas(
+        profile,
+        limit_inventory(inventory, pool),
+        request,
+        count,
+        [current_plan_from_api(c) if c is not None else None for c in current],
+    )
+    placed: list[PlacementResult] = []
+    slots: list[int] = []
+    # Why the next replica did not fit, without the planner's ordinal of it (a
+    # replica's number is its index, which names its children).
+    ordinal = f"{result.fitting} of {count} replicas fit: replica {result.fitting + 1}: "
+    reason = result.reason.removeprefix(ordinal)
+    for slot, one in zip(result.slots, result.replicas, strict=True):
+        if len(one.rpc) > pool.max_nodes_per_model:
+            reason = (
+                f"needs {len(one.rpc)} nodes; the pool allows {pool.max_nodes_per_model} "
+                f"per model (maxNodesPerModel)"
+            )
+            if current[slot] is None:
+                break  # the new replicas after it were placed on what it left
+            continue
+        placed.append(
+            one
+            if speculation is None
+            else dataclasses.replace(
+                one, predicted_token_ms=speculation.token_ms(one.predicted_token_ms)
+            )
+        )
+        slots.append(slot)
+    if len(placed) < count:
+        reason = f"{len(placed)} of {count} replicas fit: {reason}"
+    return ReplicaPlan(len(placed) == count, reason, tuple(placed), len(placed), tuple(slots))
+
+
+def combined_claim(plans: Sequence[Plan]) -> Plan | None:
+    """What a model's replicas hold in its pool's ledger, as one plan: a model of
+    one replica holds its plan; of more, a `ModelClaim` with every replica's
+    devices (they are disjoint) and their plans, whose RAM tiers and draft models
+    the ledger counts each. None without a planned replica."""
+    held = [p for p in plans if p.devices]
+    if not held:
+        return None
+    if len(held) == 1:
+        return held[0]
+    fields = {name: getattr(held[0], name) for name in Plan.model_fields}
+    fields.update(
+        devices=[d for p in held for d in p.devices], host_tier=None, draft=None, replicas=held
+    )
+    return ModelClaim(**fields)
+
+
+def status_plans(plan: Plan | None, others: Sequence[Plan]) -> list[Plan]:
+    """A model's planned replicas as its status holds them (`plan`, then
+    `replicaPlans`), by replica."""
+    out = [p for p in ([plan] if plan is not None else []) + list(others) if p.devices]
+    return sorted(out, key=lambda p: p.replica)
 
 
 def to_plan(result: PlacementResult) -> Plan:

@@ -533,3 +533,178 @@ def test_a_mixed_pool_gives_each_node_its_own_devices_and_requests(
     assert cpu_worker["args"][cpu_worker["args"].index("-d") + 1] == "CPU"
     assert "nvidia.com/gpu" not in str(cpu_worker.get("resources", {}))
     assert cpu_worker["image"].endswith("-cpu")
+
+
+def test_replicas_are_planned_on_disjoint_nodes_claimed_and_replanned_alone(
+    operator: KopfRunner,
+    crds: LocalCluster,
+    namespace: str,
+    model_url: str,
+    cleanup: list[str],
+) -> None:
+    """Two replicas, each needing two of five 300 MiB GPUs: disjoint plans, both
+    claimed (a second model finds no room), both serving; a node of one lost
+    re-plans that one onto the spare node, the other's children untouched."""
+    cluster = crds
+    label = namespace
+    sizes = [(300, 900.0), (300, 800.0), (300, 700.0), (300, 600.0), (300, 500.0)]
+    nodes = _gpu_nodes(cluster, label, sizes, cleanup)
+    pool = f"pool-{label}"
+    # Exclusive: a device another model holds is not offered at all.
+    _pool(cluster, pool, label, cleanup, sharing="exclusive")
+    url = f"{model_url}/{MODEL_FILE}"
+    _model(cluster, namespace, "twin", pool, source={"url": url}, replicas=2)
+
+    def both_planned() -> dict[str, Any] | None:
+        obj = _planned(cluster, namespace, "twin")
+        if obj and len(obj["status"].get("replicaPlans") or []) == 1:
+            return obj
+        return None
+
+    obj = wait_for("two replicas planned", both_planned, timeout=90)
+    first, second = obj["status"]["plan"], obj["status"]["replicaPlans"][0]
+    assert (first.get("replica", 0), second["replica"]) == (0, 1)
+    assert len(first["rpc"]) == len(second["rpc"]) == 2, (first, second)
+    assert not set(first["rpc"]) & set(second["rpc"]), "replicas never share a worker"
+    assert obj["status"]["replicas"] == 2
+    (spare,) = set(nodes) - set(first["rpc"]) - set(second["rpc"])
+
+    # Both replicas serve: each host starts once its own workers are up.
+    def serving() -> dict[str, Any] | None:
+        current = _model_obj(cluster, namespace, "twin")
+        ok = current and current.get("status", {}).get("readyReplicas") == 2
+        return current if ok else None
+
+    wait_for("status.readyReplicas 2", serving, timeout=120)
+    assert condition(_model_obj(cluster, namespace, "twin"), "Ready")["status"] == "True"  # type: ignore[index]
+    for name, replica in (("twin-host", "0"), ("twin-host-r1", "1"), ("twin-rpc-r1", "1")):
+        kind = "deployment" if "host" in name else "daemonset"
+        child = get(cluster, kind, name, "-n", namespace)
+        assert child["spec"]["selector"]["matchLabels"]["mesh.dev/replica"] == replica
+    service = get(cluster, "service", "twin-host", "-n", namespace)
+    assert "mesh.dev/replica" not in service["spec"]["selector"]
+    printed = cluster.kubectl("get", "meshmodel", "twin", "-n", namespace)
+    assert printed.split("\n")[0].split()[:4] == ["NAME", "READY", "REPLICAS", "AVAILABLE"]
+    assert printed.split("\n")[1].split()[1:4] == ["True", "2", "2"], printed
+
+    # Every replica's memory is claimed: the pool's ledger holds both, and a second
+    # model is offered the spare node alone, where it does not fit.
+    held = sum(d["totalMiB"] for p in (first, second) for d in p["devices"])
+
+    def claimed() -> int | None:
+        status = (get(cluster, "meshpool", pool) or {}).get("status") or {}
+        return status.get("memoryClaimedMiB") if status.get("memoryClaimedMiB") == held else None
+
+    wait_for(f"the pool's ledger holding {held} MiB", claimed, timeout=60)
+    _model(cluster, namespace, "other", pool, source={"url": url})
+
+    def refused() -> dict[str, Any] | None:
+        cond = condition(_model_obj(cluster, namespace, "other"), "Planned")
+        return cond if cond and cond["reason"] == "NoCapacity" else None
+
+    wait_for("the second model finds no room", refused, timeout=60)
+    cluster.kubectl("delete", "meshmodel", "other", "-n", namespace)
+    untouched = {
+        name: get(cluster, kind, name, "-n", namespace)["metadata"]
+        for kind, name in (("deployment", "twin-host"), ("daemonset", "twin-rpc"))
+    }
+
+    # A node of replica 1 stops heartbeating: replica 1 moves to the spare node.
+    lost = second["rpc"][0]
+    put_meshnode(
+        cluster, lost, [gpu_device(0, 300, 290, 900.0, "Test GPU")],
+        heartbeat=now_rfc3339(-7200), interval_seconds=10,
+    )  # fmt: skip
+
+    def replanned() -> dict[str, Any] | None:
+        current = _planned(cluster, namespace, "twin")
+        others = (current or {}).get("status", {}).get("replicaPlans") or []
+        if others and lost not in others[0]["rpc"]:
+            return current
+        return None
+
+    moved = wait_for("replica 1 re-planned without the stale node", replanned, timeout=60)
+    assert moved["status"]["plan"]["rpc"] == first["rpc"], "replica 0 stays"
+    assert moved["status"]["plan"]["generation"] == first["generation"]
+    assert set(moved["status"]["replicaPlans"][0]["rpc"]) == (set(second["rpc"]) - {lost}) | {spare}
+    assert condition(moved, "Ready")["status"] == "True", "replica 0 serves on"  # type: ignore[index]
+    assert condition(moved, "Degraded")["status"] == "True"  # type: ignore[index]
+    for kind, name in (("deployment", "twin-host"), ("daemonset", "twin-rpc")):
+        meta = get(cluster, kind, name, "-n", namespace)["metadata"]
+        assert (meta["uid"], meta["generation"]) == (
+            untouched[name]["uid"],
+            untouched[name]["generation"],
+        ), f"{kind}/{name} of the serving replica changed"
+    wait_for("both replicas serving again", serving, timeout=120)
+
+
+def test_a_host_made_before_replicas_is_made_again_with_the_replica_in_its_selector(
+    operator: KopfRunner,
+    crds: LocalCluster,
+    namespace: str,
+    model_url: str,
+    cleanup: list[str],
+) -> None:
+    """A Deployment an operator before replicas made selects its pods without
+    mesh.dev/replica, and a selector cannot change: it is deleted and made again."""
+    cluster = crds
+    label = namespace
+    _gpu_nodes(cluster, label, [(4096, 900.0)], cleanup)
+    pool = f"pool-{label}"
+    # The pool does not exist yet: the model waits (PoolNotFound) with no children.
+    _model(cluster, namespace, "old", pool, source={"url": f"{model_url}/{MODEL_FILE}"})
+
+    def waiting() -> dict[str, Any] | None:
+        obj = _model_obj(cluster, namespace, "old")
+        cond = condition(obj, "Planned")
+        return obj if cond and cond["reason"] == "PoolNotFound" else None
+
+    model = wait_for("Planned=False PoolNotFound", waiting, timeout=60)
+    selector = {
+        "app.kubernetes.io/name": "mesh",
+        "app.kubernetes.io/component": "host",
+        "mesh.dev/model": "old",
+    }
+    labels = {**selector, "app.kubernetes.io/managed-by": "mesh-operator"}
+    owner = {
+        "apiVersion": "mesh.dev/v1alpha1",
+        "kind": "MeshModel",
+        "name": "old",
+        "uid": model["metadata"]["uid"],
+        "controller": True,
+    }
+    apply(
+        cluster,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {
+                "name": "old-host",
+                "namespace": namespace,
+                "labels": labels,
+                "annotations": {"mesh.dev/spec-hash": "0123456789abcdef"},
+                "ownerReferences": [owner],
+            },
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": selector},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [{"name": "llama-server", "image": "old:1"}]},
+                },
+            },
+        },
+    )
+    before = get(cluster, "deployment", "old-host", "-n", namespace)["metadata"]["uid"]
+    _pool(cluster, pool, label, cleanup)
+
+    def remade() -> dict[str, Any] | None:
+        dep = get(cluster, "deployment", "old-host", "-n", namespace)
+        if dep and dep["metadata"]["uid"] != before:
+            return dict(dep)
+        return None
+
+    dep = wait_for("the host Deployment made again", remade, timeout=90)
+    assert dep["spec"]["selector"]["matchLabels"]["mesh.dev/replica"] == "0"
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] != "old:1"
+    wait_for("the plan", lambda: _planned(cluster, namespace, "old"), timeout=60)

@@ -21,6 +21,7 @@ from mesh_operator.api.contract import (
     HEADER_COMPONENT,
     HOST_COMPONENT,
     IMAGES_ANNOTATION,
+    REPLICA_LABEL,
     RPC_COMPONENT,
 )
 from mesh_operator.api.meshmodel import MeshModelSpec, MeshModelStatus, Plan
@@ -35,9 +36,10 @@ from mesh_operator.handlers.decision import (
     child_digest,
     decide,
 )
-from mesh_operator.handlers.snapshot import PodInfo, PoolInfo
+from mesh_operator.handlers.snapshot import STALE_SELECTOR, PodInfo, PoolInfo
 from mesh_operator.ledger import NodeInfo, build_pool_view, capacity_steps
 from mesh_operator.planner.profile_codec import encode_profile
+from mesh_operator.planning import layout_of
 from mesh_operator.source import SourceError, cache_key
 from tests.unit.meshnodes import one_gpu_status
 from tests.unit.planner.builders import synthetic_profile
@@ -240,7 +242,7 @@ def test_worker_failed_crash_looping_is_planned_around() -> None:
 
     # One crash is the kubelet's to restart: the host waits for the worker.
     once = decide(dataclasses.replace(steady, pods=crashing(1)))
-    assert once.reason == "WorkerRestarted" and once.status.plan == plan
+    assert once.reason == "WorkerRestarted" and kept(once.status.plan, plan)
     assert host_deployment(once)["spec"]["replicas"] == 0
     assert conditions(once)["WorkersReady"] == ("False", "WorkersStarting")
     # Crashing again and again, it is lost: the model is planned around it.
@@ -264,7 +266,8 @@ def test_worker_restarted_restarts_the_host_with_its_group() -> None:
     pods = [dataclasses.replace(p, restarts=1) if p.name == worker else p for p in steady.pods]
     d = decide(dataclasses.replace(steady, pods=pods))
     assert d.reason == "WorkerRestarted" and d.outcome == "ok"
-    assert d.status.plan == plan and d.status.plan_generation == 1, "the plan is kept"
+    assert kept(d.status.plan, plan) and d.status.plan_generation == 1, "the plan is kept"
+    assert d.status.plan is not None and d.status.plan.group_restarts == 1
     assert d.status.group_restarts == 1
     assert d.status.worker_restarts[worker] == 1, "the restart acted on is remembered"
     assert kinds(d.apply) == ["Deployment"]
@@ -278,6 +281,13 @@ def test_worker_restarted_restarts_the_host_with_its_group() -> None:
     assert again.reason == "PlanKept" and again.apply == [] and again.events == []
     assert again.status.group_restarts == 1
     assert conditions(again)["Degraded"] == ("False", "AsPlanned")
+
+
+def kept(new: Plan | None, old: Plan) -> bool:
+    """`new` is `old` but for the restarts its group has been through."""
+    return new is not None and new.model_copy(update={"group_restarts": None}) == (
+        old.model_copy(update={"group_restarts": None})
+    )
 
 
 def host_deployment_annotation(s: ModelSnapshot) -> str:
@@ -534,3 +544,318 @@ def test_a_draft_model_without_room_on_the_host_is_not_planned() -> None:
     assert d.status.plan is None
     assert d.reason == "NoCapacity" and d.outcome == "blocked"
     assert conditions_message(d, "Planned").startswith("the draft model needs "), d.status
+
+
+# -- replicas ---------------------------------------------------------------------
+
+FIVE = [NodeInfo(n, {"pool": "p"}) for n in ("a", "b", "c", "d", "e")]
+FIVE_MESHNODES = {n.name: meshnode() for n in FIVE}
+TWO = {**SPEC, "replicas": 2}
+
+
+def replica_snapshot(**changes: Any) -> ModelSnapshot:
+    """Five nodes of one 8 GiB GPU: two replicas of the 13 GiB model fit, not three."""
+    return snapshot(**{"nodes": FIVE, "meshnodes": FIVE_MESHNODES, "spec": TWO, **changes})
+
+
+def replica_pods(plans: Sequence[Plan], *, host_ready: bool = True) -> list[PodInfo]:
+    """The pods of serving replicas, each labelled with its replica."""
+    pods = []
+    for plan in plans:
+        suffix = "" if plan.replica == 0 else f"-r{plan.replica}"
+        generation = plan.generation or 1
+        for node in plan.rpc:
+            worker = pod(f"big-rpc{suffix}-{node}", RPC_COMPONENT, node, generation=generation)
+            pods.append(dataclasses.replace(worker, replica=plan.replica))
+        host = pod(
+            f"big-host{suffix}-0",
+            HOST_COMPONENT,
+            plan.host_node or plan.rpc[-1],
+            generation=generation,
+            ready=host_ready,
+        )
+        pods.append(dataclasses.replace(host, replica=plan.replica))
+    return pods
+
+
+def all_plans(decision: Decision) -> list[Plan]:
+    status = decision.status
+    return ([status.plan] if status.plan else []) + list(status.replica_plans)
+
+
+def named(decision: Decision, kind: str) -> dict[str, Mapping[str, Any]]:
+    return {c["metadata"]["name"]: c for c in decision.children if c["kind"] == kind}
+
+
+def serving_replicas(**changes: Any) -> tuple[ModelSnapshot, Decision]:
+    """Two replicas planned, up and serving, as the next snapshot sees them."""
+    first = decide(replica_snapshot(**changes))
+    pods = replica_pods(all_plans(first))
+    up = decide(replica_snapshot(status=first.status, pods=pods, children=existing(first)))
+    return replica_snapshot(status=up.status, pods=pods, children=existing(up), **changes), up
+
+
+def test_two_replicas_are_planned_on_disjoint_nodes_with_their_own_children() -> None:
+    d = decide(replica_snapshot())
+    assert d.reason == "Initial" and d.outcome == "ok"
+    plans = all_plans(d)
+    assert [p.replica for p in plans] == [0, 1]
+    assert all(len(nodes_of(p)) == 2 for p in plans)
+    assert not nodes_of(plans[0]) & nodes_of(plans[1]), "an RPC server serves one client"
+    assert d.status.replicas == 2 and d.status.ready_replicas == 0
+    assert d.status.nodes is not None and len(d.status.nodes.split(",")) == 4
+    assert conditions(d)["ReplicasAvailable"] == ("True", "AllPlanned")
+    assert conditions(d)["Ready"] == ("False", "WaitingForWorkers")
+    # Every replica's devices are claimed in the pool's ledger.
+    assert d.claim is not None and d.claim_changed
+    assert {(x.node, x.device) for x in d.claim.devices} == {
+        (x.node, x.device) for p in plans for x in p.devices
+    }
+    daemonsets, hosts = named(d, "DaemonSet"), named(d, "Deployment")
+    assert sorted(daemonsets) == ["big-rpc", "big-rpc-r1"]
+    assert sorted(hosts) == ["big-host", "big-host-r1"]
+    for name, replica in (("big-rpc", "0"), ("big-rpc-r1", "1")):
+        ds = daemonsets[name]
+        assert ds["spec"]["selector"]["matchLabels"][REPLICA_LABEL] == replica
+        assert ds["spec"]["template"]["metadata"]["labels"][REPLICA_LABEL] == replica
+    for name, plan in (("big-host", plans[0]), ("big-host-r1", plans[1])):
+        host = hosts[name]
+        assert host["spec"]["selector"]["matchLabels"][REPLICA_LABEL] == str(plan.replica)
+        pinned = host["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+        assert plan.host_node is not None and plan.host_node in str(pinned)
+        assert host["spec"]["replicas"] == 0, "each host waits for its own workers"
+    service = next(c for c in d.children if c["kind"] == "Service")
+    assert REPLICA_LABEL not in service["spec"]["selector"], "the Service fronts every replica"
+    assert event_reasons(d) == ["Planned"]
+
+
+def test_two_replicas_serving() -> None:
+    steady, up = serving_replicas()
+    assert conditions(up)["Ready"] == ("True", "Serving")
+    assert up.status.ready_replicas == 2 and up.status.replicas == 2
+    assert [h["spec"]["replicas"] for h in named(up, "Deployment").values()] == [1, 1]
+    d = decide(steady)
+    assert d.reason == "PlanKept" and d.apply == [] and d.delete == [] and d.events == []
+    assert d.status == steady.status and not d.claim_changed
+    assert conditions(d)["Degraded"] == ("False", "AsPlanned")
+
+
+def test_one_replica_lost_is_replanned_alone_while_the_other_serves() -> None:
+    steady, up = serving_replicas()
+    first, second = all_plans(up)
+    lost = sorted(nodes_of(second))[0]
+    meshnodes = {**FIVE_MESHNODES, lost: meshnode(age=600)}
+    d = decide(dataclasses.replace(steady, meshnodes=meshnodes))
+    assert d.reason == "NodeLost"
+    assert d.status.plan == first, "the serving replica is untouched"
+    moved = d.status.replica_plans[0]
+    assert moved.replica == 1 and lost not in nodes_of(moved)
+    assert not nodes_of(moved) & nodes_of(first)
+    assert moved.generation == 2 and first.generation == 1
+    assert d.status.plan_generation == 2
+    changed = {c["metadata"]["name"] for c in d.apply}
+    assert "big-rpc" not in changed and "big-host" not in changed
+    assert {"big-rpc-r1", "big-host-r1"} <= changed
+    assert conditions(d)["Ready"] == ("True", "Serving"), "replica 0 still serves"
+    assert conditions(d)["Degraded"] == ("True", "NodeLost")
+    assert "replica 1" in conditions_message(d, "Degraded")
+    assert d.status.ready_replicas == 1
+    assert {p.name for p in d.release} == {p.name for p in steady.pods if p.node == lost}
+    assert d.claim is not None and {x.node for x in d.claim.devices} == (
+        nodes_of(first) | nodes_of(moved)
+    )
+    # Its new group comes up: both serve again, the first never restarted.
+    pods = replica_pods([first, moved])
+    again = decide(dataclasses.replace(d_snapshot(steady, d), pods=pods, meshnodes=meshnodes))
+    assert again.reason == "PlanKept" and again.status.ready_replicas == 2
+    assert conditions(again)["Degraded"] == ("False", "AsPlanned")
+    assert "big-rpc" not in {c["metadata"]["name"] for c in again.apply}
+
+
+def d_snapshot(before: ModelSnapshot, d: Decision) -> ModelSnapshot:
+    """The snapshot after `d` was applied (children and status)."""
+    return dataclasses.replace(before, status=d.status, children=existing(d))
+
+
+def test_a_failed_worker_replans_only_its_replica() -> None:
+    steady, up = serving_replicas()
+    first, second = all_plans(up)
+    bad = second.rpc[0]
+    pods = [
+        dataclasses.replace(p, phase="Failed", ready=False)
+        if p.node == bad and p.component == RPC_COMPONENT
+        else p
+        for p in steady.pods
+    ]
+    d = decide(dataclasses.replace(steady, pods=pods))
+    assert d.reason == "WorkerFailed"
+    assert d.status.plan == first
+    assert bad not in nodes_of(d.status.replica_plans[0])
+    assert conditions(d)["Ready"] == ("True", "Serving")
+
+
+def test_a_restarted_worker_restarts_only_its_replicas_host() -> None:
+    steady, _ = serving_replicas()
+    worker = next(p for p in steady.pods if p.component == RPC_COMPONENT and p.replica == 1)
+    pods = [dataclasses.replace(p, restarts=1) if p == worker else p for p in steady.pods]
+    d = decide(dataclasses.replace(steady, pods=pods))
+    assert d.reason == "WorkerRestarted"
+    assert [c["metadata"]["name"] for c in d.apply] == ["big-host-r1"]
+    assert d.status.replica_plans[0].group_restarts == 1
+    assert d.status.plan is not None and d.status.plan.group_restarts == 0
+    assert d.status.worker_restarts[f"1/{worker.name}"] == 1
+
+
+def test_when_only_some_replicas_fit_those_run_and_the_condition_says_how_many() -> None:
+    d = decide(replica_snapshot(spec={**SPEC, "replicas": 3}))
+    assert d.reason == "Initial"
+    assert [p.replica for p in all_plans(d)] == [0, 1]
+    assert d.status.replicas == 2
+    assert conditions(d)["ReplicasAvailable"] == ("False", "NoCapacity")
+    message = conditions_message(d, "ReplicasAvailable")
+    assert message.startswith("2 of 3 replicas fit: VRAM: needs "), message
+    assert conditions(d)["Planned"] == ("True", "Initial")
+    assert sorted(named(d, "Deployment")) == ["big-host", "big-host-r1"]
+    assert d.look_again == LookAgain(backoff=True), "retried as capacity may come"
+    assert sorted(event_reasons(d)) == ["NoCapacity", "Planned"]
+    # Retried, the same two keep serving and nothing is said twice.
+    pods = replica_pods(all_plans(d))
+    up = decide(replica_snapshot(spec={**SPEC, "replicas": 3}, status=d.status, pods=pods))
+    assert up.reason == "ScaleUp" and all_plans(up) == all_plans(d)
+    assert "NoCapacity" not in event_reasons(up) and "Planned" not in event_reasons(up)
+    assert conditions(up)["Ready"] == ("True", "Serving")
+    assert conditions(up)["Degraded"] == ("True", "ReplicasUnavailable")
+    # A node joins: the third replica is planned, the two serving ones stay.
+    six = [*FIVE, NodeInfo("f", {"pool": "p"})]
+    grown = decide(
+        replica_snapshot(
+            spec={**SPEC, "replicas": 3},
+            nodes=six,
+            meshnodes={**FIVE_MESHNODES, "f": meshnode()},
+            status=up.status,
+            pods=pods,
+        )
+    )
+    assert [p.replica for p in all_plans(grown)] == [0, 1, 2]
+    assert all_plans(grown)[:2] == all_plans(d)
+    assert conditions(grown)["ReplicasAvailable"] == ("True", "AllPlanned")
+
+
+def test_no_replica_fitting_is_no_capacity() -> None:
+    d = decide(replica_snapshot(nodes=FIVE[:1]))
+    assert d.reason == "NoCapacity" and d.outcome == "blocked"
+    assert d.status.plan is None and d.status.replica_plans == []
+    assert conditions_message(d, "Planned").startswith("0 of 2 replicas fit")
+
+
+def test_scaling_down_removes_the_highest_replicas_children_and_claim() -> None:
+    steady, up = serving_replicas()
+    first = all_plans(up)[0]
+    down = dataclasses.replace(steady, spec=SPEC, model=dataclasses.replace(MODEL, generation=2))
+    d = decide(down)
+    assert d.reason == "SpecChanged"
+    assert d.status.plan is not None and layout_of(d.status.plan) == layout_of(first)
+    assert d.status.plan.generation == first.generation and d.status.replica_plans == []
+    assert d.status.replicas == 1
+    assert sorted((c.kind, c.name) for c in d.delete) == [
+        ("DaemonSet", "big-rpc-r1"),
+        ("Deployment", "big-host-r1"),
+    ]
+    assert d.claim == d.status.plan and d.claim_changed
+    assert d.apply == [], "the replica left serves on as it was"
+    assert "ScaledDown" in event_reasons(d)
+
+
+def test_scaling_up_does_not_move_the_serving_replica() -> None:
+    steady, up = serving()
+    plan = up.status.plan
+    assert plan is not None
+    more = dataclasses.replace(
+        steady,
+        spec=TWO,
+        nodes=FIVE,
+        meshnodes=FIVE_MESHNODES,
+        model=dataclasses.replace(MODEL, generation=2),
+    )
+    d = decide(more)
+    assert d.reason == "SpecChanged"
+    assert kept(d.status.plan, plan) and d.status.plan is not None
+    assert d.status.plan.generation == 1
+    assert [p.replica for p in all_plans(d)] == [0, 1]
+    assert {c["metadata"]["name"] for c in d.apply} == {"big-rpc-r1", "big-host-r1"}
+
+
+def test_a_child_whose_selector_lacks_the_replica_is_made_again() -> None:
+    steady, up = serving()
+    old = {**existing(up)}
+    for key in (("DaemonSet", "big-rpc"), ("Deployment", "big-host")):
+        old[key] = STALE_SELECTOR
+    d = decide(dataclasses.replace(steady, children=old))
+    assert d.reason == "PlanKept"
+    assert sorted((c.kind, c.name) for c in d.delete) == [
+        ("DaemonSet", "big-rpc"),
+        ("Deployment", "big-host"),
+    ]
+    assert d.apply == [], "deleted first: a selector cannot change"
+    assert d.status.worker_restarts == {}, "its new pods replace the old ones"
+    assert d.status.plan_generation == 1 and not d.claim_changed
+    # Once gone, they are made again with the replica in their selectors.
+    gone = {k: v for k, v in old.items() if v != STALE_SELECTOR}
+    again = decide(dataclasses.replace(steady, status=d.status, children=gone))
+    assert sorted(c["metadata"]["name"] for c in again.apply) == ["big-host", "big-rpc"]
+    assert again.delete == []
+    for child in again.apply:
+        assert child["spec"]["selector"]["matchLabels"][REPLICA_LABEL] == "0"
+
+
+def test_a_plan_from_before_replicas_keeps_its_pods() -> None:
+    steady, up = serving()
+    assert up.status.plan is not None
+    legacy = up.status.model_copy(deep=True)
+    assert legacy.plan is not None
+    legacy.plan.generation = None
+    legacy.plan.group_restarts = None
+    d = decide(dataclasses.replace(steady, status=legacy))
+    assert d.reason == "PlanKept" and d.apply == [], "its pods' template is unchanged"
+    assert d.status.plan is not None and d.status.plan.generation == 1
+
+
+def test_a_replica_needing_more_nodes_than_the_pool_allows_does_not_fit() -> None:
+    pool = PoolInfo(
+        spec=MeshPoolSpec.model_validate({"nodeSelector": {"pool": "p"}, "maxNodesPerModel": 1}),
+        generation=1,
+    )
+    d = decide(replica_snapshot(pool=pool))
+    assert d.reason == "NoCapacity" and d.status.plan is None
+    assert conditions_message(d, "Planned") == (
+        "0 of 2 replicas fit: needs 2 nodes; the pool allows 1 per model (maxNodesPerModel)"
+    )
+    assert d.delete == [] and d.children == []
+
+
+def test_a_lost_replica_without_room_leaves_the_other_serving_under_its_own_name() -> None:
+    steady, up = serving_replicas()
+    first, second = all_plans(up)
+    (spare,) = {n.name for n in FIVE} - nodes_of(first) - nodes_of(second)
+    lost = sorted(nodes_of(first))[0]
+    meshnodes = {**FIVE_MESHNODES, lost: meshnode(age=600), spare: meshnode(age=600)}
+    d = decide(dataclasses.replace(steady, meshnodes=meshnodes))
+    assert d.reason == "NodeLost"
+    assert all_plans(d) == [second], "replica 1 serves on, replica 0 has no room"
+    assert d.status.replicas == 1 and d.status.replica_plans == []
+    assert sorted((c.kind, c.name) for c in d.delete) == [
+        ("DaemonSet", "big-rpc"),
+        ("Deployment", "big-host"),
+    ]
+    assert d.apply == [], "replica 1's children stay as they are"
+    assert conditions(d)["Ready"] == ("True", "Serving")
+    assert conditions(d)["ReplicasAvailable"] == ("False", "NoCapacity")
+    assert conditions_message(d, "ReplicasAvailable").startswith("1 of 2 replicas fit: ")
+    assert d.claim == second and d.look_again == LookAgain(backoff=True)
+    assert "PlanLost" in event_reasons(d)
+    # The nodes come back: replica 0 is planned again, replica 1 untouched.
+    back = decide(dataclasses.replace(d_snapshot(steady, d), meshnodes=FIVE_MESHNODES))
+    assert back.reason == "ScaleUp"
+    assert [p.replica for p in all_plans(back)] == [0, 1] and all_plans(back)[1] == second
+    assert sorted(c["metadata"]["name"] for c in back.apply) == ["big-host", "big-rpc"]
+    assert conditions(back)["ReplicasAvailable"] == ("True", "AllPlanned")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mesh_operator.api.contract import PLAN_ANNOTATION, build_labels
+from mesh_operator.api.contract import MODEL_NAME_MAX, PLAN_ANNOTATION, REPLICA_LABEL, build_labels
 from mesh_operator.api.meshmodel import MeshModelSpec
 from mesh_operator.api.meshpool import ImageVariant, MeshPoolSpec
 from mesh_operator.manifests.workloads import (
@@ -18,6 +18,8 @@ from mesh_operator.manifests.workloads import (
     build_network_policy,
     build_rpc_daemonsets,
     build_service,
+    host_deployment_name,
+    rpc_daemonset_name,
 )
 
 pytestmark = pytest.mark.unit
@@ -420,6 +422,63 @@ class TestHostDeployment:
         spec = {"source": {"pvc": {"claimName": "models", "path": "g/gemma.gguf"}}}
         pod = build_host_deployment(workload(spec=spec))["spec"]["template"]["spec"]
         assert pod_security_level(pod) == "restricted"
+
+
+class TestReplicas:
+    def test_replica_zero_keeps_the_names_and_every_pod_is_labelled(self) -> None:
+        w = workload()
+        (ds,) = build_rpc_daemonsets(w)
+        host = build_host_deployment(w)
+        assert (ds["metadata"]["name"], host["metadata"]["name"]) == ("gemma-rpc", "gemma-host")
+        for child in (ds, host):
+            assert child["spec"]["selector"]["matchLabels"][REPLICA_LABEL] == "0"
+            assert child["spec"]["template"]["metadata"]["labels"][REPLICA_LABEL] == "0"
+
+    def test_other_replicas_get_their_own_names_and_selectors(self) -> None:
+        args = {
+            "node-a": ["-H", "$(POD_IP)", "-d", "CUDA0,CUDA1"],
+            "node-b": ["-H", "$(POD_IP)", "-d", "CUDA0"],
+        }
+        zero = workload(rpc_args=args)
+        two = dataclasses.replace(zero, replica=2)
+        sets = build_rpc_daemonsets(two)
+        assert [d["metadata"]["name"] for d in sets] == ["gemma-rpc-r2", "gemma-rpc-1-r2"]
+        host = build_host_deployment(two)
+        assert host["metadata"]["name"] == "gemma-host-r2"
+        assert host["spec"]["template"]["metadata"]["labels"][REPLICA_LABEL] == "2"
+        selectors = [
+            c["spec"]["selector"]["matchLabels"] for c in [*build_rpc_daemonsets(zero), *sets]
+        ]
+        # No selector may select another's pods: none is a subset of another.
+        for i, a in enumerate(selectors):
+            for j, b in enumerate(selectors):
+                if i != j:
+                    assert not a.items() <= b.items(), (a, b)
+        zero_host = build_host_deployment(zero)["spec"]["selector"]["matchLabels"]
+        assert zero_host != host["spec"]["selector"]["matchLabels"]
+        # The Service selects the hosts of every replica.
+        service = build_service(two)["spec"]["selector"]
+        assert REPLICA_LABEL not in service
+        assert service.items() <= host["spec"]["template"]["metadata"]["labels"].items()
+        assert service.items() <= zero_host.items()
+
+    def test_names_stay_dns_labels_and_never_meet_another_models(self) -> None:
+        longest = "m" * MODEL_NAME_MAX
+        assert len(rpc_daemonset_name(longest, 15, 15)) <= 63 - 6, "room for the pod suffix"
+        assert len(host_deployment_name(longest, 15)) <= 63
+        names = {
+            (model, rpc_daemonset_name(model, index, replica))
+            for model in ("a", "a-r1", "a-rpc", "a-host", "a-rpc-1")
+            for index in (0, 1)
+            for replica in (0, 1)
+        } | {
+            (model, host_deployment_name(model, replica))
+            for model in ("a", "a-r1", "a-rpc", "a-host", "a-rpc-1")
+            for replica in (0, 1)
+        }
+        owners: dict[str, str] = {}
+        for model, name in names:
+            assert owners.setdefault(name, model) == model, name
 
 
 class TestServiceAndPolicy:

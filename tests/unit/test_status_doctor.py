@@ -5,6 +5,7 @@ server in tests/integration/test_status_doctor.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import re
@@ -140,6 +141,19 @@ def test_the_report_carries_plans_nodes_and_replicas() -> None:
     wire = json.loads(report.model_dump_json(by_alias=True))
     assert wire["schemaVersion"] == 1 and wire["time"] == "2026-01-01T12:00:00Z"
     assert wire["models"][0]["plan"]["predictedMsPerToken"] == 1.23
+
+
+def test_replicas_ready_and_desired_and_every_replicas_claim() -> None:
+    first_device: dict[str, Any] = PLAN["devices"][0]  # type: ignore[index]
+    second = {**PLAN, "devices": [{**first_device, "node": "c"}]}
+    body = model("gemma", cond("Ready", "True", "Serving"), PLAN, replicaPlans=[second])
+    body["spec"]["replicas"] = 3
+    body["status"]["readyReplicas"] = 2
+    report = build_status_report(dataclasses.replace(FLEET, models=[body]), NOW)
+    (m,) = report.models
+    assert (m.replicas.desired, m.replicas.ready) == (3, 2)
+    assert m.memory_claimed_mib == 249 + 130
+    assert "2/3" in build_status_table(report)
 
 
 def test_the_table_has_one_line_per_device_and_model() -> None:

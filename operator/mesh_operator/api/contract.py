@@ -30,6 +30,8 @@ MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 MODEL_LABEL: Final = f"{GROUP}/model"
 # Each RPC-server DaemonSet of a model selects only its own pods by this index.
 RPC_CLASS_LABEL: Final = f"{GROUP}/rpc-class"
+# Which replica of its model a worker or host pod serves ("0", "1", ...).
+REPLICA_LABEL: Final = f"{GROUP}/replica"
 # Set by the user on the Prometheus pods that may scrape a model's host.
 SCRAPER_LABEL: Final = f"{GROUP}/metrics-scraper"
 # Set by Kubernetes on every EndpointSlice that belongs to a Service.

@@ -89,6 +89,8 @@ KINDS = (
         root_rules=(model_name_rule(), SERVED_NAMES_RULE),
         columns=(
             _column("Ready", '.status.conditions[?(@.type=="Ready")].status'),
+            _column("Replicas", ".spec.replicas", "integer"),
+            _column("Available", ".status.readyReplicas", "integer"),
             _column("Nodes", ".status.nodes"),
             _column("Split", ".status.split"),
             _column("Endpoint", ".status.endpoint"),

@@ -30,6 +30,8 @@ NAME_PATTERN: Final = SERVED_NAME_PATTERN
 SHA256_PATTERN = r"^[a-f0-9]{64}$"
 # Every spelling of a llama-server flag the operator sets: extraArgs may not use them.
 OWNED_FLAGS: Final = owned_flags.OWNED_FLAGS
+# Replicas of one model (spec.replicas), each on nodes of its own.
+MAX_REPLICAS: Final = 16
 
 
 class SecretKeyRef(ApiModel):
@@ -301,6 +303,13 @@ class MeshModelSpec(ApiModel):
     )
     context_size: int = Field(default=4096, ge=128, le=1048576)
     parallel: int = Field(default=1, ge=1, le=64)
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_REPLICAS,
+        description="Copies of the model, each its own plan on nodes no other copy uses; "
+        "the Service sends requests to every ready one.",
+    )
     cache_type_k: CacheType = "f16"
     cache_type_v: CacheType = "f16"
     flash_attention: FlashAttention = "auto"
@@ -448,6 +457,21 @@ class Plan(ApiModel):
     )
     strategy: Strategy | None = None
     reason: str = ""
+    replica: int = Field(
+        default=0, ge=0, le=MAX_REPLICAS - 1, description="The replica this plan is for."
+    )
+    generation: int | None = Field(
+        default=None,
+        ge=0,
+        description="status.planGeneration when this replica was last (re)planned; its pods "
+        "carry it (unset in plans made before replicas: status.planGeneration).",
+    )
+    group_restarts: int | None = Field(
+        default=None,
+        ge=0,
+        description="Times this replica's host was restarted with its group (unset in plans "
+        "made before replicas: status.groupRestarts).",
+    )
 
 
 class VersionMismatch(ApiModel):
@@ -499,4 +523,13 @@ class MeshModelStatus(ApiModel):
     )
     group_restarts: int = Field(
         default=0, ge=0, description="Times the host was restarted with its group."
+    )
+    replica_plans: list[Plan] = Field(
+        default_factory=list,
+        max_length=MAX_REPLICAS - 1,
+        description="Plans of the model's other replicas (plan holds the first).",
+    )
+    replicas: int | None = Field(default=None, ge=0, description="Replicas planned.")
+    ready_replicas: int | None = Field(
+        default=None, ge=0, description="Replicas whose host answers /health."
     )

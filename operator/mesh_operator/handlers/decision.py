@@ -48,9 +48,15 @@ from mesh_operator.api.contract import (
     SPEC_HASH_ANNOTATION,
     host_service_name,
 )
-from mesh_operator.api.meshmodel import MeshModelSpec, MeshModelStatus, Plan
+from mesh_operator.api.meshmodel import (
+    MAX_REPLICAS,
+    MeshModelSpec,
+    MeshModelStatus,
+    Plan,
+    VersionMismatch,
+)
 from mesh_operator.api.meshnode import MeshNodeStatus
-from mesh_operator.handlers.snapshot import PodInfo, PoolInfo
+from mesh_operator.handlers.snapshot import STALE_SELECTOR, PodInfo, PoolInfo
 from mesh_operator.ledger import (
     Capacity,
     NodeInfo,
@@ -80,6 +86,8 @@ Obj = dict[str, Any]
 Outcome = Literal["ok", "blocked", "error"]
 
 PLANNED, WORKERS_READY, READY, DEGRADED = "Planned", "WorkersReady", "Ready", "Degraded"
+# How many of spec.replicas fit (set once a model has more than one).
+REPLICAS_AVAILABLE = "ReplicasAvailable"
 # A worker stuck in one of these is lost: re-plan without waiting for it.
 FAILED_WAITING = {"ErrImagePull", "ImagePullBackOff", "CreateContainerError"}
 # A worker that crashed is restarted by its kubelet (and its host with it); one
@@ -218,12 +226,16 @@ class _Decider:
             reason="PlanKept",
             outcome="ok",
             status=self.status,
-            claim=s.status.plan if s.status.plan and s.status.plan.devices else None,
+            claim=planning.combined_claim(
+                planning.status_plans(s.status.plan, s.status.replica_plans)
+            ),
             capacity_seen=s.capacity_seen,
         )
         self.view: PoolView | None = None
         # Nodes whose worker of the current plan failed (left out of its re-plan).
         self._failed_nodes: set[str] = set()
+        # Replicas whose worker restarted under their host (WorkerRestarted).
+        self._restarted: set[int] = set()
 
     # -- outcome helpers -----------------------------------------------------------
 
@@ -303,10 +315,10 @@ class _Decider:
             why = f"draft model: {s.draft_profile}"
             return self.blocked(s.draft_profile.reason, why, LookAgain(backoff=True))
         self.status.model_size_bytes = profile.file_bytes
-        plan = self._plan(spec, pool, profile)
-        if plan is None:
+        plans = self._plan(spec, pool, profile)
+        if plans is None:
             return self.d
-        self._converge(spec, pool, plan, profile)
+        self._converge(spec, pool, plans, profile)
         return self.d
 
     # -- the model's header on a PVC -----------------------------------------------
@@ -375,84 +387,173 @@ class _Decider:
 
     # -- the plan ------------------------------------------------------------------
 
+    def _serving(self) -> list[Plan]:
+        """The model's planned replicas, by replica. A plan made before replicas gets
+        the generation and restart count its pods already carry."""
+        plans = planning.status_plans(self.status.plan, self.status.replica_plans)
+        for p in plans:
+            if p.generation is None:
+                p.generation = self.status.plan_generation or 1
+            if p.group_restarts is None:
+                p.group_restarts = self.status.group_restarts
+        return plans
+
+    def _set_plans(self, plans: list[Plan]) -> None:
+        """Record the replicas' plans in the status and claim them all."""
+        plans = sorted(plans, key=lambda p: p.replica)
+        self.status.plan = plans[0]
+        self.status.replica_plans = plans[1:]
+        self.status.replicas = len(plans)
+        self.status.nodes = ",".join(dict.fromkeys(d.node for p in plans for d in p.devices))
+        self.status.split = ",".join(str(x) for x in plans[0].tensor_split)
+        self.d.claim, self.d.claim_changed = planning.combined_claim(plans), True
+
     def _plan(
         self, spec: MeshModelSpec, pool: PoolInfo, profile: planning.ModelProfile
-    ) -> Plan | None:
+    ) -> list[Plan] | None:
+        """The plans of the model's replicas to serve, re-planned where a reason
+        calls for it; None when none can be served (the decision says why)."""
         s = self.s
-        current = self.status.plan if self.status.plan and self.status.plan.devices else None
+        count = spec.replicas
+        serving = self._serving()
+        # Scaling down drops the highest replicas (their children are not wanted).
+        current, dropped = serving[:count], serving[count:]
+        if dropped:
+            self._drop(dropped)
         # A serving model is checked on its own nodes only, and against the pool's
         # capacity as a whole: building every node's view for every model on every
         # pass would cost more than all the planning.
-        planned_nodes = {d.node for d in current.devices} if current is not None else None
+        planned_nodes = {d.node for p in current for d in p.devices} if current else None
         view = build_pool_view(pool.spec, s.nodes, s.meshnodes, s.others, s.now, only=planned_nodes)
-        reason, message = self._replan_reason(current, view, pool)
-        if reason is None:
+        reason, message, lost = self._replan_reason(current, count, view, pool)
+        if reason is None or reason == "WorkerRestarted":
             self.view = view
-            assert current is not None
-            return current
-        if reason == "WorkerRestarted":
-            self.view = view
-            assert current is not None
-            self.d.reason = reason
-            self.status.group_restarts += 1
-            self.note("WorkerRestarted", f"{message}: the host restarts with its group", "Warning")
-            self.cond(DEGRADED, "True", reason, message)
+            if reason == "WorkerRestarted":
+                self.d.reason = reason
+                for p in current:
+                    if p.replica in self._restarted:
+                        p.group_restarts = (p.group_restarts or 0) + 1
+                self.status.group_restarts += 1
+                what = f"{message}: the host restarts with its group"
+                self.note("WorkerRestarted", what, "Warning")
+                self.cond(DEGRADED, "True", reason, message)
+            if dropped:
+                self._set_plans(current)
             return current
         if planned_nodes is not None:
             view = build_pool_view(pool.spec, s.nodes, s.meshnodes, s.others, s.now)
         self.view = view
         inventory = to_inventory(view)
-        keep = current
         if self._failed_nodes:
-            # Their workers cannot start there: plan around them, from scratch.
+            # Their workers cannot start there: plan around them.
             usable = [n.name for n in view.usable_nodes() if n.name not in self._failed_nodes]
-            inventory, keep = to_inventory(view, only=usable), None
+            inventory = to_inventory(view, only=usable)
+        by_replica = {p.replica: p for p in current}
+        free = [r for r in range(MAX_REPLICAS) if r not in by_replica]
+        indices = sorted([*by_replica, *free[: count - len(current)]])
+        # A lost replica is planned again like a new one (one replica alone keeps
+        # its plan as the planner's start when only a node left).
+        keep = [
+            None if r in lost and (count > 1 or reason == "WorkerFailed") else by_replica.get(r)
+            for r in indices
+        ]
         request = planning.placement_request(spec, pool.spec, profile)
         started = time.perf_counter()
-        speculation = planning.ngram_speculation(spec)
-        result = planning.plan(
-            profile, inventory, request, keep, pool.spec, speculation=speculation
+        result = planning.replicas(
+            profile,
+            inventory,
+            request,
+            keep,
+            pool.spec,
+            speculation=planning.ngram_speculation(spec),
         )
         self.d.plan_seconds = time.perf_counter() - started
-        if not result.feasible:
-            self._no_capacity(current, reason, message, result.reason)
+        why = result.reason
+        placed: list[Plan] = []
+        changed: list[Plan] = []
+        for slot, one in zip(result.slots, result.replicas, strict=True):
+            new_plan = planning.to_plan(one)
+            new_plan.replica = indices[slot]
+            if isinstance(s.draft_profile, planning.ModelProfile):
+                new_plan.draft = planning.planned_draft(s.draft_profile, spec, new_plan.host_node)
+            old = by_replica.get(new_plan.replica)
+            if old is not None and planning.layout_of(old) == planning.layout_of(new_plan):
+                # Kept: one of several replicas stays exactly as it was.
+                new_plan.generation, new_plan.group_restarts = old.generation, old.group_restarts
+                placed.append(new_plan if count == 1 else old)
+                continue
+            # Checked where a layout is new: a serving host is not stopped for a
+            # small change of free RAM, as a kept plan's devices are not.
+            no_room = planning.draft_room_problem(new_plan, inventory, request.reserve_percent)
+            if no_room is not None:
+                why = no_room
+                continue
+            placed.append(new_plan)
+            changed.append(new_plan)
+        if count > 1 and len(placed) < count and not why.startswith(f"{len(placed)} of "):
+            why = f"{len(placed)} of {count} replicas fit: {why}"
+        if not placed:
+            self._no_capacity(current, reason, message, why)
             return None
-        new_plan = planning.to_plan(result)
-        if isinstance(s.draft_profile, planning.ModelProfile):
-            new_plan.draft = planning.planned_draft(s.draft_profile, spec, new_plan.host_node)
-        changed = current is None or planning.layout_of(current) != planning.layout_of(new_plan)
         if reason == "Consolidate" and not changed:
             return current
-        # Checked where a layout is new: a serving host is not stopped for a small
-        # change of free RAM, as a kept plan's devices are not.
-        no_room = planning.draft_room_problem(new_plan, inventory, request.reserve_percent)
-        if changed and no_room is not None:
-            self._no_capacity(current, reason, message, no_room)
-            return None
         self.d.reason = reason
         self.status.planned_for_generation = s.model.generation
         self.status.pool_generation = pool.generation
         if changed:
-            self.status.plan_generation = (self.status.plan_generation or 0) + 1
-            # A new group of pods: no restart of theirs has been acted on yet.
-            self.status.worker_restarts = {}
+            generation = (self.status.plan_generation or 0) + 1
+            self.status.plan_generation = generation
+            for p in changed:
+                p.generation, p.group_restarts = generation, 0
+                # A new group of pods: no restart of theirs has been acted on yet.
+                self._forget_restarts(p.replica)
             self.d.plan_outcome = "replanned" if current else "planned"
             verb = "Replanned" if current else "Planned"
-            self.note(verb, f"{reason}: {message + '; ' if message else ''}{new_plan.reason}")
-        self.status.plan = new_plan
-        self.status.nodes = ",".join(dict.fromkeys(d.node for d in new_plan.devices))
-        self.status.split = ",".join(str(x) for x in new_plan.tensor_split)
-        self.d.claim, self.d.claim_changed = new_plan, True
+            what = (
+                changed[0].reason
+                if count == 1
+                else "; ".join(f"replica {p.replica}: {p.reason}" for p in changed)
+            )
+            self.note(verb, f"{reason}: {message + '; ' if message else ''}{what}")
+        left = sorted(set(by_replica) - {p.replica for p in placed})
+        if left:
+            self.note("PlanLost", f"{reason}: replicas {left} could not be planned", "Warning")
+        self._set_plans(placed)
         if reason in LOSS_REASONS:
             self.cond(DEGRADED, "True", reason, message)
-        self.cond(PLANNED, "True", reason if changed else "PlanKept", new_plan.reason)
-        return new_plan
+        summary = placed[0].reason if count == 1 else result.reason
+        self.cond(PLANNED, "True", reason if changed else "PlanKept", summary)
+        self._replicas_available(count, len(placed), why)
+        return sorted(placed, key=lambda p: p.replica)
 
-    def _no_capacity(self, current: Plan | None, reason: str, message: str, why: str) -> None:
+    def _replicas_available(self, count: int, planned: int, why: str) -> None:
+        """Say how many replicas fit; fewer than asked are retried with backoff."""
+        had = any(c.type == REPLICAS_AVAILABLE for c in self.status.conditions)
+        if planned < count:
+            previous = next(
+                (c for c in self.status.conditions if c.type == REPLICAS_AVAILABLE), None
+            )
+            if previous is None or (previous.reason, previous.message) != ("NoCapacity", why):
+                self.note("NoCapacity", why, "Warning")
+            self.cond(REPLICAS_AVAILABLE, "False", "NoCapacity", why)
+            self.d.look_again = LookAgain(backoff=True)
+        elif count > 1 or had:
+            self.cond(REPLICAS_AVAILABLE, "True", "AllPlanned", f"{count} of {count} planned")
+
+    def _drop(self, dropped: list[Plan]) -> None:
+        replicas = [p.replica for p in dropped]
+        self.note("ScaledDown", f"replicas {replicas} removed")
+        for r in replicas:
+            self._forget_restarts(r)
+
+    def _no_capacity(self, current: list[Plan], reason: str, message: str, why: str) -> None:
         self.d.plan_outcome = "infeasible"
-        if current is not None:
+        if current:
             self.note("PlanLost", f"{reason}: {message}", "Warning")
         self.status.plan = None
+        self.status.replica_plans = []
+        self.status.replicas = 0
+        self.status.ready_replicas = 0
         self.status.nodes = None
         self.status.split = None
         self.status.endpoint = None
@@ -470,48 +571,79 @@ class _Decider:
         if planned is None or (planned.reason, planned.message) != ("NoCapacity", why):
             # Once per change: retries must not flood the namespace with Events.
             self.note("NoCapacity", why, "Warning")
+        if any(c.type == REPLICAS_AVAILABLE for c in self.status.conditions):
+            self.cond(REPLICAS_AVAILABLE, "False", "NoCapacity", why)
         self.blocked("NoCapacity", why, LookAgain(backoff=True))
 
     def _replan_reason(
-        self, current: Plan | None, view: PoolView, pool: PoolInfo
-    ) -> tuple[str | None, str]:
+        self, current: list[Plan], count: int, view: PoolView, pool: PoolInfo
+    ) -> tuple[str | None, str, set[int]]:
+        """Why to plan again (None: no reason), what happened, and the replicas lost."""
         s = self.s
-        if current is None:
-            return "Initial", ""
-        problems = plan_problems(current, view)
-        if problems:
-            return "NodeLost", "; ".join(problems)
-        failed = self._failed_workers(current)
-        if failed:
-            self._failed_nodes = {node for node, _ in failed}
-            return "WorkerFailed", "; ".join(text for _, text in failed)
+        if not current:
+            return "Initial", "", set()
+        several = count > 1 or len(current) > 1
+
+        def named(plan: Plan, text: str) -> str:
+            return f"replica {plan.replica}: {text}" if several else text
+
+        lost: dict[int, str] = {}
+        node_lost = False
+        for plan in current:
+            problems = plan_problems(plan, view)
+            if problems:
+                lost[plan.replica] = named(plan, "; ".join(problems))
+                node_lost = True
+                continue
+            failed = self._failed_workers(plan)
+            if failed:
+                self._failed_nodes |= {node for node, _ in failed}
+                lost[plan.replica] = named(plan, "; ".join(text for _, text in failed))
+        if lost:
+            return (
+                ("NodeLost" if node_lost else "WorkerFailed"),
+                "; ".join(lost.values()),
+                set(lost),
+            )
         if self.status.planned_for_generation != s.model.generation:
-            return "SpecChanged", f"generation {s.model.generation}"
+            return "SpecChanged", f"generation {s.model.generation}", set()
         if self.status.pool_generation != pool.generation:
-            return "PoolChanged", f"pool generation {pool.generation}"
-        restarted = self._restarted_workers(current)
+            return "PoolChanged", f"pool generation {pool.generation}", set()
+        if len(current) < count:
+            return "ScaleUp", f"{len(current)} of {count} replicas planned", set()
+        restarted: dict[int, list[str]] = {}
+        for plan in current:
+            found = self._restarted_workers(plan)
+            if found:
+                restarted[plan.replica] = [named(plan, text) for text in found]
         if restarted:
-            return "WorkerRestarted", "; ".join(restarted)
+            self._restarted = set(restarted)
+            return "WorkerRestarted", "; ".join(t for v in restarted.values() for t in v), set()
         if s.capacity is not None:
             self.d.capacity_seen = s.capacity
-            if capacity_grew(s.capacity_seen, s.capacity):
-                return "Consolidate", "the pool has more room"
-        return None, ""
+            # Replicas stay on their nodes while they fit: more room moves none.
+            if count == 1 and capacity_grew(s.capacity_seen, s.capacity):
+                return "Consolidate", "the pool has more room", set()
+        return None, "", set()
 
     def _pods(self, component: str) -> list[PodInfo]:
         return [p for p in self.s.pods if p.component == component and not p.deleting]
 
-    def _group_pods(self, component: str) -> list[PodInfo]:
-        """The pods of `component` that belong to the current plan."""
-        current = str(self.status.plan_generation)
-        return [p for p in self._pods(component) if p.plan_generation == current]
+    def _group_pods(self, component: str, plan: Plan) -> list[PodInfo]:
+        """The pods of `component` that belong to the replica's current plan."""
+        current = str(plan.generation)
+        return [
+            p
+            for p in self._pods(component)
+            if p.replica == plan.replica and p.plan_generation == current
+        ]
 
     def _failed_workers(self, plan: Plan) -> list[tuple[str, str]]:
         """(node, what happened) of the plan's workers that cannot run."""
         planned = {d.node for d in plan.devices}
         return [
             (pod.node, f"{pod.node}: worker {pod.name} {pod.waiting_reason or pod.phase}")
-            for pod in self._group_pods(RPC_COMPONENT)
+            for pod in self._group_pods(RPC_COMPONENT, plan)
             if pod.node in planned
             and (
                 pod.phase == "Failed"
@@ -520,15 +652,31 @@ class _Decider:
             )
         ]
 
+    def _acted(self, replica: int) -> dict[str, int]:
+        """The restart counts acted on of the replica's workers, by pod name."""
+        out = {}
+        for key, count in self.status.worker_restarts.items():
+            r, name = restart_key_replica(key)
+            if r == replica:
+                out[name] = count
+        return out
+
+    def _forget_restarts(self, replica: int) -> None:
+        self.status.worker_restarts = {
+            k: v
+            for k, v in self.status.worker_restarts.items()
+            if restart_key_replica(k)[0] != replica
+        }
+
     def _restarted_workers(self, plan: Plan) -> list[str]:
-        """Workers of the serving group that restarted since the restarts last acted
-        on; records the counts seen. An RPC server that restarts loses what its host
-        put in it, so the host must start again with it."""
+        """Workers of the replica's serving group that restarted since the restarts
+        last acted on; records the counts seen. An RPC server that restarts loses
+        what its host put in it, so the host must start again with it."""
         planned = {d.node for d in plan.devices}
-        workers = [p for p in self._group_pods(RPC_COMPONENT) if p.node in planned]
+        workers = [p for p in self._group_pods(RPC_COMPONENT, plan) if p.node in planned]
         if {p.node for p in workers} != planned:
             return []  # the group is not whole yet: its host has not started
-        acted = self.status.worker_restarts
+        acted = self._acted(plan.replica)
         restarted = []
         for pod in workers:
             before = acted.get(pod.name)
@@ -537,21 +685,31 @@ class _Decider:
             elif before is None and acted:
                 # Every node's pod was acted on: this one took another's place.
                 restarted.append(f"worker {pod.name} on {pod.node} replaced")
-        self.status.worker_restarts = {p.name: p.restarts for p in workers}
-        return restarted if self._group_pods(HOST_COMPONENT) else []
+        self._forget_restarts(plan.replica)
+        self.status.worker_restarts.update(
+            {restart_key(plan.replica, p.name): p.restarts for p in workers}
+        )
+        return restarted if self._group_pods(HOST_COMPONENT, plan) else []
 
     # -- children --------------------------------------------------------------------
 
-    def _want(self, obj: Obj) -> None:
+    def _want(self, obj: Obj) -> bool:
+        """Want `obj` to exist; False when an older one must first be deleted (one
+        whose selector lacks the replica label, which a selector cannot gain)."""
         obj = with_hash(obj)
         self.d.children.append(obj)
-        existing = self.s.children.get((obj["kind"], obj["metadata"]["name"]))
+        name = obj["metadata"]["name"]
+        existing = self.s.children.get((obj["kind"], name))
+        if existing == STALE_SELECTOR:
+            self.d.delete.append(ChildRef(obj["apiVersion"], obj["kind"], name))
+            return False
         if existing != child_digest(obj):
             self.d.apply.append(obj)
+        return True
 
-    def _converge(
+    def _workload(
         self, spec: MeshModelSpec, pool: PoolInfo, plan: Plan, profile: planning.ModelProfile
-    ) -> None:
+    ) -> tuple[ModelWorkload, list[str] | None]:
         model = self.s.model
         addresses = self._worker_addresses(plan, pool)
         workload = ModelWorkload(
@@ -561,7 +719,7 @@ class _Decider:
             spec=spec,
             pool_name=spec.pool_ref,
             pool=pool.spec,
-            plan_generation=self.status.plan_generation or 1,
+            plan_generation=plan.generation or 1,
             rpc_nodes=list(plan.rpc),
             host_node=plan.host_node or plan.rpc[-1],
             rpc_args=planning.rpc_args(plan, pool.spec),
@@ -571,29 +729,68 @@ class _Decider:
             draft_fetch_args=planning.draft_fetch_args(spec),
             gpus_per_node=planning.gpus_per_node(plan),
             variants=planning.image_variants(plan),
-            group_restarts=self.status.group_restarts,
+            group_restarts=plan.group_restarts or 0,
             host_tier_mib=(plan.host_tier.memory_mib if plan.host_tier else 0)
             + (plan.draft.memory_mib if plan.draft else 0),
             hf_endpoint=self.s.hf_endpoint,
+            replica=plan.replica,
         )
-        verdict = self._host_verdict(workload, pool)
-        daemonsets = build_rpc_daemonsets(workload)
-        for ds in daemonsets:
-            self._want(ds)
-        wanted = {ds["metadata"]["name"] for ds in daemonsets}
+        return workload, addresses
+
+    def _converge(
+        self,
+        spec: MeshModelSpec,
+        pool: PoolInfo,
+        plans: list[Plan],
+        profile: planning.ModelProfile,
+    ) -> None:
+        previous = self.status.version_mismatch
+        mismatches: list[VersionMismatch] = []
+        states: list[_ReplicaState] = []
+        wanted: set[tuple[str, str]] = set()
+        missing: list[str] = []
+        first: ModelWorkload | None = None
+        for plan in plans:
+            workload, addresses = self._workload(spec, pool, plan, profile)
+            first = first or workload
+            if addresses is None:
+                missing.extend(self._missing_workers(plan))
+            verdict = self._host_verdict(workload, pool, plan, previous)
+            if verdict.mismatch is not None:
+                mismatches.append(verdict.mismatch)
+            whole = True
+            for ds in build_rpc_daemonsets(workload):
+                wanted.add(("DaemonSet", ds["metadata"]["name"]))
+                whole = self._want(ds) and whole
+            # Until every worker of this plan is up, keep the host stopped: an RPC
+            # client cannot start without all its servers (nor with refusing ones).
+            running = addresses is not None and verdict.run
+            host = build_host_deployment(workload, replicas=1 if running else 0)
+            wanted.add(("Deployment", host["metadata"]["name"]))
+            whole = self._want(host) and whole
+            if not whole:
+                # Made again with the replica in its selectors: its new pods
+                # replace the old ones, which no restart count refers to.
+                self._forget_restarts(plan.replica)
+            states.append(self._replica_state(plan, addresses, verdict))
+        assert first is not None
+        self.status.version_mismatch = mismatches[0] if mismatches else None
         self.d.delete.extend(
-            ChildRef("apps/v1", "DaemonSet", name)
+            ChildRef(WORKLOAD_KINDS[kind], kind, name)
             for kind, name in sorted(self.s.children)
-            if kind == "DaemonSet" and name not in wanted
+            if kind in WORKLOAD_KINDS and (kind, name) not in wanted
         )
-        self._want(build_service(workload))
-        self._want(build_network_policy(workload, self.s.peers))
-        # Until every worker of this plan is up, keep the host stopped: an RPC
-        # client cannot start without all its servers (nor with refusing ones).
-        running = addresses is not None and verdict.run
-        self._want(build_host_deployment(workload, replicas=1 if running else 0))
+        total = sum(len(p.rpc) for p in plans)
+        if missing:
+            waiting = f"waiting for RPC servers on {', '.join(missing)}"
+            self.cond(WORKERS_READY, "False", "WorkersStarting", waiting)
+        else:
+            self.cond(WORKERS_READY, "True", "WorkersReady", f"{total} RPC servers ready")
+        # The Service selects every replica's host: requests go to each ready one.
+        self._want(build_service(first))
+        self._want(build_network_policy(first, self.s.peers))
         self._release_silent_nodes()
-        self._report(plan, addresses, verdict)
+        self._report(spec.replicas, states)
 
     def _release_silent_nodes(self) -> None:
         """Release this model's pods on nodes whose agent went silent.
@@ -612,18 +809,24 @@ class _Decider:
             if p.node in silent and p.component in {RPC_COMPONENT, HOST_COMPONENT}
         ]
 
-    def _host_verdict(self, w: ModelWorkload, pool: PoolInfo) -> handshake.HostVerdict:
-        """Whether the host may run: not while its workers refuse its protocol."""
+    def _host_verdict(
+        self,
+        w: ModelWorkload,
+        pool: PoolInfo,
+        plan: Plan,
+        previous: VersionMismatch | None,
+    ) -> handshake.HostVerdict:
+        """Whether the replica's host may run: not while its workers refuse its protocol."""
         hosts = [
             handshake.HostExit(p.name, p.images_key, p.exits)
-            for p in self._group_pods(HOST_COMPONENT)
+            for p in self._group_pods(HOST_COMPONENT, plan)
         ]
         images = rpc_images(w)
         # Only workers running the pool's current image: a host may have talked to
         # one on its way out after the images changed.
         endpoints = {
             p.node: f"{p.ip}:{pool.spec.rpc_port}"
-            for p in self._group_pods(RPC_COMPONENT)
+            for p in self._group_pods(RPC_COMPONENT, plan)
             if p.ip and p.node in images and p.image == images[p.node]
         }
         group = handshake.Group(
@@ -632,62 +835,108 @@ class _Decider:
             generation=self.s.model.generation,
             pool_generation=pool.generation,
         )
-        verdict = handshake.decide_host(self.status.version_mismatch, hosts, group)
-        self.status.version_mismatch = verdict.mismatch
+        verdict = handshake.decide_host(previous, hosts, group)
         if verdict.found:
             self.note(handshake.MISMATCH_REASON, verdict.message, "Warning")
         return verdict
 
+    def _ready_workers(self, plan: Plan) -> dict[str, PodInfo]:
+        return {
+            p.node: p for p in self._group_pods(RPC_COMPONENT, plan) if p.ready and p.ip and p.node
+        }
+
+    def _missing_workers(self, plan: Plan) -> list[str]:
+        ready = self._ready_workers(plan)
+        return [n for n in plan.rpc if n not in ready]
+
     def _worker_addresses(self, plan: Plan, pool: PoolInfo) -> list[str] | None:
-        by_node = {p.node: p for p in self._group_pods(RPC_COMPONENT) if p.ready and p.ip}
-        missing = [n for n in plan.rpc if n not in by_node]
-        if missing:
-            self.cond(
-                WORKERS_READY,
-                "False",
-                "WorkersStarting",
-                f"waiting for RPC servers on {', '.join(missing)}",
-            )
+        by_node = self._ready_workers(plan)
+        if any(n not in by_node for n in plan.rpc):
             return None
-        self.cond(WORKERS_READY, "True", "WorkersReady", f"{len(plan.rpc)} RPC servers ready")
         return [f"{by_node[n].ip}:{pool.spec.rpc_port}" for n in plan.rpc]
 
-    def _report(
+    def _replica_state(
         self, plan: Plan, addresses: list[str] | None, verdict: handshake.HostVerdict
-    ) -> None:
-        model = self.s.model
-        service = host_service_name(model.name)
-        self.status.endpoint = f"http://{service}.{model.namespace}.svc:{HOST_PORT}/v1"
-        hosts = self._group_pods(HOST_COMPONENT)
+    ) -> _ReplicaState:
+        hosts = self._group_pods(HOST_COMPONENT, plan)
         if not verdict.run:
-            self.cond(READY, "False", handshake.MISMATCH_REASON, verdict.message)
-            self.d.outcome = "blocked"
-        elif addresses is None:
-            self.cond(
-                READY, "False", "WaitingForWorkers", "the host starts once every worker is up"
-            )
-        elif any(p.ready for p in hosts):
-            was_ready = condition_status(self.status.conditions, READY) == "True"
-            self.cond(READY, "True", "Serving", f"llama-server on {plan.host_node} answers /health")
-            if self.d.reason != "WorkerRestarted":
-                self.cond(DEGRADED, "False", "AsPlanned", "")
-            if not was_ready:
-                self.note("Ready", f"serving on {self.status.nodes}")
-        elif hosts:
+            return _ReplicaState(plan, False, handshake.MISMATCH_REASON, verdict.message, True)
+        if addresses is None:
+            why = "the host starts once every worker is up"
+            return _ReplicaState(plan, False, "WaitingForWorkers", why)
+        if any(p.ready for p in hosts):
+            serving = f"llama-server on {plan.host_node} answers /health"
+            return _ReplicaState(plan, True, "Serving", serving)
+        if hosts:
             pod = hosts[0]
             reason = (
                 "Fetching"
                 if pod.waiting_reason == "PodInitializing" or pod.phase == "Pending"
                 else "Loading"
             )
-            self.cond(
-                READY, "False", reason, f"host pod {pod.name} is {pod.waiting_reason or pod.phase}"
-            )
+            message = f"host pod {pod.name} is {pod.waiting_reason or pod.phase}"
+            return _ReplicaState(plan, False, reason, message)
+        return _ReplicaState(plan, False, "HostStarting", "host pod not created yet")
+
+    def _report(self, count: int, states: list[_ReplicaState]) -> None:
+        """Ready while any replica serves; Degraded while fewer serve than asked."""
+        model = self.s.model
+        service = host_service_name(model.name)
+        self.status.endpoint = f"http://{service}.{model.namespace}.svc:{HOST_PORT}/v1"
+        serving = [st for st in states if st.ready]
+        self.status.ready_replicas = len(serving)
+        self.status.replicas = len(states)
+        several = count > 1 or len(states) > 1
+        if serving:
+            was_ready = condition_status(self.status.conditions, READY) == "True"
+            message = serving[0].message if not several else f"{len(serving)} of {count} serving"
+            self.cond(READY, "True", "Serving", message)
+            if len(serving) >= count:
+                if self.d.reason != "WorkerRestarted":
+                    self.cond(DEGRADED, "False", "AsPlanned", "")
+            elif condition_status(self.status.conditions, DEGRADED) != "True":
+                self.cond(
+                    DEGRADED,
+                    "True",
+                    "ReplicasUnavailable",
+                    f"{len(serving)} of {count} replicas serving",
+                )
+            if not was_ready:
+                self.note("Ready", f"serving on {self.status.nodes}")
         else:
-            self.cond(READY, "False", "HostStarting", "host pod not created yet")
+            st = states[0]
+            message = st.message if not several else f"replica {st.plan.replica}: {st.message}"
+            self.cond(READY, "False", st.reason, message)
+            if any(x.stopped for x in states):
+                self.d.outcome = "blocked"
         if condition_status(self.status.conditions, DEGRADED) == "Unknown":
             self.cond(DEGRADED, "False", "AsPlanned", "")
         self.status.observed_generation = model.generation
+
+
+@dataclass(frozen=True)
+class _ReplicaState:
+    """How one replica is doing, for the model's conditions."""
+
+    plan: Plan
+    ready: bool
+    reason: str
+    message: str
+    stopped: bool = False  # its host is kept stopped (an RPC protocol mismatch)
+
+
+def restart_key(replica: int, pod: str) -> str:
+    """The key of a worker pod in status.workerRestarts: its name for replica 0 (as
+    before replicas), `<replica>/<name>` for the others."""
+    return pod if replica == 0 else f"{replica}/{pod}"
+
+
+def restart_key_replica(key: str) -> tuple[int, str]:
+    """The replica and pod name a status.workerRestarts key stands for."""
+    replica, sep, pod = key.partition("/")
+    if not sep or not replica.isdigit():
+        return 0, key
+    return int(replica), pod
 
 
 def secret_refs(spec: MeshModelSpec) -> list[tuple[str, str, str]]:

@@ -38,6 +38,7 @@ from mesh_operator.handlers.models import ModelReconciler
 from mesh_operator.handlers.pools import reconcile_pool
 from mesh_operator.handlers.queue import WorkQueue
 from mesh_operator.handlers.snapshot import (
+    STALE_SELECTOR,
     Snapshot,
     meshnode_status,
     model_key,
@@ -46,6 +47,7 @@ from mesh_operator.handlers.snapshot import (
     pod_info,
     pod_model_key,
     pool_info,
+    stale_selector,
 )
 from mesh_operator.kubeclient import follow_kubeconfig_env
 from mesh_operator.manifests.workloads import PolicyPeers
@@ -198,6 +200,8 @@ def _child(body: kopf.Body, kind: str) -> dict[str, Any] | None:
     if not model:
         return None
     digest = (meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION, "")
+    if kind in {"DaemonSet", "Deployment"} and stale_selector(body):
+        digest = STALE_SELECTOR
     return {model_key(meta.get("namespace", ""), model): (kind, meta.get("name", ""), digest)}
 
 

@@ -20,6 +20,7 @@ from mesh_operator.api.contract import (
     MAX_RTT_MS,
     MODEL_LABEL,
     PLAN_ANNOTATION,
+    REPLICA_LABEL,
     RTT_ANNOTATION,
     SOURCE_ANNOTATION,
 )
@@ -27,8 +28,12 @@ from mesh_operator.api.meshmodel import Plan
 from mesh_operator.api.meshnode import MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.ledger import NodeInfo
+from mesh_operator.planning import combined_claim
 
 _warned_rtt: set[tuple[str, str]] = set()
+
+# The digest recorded for a child whose selector lacks REPLICA_LABEL.
+STALE_SELECTOR = "stale-selector"
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ class PodInfo:
     exits: tuple[str, ...] = ()
     images_key: str | None = None  # the host's group of images (IMAGES_ANNOTATION)
     image: str | None = None  # its first container's image, as the pod spec names it
+    replica: int = 0  # the replica it serves (REPLICA_LABEL; absent: 0)
 
 
 @dataclass(frozen=True)
@@ -147,14 +153,19 @@ def pool_info(body: Mapping[str, Any]) -> PoolInfo | None:
 
 
 def model_plan(body: Mapping[str, Any]) -> tuple[str, Plan] | None:
+    """The model's pool and what it holds there: every replica's devices."""
     pool = (body.get("spec", {}) or {}).get("poolRef")
-    plan = (body.get("status", {}) or {}).get("plan")
+    status = body.get("status", {}) or {}
+    plan = status.get("plan")
     if not pool or not plan:
         return None
     try:
-        return pool, Plan.model_validate(plan)
+        first = Plan.model_validate(plan)
+        others = [Plan.model_validate(p) for p in status.get("replicaPlans") or []]
     except ValidationError:
         return None
+    claim = combined_claim([first, *others])
+    return (pool, claim) if claim is not None else (pool, first)
 
 
 def pod_info(body: Mapping[str, Any]) -> PodInfo:
@@ -198,7 +209,23 @@ def pod_info(body: Mapping[str, Any]) -> PodInfo:
         exits=tuple(exits),
         images_key=(meta.get("annotations", {}) or {}).get(IMAGES_ANNOTATION),
         image=containers[0].get("image") if containers else None,
+        replica=_replica(meta.get("labels", {}) or {}),
     )
+
+
+def _replica(labels: Mapping[str, str]) -> int:
+    try:
+        return int(labels.get(REPLICA_LABEL, "0"))
+    except ValueError:
+        return 0
+
+
+def stale_selector(body: Mapping[str, Any]) -> bool:
+    """Whether a DaemonSet or Deployment selects its pods without REPLICA_LABEL, as
+    an operator before replicas made them. A selector cannot change: such a child
+    is deleted and made again (`STALE_SELECTOR` stands for its digest)."""
+    selector = ((body.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    return REPLICA_LABEL not in selector
 
 
 def pod_model_key(body: Mapping[str, Any]) -> str | None:

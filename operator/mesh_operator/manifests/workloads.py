@@ -37,6 +37,7 @@ from mesh_operator.api.contract import (
     NAMESPACE_NAME_LABEL,
     PLAN_ANNOTATION,
     POLICY_COMPONENT,
+    REPLICA_LABEL,
     RPC_CLASS_LABEL,
     RPC_COMPONENT,
     RPC_PORT_NAME,
@@ -96,6 +97,10 @@ class ModelWorkload:
     host_tier_mib: int = 0
     # A Hugging Face mirror (the operator's HF_ENDPOINT), given to `mesh fetch`.
     hf_endpoint: str | None = None
+    # Which replica of the model this plan serves: names its DaemonSets and host
+    # Deployment (replica 0 keeps the names of a model without replicas) and
+    # labels its pods (REPLICA_LABEL, part of their selectors).
+    replica: int = 0
 
 
 @dataclass(frozen=True)
@@ -234,8 +239,27 @@ def args_hash(args: Sequence[str]) -> str:
 RPC_TERMINATION_GRACE_SECONDS = 1
 
 
-def rpc_daemonset_name(model: str, index: int = 0) -> str:
-    return f"{model}-rpc" if index == 0 else f"{model}-rpc-{index}"
+def replica_suffix(replica: int) -> str:
+    """What the names of a replica's DaemonSets and host Deployment end with:
+    nothing for replica 0 (the names of a model without replicas), `-r<n>` for
+    the others. A suffix, not an infix: `<model>-r1-host` would be the host of a
+    model named `<model>-r1`. With a model's name of at most 45 characters every
+    name stays a DNS label."""
+    return "" if replica == 0 else f"-r{replica}"
+
+
+def rpc_daemonset_name(model: str, index: int = 0, replica: int = 0) -> str:
+    base = f"{model}-rpc" if index == 0 else f"{model}-rpc-{index}"
+    return base + replica_suffix(replica)
+
+
+def replica_labels(w: ModelWorkload, component: str) -> dict[str, str]:
+    return {**build_labels(w.name, component), REPLICA_LABEL: str(w.replica)}
+
+
+def replica_selector(w: ModelWorkload, component: str) -> dict[str, str]:
+    """The pods of one replica's `component`: replicas' selectors never overlap."""
+    return {**build_selector(w.name, component), REPLICA_LABEL: str(w.replica)}
 
 
 def node_variant(w: ModelWorkload, node: str) -> ImageVariant:
@@ -301,8 +325,8 @@ def build_rpc_daemonsets(w: ModelWorkload) -> list[Obj]:
     images = w.pool.images
     for index, (args, gpus, variant, nodes) in enumerate(rpc_node_classes(w)):
         # Each DaemonSet selects only its own pods: selectors must not overlap.
-        labels = {**build_labels(w.name, RPC_COMPONENT), RPC_CLASS_LABEL: str(index)}
-        selector = {**build_selector(w.name, RPC_COMPONENT), RPC_CLASS_LABEL: str(index)}
+        labels = {**replica_labels(w, RPC_COMPONENT), RPC_CLASS_LABEL: str(index)}
+        selector = {**replica_selector(w, RPC_COMPONENT), RPC_CLASS_LABEL: str(index)}
         image = with_variant(images.rpc_server, variant)
         container: Obj = {
             "name": "rpc-server",
@@ -354,7 +378,10 @@ def build_rpc_daemonsets(w: ModelWorkload) -> list[Obj]:
             {
                 "apiVersion": "apps/v1",
                 "kind": "DaemonSet",
-                "metadata": _metadata(w, rpc_daemonset_name(w.name, index), RPC_COMPONENT),
+                "metadata": {
+                    **_metadata(w, rpc_daemonset_name(w.name, index, w.replica), RPC_COMPONENT),
+                    "labels": replica_labels(w, RPC_COMPONENT),
+                },
                 "spec": {
                     "selector": {"matchLabels": selector},
                     # Host and workers restart as a group on a re-plan: replace
@@ -506,16 +533,19 @@ def build_host_deployment(w: ModelWorkload, replicas: int = 1) -> Obj:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(w, host_deployment_name(w.name), HOST_COMPONENT),
+        "metadata": {
+            **_metadata(w, host_deployment_name(w.name, w.replica), HOST_COMPONENT),
+            "labels": replica_labels(w, HOST_COMPONENT),
+        },
         "spec": {
             "replicas": replicas,
             # An RPC server serves one client at a time: a second host started
             # before the first stops would wait forever on busy workers.
             "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": build_selector(w.name, HOST_COMPONENT)},
+            "selector": {"matchLabels": replica_selector(w, HOST_COMPONENT)},
             "template": {
                 "metadata": {
-                    "labels": build_labels(w.name, HOST_COMPONENT),
+                    "labels": replica_labels(w, HOST_COMPONENT),
                     "annotations": {
                         PLAN_ANNOTATION: str(w.plan_generation),
                         GROUP_RESTART_ANNOTATION: str(w.group_restarts),
@@ -598,8 +628,8 @@ def build_header_pod(
     }
 
 
-def host_deployment_name(model: str) -> str:
-    return f"{model}-host"
+def host_deployment_name(model: str, replica: int = 0) -> str:
+    return f"{model}-host{replica_suffix(replica)}"
 
 
 def build_service(w: ModelWorkload) -> Obj:

@@ -56,7 +56,10 @@ def test_schemas_are_structural(name: str) -> None:
 @pytest.mark.parametrize(
     ("plural", "columns"),
     [
-        ("meshmodels", ["Ready", "Nodes", "Split", "Endpoint", "Reason", "Age"]),
+        (
+            "meshmodels",
+            ["Ready", "Replicas", "Available", "Nodes", "Split", "Endpoint", "Reason", "Age"],
+        ),
         ("meshpools", ["Backend", "Nodes", "Devices", "Free MiB", "Claimed MiB", "Age"]),
         ("meshnodes", ["Health", "Reason", "Heartbeat", "Age"]),
     ],

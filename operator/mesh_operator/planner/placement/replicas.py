@@ -42,6 +42,8 @@ class ReplicaPlan:
     reason: str
     replicas: tuple[PlacementResult, ...]
     fitting: int  # how many replicas the pool holds (all asked, when feasible)
+    # The replica (index in 0..count-1) each of `replicas` is for.
+    slots: tuple[int, ...] = ()
 
     @property
     def slowest_ms(self) -> float:
@@ -96,6 +98,7 @@ def plan_replicas(
                 reason=f"{fitting} of {count} replicas fit: replica {fitting + 1}: {result.reason}",
                 replicas=tuple(p for p in plans if p is not None),
                 fitting=fitting,
+                slots=tuple(j for j, p in enumerate(plans) if p is not None),
             )
         plans[i] = result
     done = [p for p in plans if p is not None]
@@ -108,6 +111,7 @@ def plan_replicas(
         reason=f"{count} replica(s), slowest {slowest.predicted_token_ms:.1f} ms/token predicted",
         replicas=final,
         fitting=count,
+        slots=tuple(range(count)),
     )
 
 
