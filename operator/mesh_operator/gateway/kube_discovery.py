@@ -46,7 +46,7 @@ from mesh_operator.api.meshmodel import MeshModelSpec, SecretKeyRef
 from mesh_operator.gateway.auth import keys_from_secret_data
 from mesh_operator.gateway.discovery import Publish
 from mesh_operator.gateway.routing import ModelRecord
-from mesh_operator.gateway.shares import layer_shares
+from mesh_operator.gateway.shares import host_shares, layer_shares, replica_plans
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,14 @@ def _slice_port(slice_: Obj) -> int:
 
 def slice_backends(slice_: Obj) -> list[str]:
     """Base URLs of the ready endpoints of one EndpointSlice."""
+    return [url for url, _ in slice_endpoints(slice_)]
+
+
+def slice_endpoints(slice_: Obj) -> list[tuple[str, str | None]]:
+    """(base URL, node name or None) of the ready endpoints of one EndpointSlice."""
     port = _slice_port(slice_)
     ipv6 = slice_.get("addressType") == "IPv6"
-    urls: list[str] = []
+    urls: list[tuple[str, str | None]] = []
     for endpoint in slice_.get("endpoints") or ():
         if not isinstance(endpoint, Mapping):
             continue
@@ -140,7 +145,8 @@ def slice_backends(slice_: Obj) -> list[str]:
             continue
         # Consumers use the first address (the API allows one today).
         host = f"[{addresses[0]}]" if ipv6 else str(addresses[0])
-        urls.append(f"http://{host}:{port}")
+        node = endpoint.get("nodeName")
+        urls.append((f"http://{host}:{port}", node if isinstance(node, str) and node else None))
     return urls
 
 
@@ -163,12 +169,16 @@ def build_records(
         if not name:
             continue
         served, slots, ref = model_routing(obj)
-        backends: list[str] = []
+        endpoints: list[tuple[str, str | None]] = []
         for slice_ in sorted(
             by_service.get((namespace, host_service_name(name)), []),
             key=lambda s: object_key(s)[1],
         ):
-            backends.extend(slice_backends(slice_))
+            endpoints.extend(slice_endpoints(slice_))
+        backends = [url for url, _ in endpoints]
+        status = obj.get("status") or {}
+        by_host = host_shares(status)
+        plans = replica_plans(status)
         records.append(
             ModelRecord(
                 namespace=namespace,
@@ -178,7 +188,10 @@ def build_records(
                 ready=model_is_ready(obj),
                 backends=tuple(dict.fromkeys(backends)),
                 created=_timestamp((obj.get("metadata") or {}).get("creationTimestamp")),
-                node_shares=layer_shares((obj.get("status") or {}).get("plan")),
+                node_shares=layer_shares(plans[0]) if len(plans) == 1 else (),
+                backend_shares=tuple(
+                    (url, by_host[node]) for url, node in endpoints if node in by_host
+                ),
                 upstream_api_key=(
                     keys.get((namespace, ref.name, ref.key)) if ref is not None else None
                 ),

@@ -152,11 +152,15 @@ class GatewayMetrics:
     def watch(self, router: Router) -> None:
         self._router = router
 
-    def count_usage(self, model: str, key: str, usage: Usage) -> None:
-        """Add one answer's tokens per model, key and node (by the plan's shares)."""
+    def count_usage(self, model: str, key: str, usage: Usage, host: str | None = None) -> None:
+        """Add one answer's tokens per model, key and node: by the shares of the plan
+        of the replica whose `host` answered (or of the model's only plan)."""
         router = self._router
         gate = router.gates.get(model) if router is not None else None
-        shares = gate.record.node_shares if gate is not None else ()
+        shares: tuple[tuple[str, float], ...] = ()
+        if gate is not None:
+            by_host = dict(gate.record.backend_shares)
+            shares = by_host.get(host, gate.record.node_shares) if host else gate.record.node_shares
         for kind, count in (
             ("prompt", usage.prompt_tokens),
             ("completion", usage.completion_tokens),

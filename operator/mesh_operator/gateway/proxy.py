@@ -530,7 +530,7 @@ class Proxy:
         if self._keys is not None:
             m.key_requests.labels(x.key, x.model, status).inc()
         if x.usage is not None:
-            m.count_usage(x.model, x.key, x.usage)
+            m.count_usage(x.model, x.key, x.usage, x.host)
         if self._traced:
             self._annotate(x, span)
         if self._settings.access_log:

@@ -30,8 +30,11 @@ class ModelRecord:
     backends: tuple[str, ...]
     created: int = 0
     # (node, share of the plan's layers): how the model's tokens are counted
-    # per node (gateway.shares); empty without a plan.
+    # per node (gateway.shares); empty without a plan, or with several replicas
+    # (whose shares differ: `backend_shares` then says which a host's tokens follow).
     node_shares: tuple[tuple[str, float], ...] = ()
+    # (backend URL, its replica's node shares), for the hosts whose node is known.
+    backend_shares: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
     # The key llama-server wants (MeshModel spec.apiKeySecretRef); never printed.
     upstream_api_key: str | None = field(default=None, repr=False)
 

@@ -8,6 +8,11 @@ range `[first, lastExclusive)`, and the layers the host keeps on its CPU
 node's share is its layers over all of the plan's layers; a model without a
 usable plan has no shares, and its tokens are then counted per node nowhere.
 
+A model with replicas (`status.replicaPlans` beside `status.plan`) has one plan
+per replica, each with its own host node: a request's tokens follow the plan of
+the replica whose host answered it, found by the node its endpoint runs on
+(`host_shares`).
+
 The plan is read from the raw object, leniently: a field this gateway cannot read
 drops the plan, it never fails the snapshot.
 """
@@ -61,3 +66,22 @@ def layer_shares(plan: Mapping[str, Any] | None) -> Shares:
     if total <= 0:
         return ()
     return tuple((node, counts[node] / total) for node in sorted(counts))
+
+
+def replica_plans(status: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
+    """Every replica's plan in a MeshModel status: `plan`, then `replicaPlans`."""
+    if not isinstance(status, Mapping):
+        return []
+    plans = [status.get("plan"), *(status.get("replicaPlans") or ())]
+    return [p for p in plans if isinstance(p, Mapping)]
+
+
+def host_shares(status: Mapping[str, Any] | None) -> dict[str, Shares]:
+    """Each replica's layer shares, by the node its host runs on."""
+    out: dict[str, Shares] = {}
+    for plan in replica_plans(status):
+        host = plan.get("hostNode")
+        shares = layer_shares(plan)
+        if isinstance(host, str) and host and shares:
+            out[host] = shares
+    return out

@@ -7,9 +7,13 @@ from typing import Any
 
 import pytest
 
+from mesh_operator.gateway.admission import ModelGate, Router
 from mesh_operator.gateway.kube_discovery import build_records
-from mesh_operator.gateway.shares import layer_shares, node_layers
-from tests.unit.gateway.test_kube_records import MESHMODEL
+from mesh_operator.gateway.metrics import GatewayMetrics
+from mesh_operator.gateway.routing import ModelRecord
+from mesh_operator.gateway.shares import host_shares, layer_shares, node_layers
+from mesh_operator.gateway.sse import Usage
+from tests.unit.gateway.test_kube_records import MESHMODEL, SLICE, variant
 
 pytestmark = pytest.mark.unit
 
@@ -95,3 +99,77 @@ def test_records_carry_the_shares_of_the_models_plan() -> None:
     [unplanned] = build_records([MESHMODEL], [])
     assert "plan" not in MESHMODEL["status"]
     assert unplanned.node_shares == ()
+
+
+def test_each_replicas_host_follows_its_own_plan() -> None:
+    """Two replicas: a host's tokens are shared by the plan of the replica whose
+    host runs on the endpoint's node; the model's own shares are left empty."""
+    second = {
+        "devices": [device("node-c", "CPU", 0, 19)],
+        "rpc": ["node-c"],
+        "tensorSplit": [19],
+        "hostNode": "node-c",
+    }
+    model = copy.deepcopy(MESHMODEL)
+    model["status"]["plan"] = TWO_NODES
+    model["status"]["replicaPlans"] = [second]
+    endpoints = copy.deepcopy(SLICE)
+    endpoints["endpoints"].append(
+        {**endpoints["endpoints"][0], "addresses": ["10.244.2.7"], "nodeName": "node-c"}
+    )
+    [record] = build_records([model], [endpoints])
+    assert record.node_shares == ()
+    assert dict(record.backend_shares) == {
+        "http://10.244.0.1:8080": (("node-a", 12 / 19), ("node-b", 7 / 19)),
+        "http://10.244.2.7:8080": (("node-c", 1.0),),
+    }
+    assert host_shares(model["status"]) == {
+        "node-a": (("node-a", 12 / 19), ("node-b", 7 / 19)),
+        "node-c": (("node-c", 1.0),),
+    }
+
+
+def test_a_host_on_an_unplanned_node_has_no_shares() -> None:
+    model = copy.deepcopy(MESHMODEL)
+    model["status"]["plan"] = TWO_NODES
+    stray = variant(SLICE, endpoints=[{**SLICE["endpoints"][0], "nodeName": "node-z"}])
+    [record] = build_records([model], [stray])
+    # One replica: the model's shares still count the answer; no host's own.
+    assert record.backend_shares == ()
+    assert record.node_shares == (("node-a", 12 / 19), ("node-b", 7 / 19))
+
+
+async def _healthy(url: str) -> bool:
+    return True
+
+
+def test_usage_per_node_follows_the_replica_that_answered() -> None:
+    a, c = "http://10.0.0.1:8080", "http://10.0.0.3:8080"
+    record = ModelRecord(
+        namespace="ns",
+        name="gemma",
+        served_names=("gemma",),
+        slots=1,
+        ready=True,
+        backends=(a, c),
+        backend_shares=((a, (("node-a", 0.5), ("node-b", 0.5))), (c, (("node-c", 1.0),))),
+    )
+    router = Router(_healthy, max_queue=4)
+    # The gate as Router.apply makes it, without starting its health probes.
+    router.gates[record.key] = ModelGate(record, max_queue=4)
+    metrics = GatewayMetrics()
+    metrics.watch(router)
+    metrics.count_usage(record.key, "-", Usage(prompt_tokens=10, completion_tokens=4), host=c)
+    metrics.count_usage(record.key, "-", Usage(prompt_tokens=6, completion_tokens=2), host=a)
+    metrics.count_usage(record.key, "-", Usage(prompt_tokens=5, completion_tokens=5), host=None)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"model": record.key, **labels})
+
+    node = "mesh_gateway_node_tokens_total"
+    assert sample(node, node="node-c", kind="prompt") == 10
+    assert sample(node, node="node-c", kind="completion") == 4
+    assert sample(node, node="node-a", kind="prompt") == 3
+    assert sample(node, node="node-b", kind="completion") == 1
+    # A host not known with several replicas: counted for the model, on no node.
+    assert sample("mesh_gateway_tokens_total", kind="prompt") == 21
