@@ -50,6 +50,7 @@ from mesh_operator.planner import (
     build_rpc_server_args,
     chat_template_args,
     current_plan_from_api,
+    evaluate_layout,
     plan_placement,
     plan_replicas,
     rpc_devices_by_node,
@@ -372,6 +373,64 @@ def draft_room_problem(plan: Plan, inventory: Inventory, reserve_percent: float)
         f"the draft model needs {draft.memory_mib} MiB on the host's node {node.name}; "
         f"{where} has {max(free, 0)} MiB free"
     )
+
+
+def rehost_for_draft(
+    result: PlacementResult,
+    profile: ModelProfile,
+    draft: ModelProfile,
+    inventory: Inventory,
+    request: PlacementRequest,
+    *,
+    speculation: NgramSpeculation | None = None,
+) -> PlacementResult | None:
+    """The same layout hosted on another of its nodes that has room for the draft
+    model (the fastest such), or None. A plan with a RAM tier keeps its host: the
+    tier is that node's RAM."""
+    if not result.feasible or result.host_tier is not None:
+        return None
+    moved: list[PlacementResult] = []
+    for node in result.nodes:
+        if node == result.host_node:
+            continue
+        candidate = evaluate_layout(profile, inventory, result.layout(), request, host_node=node)
+        if not candidate.feasible or candidate.host_node != node:
+            continue
+        plan = to_plan(candidate)
+        plan.draft = draft_on_host(draft, request.serving, node)
+        if draft_room_problem(plan, inventory, request.reserve_percent) is None:
+            moved.append(candidate)
+    if not moved:
+        return None
+    best = min(moved, key=lambda r: (r.predicted_token_ms, r.host_node or ""))
+    if speculation is not None:
+        best = dataclasses.replace(
+            best, predicted_token_ms=speculation.token_ms(best.predicted_token_ms)
+        )
+    return best
+
+
+def with_draft(
+    result: PlacementResult,
+    profile: ModelProfile,
+    draft: ModelProfile,
+    inventory: Inventory,
+    request: PlacementRequest,
+) -> tuple[PlacementResult, PlannedDraft | None, str | None]:
+    """A plan with its draft model: the draft's memory on the host's node, the host
+    moved to another node of the layout when only there is room, and why the draft
+    fits nowhere (None when it fits)."""
+    if not result.feasible:
+        return result, None, None
+    plan = to_plan(result)
+    plan.draft = draft_on_host(draft, request.serving, result.host_node)
+    problem = draft_room_problem(plan, inventory, request.reserve_percent)
+    if problem is None:
+        return result, plan.draft, None
+    moved = rehost_for_draft(result, profile, draft, inventory, request)
+    if moved is None:
+        return result, plan.draft, problem
+    return moved, draft_on_host(draft, request.serving, moved.host_node), None
 
 
 def ngram_speculation(spec: MeshModelSpec) -> NgramSpeculation | None:

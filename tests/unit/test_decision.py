@@ -546,6 +546,27 @@ def test_a_draft_model_without_room_on_the_host_is_not_planned() -> None:
     assert conditions_message(d, "Planned").startswith("the draft model needs "), d.status
 
 
+def test_a_draft_model_moves_the_host_to_a_node_of_the_plan_with_room() -> None:
+    spec = {**SPEC, "draft": {"source": {"url": "http://files/small.gguf"}}}
+    plain = decide(snapshot()).status.plan
+    assert plain is not None and plain.host_node is not None
+    other = next(n for n in nodes_of(plain) if n != plain.host_node)
+    # Only the plan's other node offers RAM for the draft.
+    meshnodes = {
+        **MESHNODES,
+        other: one_gpu_status(NOW, 8000, total=8192, bandwidth=448.0, hostMemoryFreeMiB=4096),
+    }
+    d = decide(snapshot(spec=spec, draft_profile=SMALL, meshnodes=meshnodes))
+    plan = d.status.plan
+    assert d.reason == "Initial" and plan is not None, d.status.conditions
+    assert plan.host_node == other and plan.draft is not None and plan.draft.node == other
+    # The same devices and layers: only the host moved.
+    assert [(x.node, x.device, x.layers) for x in plan.devices] == [
+        (x.node, x.device, x.layers) for x in plain.devices
+    ]
+    assert d.claim == plan and d.claim_changed
+
+
 # -- replicas ---------------------------------------------------------------------
 
 FIVE = [NodeInfo(n, {"pool": "p"}) for n in ("a", "b", "c", "d", "e")]

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from mesh_operator import planning
 from mesh_operator.cli import plan_live
 from mesh_operator.planner import (
     CACHE_TYPES,
@@ -289,15 +290,13 @@ def run(args: argparse.Namespace) -> int:
         )
         draft = read_model_profile(args.draft) if args.draft else None
         result = plan_placement(profile, inventory, request, current=current)
+        planned, problem = None, None
+        if draft is not None:
+            result, planned, problem = planning.with_draft(
+                result, profile, draft, inventory, request
+            )
         report = _report(result, profile, args)
-        plan_live.add_draft(
-            report,
-            result,
-            draft,
-            serving=request.serving,
-            inventory=inventory,
-            reserve_percent=request.reserve_percent,
-        )
+        plan_live.report_draft(report, planned, problem)
     except PlannerInputError as exc:
         print(f"mesh plan: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -37,7 +37,13 @@ from mesh_operator import planning
 from mesh_operator.api.base import GROUP, MESHMODEL_PLURAL, MESHNODE_PLURAL, MESHPOOL_PLURAL
 from mesh_operator.api.base import VERSION as API_VERSION
 from mesh_operator.api.contract import check_model_name
-from mesh_operator.api.meshmodel import HuggingFaceSource, MeshModelSpec, ModelSource, Plan
+from mesh_operator.api.meshmodel import (
+    HuggingFaceSource,
+    MeshModelSpec,
+    ModelSource,
+    Plan,
+    PlannedDraft,
+)
 from mesh_operator.api.meshnode import MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.handlers.snapshot import (
@@ -49,7 +55,12 @@ from mesh_operator.handlers.snapshot import (
 )
 from mesh_operator.kubeclient import KubeconfigError, api_client, unreachable_reason
 from mesh_operator.ledger import NodeInfo, PoolView, build_pool_view, to_inventory
-from mesh_operator.planner import Inventory, PlacementResult, PlannerInputError, ServingParams
+from mesh_operator.planner import (
+    Inventory,
+    PlacementRequest,
+    PlacementResult,
+    PlannerInputError,
+)
 from mesh_operator.planner.profile import ModelProfile
 from mesh_operator.source import ProfileCache, SourceError, model_file_name
 
@@ -276,19 +287,20 @@ def plan_on_pool(
     *,
     reserve_percent: float | None,
     now: dt.datetime,
+    draft: ModelProfile | None = None,
 ) -> tuple[PlacementResult, list[Holding], list[dict[str, str]]]:
-    """The operator's plan for the model `key` on the pool, the memory other models
-    hold there, and the pool's nodes it cannot use (and why). Pure."""
+    """The operator's plan for the model `key` on the pool (hosted where its `draft`
+    model has room, if it has one), the memory other models hold there, and the
+    pool's nodes it cannot use (and why). Pure."""
     claims, view = _pool_view(live, key, now)
     own = live.plans.get(key)
     current = own[1] if own is not None and own[0] == live.name and own[1].devices else None
-    request = planning.placement_request(spec, live.spec, profile)
-    if reserve_percent is not None:
-        request = dataclasses.replace(request, reserve_percent=reserve_percent)
+    request = live_request(live, spec, profile, reserve_percent)
     speculation = planning.ngram_speculation(spec)
-    result = planning.plan(
-        profile, to_inventory(view), request, current, live.spec, speculation=speculation
-    )
+    inventory = to_inventory(view)
+    result = planning.plan(profile, inventory, request, current, live.spec, speculation=speculation)
+    if draft is not None:
+        result, _, _ = planning.with_draft(result, profile, draft, inventory, request)
     unusable = [{"node": n.name, "problem": n.problem} for n in view.nodes if not n.usable]
     return result, build_holdings(claims, {n.name for n in view.nodes}), unusable
 
@@ -328,34 +340,28 @@ def holdings_table(holdings: list[Holding], unusable: list[dict[str, str]]) -> s
     return "\n".join(line.rstrip() for line in lines)
 
 
-def live_inventory(
-    live: LivePool, key: str, reserve_percent: float | None, now: dt.datetime
-) -> tuple[Inventory, float]:
-    """The pool as the model `key` would be planned on it, and the reserve. Pure."""
+def live_inventory(live: LivePool, key: str, now: dt.datetime) -> Inventory:
+    """The pool as the model `key` would be planned on it. Pure."""
     _, view = _pool_view(live, key, now)
-    reserve = live.spec.reserve_percent if reserve_percent is None else reserve_percent
-    return to_inventory(view), reserve
+    return to_inventory(view)
 
 
-def add_draft(
-    report: dict[str, Any],
-    result: PlacementResult,
-    draft: ModelProfile | None,
-    *,
-    serving: ServingParams,
-    inventory: Inventory,
-    reserve_percent: float,
-) -> None:
-    """Put the draft model's memory on the host's node into `report`; a host node
-    without room for it makes the plan infeasible, as the operator would."""
-    if draft is None or not result.feasible:
+def live_request(
+    live: LivePool, spec: MeshModelSpec, profile: ModelProfile, reserve_percent: float | None
+) -> PlacementRequest:
+    """The operator's request for this model on the pool, with the reserve asked for."""
+    request = planning.placement_request(spec, live.spec, profile)
+    if reserve_percent is not None:
+        request = dataclasses.replace(request, reserve_percent=reserve_percent)
+    return request
+
+
+def report_draft(report: dict[str, Any], draft: PlannedDraft | None, problem: str | None) -> None:
+    """Put the draft model's memory into `report`; a draft that fits on no node of
+    the plan makes it infeasible, as the operator would."""
+    if draft is None:
         return
-    plan = planning.to_plan(result)
-    plan.draft = planning.draft_on_host(draft, serving, result.host_node)
-    if plan.draft is None:
-        return
-    report["draft"] = plan.draft.to_wire()
-    problem = planning.draft_room_problem(plan, inventory, reserve_percent)
+    report["draft"] = draft.to_wire()
     if problem is not None:
         report["feasible"] = False
         report["reason"] = problem
@@ -383,12 +389,14 @@ def run_live(
         key = model_key(namespace, name)
         now = dt.datetime.now(dt.UTC)
         result, holdings, unusable = plan_on_pool(
-            live, spec, profile, key, reserve_percent=args.reserve_percent, now=now
+            live, spec, profile, key, reserve_percent=args.reserve_percent, now=now, draft=draft
         )
         out = report(result, profile, args)
-        inventory, reserve = live_inventory(live, key, args.reserve_percent, now)
-        serving = planning.serving_params(spec)
-        add_draft(out, result, draft, serving=serving, inventory=inventory, reserve_percent=reserve)
+        if draft is not None:
+            request = live_request(live, spec, profile, args.reserve_percent)
+            inventory = live_inventory(live, key, now)
+            _, planned, problem = planning.with_draft(result, profile, draft, inventory, request)
+            report_draft(out, planned, problem)
     except (LiveInputError, PlannerInputError) as exc:
         print(f"mesh plan: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

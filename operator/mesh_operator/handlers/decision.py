@@ -459,13 +459,9 @@ class _Decider:
         ]
         request = planning.placement_request(spec, pool.spec, profile)
         started = time.perf_counter()
+        speculation = planning.ngram_speculation(spec)
         result = planning.replicas(
-            profile,
-            inventory,
-            request,
-            keep,
-            pool.spec,
-            speculation=planning.ngram_speculation(spec),
+            profile, inventory, request, keep, pool.spec, speculation=speculation
         )
         self.d.plan_seconds = time.perf_counter() - started
         why = result.reason
@@ -485,6 +481,18 @@ class _Decider:
             # Checked where a layout is new: a serving host is not stopped for a
             # small change of free RAM, as a kept plan's devices are not.
             no_room = planning.draft_room_problem(new_plan, inventory, request.reserve_percent)
+            if no_room is not None and isinstance(s.draft_profile, planning.ModelProfile):
+                # Another node of the same layout may have the room: host it there.
+                moved = planning.rehost_for_draft(
+                    one, profile, s.draft_profile, inventory, request, speculation=speculation
+                )
+                if moved is not None:
+                    new_plan = planning.to_plan(moved)
+                    new_plan.replica = indices[slot]
+                    new_plan.draft = planning.planned_draft(
+                        s.draft_profile, spec, new_plan.host_node
+                    )
+                    no_room = None
             if no_room is not None:
                 why = no_room
                 continue

@@ -263,6 +263,35 @@ def test_a_draft_without_room_on_the_host_node_is_infeasible(
     )
     assert code == 3 and isinstance(report, dict) and report["feasible"] is False
     assert report["reason"].startswith("the draft model needs "), report["reason"]
-    assert "on the host's node gpu-a; its RAM (hostMemoryFreeMiB) has 0 MiB free" in (
-        report["reason"]
+    assert (
+        "on the host's node gpu-a; its RAM (hostMemoryFreeMiB) has 0 MiB free" in (report["reason"])
     )
+
+
+def test_a_draft_moves_the_host_to_the_node_of_the_plan_with_room(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def gpu(name: str, ram: int) -> dict[str, Any]:
+        return {
+            "name": name,
+            "rttMs": 0.5,
+            "hostMemoryFreeMiB": ram,
+            "devices": [
+                {"id": "CUDA0", "backend": "cuda", "memoryTotalMiB": 12288,
+                 "memoryFreeMiB": 12000, "bandwidthGBps": 600}
+            ],
+        }  # fmt: skip
+
+    model = str(MODEL_HEADERS / "qwen3-30b-a3b.header.gguf")
+    alone = _write(tmp_path, {"nodes": [gpu("gpu-a", 0), gpu("gpu-b", 0)]}, "alone.yaml")
+    code, plain, _ = _plan(capsys, "--model", model, "--inventory", str(alone))
+    assert code == 0 and isinstance(plain, dict) and len(plain["rpc"]) == 2
+    other = next(n for n in plain["rpc"] if n != plain["hostNode"])
+    roomy = {"nodes": [gpu(n, 8192 if n == other else 0) for n in ("gpu-a", "gpu-b")]}
+    inv = _write(tmp_path, roomy)
+    code, report, _ = _plan(
+        capsys, "--model", model, "--inventory", str(inv), "--draft", str(GEMMA_HEADER)
+    )
+    assert code == 0 and isinstance(report, dict), report
+    assert report["hostNode"] == other and report["draft"]["node"] == other
+    assert report["devices"] == plain["devices"] and report["rpc"] == plain["rpc"]
