@@ -138,6 +138,113 @@ def test_stream_is_relayed_chunk_by_chunk() -> None:
     run(scenario())
 
 
+def test_answers_reuse_one_upstream_connection_and_streams_take_their_own() -> None:
+    """Non-streamed requests share a kept-alive connection to the host; a stream gets
+    a connection of its own, as llama-server closes it after every stream."""
+
+    async def scenario() -> None:
+        async with (
+            hosts() as [host],
+            gateway(SettableSource([record("gemma", [host.url])])) as (_, client),
+        ):
+            for _ in range(5):
+                async with client.post("/v1/chat/completions", json=CHAT) as resp:
+                    assert await resp.read() == RECORDED_CHAT
+            assert len(set(host.connections)) == 1
+            for _ in range(3):
+                async with client.post("/v1/chat/completions", json=STREAM) as resp:
+                    assert await resp.read() == STREAMED
+            streams = host.connections[5:]
+            assert len(set(streams)) == 3
+            # After the streams, answers share one kept-alive connection again.
+            for _ in range(3):
+                async with client.post("/v1/chat/completions", json=CHAT) as resp:
+                    assert await resp.read() == RECORDED_CHAT
+            assert len(set(host.connections[8:])) == 1
+
+    run(scenario())
+
+
+def test_a_stream_starts_with_its_headers_and_first_event_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The relay holds the response headers until the host's first chunk is in hand
+    and hands both to the socket at once (one send, one wake-up of the client)."""
+    writes: list[bytes] = []
+    transport = asyncio.selector_events._SelectorSocketTransport
+    write, writelines = transport.write, transport.writelines
+
+    def spy_write(self: Any, data: Any) -> None:
+        writes.append(bytes(data))
+        write(self, data)
+
+    def spy_writelines(self: Any, chunks: Any) -> None:
+        chunks = list(chunks)
+        writes.append(b"".join(bytes(c) for c in chunks))
+        writelines(self, chunks)
+
+    monkeypatch.setattr(transport, "write", spy_write)
+    monkeypatch.setattr(transport, "writelines", spy_writelines)
+
+    async def scenario() -> None:
+        async with (
+            hosts(event_delay=0.05) as [host],
+            gateway(SettableSource([record("gemma", [host.url])])) as (_, client),
+            client.post("/v1/chat/completions", json=STREAM) as resp,
+        ):
+            assert await resp.read() == STREAMED
+        # The gateway's answer is the one with X-Accel-Buffering; the host's is not.
+        starts = [w for w in writes if w.startswith(b"HTTP/1.1 200") and b"X-Accel" in w]
+        assert len(starts) == 1
+        rest = starts[0].partition(b"\r\n\r\n")[2]
+        size, _, event = rest.partition(b"\r\n")
+        assert int(size, 16) == len(RECORDED_CHAT_STREAM[0])
+        assert event == RECORDED_CHAT_STREAM[0] + b"\r\n"
+
+    run(scenario())
+
+
+def test_a_stream_sent_at_once_reaches_the_client_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream whose end the host had already sent when its first chunk was read
+    goes to the client in one write: headers, events and the final empty chunk."""
+    writes: list[bytes] = []
+    transport = asyncio.selector_events._SelectorSocketTransport
+    write = transport.write
+
+    def spy_write(self: Any, data: Any) -> None:
+        writes.append(bytes(data))
+        write(self, data)
+
+    monkeypatch.setattr(transport, "write", spy_write)
+    # Whatever the host does, the gateway's read sees the whole stream at once.
+    original = proxy.Proxy._relay
+
+    async def whole_stream_first(self: Any, request: Any, *, upstream: Any, **kw: Any) -> Any:
+        while not upstream.content.is_eof():
+            await asyncio.sleep(0.01)
+        return await original(self, request, upstream=upstream, **kw)
+
+    monkeypatch.setattr(proxy.Proxy, "_relay", whole_stream_first)
+
+    async def scenario() -> None:
+        async with (
+            hosts() as [host],
+            gateway(SettableSource([record("gemma", [host.url])])) as (gw, client),
+        ):
+            async with client.post("/v1/chat/completions", json=STREAM) as resp:
+                assert await resp.read() == STREAMED
+            completion = RECORDED_STREAM_USAGE[1]
+            assert value(gw, "mesh_gateway_tokens_total", kind="completion") == completion
+        ours = [w for w in writes if b"X-Accel" in w]
+        assert len(ours) == 1
+        assert ours[0].endswith(b"\r\n0\r\n\r\n")
+        assert all(event in ours[0] for event in RECORDED_CHAT_STREAM)
+
+    run(scenario())
+
+
 def test_a_slow_reader_slows_the_host_down() -> None:
     # 64 MiB: loopback socket buffers grow to a few MiB each, and there are
     # four of them (host, gateway in and out, client) besides aiohttp's own.
