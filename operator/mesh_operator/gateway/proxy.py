@@ -191,6 +191,18 @@ class Proxy:
             response = error.response()
         if not response.prepared:
             response.headers[REQUEST_ID] = x.request_id
+            # Send the answer before the bookkeeping (metrics, trace, access log),
+            # which is then no part of the client's wait; aiohttp leaves a
+            # response that was sent alone.
+            try:
+                await response.prepare(request)
+                await response.write_eof()
+            except ConnectionResetError:
+                x.status = CLIENT_CLOSED
+            except asyncio.CancelledError:
+                x.status = CLIENT_CLOSED
+                self._record(x, span)
+                raise
         self._record(x, span)
         return response
 

@@ -68,6 +68,35 @@ async def error_of(response: aiohttp.ClientResponse) -> dict[str, Any]:
     return error
 
 
+def socket_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """From now on, every write handed to asyncio's TCP transports in this process."""
+    writes: list[bytes] = []
+    # asyncio's TCP transport: private, and so not in the type stubs.
+    transport: Any = asyncio.selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
+    write, writelines = transport.write, transport.writelines
+    nested = False
+
+    def spy_write(self: Any, data: Any) -> None:
+        if not nested:
+            writes.append(bytes(data))
+        write(self, data)
+
+    def spy_writelines(self: Any, chunks: Any) -> None:
+        # Some Pythons' writelines calls write: note the bytes once.
+        nonlocal nested
+        chunks = list(chunks)
+        writes.append(b"".join(bytes(c) for c in chunks))
+        nested = True
+        try:
+            writelines(self, chunks)
+        finally:
+            nested = False
+
+    monkeypatch.setattr(transport, "write", spy_write)
+    monkeypatch.setattr(transport, "writelines", spy_writelines)
+    return writes
+
+
 # -- the happy paths ------------------------------------------------------------
 
 
@@ -170,21 +199,7 @@ def test_a_stream_starts_with_its_headers_and_first_event_in_one_write(
 ) -> None:
     """The relay holds the response headers until the host's first chunk is in hand
     and hands both to the socket at once (one send, one wake-up of the client)."""
-    writes: list[bytes] = []
-    transport = asyncio.selector_events._SelectorSocketTransport
-    write, writelines = transport.write, transport.writelines
-
-    def spy_write(self: Any, data: Any) -> None:
-        writes.append(bytes(data))
-        write(self, data)
-
-    def spy_writelines(self: Any, chunks: Any) -> None:
-        chunks = list(chunks)
-        writes.append(b"".join(bytes(c) for c in chunks))
-        writelines(self, chunks)
-
-    monkeypatch.setattr(transport, "write", spy_write)
-    monkeypatch.setattr(transport, "writelines", spy_writelines)
+    writes = socket_writes(monkeypatch)
 
     async def scenario() -> None:
         async with (
@@ -209,15 +224,7 @@ def test_a_stream_sent_at_once_reaches_the_client_in_one_write(
 ) -> None:
     """A stream whose end the host had already sent when its first chunk was read
     goes to the client in one write: headers, events and the final empty chunk."""
-    writes: list[bytes] = []
-    transport = asyncio.selector_events._SelectorSocketTransport
-    write = transport.write
-
-    def spy_write(self: Any, data: Any) -> None:
-        writes.append(bytes(data))
-        write(self, data)
-
-    monkeypatch.setattr(transport, "write", spy_write)
+    writes = socket_writes(monkeypatch)
     # Whatever the host does, the gateway's read sees the whole stream at once.
     original = proxy.Proxy._relay
 
@@ -241,6 +248,42 @@ def test_a_stream_sent_at_once_reaches_the_client_in_one_write(
         assert len(ours) == 1
         assert ours[0].endswith(b"\r\n0\r\n\r\n")
         assert all(event in ours[0] for event in RECORDED_CHAT_STREAM)
+
+    run(scenario())
+
+
+def test_an_answer_is_sent_before_it_is_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metrics, trace and access log come after the answer left, not before."""
+    writes = socket_writes(monkeypatch)
+    events: list[str] = []
+    sent = 0
+
+    def note_sent() -> None:
+        nonlocal sent
+        for data in writes[sent:]:
+            if data.startswith(b"HTTP/1.1 200") and b"X-Request-Id" in data:
+                events.append("sent")
+        sent = len(writes)
+
+    record_exchange = proxy.Proxy._record
+
+    def spy_record(self: proxy.Proxy, x: Any, span: Any) -> None:
+        note_sent()
+        events.append("recorded")
+        record_exchange(self, x, span)
+
+    monkeypatch.setattr(proxy.Proxy, "_record", spy_record)
+
+    async def scenario() -> None:
+        async with (
+            hosts() as [host],
+            gateway(SettableSource([record("gemma", [host.url])])) as (gw, client),
+            client.post("/v1/chat/completions", json=CHAT) as resp,
+        ):
+            assert await resp.read() == RECORDED_CHAT
+            assert value(gw, "mesh_gateway_requests_total", status="200") == 1
+        note_sent()
+        assert events == ["sent", "recorded"]
 
     run(scenario())
 
