@@ -191,6 +191,18 @@ class Proxy:
             response = error.response()
         if not response.prepared:
             response.headers[REQUEST_ID] = x.request_id
+            # Send the answer before the bookkeeping (metrics, trace, access log),
+            # which is then no part of the client's wait; aiohttp leaves a
+            # response that was sent alone.
+            try:
+                await response.prepare(request)
+                await response.write_eof()
+            except ConnectionResetError:
+                x.status = CLIENT_CLOSED
+            except asyncio.CancelledError:
+                x.status = CLIENT_CLOSED
+                self._record(x, span)
+                raise
         self._record(x, span)
         return response
 
@@ -417,7 +429,7 @@ class Proxy:
         except _BROKEN_ERRORS as exc:
             raise _disconnected(exc) from None
 
-        response = web.StreamResponse(
+        response = _RelayedStream(
             status=200,
             headers={
                 "Content-Type": upstream.headers.get("Content-Type", EVENT_STREAM),
@@ -429,13 +441,18 @@ class Proxy:
         x.status = 200
         itl = self._metrics.itl.labels(gate.key)
         scanner = EventScanner()
+        content = upstream.content
         try:
             await response.prepare(request)
             now = loop.time()
             self._metrics.ttft.labels(gate.key).observe(now - x.started)
             last_event = now if scanner.feed(first) else None
-            await response.write(first)
-            while True:
+            if content.at_eof():
+                # The whole stream came at once: headers, events and the end in one send.
+                await response.write_eof(first)
+            else:
+                await response.write(first)
+            while not content.at_eof():
                 try:
                     chunk = await chunks.__anext__()
                 except StopAsyncIteration:
@@ -457,7 +474,12 @@ class Proxy:
                     for _ in range(events - 1):
                         itl.observe(0.0)
                     last_event = now
-                await response.write(chunk)
+                if content.at_eof():
+                    # The host's stream ended with this chunk: end the client's
+                    # in the same send rather than in one more.
+                    await response.write_eof(chunk)
+                else:
+                    await response.write(chunk)
             await response.write_eof()
         except ConnectionResetError:
             # The client went away: drop the upstream connection so llama-server
@@ -575,6 +597,18 @@ def _request_id(given: str | None) -> str:
         and " " not in given
     )
     return given if sane and given is not None else uuid.uuid4().hex
+
+
+class _RelayedStream(web.StreamResponse):
+    """A relayed stream whose headers leave with its first chunk, in one send.
+
+    aiohttp sends a prepared StreamResponse's headers at once by default (its
+    `web.Response` holds them for the body); the relay prepares only once the
+    host's first chunk is in hand, so holding them costs nothing and saves the
+    client a wake-up and the gateway a system call on every stream.
+    """
+
+    _send_headers_immediately = False
 
 
 @contextlib.asynccontextmanager

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 _EVENT_END = b"\n\n"
 _DATA = b"data:"
 _DONE = b"[DONE]"
-_USAGE_MARKERS = (b'"usage"', b'"timings"')
+_USAGE = b'"usage"'
+_TIMINGS = b'"timings"'
+_USAGE_MARKERS = (_USAGE, _TIMINGS)
 _COUNT = re.compile(
     rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens|prompt_n|cache_n|predicted_n)"'
     rb"\s*:\s*(\d+)"
@@ -57,7 +59,8 @@ class EventScanner:
             complete.startswith(b":")
             or b"\n:" in complete
             or _DONE in complete
-            or any(marker in complete for marker in _USAGE_MARKERS)
+            or _USAGE in complete
+            or _TIMINGS in complete
         )
         if not unusual:
             completed = complete.count(_EVENT_END) + 1

@@ -100,6 +100,8 @@ class FakeHost:
     max_in_flight: int = 0
     events_sent: int = 0
     paths: list[str] = field(default_factory=list)
+    # The client port of the connection each inference request came on.
+    connections: list[int] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
     authorizations: list[str | None] = field(default_factory=list)
     port: int = 0
@@ -143,6 +145,8 @@ class FakeHost:
     async def _inference(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         self.paths.append(request.path)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.connections.append(peer[1] if peer else 0)
         self.bodies.append(await request.read())
         self.authorizations.append(request.headers.get("Authorization"))
         behaviour = self._current_behaviour()

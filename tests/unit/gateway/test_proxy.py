@@ -68,6 +68,35 @@ async def error_of(response: aiohttp.ClientResponse) -> dict[str, Any]:
     return error
 
 
+def socket_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """From now on, every write handed to asyncio's TCP transports in this process."""
+    writes: list[bytes] = []
+    # asyncio's TCP transport: private, and so not in the type stubs.
+    transport: Any = asyncio.selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
+    write, writelines = transport.write, transport.writelines
+    nested = False
+
+    def spy_write(self: Any, data: Any) -> None:
+        if not nested:
+            writes.append(bytes(data))
+        write(self, data)
+
+    def spy_writelines(self: Any, chunks: Any) -> None:
+        # Some Pythons' writelines calls write: note the bytes once.
+        nonlocal nested
+        chunks = list(chunks)
+        writes.append(b"".join(bytes(c) for c in chunks))
+        nested = True
+        try:
+            writelines(self, chunks)
+        finally:
+            nested = False
+
+    monkeypatch.setattr(transport, "write", spy_write)
+    monkeypatch.setattr(transport, "writelines", spy_writelines)
+    return writes
+
+
 # -- the happy paths ------------------------------------------------------------
 
 
@@ -134,6 +163,127 @@ def test_stream_is_relayed_chunk_by_chunk() -> None:
             prompt, completion = RECORDED_STREAM_USAGE
             assert value(gw, "mesh_gateway_tokens_total", kind="prompt") == prompt
             assert value(gw, "mesh_gateway_tokens_total", kind="completion") == completion
+
+    run(scenario())
+
+
+def test_answers_reuse_one_upstream_connection_and_streams_take_their_own() -> None:
+    """Non-streamed requests share a kept-alive connection to the host; a stream gets
+    a connection of its own, as llama-server closes it after every stream."""
+
+    async def scenario() -> None:
+        async with (
+            hosts() as [host],
+            gateway(SettableSource([record("gemma", [host.url])])) as (_, client),
+        ):
+            for _ in range(5):
+                async with client.post("/v1/chat/completions", json=CHAT) as resp:
+                    assert await resp.read() == RECORDED_CHAT
+            assert len(set(host.connections)) == 1
+            for _ in range(3):
+                async with client.post("/v1/chat/completions", json=STREAM) as resp:
+                    assert await resp.read() == STREAMED
+            streams = host.connections[5:]
+            assert len(set(streams)) == 3
+            # After the streams, answers share one kept-alive connection again.
+            for _ in range(3):
+                async with client.post("/v1/chat/completions", json=CHAT) as resp:
+                    assert await resp.read() == RECORDED_CHAT
+            assert len(set(host.connections[8:])) == 1
+
+    run(scenario())
+
+
+def test_a_stream_starts_with_its_headers_and_first_event_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The relay holds the response headers until the host's first chunk is in hand
+    and hands both to the socket at once (one send, one wake-up of the client)."""
+    writes = socket_writes(monkeypatch)
+
+    async def scenario() -> None:
+        async with (
+            hosts(event_delay=0.05) as [host],
+            gateway(SettableSource([record("gemma", [host.url])])) as (_, client),
+            client.post("/v1/chat/completions", json=STREAM) as resp,
+        ):
+            assert await resp.read() == STREAMED
+        # The gateway's answer is the one with X-Accel-Buffering; the host's is not.
+        starts = [w for w in writes if w.startswith(b"HTTP/1.1 200") and b"X-Accel" in w]
+        assert len(starts) == 1
+        rest = starts[0].partition(b"\r\n\r\n")[2]
+        size, _, event = rest.partition(b"\r\n")
+        assert int(size, 16) == len(RECORDED_CHAT_STREAM[0])
+        assert event == RECORDED_CHAT_STREAM[0] + b"\r\n"
+
+    run(scenario())
+
+
+def test_a_stream_sent_at_once_reaches_the_client_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream whose end the host had already sent when its first chunk was read
+    goes to the client in one write: headers, events and the final empty chunk."""
+    writes = socket_writes(monkeypatch)
+    # Whatever the host does, the gateway's read sees the whole stream at once.
+    original = proxy.Proxy._relay
+
+    async def whole_stream_first(self: Any, request: Any, *, upstream: Any, **kw: Any) -> Any:
+        while not upstream.content.is_eof():
+            await asyncio.sleep(0.01)
+        return await original(self, request, upstream=upstream, **kw)
+
+    monkeypatch.setattr(proxy.Proxy, "_relay", whole_stream_first)
+
+    async def scenario() -> None:
+        async with (
+            hosts() as [host],
+            gateway(SettableSource([record("gemma", [host.url])])) as (gw, client),
+        ):
+            async with client.post("/v1/chat/completions", json=STREAM) as resp:
+                assert await resp.read() == STREAMED
+            completion = RECORDED_STREAM_USAGE[1]
+            assert value(gw, "mesh_gateway_tokens_total", kind="completion") == completion
+        ours = [w for w in writes if b"X-Accel" in w]
+        assert len(ours) == 1
+        assert ours[0].endswith(b"\r\n0\r\n\r\n")
+        assert all(event in ours[0] for event in RECORDED_CHAT_STREAM)
+
+    run(scenario())
+
+
+def test_an_answer_is_sent_before_it_is_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metrics, trace and access log come after the answer left, not before."""
+    writes = socket_writes(monkeypatch)
+    events: list[str] = []
+    sent = 0
+
+    def note_sent() -> None:
+        nonlocal sent
+        for data in writes[sent:]:
+            if data.startswith(b"HTTP/1.1 200") and b"X-Request-Id" in data:
+                events.append("sent")
+        sent = len(writes)
+
+    record_exchange = proxy.Proxy._record
+
+    def spy_record(self: proxy.Proxy, x: Any, span: Any) -> None:
+        note_sent()
+        events.append("recorded")
+        record_exchange(self, x, span)
+
+    monkeypatch.setattr(proxy.Proxy, "_record", spy_record)
+
+    async def scenario() -> None:
+        async with (
+            hosts() as [host],
+            gateway(SettableSource([record("gemma", [host.url])])) as (gw, client),
+            client.post("/v1/chat/completions", json=CHAT) as resp,
+        ):
+            assert await resp.read() == RECORDED_CHAT
+            assert value(gw, "mesh_gateway_requests_total", status="200") == 1
+        note_sent()
+        assert events == ["sent", "recorded"]
 
     run(scenario())
 
