@@ -430,6 +430,23 @@ class RealCluster:
         log(f"{model.namespace}/{model.name} Ready on {obj['status'].get('nodes')}")
         return obj
 
+    def unpool_node(self, node: str, label: str) -> None:
+        """Take `label` off `node` (a pool's selector), wait for its agent to leave
+        and delete its MeshNode: the node as it was before a test pooled it."""
+        self.kubectl("label", "node", node, f"{label}-")
+        wait_for(
+            f"the agent on {node} gone",
+            lambda: (
+                not [
+                    p
+                    for p in self.pods(AGENT_NAMESPACE, "app.kubernetes.io/component=agent")
+                    if p["spec"].get("nodeName") == node
+                ]
+            ),
+            timeout=120,
+        )
+        self.kubectl("delete", "meshnode", node, "--ignore-not-found")
+
     def pod_security_warnings(self, namespace: str, level: str) -> str:
         """What the API server says of the namespace's existing pods at `level`:
         a server-side dry run of the enforce label, pinned to this cluster's

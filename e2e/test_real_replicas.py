@@ -25,7 +25,6 @@ import yaml
 
 from e2e import parts
 from e2e.realcluster import (
-    AGENT_NAMESPACE,
     CONTEXT,
     MODEL_POD_SECURITY,
     MODELS,
@@ -249,19 +248,7 @@ def three_nodes(shared_real_cluster: SharedRealCluster) -> Iterator[RealCluster]
             timeout=180,
         )
         mesh.kubectl("delete", "meshpool", POOL, "--ignore-not-found")
-        mesh.kubectl("label", "node", SYSTEM_NODE, f"{POOL_LABEL}-")
-        wait_for(
-            f"the agent on {SYSTEM_NODE} gone",
-            lambda: (
-                not [
-                    p
-                    for p in mesh.pods(AGENT_NAMESPACE, "app.kubernetes.io/component=agent")
-                    if p["spec"].get("nodeName") == SYSTEM_NODE
-                ]
-            ),
-            timeout=120,
-        )
-        mesh.kubectl("delete", "meshnode", SYSTEM_NODE, "--ignore-not-found")
+        mesh.unpool_node(SYSTEM_NODE, POOL_LABEL)
         wait_for(
             f"the session's models serving off {SYSTEM_NODE}",
             lambda: shared_models_serving_off(mesh, SYSTEM_NODE),

@@ -23,7 +23,6 @@ import yaml
 from e2e import parts
 from e2e.nodes.delay import DelayLine, delayed
 from e2e.realcluster import (
-    AGENT_NAMESPACE,
     CONTEXT,
     MODEL_POD_SECURITY,
     POOL_NODES,
@@ -83,19 +82,7 @@ def three_agents(shared_real_cluster: SharedRealCluster) -> Iterator[RealCluster
         wait_for("three agents measuring each other", lambda: everyone_measured(mesh), 240)
         yield mesh
     finally:
-        mesh.kubectl("label", "node", SYSTEM_NODE, f"{POOL_LABEL}-")
-        wait_for(
-            f"the agent on {SYSTEM_NODE} gone",
-            lambda: (
-                not [
-                    p
-                    for p in mesh.pods(AGENT_NAMESPACE, "app.kubernetes.io/component=agent")
-                    if p["spec"].get("nodeName") == SYSTEM_NODE
-                ]
-            ),
-            timeout=120,
-        )
-        mesh.kubectl("delete", "meshnode", SYSTEM_NODE, "--ignore-not-found")
+        mesh.unpool_node(SYSTEM_NODE, POOL_LABEL)
 
 
 def rtt_pool() -> dict[str, Any]:

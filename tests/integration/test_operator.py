@@ -115,6 +115,14 @@ def _model_obj(cluster: LocalCluster, namespace: str, name: str) -> dict[str, An
     return obj
 
 
+def stop_heartbeat(cluster: LocalCluster, node: str) -> None:
+    """The node's MeshNode as its agent left it two hours ago: the node is lost."""
+    put_meshnode(
+        cluster, node, [gpu_device(0, 300, 290, 900.0, "Test GPU")],
+        heartbeat=now_rfc3339(-7200), interval_seconds=10,
+    )  # fmt: skip
+
+
 def _planned(cluster: LocalCluster, namespace: str, name: str) -> dict[str, Any] | None:
     obj = _model_obj(cluster, namespace, name)
     cond = condition(obj, "Planned")
@@ -189,10 +197,7 @@ def test_model_is_planned_across_nodes_and_replanned_when_a_node_goes_stale(
 
     # The MeshNode of a planned node stops heartbeating: the model moves.
     lost = planned_nodes[0]
-    put_meshnode(
-        cluster, lost, [gpu_device(0, 300, 290, 900.0, "Test GPU")],
-        heartbeat=now_rfc3339(-7200), interval_seconds=10,
-    )  # fmt: skip
+    stop_heartbeat(cluster, lost)
 
     def replanned() -> dict[str, Any] | None:
         current = _planned(cluster, namespace, "gemma")
@@ -611,10 +616,7 @@ def test_replicas_are_planned_on_disjoint_nodes_claimed_and_replanned_alone(
 
     # A node of replica 1 stops heartbeating: replica 1 moves to the spare node.
     lost = second["rpc"][0]
-    put_meshnode(
-        cluster, lost, [gpu_device(0, 300, 290, 900.0, "Test GPU")],
-        heartbeat=now_rfc3339(-7200), interval_seconds=10,
-    )  # fmt: skip
+    stop_heartbeat(cluster, lost)
 
     def replanned() -> dict[str, Any] | None:
         current = _planned(cluster, namespace, "twin")
