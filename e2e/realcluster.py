@@ -617,6 +617,30 @@ class SharedRealCluster:
     bring_up_seconds: float
 
 
+def example_model(
+    shared: SharedRealCluster, name: str, namespace: str, pool: str, **spec: Any
+) -> dict[str, Any]:
+    """The example MeshModel (manifests/examples/model.yaml) as a test's own model
+    on the shared installation: gemma from the session's mirror, `spec` added."""
+    obj: dict[str, Any] = yaml.safe_load(
+        (REPO / "manifests" / "examples" / "model.yaml").read_text()
+    )
+    obj["metadata"].update({"name": name, "namespace": namespace})
+    obj["spec"].update(
+        {
+            "poolRef": pool,
+            "source": {"url": f"{shared.mirror}/{parts.MODEL_FILE}"},
+            "sha256": shared.sha256,
+            "contextSize": CONTEXT,
+            "parallel": 1,
+            "servedName": name,
+            "aliases": [],
+            **spec,
+        }
+    )
+    return obj
+
+
 @pytest.fixture(scope="session")
 def shared_real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedRealCluster]:
     """mesh on three real nodes for the whole session, stopped by pid at its end."""

@@ -23,15 +23,14 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e import parts
 from e2e.realcluster import (
-    CONTEXT,
     MODEL_POD_SECURITY,
     MODELS,
     OUTSIDE,
     POOL_NODES,
     RealCluster,
     SharedRealCluster,
+    example_model,
     log,
     mesh_image,
     restricted_pod,
@@ -264,21 +263,7 @@ def replicas_pool() -> Obj:
 
 
 def replicas_model(shared: SharedRealCluster) -> Obj:
-    obj: Obj = yaml.safe_load((REPO / "manifests" / "examples" / "model.yaml").read_text())
-    obj["metadata"].update({"name": MODEL, "namespace": NAMESPACE})
-    obj["spec"].update(
-        {
-            "poolRef": POOL,
-            "source": {"url": f"{shared.mirror}/{parts.MODEL_FILE}"},
-            "sha256": shared.sha256,
-            "contextSize": CONTEXT,
-            "parallel": 1,
-            "servedName": MODEL,
-            "aliases": [],
-            "replicas": REPLICAS,
-        }
-    )
-    return obj
+    return example_model(shared, MODEL, NAMESPACE, POOL, replicas=REPLICAS)
 
 
 def start_client(mesh: RealCluster) -> None:

@@ -20,14 +20,13 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e import parts
 from e2e.nodes.delay import DelayLine, delayed
 from e2e.realcluster import (
-    CONTEXT,
     MODEL_POD_SECURITY,
     POOL_NODES,
     RealCluster,
     SharedRealCluster,
+    example_model,
 )
 from e2e.scenario import POOL_LABEL, REPO, SYSTEM_NODE
 from e2e.waiting import wait_for
@@ -97,22 +96,7 @@ def rtt_pool() -> dict[str, Any]:
 
 
 def rtt_model(shared: SharedRealCluster) -> dict[str, Any]:
-    obj: dict[str, Any] = yaml.safe_load(
-        (REPO / "manifests" / "examples" / "model.yaml").read_text()
-    )
-    obj["metadata"].update({"name": MODEL, "namespace": NAMESPACE})
-    obj["spec"].update(
-        {
-            "poolRef": POOL,
-            "source": {"url": f"{shared.mirror}/{parts.MODEL_FILE}"},
-            "sha256": shared.sha256,
-            "contextSize": CONTEXT,
-            "parallel": 1,
-            "servedName": MODEL,
-            "aliases": [],
-        }
-    )
-    return obj
+    return example_model(shared, MODEL, NAMESPACE, POOL)
 
 
 def planned_nodes(mesh: RealCluster) -> list[str] | None:
