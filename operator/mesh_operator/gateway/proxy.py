@@ -219,11 +219,12 @@ class Proxy:
 
         loop = asyncio.get_running_loop()
         deadline = x.started + self._settings.hold_timeout
+        affinity = self._router.affinity(request.path, payload)
         failures = 0
         while True:
             waited_from = loop.time()
             try:
-                backend = await gate.acquire(deadline)
+                backend = await gate.acquire(deadline, affinity)
             except HoldTimeoutError as exc:
                 waited = loop.time() - x.started
                 retry_after = self._settings.retry_after
