@@ -165,8 +165,12 @@ def test_an_unhealthy_preferred_host_hands_its_keys_to_another() -> None:
 
 
 def test_no_key_or_least_busy_routing_takes_the_least_busy() -> None:
-    for routing, key in (("prefix", None), ("least-busy", key_of("Doc. " * 80))):
-        gate = gate_with(URLS[:2], slots=4, routing=routing)  # type: ignore[arg-type]
+    cases: tuple[tuple[Routing, bytes | None], ...] = (
+        ("prefix", None),
+        ("least-busy", key_of("Doc. " * 80)),
+    )
+    for routing, key in cases:
+        gate = gate_with(URLS[:2], slots=4, routing=routing)
         taken = [take(gate, key) for _ in range(4)]
         assert sorted(b.in_flight for b in gate.backends.values()) == [2, 2], taken
 
@@ -216,6 +220,7 @@ def test_the_router_keys_requests_only_under_prefix_routing() -> None:
     assert Router(probe, max_queue=1, prefix_chars=16).affinity(CHAT, payload) == prefix_key(
         CHAT, payload, 16
     )
-    for routing in ("least-busy", "round-robin"):
-        router = Router(probe, max_queue=1, routing=routing)  # type: ignore[arg-type]
+    others: tuple[Routing, ...] = ("least-busy", "round-robin")
+    for routing in others:
+        router = Router(probe, max_queue=1, routing=routing)
         assert router.affinity(CHAT, payload) is None
