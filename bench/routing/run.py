@@ -231,7 +231,8 @@ async def measure(
             print(line(done), flush=True)
 
     def median_of(routing: str, attr: str) -> float:
-        return statistics.median(getattr(p, attr) for p in phases if p.routing == routing)
+        values: list[float] = [getattr(p, attr) for p in phases if p.routing == routing]
+        return statistics.median(values)
 
     summary = {
         routing: {
