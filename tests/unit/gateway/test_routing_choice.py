@@ -8,6 +8,8 @@ from collections import Counter
 
 import pytest
 
+from mesh_operator.cli import gateway_cmd
+from mesh_operator.cli.main import build_parser
 from mesh_operator.gateway.admission import Backend, ModelGate, Router
 from mesh_operator.gateway.affinity import Routing, preferred, prefix_key, prompt_prefix
 from tests.unit.gateway.fakes import record, run
@@ -224,3 +226,14 @@ def test_the_router_keys_requests_only_under_prefix_routing() -> None:
     for routing in others:
         router = Router(probe, max_queue=1, routing=routing)
         assert router.affinity(CHAT, payload) is None
+
+
+def test_the_routing_flags_reach_the_settings() -> None:
+    parser, _ = build_parser()
+    default = gateway_cmd._settings(parser.parse_args(["gateway"]))
+    assert (default.routing, default.prefix_chars) == ("prefix", 256)
+    args = parser.parse_args(["gateway", "--routing", "round-robin", "--prefix-chars", "64"])
+    settings = gateway_cmd._settings(args)
+    assert (settings.routing, settings.prefix_chars) == ("round-robin", 64)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["gateway", "--routing", "random"])
