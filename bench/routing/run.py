@@ -31,6 +31,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 import urllib.request
@@ -120,10 +121,16 @@ async def one(session: aiohttp.ClientSession, url: str, body: dict[str, object])
             buffer += chunk
             *events, buffer = buffer.split(b"\n\n")
             for event in events:
+                if not event.startswith(b"data: "):
+                    if event.strip() and not event.startswith(b":"):
+                        raise RuntimeError(f"unexpected event: {event[:300]!r}")
+                    continue
                 data = event.removeprefix(b"data: ").strip()
-                if not data or data == b"[DONE]":
+                if data == b"[DONE]":
                     continue
                 parsed = json.loads(data)
+                if "error" in parsed:
+                    raise RuntimeError(f"error event: {data[:300]!r}")
                 choices = parsed.get("choices") or []
                 if first is None and choices and (choices[0].get("delta") or {}).get("content"):
                     first = time.perf_counter()
@@ -180,8 +187,9 @@ async def phase(
             body = queue.get_nowait()
             try:
                 samples.append(await one(session, url, body))
-            except (aiohttp.ClientError, RuntimeError):
+            except (aiohttp.ClientError, RuntimeError) as exc:
                 errors += 1
+                print(f"request failed: {exc}", file=sys.stderr, flush=True)
 
     before = [host_counters(h) for h in hosts]
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
