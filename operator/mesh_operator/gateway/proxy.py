@@ -246,6 +246,9 @@ class Proxy:
                     request, gate=gate, backend=backend, body=body, stream=stream, x=x
                 )
             except _RetryableError as retry:
+                # The preferred host just failed this request: the next send goes
+                # to the least busy host, as without prefix routing.
+                affinity = None
                 self._metrics.retries.labels(gate.key, retry.reason).inc()
                 self._metrics.upstream_errors.labels(gate.key, retry.reason).inc()
                 if retry.host_down:

@@ -12,7 +12,7 @@ from mesh_operator.cli import gateway_cmd
 from mesh_operator.cli.main import build_parser
 from mesh_operator.gateway.admission import Backend, ModelGate, Router
 from mesh_operator.gateway.affinity import Routing, preferred, prefix_key, prompt_prefix
-from tests.unit.gateway.fakes import record, run
+from tests.unit.gateway.fakes import SettableSource, gateway, hosts, record, run, wait_for
 
 pytestmark = pytest.mark.unit
 
@@ -237,3 +237,29 @@ def test_the_routing_flags_reach_the_settings() -> None:
     assert (settings.routing, settings.prefix_chars) == ("round-robin", 64)
     with pytest.raises(SystemExit):
         parser.parse_args(["gateway", "--routing", "random"])
+
+
+def test_a_retry_does_not_stick_to_the_preferred_host_that_failed_it() -> None:
+    """A preferred host that closes connections (not marked down: it may only have
+    dropped an idle keep-alive one) must not get every attempt of the request."""
+
+    async def scenario() -> None:
+        async with hosts(2) as [dropper, alive]:
+            source = SettableSource([record("gemma", [dropper.url, alive.url], slots=1)])
+            async with gateway(source) as (gw, client):
+                assert gw.router is not None
+                gate = gw.router.resolve("gemma")
+                await wait_for(lambda: all(b.healthy for b in gate.backends.values()))
+                body = next(
+                    b
+                    for b in ({**chat(f"Document {n}."), "model": "gemma"} for n in range(1000))
+                    if gate.preferred(prefix_key(CHAT, b) or b"") is gate.backends[dropper.url]
+                )
+                dropper.behaviour = "drop"
+                async with client.post(CHAT, json=body) as resp:
+                    assert resp.status == 200
+                assert alive.requests == 1
+                # Without the fallback every attempt (3) would go to the dropper.
+                assert 1 <= dropper.requests < 3
+
+    run(scenario())
