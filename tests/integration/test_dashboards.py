@@ -56,6 +56,7 @@ gateway's pod.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -692,13 +693,19 @@ def stack(
         (gateway,) = mesh.release_pods("gateway")
         chat = f"http://{gateway['status']['podIP']}:8000/v1/chat/completions"
 
+        sent = itertools.count()
+
         def requests(models: tuple[Model, ...], count: int = 1) -> None:
             for model in models:
                 for stream in (False, True):
                     for _ in range(count):
+                        # Distinct prompts: the gateway routes by prompt prefix, so
+                        # one prompt would always prefer the same host.
                         body = {
                             "model": model.name,
-                            "messages": [{"role": "user", "content": "Name a colour."}],
+                            "messages": [
+                                {"role": "user", "content": f"Name a colour ({next(sent)})."}
+                            ],
                             "max_tokens": 8,
                             "stream": stream,
                         }
@@ -724,8 +731,10 @@ def stack(
                 done.result(timeout=300)
         time.sleep(2 * SCRAPE_SECONDS)
 
-        # A failing host beside the served model's own, for two rounds: the
-        # gateway alternates between them.
+        # A failing host beside the served model's own, for two rounds: distinct
+        # prompts hash to either (prefix routing), so each kind of request (plain,
+        # streamed) reaches the failing host unless all 16 of that kind prefer the
+        # other one (odds 2**-16).
         failing = ThreadingHTTPServer((bridge, 0), FailingHost)
         threading.Thread(target=failing.serve_forever, name="failing host", daemon=True).start()
         undo.append(failing.server_close)
@@ -738,7 +747,7 @@ def stack(
         wait_for("the gateway to probe the failing host", lambda: FailingHost.health_checks, 60)
         time.sleep(1)
         for _round in range(2):
-            requests((MODEL,), count=4)
+            requests((MODEL,), count=8)
             time.sleep(3 * SCRAPE_SECONDS)
         _deleting(mesh, f"endpointslice/{failing_slice['metadata']['name']}",
                   namespace=MODEL.namespace)()  # fmt: skip

@@ -17,6 +17,7 @@ from typing import Any
 from kubernetes import client
 from pydantic import ValidationError
 
+from mesh_operator.gateway.affinity import ROUTINGS
 from mesh_operator.gateway.auth import KeyReloader, KeyRing, load_key_dir, secret_loader
 from mesh_operator.gateway.discovery import DiscoverySource, StaticModel, StaticSource
 from mesh_operator.gateway.kube_discovery import KubernetesSource
@@ -99,6 +100,20 @@ def add_parser(subparsers: Any) -> None:
         default=DEFAULTS.max_body_bytes,
         help="largest request body (%(default)s)",
     )
+    admit.add_argument(
+        "--routing",
+        choices=ROUTINGS,
+        default=DEFAULTS.routing,
+        help="which host of a model takes a request: the one its prompt's prefix hashes to "
+        "while it has a free slot, else the least busy (prefix); always the least busy "
+        "(least-busy); in turn (round-robin) (default: %(default)s)",
+    )
+    admit.add_argument(
+        "--prefix-chars",
+        type=int,
+        default=DEFAULTS.prefix_chars,
+        help="characters at the start of a prompt that make its routing key (%(default)s)",
+    )
     admit.add_argument("--connect-timeout", type=float, default=DEFAULTS.connect_timeout)
     admit.add_argument(
         "--read-timeout",
@@ -166,6 +181,8 @@ def _settings(args: argparse.Namespace) -> GatewaySettings:
         shutdown_delay=args.shutdown_delay,
         drain_timeout=args.drain_timeout,
         access_log=args.access_log,
+        routing=args.routing,
+        prefix_chars=args.prefix_chars,
     )
 
 

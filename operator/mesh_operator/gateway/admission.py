@@ -8,6 +8,13 @@ handed a host the moment one frees up. A host that fails is marked down and prob
 (`/health`) until it answers 200 again. `Router` applies discovery snapshots to
 this state without disturbing requests in flight.
 
+Which host, among those with a free slot (`ModelGate._pick`), is the routing rule:
+`prefix` (the default) gives a request the host its prompt's prefix hashes to
+(`gateway.affinity`) when that host has a free slot, else the least busy one;
+`least-busy` always the one with the fewest requests in flight; `round-robin`
+the next one in turn. Either way the queue is one FIFO per model: the oldest
+waiter gets the next free slot, on its preferred host if that is the one free.
+
 Runs on the event loop only; the health probe is injected so this module does no
 network I/O itself.
 """
@@ -19,7 +26,9 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
+from mesh_operator.gateway.affinity import PREFIX_CHARS, Routing, preferred, prefix_key
 from mesh_operator.gateway.routing import ModelRecord, RouteTable
 
 log = logging.getLogger(__name__)
@@ -75,14 +84,25 @@ class Backend:
         return f"Backend({self.url}, {self.in_flight}/{self.slots}, healthy={self.healthy})"
 
 
+class Waiter:
+    """A request waiting for a slot, with the affinity key of its prompt."""
+
+    __slots__ = ("future", "key")
+
+    def __init__(self, future: asyncio.Future[Backend], key: bytes | None) -> None:
+        self.future = future
+        self.key = key
+
+
 class ModelGate:
     """The hosts and the queue of one model."""
 
-    def __init__(self, record: ModelRecord, max_queue: int) -> None:
+    def __init__(self, record: ModelRecord, max_queue: int, routing: Routing = "prefix") -> None:
         self.record = record
         self.max_queue = max_queue
+        self.routing: Routing = routing
         self.backends: dict[str, Backend] = {}
-        self.waiters: deque[asyncio.Future[Backend]] = deque()
+        self.waiters: deque[Waiter] = deque()
         self.gone = False
         self._turn = 0
 
@@ -99,12 +119,16 @@ class ModelGate:
     def in_flight(self) -> int:
         return sum(b.in_flight for b in self.backends.values())
 
-    async def acquire(self, deadline: float) -> Backend:
-        """A host with a free slot, waiting (FIFO) until `deadline` (loop time) at most."""
+    async def acquire(self, deadline: float, key: bytes | None = None) -> Backend:
+        """A host with a free slot, waiting (FIFO) until `deadline` (loop time) at most.
+
+        `key` is the request's affinity key (`Router.affinity`): under `prefix`
+        routing its host is taken when it has a free slot.
+        """
         if self.gone:
             raise ModelGoneError(self.key)
         if not self.waiters:
-            backend = self._pick()
+            backend = self._pick(key)
             if backend is not None:
                 backend.in_flight += 1
                 return backend
@@ -112,7 +136,8 @@ class ModelGate:
             raise QueueFullError(self.key)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Backend] = loop.create_future()
-        self.waiters.append(waiter)
+        entry = Waiter(waiter, key)
+        self.waiters.append(entry)
         try:
             async with asyncio.timeout_at(deadline):
                 return await asyncio.shield(waiter)
@@ -133,7 +158,7 @@ class ModelGate:
             raise
         finally:
             with contextlib.suppress(ValueError):
-                self.waiters.remove(waiter)
+                self.waiters.remove(entry)
 
     def release(self, backend: Backend) -> None:
         backend.in_flight -= 1
@@ -143,27 +168,46 @@ class ModelGate:
         """Hand free slots to waiters, oldest first."""
         while self.waiters:
             head = self.waiters[0]
-            if head.done():
+            if head.future.done():
                 self.waiters.popleft()
                 continue
-            backend = self._pick()
+            backend = self._pick(head.key)
             if backend is None:
                 return
             self.waiters.popleft()
             backend.in_flight += 1
-            head.set_result(backend)
+            head.future.set_result(backend)
 
     def close(self) -> None:
         """The model is gone: fail everything still waiting."""
         self.gone = True
         while self.waiters:
-            waiter = self.waiters.popleft()
+            waiter = self.waiters.popleft().future
             if not waiter.done():
                 waiter.set_exception(ModelGoneError(self.key))
 
-    def _pick(self) -> Backend | None:
+    def preferred(self, key: bytes) -> Backend | None:
+        """The host `key` hashes to among the hosts in service (full or not)."""
+        return preferred(
+            key,
+            (b for b in self.backends.values() if b.healthy and not b.removed),
+            _url,
+        )
+
+    def _pick(self, key: bytes | None = None) -> Backend | None:
         if not self.record.ready:
             return None
+        if self.routing == "round-robin":
+            return self._next_in_turn()
+        if key is not None and self.routing == "prefix":
+            # A full preferred host is not waited for: the request goes to the
+            # least busy host instead (a cache miss costs less than a queue).
+            choice = self.preferred(key)
+            if choice is not None and choice.has_room():
+                return choice
+        return self._least_busy()
+
+    def _least_busy(self) -> Backend | None:
         best: Backend | None = None
         candidates = list(self.backends.values())
         # Least in flight first; ties rotate so equal hosts share the load.
@@ -176,13 +220,37 @@ class ModelGate:
             self._turn += 1
         return best
 
+    def _next_in_turn(self) -> Backend | None:
+        """The next host in a fixed rotation that has a free slot, whatever its load."""
+        candidates = list(self.backends.values())
+        count = len(candidates)
+        for offset in range(count):
+            index = (self._turn + offset) % count
+            if candidates[index].has_room():
+                self._turn = index + 1
+                return candidates[index]
+        return None
+
+
+def _url(backend: Backend) -> str:
+    return backend.url
+
 
 class Router:
     """Routing table plus the gates behind it; applies snapshots from discovery."""
 
-    def __init__(self, probe: HealthProbe, *, max_queue: int) -> None:
+    def __init__(
+        self,
+        probe: HealthProbe,
+        *,
+        max_queue: int,
+        routing: Routing = "prefix",
+        prefix_chars: int = PREFIX_CHARS,
+    ) -> None:
         self._probe = probe
         self._max_queue = max_queue
+        self.routing: Routing = routing
+        self.prefix_chars = prefix_chars
         self.table = RouteTable()
         self.gates: dict[str, ModelGate] = {}
         self.snapshots = 0
@@ -198,7 +266,7 @@ class Router:
                     self._retire(backend)
                 gate.close()
         for key, record in table.records.items():
-            gate = self.gates.get(key) or ModelGate(record, self._max_queue)
+            gate = self.gates.get(key) or ModelGate(record, self._max_queue, self.routing)
             self.gates[key] = gate
             gate.record = record
             wanted = dict.fromkeys(record.backends)
@@ -216,6 +284,12 @@ class Router:
             gate.pump()
         self.table = table
         self.snapshots += 1
+
+    def affinity(self, path: str, payload: dict[str, Any]) -> bytes | None:
+        """The affinity key of a request (None unless routing is `prefix`)."""
+        if self.routing != "prefix":
+            return None
+        return prefix_key(path, payload, self.prefix_chars)
 
     def resolve(self, requested: str) -> ModelGate:
         """The gate of the model `requested` names (raises `ResolveError`)."""

@@ -231,11 +231,12 @@ class Proxy:
 
         loop = asyncio.get_running_loop()
         deadline = x.started + self._settings.hold_timeout
+        affinity = self._router.affinity(request.path, payload)
         failures = 0
         while True:
             waited_from = loop.time()
             try:
-                backend = await gate.acquire(deadline)
+                backend = await gate.acquire(deadline, affinity)
             except HoldTimeoutError as exc:
                 waited = loop.time() - x.started
                 retry_after = self._settings.retry_after
@@ -257,6 +258,9 @@ class Proxy:
                     request, gate=gate, backend=backend, body=body, stream=stream, x=x
                 )
             except _RetryableError as retry:
+                # The preferred host just failed this request: the next send goes
+                # to the least busy host, as without prefix routing.
+                affinity = None
                 self._metrics.retries.labels(gate.key, retry.reason).inc()
                 self._metrics.upstream_errors.labels(gate.key, retry.reason).inc()
                 if retry.host_down:

@@ -80,7 +80,12 @@ class Gateway:
             # Streams pass through byte for byte: ask hosts not to compress.
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
         )
-        self.router = Router(self._probe, max_queue=settings.max_queue)
+        self.router = Router(
+            self._probe,
+            max_queue=settings.max_queue,
+            routing=settings.routing,
+            prefix_chars=settings.prefix_chars,
+        )
         self.metrics.watch(self.router)
         if self.keys is not None:
             await self.keys.start()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mesh_operator.gateway.affinity import PREFIX_CHARS, Routing
+
 MIB = 1024 * 1024
 
 
@@ -28,3 +30,7 @@ class GatewaySettings:
     shutdown_delay: float = 0.0
     drain_timeout: float = 150.0
     access_log: bool = False
+    # Which host of a model a request goes to (docs/gateway.md, "Routing").
+    routing: Routing = "prefix"
+    # Characters at the start of a prompt that make its affinity key.
+    prefix_chars: int = PREFIX_CHARS

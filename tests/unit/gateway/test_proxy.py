@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh_operator.gateway import proxy
+from mesh_operator.gateway.affinity import prefix_key
 from mesh_operator.gateway.auth import KeyReloader, KeyRing
 from mesh_operator.gateway.server import Gateway
 from mesh_operator.gateway.tracing import configured_endpoint, setup_tracing
@@ -651,9 +652,21 @@ def test_a_refused_connection_fails_over_to_another_host() -> None:
                 assert gw.router is not None
                 gate = gw.router.resolve("gemma")
                 await wait_for(lambda: all(b.healthy for b in gate.backends.values()))
+                # Prefix routing (the default) sends a prompt to the host it hashes
+                # to: use one whose preferred host is the one about to die.
+                bodies = (
+                    {**CHAT, "messages": [{"role": "user", "content": f"hi {n}"}]}
+                    for n in range(1000)
+                )
+                body = next(
+                    b
+                    for b in bodies
+                    if gate.preferred(prefix_key("/v1/chat/completions", b) or b"")
+                    is gate.backends[dead.url]
+                )
                 await dead.stop()
                 for _ in range(4):
-                    async with client.post("/v1/chat/completions", json=CHAT) as resp:
+                    async with client.post("/v1/chat/completions", json=body) as resp:
                         assert resp.status == 200
                 assert alive.requests == 4
                 assert value(gw, "mesh_gateway_hosts", state="unhealthy") == 1

@@ -1,0 +1,1 @@
+"""Prefix routing against round robin on two llama-server replicas."""
