@@ -416,10 +416,13 @@ def with_draft(
     draft: ModelProfile,
     inventory: Inventory,
     request: PlacementRequest,
+    *,
+    speculation: NgramSpeculation | None = None,
 ) -> tuple[PlacementResult, PlannedDraft | None, str | None]:
     """A plan with its draft model: the draft's memory on the host's node, the host
-    moved to another node of the layout when only there is room, and why the draft
-    fits nowhere (None when it fits)."""
+    moved to another node of the layout when only there is room (its time counted
+    with `speculation`, as `plan` counts it), and why the draft fits nowhere (None
+    when it fits)."""
     if not result.feasible:
         return result, None, None
     plan = to_plan(result)
@@ -427,7 +430,7 @@ def with_draft(
     problem = draft_room_problem(plan, inventory, request.reserve_percent)
     if problem is None:
         return result, plan.draft, None
-    moved = rehost_for_draft(result, profile, draft, inventory, request)
+    moved = rehost_for_draft(result, profile, draft, inventory, request, speculation=speculation)
     if moved is None:
         return result, plan.draft, problem
     return moved, draft_on_host(draft, request.serving, moved.host_node), None

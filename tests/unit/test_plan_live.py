@@ -127,9 +127,9 @@ def test_other_models_hold_memory_and_the_plan_goes_around_them() -> None:
             "ai/other-pool": ("cpu", _plan_on("a", "CUDA0", 999)),
         }
     )
-    result, held, unusable = plan_on_pool(
-        live, _spec(), profile, "ai/mine", reserve_percent=None, now=NOW
-    )
+    planned = plan_on_pool(live, _spec(), profile, "ai/mine", reserve_percent=None, now=NOW)
+    result, held, unusable = planned.result, planned.holdings, planned.unusable
+    assert planned.draft is None and planned.draft_problem is None
     assert result.feasible, result.reason
     # a keeps 1000 - 800 - 10% reserve: too little; the model's own claim on b is free.
     assert result.rpc == ("b",)
@@ -142,9 +142,9 @@ def test_other_models_hold_memory_and_the_plan_goes_around_them() -> None:
 def test_with_every_device_held_the_plan_is_infeasible_and_says_who_holds() -> None:
     profile = read_model_profile(GEMMA_HEADER)
     live = _pool({f"ai/m{n}": ("gpu", _plan_on(n, "CUDA0", 900)) for n in ("a", "b")})
-    result, held, _ = plan_on_pool(live, _spec(), profile, "ai/new", reserve_percent=0, now=NOW)
-    assert not result.feasible
-    assert {h.model for h in held} == {"ai/ma", "ai/mb"}
+    planned = plan_on_pool(live, _spec(), profile, "ai/new", reserve_percent=0, now=NOW)
+    assert not planned.result.feasible
+    assert {h.model for h in planned.holdings} == {"ai/ma", "ai/mb"}
 
 
 def test_holdings_only_count_the_pools_nodes() -> None:
@@ -175,12 +175,10 @@ def test_nodes_the_pool_cannot_use_are_named_with_why() -> None:
     live = _pool({})
     stale = dict(live.meshnodes, a=one_gpu_status(NOW, 900, total=1000, age=600))
     live = dataclasses.replace(live, meshnodes=stale)
-    result, _, unusable = plan_on_pool(
-        live, _spec(), profile, "ai/new", reserve_percent=None, now=NOW
-    )
-    assert result.rpc == ("b",)
-    assert [u["node"] for u in unusable] == ["a"]
-    assert unusable[0]["problem"].startswith("heartbeat stale")
+    planned = plan_on_pool(live, _spec(), profile, "ai/new", reserve_percent=None, now=NOW)
+    assert planned.result.rpc == ("b",)
+    assert [u["node"] for u in planned.unusable] == ["a"]
+    assert planned.unusable[0]["problem"].startswith("heartbeat stale")
 
 
 def test_current_is_for_an_inventory(capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,7 @@ from mesh_operator.api.contract import HOST_PORT, HOST_PORT_NAME
 from mesh_operator.api.meshmodel import MeshModelSpec, Plan
 from mesh_operator.api.meshpool import MeshPoolSpec
 from mesh_operator.manifests.workloads import build_host_deployment
-from mesh_operator.planner import parse_inventory
+from mesh_operator.planner import PlacementRequest, ServingParams, parse_inventory, plan_placement
 from mesh_operator.planner.speculation import MEASURED_NGRAM, NgramSpeculation, tokens_per_step
 from tests.unit.planner.builders import device, inventory, node, synthetic_profile
 from tests.unit.test_manifests import workload
@@ -254,3 +254,32 @@ def test_the_draft_must_fit_on_the_host_s_node(
     else:
         assert found is not None and found.endswith(problem), found
         assert found.startswith(f"the draft model needs {draft_mib} MiB on the host's node a")
+
+
+def test_a_host_moved_for_its_draft_keeps_the_speculations_time() -> None:
+    """with_draft moves the host to the node with room, keeps the devices and counts
+    the time per token as `plan` does, n-gram speculation included."""
+    model = synthetic_profile(layer_mib=400.0)
+    draft = synthetic_profile(layer_mib=50.0)
+    request = PlacementRequest(serving=ServingParams(ctx=4096))
+    alone = inventory(node("a", device(total=8192)), node("b", device(total=8192)))
+    first = plan_placement(model, alone, request)
+    assert first.feasible and len(first.rpc) == 2 and first.host_node is not None
+    other = next(n for n in first.rpc if n != first.host_node)
+    roomy = inventory(
+        *(node(n, device(total=8192)) | {"hostMemoryFreeMiB": 4096 if n == other else 0}
+          for n in ("a", "b"))
+    )  # fmt: skip
+    speculation = NgramSpeculation(0.5, 8, MEASURED_NGRAM.share)
+    plain, _, _ = planning.with_draft(first, model, draft, roomy, request)
+    moved, planned, problem = planning.with_draft(
+        first, model, draft, roomy, request, speculation=speculation
+    )
+    assert problem is None and planned is not None and planned.node == other
+    assert moved.host_node == other and moved.layout() == first.layout()
+    assert plain.host_node == other
+    assert moved.predicted_token_ms == pytest.approx(speculation.token_ms(plain.predicted_token_ms))
+    assert moved.predicted_token_ms < plain.predicted_token_ms
+    # Nowhere with room: the plan as it was, and why.
+    kept, _, why = planning.with_draft(first, model, draft, alone, request)
+    assert kept is first and why is not None and why.startswith("the draft model needs ")

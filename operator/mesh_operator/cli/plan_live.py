@@ -56,8 +56,6 @@ from mesh_operator.handlers.snapshot import (
 from mesh_operator.kubeclient import KubeconfigError, api_client, unreachable_reason
 from mesh_operator.ledger import NodeInfo, PoolView, build_pool_view, to_inventory
 from mesh_operator.planner import (
-    Inventory,
-    PlacementRequest,
     PlacementResult,
     PlannerInputError,
 )
@@ -279,6 +277,17 @@ def _pool_view(live: LivePool, key: str, now: dt.datetime) -> tuple[dict[str, Pl
     return claims, build_pool_view(live.spec, live.nodes, live.meshnodes, claims, now)
 
 
+@dataclass(frozen=True)
+class LivePlan:
+    """What the operator would do with the model on the pool."""
+
+    result: PlacementResult
+    holdings: list[Holding]  # memory other models hold in the pool
+    unusable: list[dict[str, str]]  # the pool's nodes it cannot use, and why
+    draft: PlannedDraft | None = None  # its draft model's memory, if it has one
+    draft_problem: str | None = None  # why the draft fits on no node of the plan
+
+
 def plan_on_pool(
     live: LivePool,
     spec: MeshModelSpec,
@@ -288,21 +297,26 @@ def plan_on_pool(
     reserve_percent: float | None,
     now: dt.datetime,
     draft: ModelProfile | None = None,
-) -> tuple[PlacementResult, list[Holding], list[dict[str, str]]]:
-    """The operator's plan for the model `key` on the pool (hosted where its `draft`
-    model has room, if it has one), the memory other models hold there, and the
-    pool's nodes it cannot use (and why). Pure."""
+) -> LivePlan:
+    """The operator's plan for the model `key` on the pool, hosted where its
+    `draft` model has room if it has one (`planning.with_draft`). Pure."""
     claims, view = _pool_view(live, key, now)
     own = live.plans.get(key)
     current = own[1] if own is not None and own[0] == live.name and own[1].devices else None
-    request = live_request(live, spec, profile, reserve_percent)
+    request = planning.placement_request(spec, live.spec, profile)
+    if reserve_percent is not None:
+        request = dataclasses.replace(request, reserve_percent=reserve_percent)
     speculation = planning.ngram_speculation(spec)
     inventory = to_inventory(view)
     result = planning.plan(profile, inventory, request, current, live.spec, speculation=speculation)
+    planned, problem = None, None
     if draft is not None:
-        result, _, _ = planning.with_draft(result, profile, draft, inventory, request)
+        result, planned, problem = planning.with_draft(
+            result, profile, draft, inventory, request, speculation=speculation
+        )
     unusable = [{"node": n.name, "problem": n.problem} for n in view.nodes if not n.usable]
-    return result, build_holdings(claims, {n.name for n in view.nodes}), unusable
+    holdings = build_holdings(claims, {n.name for n in view.nodes})
+    return LivePlan(result, holdings, unusable, planned, problem)
 
 
 def operator_commands(
@@ -340,22 +354,6 @@ def holdings_table(holdings: list[Holding], unusable: list[dict[str, str]]) -> s
     return "\n".join(line.rstrip() for line in lines)
 
 
-def live_inventory(live: LivePool, key: str, now: dt.datetime) -> Inventory:
-    """The pool as the model `key` would be planned on it. Pure."""
-    _, view = _pool_view(live, key, now)
-    return to_inventory(view)
-
-
-def live_request(
-    live: LivePool, spec: MeshModelSpec, profile: ModelProfile, reserve_percent: float | None
-) -> PlacementRequest:
-    """The operator's request for this model on the pool, with the reserve asked for."""
-    request = planning.placement_request(spec, live.spec, profile)
-    if reserve_percent is not None:
-        request = dataclasses.replace(request, reserve_percent=reserve_percent)
-    return request
-
-
 def report_draft(report: dict[str, Any], draft: PlannedDraft | None, problem: str | None) -> None:
     """Put the draft model's memory into `report`; a draft that fits on no node of
     the plan makes it infeasible, as the operator would."""
@@ -388,27 +386,23 @@ def run_live(
         draft = read_profile(draft_source) if draft_source is not None else None
         key = model_key(namespace, name)
         now = dt.datetime.now(dt.UTC)
-        result, holdings, unusable = plan_on_pool(
+        planned = plan_on_pool(
             live, spec, profile, key, reserve_percent=args.reserve_percent, now=now, draft=draft
         )
-        out = report(result, profile, args)
-        if draft is not None:
-            request = live_request(live, spec, profile, args.reserve_percent)
-            inventory = live_inventory(live, key, now)
-            _, planned, problem = planning.with_draft(result, profile, draft, inventory, request)
-            report_draft(out, planned, problem)
+        out = report(planned.result, profile, args)
+        report_draft(out, planned.draft, planned.draft_problem)
     except (LiveInputError, PlannerInputError) as exc:
         print(f"mesh plan: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except UnreachableError as exc:
         print(f"mesh plan: error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    out["args"] = operator_commands(result, spec, name, live.spec, profile)
+    out["args"] = operator_commands(planned.result, spec, name, live.spec, profile)
     out["pool"] = live.name
-    out["heldBy"] = [h.to_wire() for h in holdings]
-    out["unusableNodes"] = unusable
+    out["heldBy"] = [h.to_wire() for h in planned.holdings]
+    out["unusableNodes"] = planned.unusable
     if args.output == "json":
         print(json.dumps(out, indent=2))
     else:
-        print(table(out, args) + holdings_table(holdings, unusable))
+        print(table(out, args) + holdings_table(planned.holdings, planned.unusable))
     return EXIT_FEASIBLE if out["feasible"] else EXIT_INFEASIBLE

@@ -479,20 +479,17 @@ class _Decider:
                 placed.append(new_plan if count == 1 else old)
                 continue
             # Checked where a layout is new: a serving host is not stopped for a
-            # small change of free RAM, as a kept plan's devices are not.
-            no_room = planning.draft_room_problem(new_plan, inventory, request.reserve_percent)
-            if no_room is not None and isinstance(s.draft_profile, planning.ModelProfile):
-                # Another node of the same layout may have the room: host it there.
-                moved = planning.rehost_for_draft(
+            # small change of free RAM, as a kept plan's devices are not. Without
+            # room on its node, the host may move to another node of the layout.
+            no_room = None
+            if isinstance(s.draft_profile, planning.ModelProfile):
+                hosted, new_plan.draft, no_room = planning.with_draft(
                     one, profile, s.draft_profile, inventory, request, speculation=speculation
                 )
-                if moved is not None:
-                    new_plan = planning.to_plan(moved)
-                    new_plan.replica = indices[slot]
-                    new_plan.draft = planning.planned_draft(
-                        s.draft_profile, spec, new_plan.host_node
-                    )
-                    no_room = None
+                if hosted.host_node != one.host_node:
+                    draft = new_plan.draft
+                    new_plan = planning.to_plan(hosted)
+                    new_plan.replica, new_plan.draft = indices[slot], draft
             if no_room is not None:
                 why = no_room
                 continue
