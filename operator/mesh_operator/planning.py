@@ -156,7 +156,7 @@ def replicas(
     if count == 1:
         one = plan(profile, inventory, request, current[0], pool, speculation=speculation)
         if not one.feasible:
-            return ReplicaPlan(False, one.reason, (), 0, ())
+            return ReplicaPlan(False, one.reason, (), 0, (), cause=one.reason)
         return ReplicaPlan(True, one.reason, (one,), 1, (0,))
     result = plan_replicas(
         profile,
@@ -169,8 +169,7 @@ def replicas(
     slots: list[int] = []
     # Why the next replica did not fit, without the planner's ordinal of it (a
     # replica's number is its index, which names its children).
-    ordinal = f"{result.fitting} of {count} replicas fit: replica {result.fitting + 1}: "
-    reason = result.reason.removeprefix(ordinal)
+    reason = result.cause
     for slot, one in zip(result.slots, result.replicas, strict=True):
         if len(one.rpc) > pool.max_nodes_per_model:
             reason = (
@@ -188,9 +187,16 @@ def replicas(
             )
         )
         slots.append(slot)
-    if len(placed) < count:
-        reason = f"{len(placed)} of {count} replicas fit: {reason}"
-    return ReplicaPlan(len(placed) == count, reason, tuple(placed), len(placed), tuple(slots))
+    if len(placed) == count:
+        return ReplicaPlan(True, result.reason, tuple(placed), count, tuple(slots))
+    return ReplicaPlan(
+        False,
+        f"{len(placed)} of {count} replicas fit: {reason}",
+        tuple(placed),
+        len(placed),
+        tuple(slots),
+        cause=reason,
+    )
 
 
 def combined_claim(plans: Sequence[Plan]) -> Plan | None:

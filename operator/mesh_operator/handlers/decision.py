@@ -464,7 +464,8 @@ class _Decider:
             profile, inventory, request, keep, pool.spec, speculation=speculation
         )
         self.d.plan_seconds = time.perf_counter() - started
-        why = result.reason
+        # Why a replica could not be placed (the next one's reason, or its draft's).
+        why = result.cause
         placed: list[Plan] = []
         changed: list[Plan] = []
         for slot, one in zip(result.slots, result.replicas, strict=True):
@@ -495,7 +496,7 @@ class _Decider:
                 continue
             placed.append(new_plan)
             changed.append(new_plan)
-        if count > 1 and len(placed) < count and not why.startswith(f"{len(placed)} of "):
+        if count > 1 and len(placed) < count:
             why = f"{len(placed)} of {count} replicas fit: {why}"
         if not placed:
             self._no_capacity(current, reason, message, why)

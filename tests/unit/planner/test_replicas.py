@@ -41,6 +41,8 @@ def test_too_many_replicas_say_how_many_fit(model: ModelProfile) -> None:
     result = plan_replicas(model, pool, REQUEST, 3)
     assert not result.feasible and result.fitting == 2
     assert result.reason.startswith("2 of 3 replicas fit: replica 3: "), result.reason
+    # The single-model planner's reason, for callers that number replicas their way.
+    assert result.cause.startswith("VRAM: ") and result.reason.endswith(result.cause)
     assert len(result.replicas) == 2
 
 

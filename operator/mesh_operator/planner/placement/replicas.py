@@ -44,6 +44,9 @@ class ReplicaPlan:
     fitting: int  # how many replicas the pool holds (all asked, when feasible)
     # The replica (index in 0..count-1) each of `replicas` is for.
     slots: tuple[int, ...] = ()
+    # Why the next replica did not fit (the single-model planner's reason);
+    # empty when all fit.
+    cause: str = ""
 
     @property
     def slowest_ms(self) -> float:
@@ -99,6 +102,7 @@ def plan_replicas(
                 replicas=tuple(p for p in plans if p is not None),
                 fitting=fitting,
                 slots=tuple(j for j, p in enumerate(plans) if p is not None),
+                cause=result.reason,
             )
         plans[i] = result
     done = [p for p in plans if p is not None]
