@@ -27,6 +27,7 @@ from mesh_operator.api.contract import (
 from mesh_operator.api.meshmodel import MeshModelSpec, MeshModelStatus, Plan
 from mesh_operator.api.meshnode import MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec
+from mesh_operator.demand import Demand
 from mesh_operator.handlers.decision import (
     ChildRef,
     Decision,
@@ -880,3 +881,223 @@ def test_a_lost_replica_without_room_leaves_the_other_serving_under_its_own_name
     assert [p.replica for p in all_plans(back)] == [0, 1] and all_plans(back)[1] == second
     assert sorted(c["metadata"]["name"] for c in back.apply) == ["big-host", "big-rpc"]
     assert conditions(back)["ReplicasAvailable"] == ("True", "AllPlanned")
+
+
+# -- scale to zero ------------------------------------------------------------------
+
+ZERO_SPEC = {**SPEC, "scaleToZeroAfter": "10m"}
+
+
+def idle(seconds: float, *, load: int = 0, complete: bool = True) -> Demand:
+    """Demand of a model whose last request was `seconds` before NOW."""
+    since = NOW - dt.timedelta(seconds=seconds)
+    return Demand(
+        waiting=load, busy=0, last_active=since, history=((since, load),), complete=complete
+    )
+
+
+def serving_zero(**changes: Any) -> ModelSnapshot:
+    steady, _ = serving()
+    return dataclasses.replace(steady, spec=ZERO_SPEC, **changes)
+
+
+def test_an_idle_model_scales_to_zero_releasing_workload_and_claim() -> None:
+    steady = serving_zero(demand=idle(601))
+    held = steady.status.plan
+    d = decide(steady)
+    assert d.reason == "ScaledToZero" and d.outcome == "ok" and d.scaling == "to_zero"
+    assert d.status.plan is None and d.status.replicas == 0 and d.status.endpoint is None
+    assert d.claim is None and d.claim_changed, "the ledger releases its memory"
+    assert sorted(c.kind for c in d.delete) == ["DaemonSet", "Deployment"]
+    assert d.apply == [] and d.children == [], "the Service and policy stay with the model"
+    assert d.status.scaled_to_zero_time == "2026-12-01T12:00:00Z"
+    assert conditions(d) == {
+        "Planned": ("False", "ScaledToZero"),
+        "WorkersReady": ("False", "ScaledToZero"),
+        "Ready": ("False", "ScaledToZero"),
+        "Degraded": ("False", "AsPlanned"),
+    }
+    message = conditions_message(d, "Ready")
+    assert "no request at any gateway for 10m1s" in message and "next request" in message
+    assert event_reasons(d) == ["ScaledToZero"]
+    assert held is not None and steady.status.plan == held, "the snapshot is not changed"
+
+
+@pytest.mark.parametrize(
+    ("demand", "why"),
+    [
+        (None, "no gateway reports the model"),
+        (idle(599), "idle for less than scaleToZeroAfter"),
+        (idle(3600, load=1), "a request is held"),
+        (idle(3600, complete=False), "a gateway did not answer"),
+    ],
+)
+def test_a_model_stays_up_unless_every_gateway_saw_it_idle_long_enough(
+    demand: Demand | None, why: str
+) -> None:
+    d = decide(serving_zero(demand=demand))
+    assert d.reason == "PlanKept", why
+    assert d.status.scaled_to_zero_time is None and d.status.plan is not None, why
+    assert d.scaling is None, why
+
+
+def test_without_scale_to_zero_after_an_idle_model_stays() -> None:
+    steady, _ = serving()
+    d = decide(dataclasses.replace(steady, demand=idle(10**6)))
+    assert d.reason == "PlanKept" and d.status.plan is not None
+
+
+def at_zero(demand: Demand | None, spec: Mapping[str, Any] = ZERO_SPEC) -> Decision:
+    """The decision at NOW for a model that went to zero 5 minutes before."""
+    gone = decide(serving_zero(demand=idle(901), now=NOW - dt.timedelta(minutes=5)))
+    assert gone.status.scaled_to_zero_time == "2026-12-01T11:55:00Z"
+    return decide(snapshot(spec=spec, status=gone.status, demand=demand, children={}, pods=[]))
+
+
+def test_a_model_at_zero_stays_there_while_no_request_comes() -> None:
+    d = at_zero(idle(901))
+    assert d.reason == "ScaledToZero" and d.scaling is None
+    assert d.status.plan is None and not d.claim_changed and d.claim is None
+    assert d.children == [] and d.delete == [] and d.events == []
+    assert d.plan_seconds is None, "nothing is planned at zero"
+    assert conditions(d)["Ready"] == ("False", "ScaledToZero")
+
+
+@pytest.mark.parametrize(
+    ("demand", "spec", "message"),
+    [
+        (idle(0, load=1), ZERO_SPEC, "1 requests at the gateways"),
+        # A request came and went (it timed out at its gateway) between two reads,
+        # after the model went to zero (5 minutes before the decision).
+        (idle(60), ZERO_SPEC, "requests arrived at the gateways"),
+        (None, SPEC, "scaleToZeroAfter was removed"),
+    ],
+)
+def test_a_model_at_zero_is_planned_again_when_asked_for(
+    demand: Demand | None, spec: Mapping[str, Any], message: str
+) -> None:
+    d = at_zero(demand, spec)
+    assert d.reason == "ScaleFromZero" and d.scaling == "from_zero"
+    assert d.status.scaled_to_zero_time is None
+    assert d.status.plan is not None and d.claim_changed and d.claim == d.status.plan
+    assert conditions(d)["Planned"] == ("True", "ScaleFromZero")
+    assert kinds(d.apply) == ["DaemonSet", "Deployment", "NetworkPolicy", "Service"]
+    planned = next(e for e in d.events if e.reason == "Planned")
+    assert planned.message.startswith(f"ScaleFromZero: {message}")
+
+
+def test_a_model_at_zero_without_room_is_no_capacity_and_may_go_to_zero_again() -> None:
+    huge = synthetic_profile(layer_mib=2000.0)
+    gone = decide(serving_zero(demand=idle(601)))
+    d = decide(snapshot(spec=ZERO_SPEC, status=gone.status, profile=huge, demand=idle(0, load=1)))
+    assert d.reason == "NoCapacity" and d.status.scaled_to_zero_time is None
+    again = decide(snapshot(spec=ZERO_SPEC, status=d.status, profile=huge, demand=idle(700)))
+    assert again.reason == "ScaledToZero" and again.status.scaled_to_zero_time is not None
+
+
+# -- autoscaling --------------------------------------------------------------------
+
+AUTOSCALING: dict[str, Any] = {"minReplicas": 1, "maxReplicas": 2, "scaleDownAfter": "1m"}
+AUTO = {**SPEC, "autoscaling": AUTOSCALING}
+
+
+def serving_auto(spec: Mapping[str, Any] = AUTO) -> ModelSnapshot:
+    """An autoscaled model at its minimum of one replica, serving."""
+    first = decide(replica_snapshot(spec=spec))
+    pods = replica_pods(all_plans(first))
+    up = decide(
+        replica_snapshot(spec=spec, status=first.status, pods=pods, children=existing(first))
+    )
+    return replica_snapshot(spec=spec, status=up.status, pods=pods, children=existing(up))
+
+
+def loaded(load: int, *, seconds: float = 3600, peak: int | None = None) -> Demand:
+    """`load` held now; `peak` (default: `load`) held `seconds` before NOW until now."""
+    start = NOW - dt.timedelta(seconds=seconds)
+    history = ((start, peak if peak is not None else load), (NOW, load))
+    return Demand(waiting=load, busy=0, last_active=NOW, history=history)
+
+
+def test_load_beyond_the_target_adds_a_replica() -> None:
+    steady = serving_auto()
+    assert steady.status.replicas == 1 and steady.status.desired_replicas == 1
+    d = decide(dataclasses.replace(steady, demand=loaded(2)))
+    assert d.status.desired_replicas == 2 and d.scaling == "up"
+    assert d.reason == "ScaleUp" and len(all_plans(d)) == 2
+    assert d.status.last_scale_time == "2026-12-01T12:00:00Z"
+    up = next(e for e in d.events if e.reason == "ScaledUp")
+    assert (
+        up.message == "load 2 (0 in flight, 2 held) over 1 busy slots per replica: 1 -> 2 replicas"
+    )
+
+
+def test_the_autoscaler_stays_within_its_bounds() -> None:
+    steady = serving_auto()
+    d = decide(dataclasses.replace(steady, demand=loaded(40)))
+    assert d.status.desired_replicas == 2, "maxReplicas"
+    idle_model = decide(dataclasses.replace(steady, demand=loaded(0)))
+    assert idle_model.status.desired_replicas == 1, "minReplicas"
+    target = {**AUTO, "autoscaling": {**AUTOSCALING, "targetBusySlots": 3}}
+    steady3 = serving_auto(target)
+    assert decide(dataclasses.replace(steady3, demand=loaded(3))).status.desired_replicas == 1
+    assert decide(dataclasses.replace(steady3, demand=loaded(4))).status.desired_replicas == 2
+
+
+def two_serving(**changes: Any) -> ModelSnapshot:
+    """AUTO scaled up to two replicas (at NOW - 1 h), both serving."""
+    steady = serving_auto()
+    status = steady.status.model_copy(deep=True)
+    status.desired_replicas = 2
+    status.last_scale_time = "2026-12-01T11:00:00Z"
+    first = decide(dataclasses.replace(steady, status=status))
+    pods = replica_pods(all_plans(first))
+    up = decide(
+        dataclasses.replace(steady, status=first.status, pods=pods, children=existing(first))
+    )
+    assert up.status.ready_replicas == 2
+    return dataclasses.replace(
+        steady, status=up.status, pods=pods, children=existing(up), **changes
+    )
+
+
+def test_a_replica_is_removed_only_after_the_load_stayed_low_for_scale_down_after() -> None:
+    # The load fell 30 s ago: within the one-minute window it was still 2.
+    d = decide(two_serving(demand=loaded(0, seconds=30, peak=2)))
+    assert d.status.desired_replicas == 2 and d.scaling is None and len(all_plans(d)) == 2
+    # Low for the whole window: one replica goes.
+    d = decide(two_serving(demand=loaded(0, seconds=3600, peak=0)))
+    assert d.status.desired_replicas == 1 and d.scaling == "down"
+    assert [p.replica for p in all_plans(d)] == [0]
+    assert [e.reason for e in d.events][:1] == ["ScaledDown"]
+    assert any(c.name.endswith("-r1") for c in d.delete), "the second replica's children go"
+
+
+def test_no_scale_down_right_after_a_change_or_on_a_short_history() -> None:
+    recent = two_serving()
+    recent.status.last_scale_time = "2026-12-01T11:59:30Z"
+    d = decide(dataclasses.replace(recent, demand=loaded(0, peak=0)))
+    assert d.status.desired_replicas == 2, "the last change was 30 s ago"
+    # An operator watching for 10 s only cannot know the load of the last minute.
+    short = Demand(
+        waiting=0, busy=0, last_active=NOW, history=((NOW - dt.timedelta(seconds=10), 0),)
+    )
+    assert decide(two_serving(demand=short)).status.desired_replicas == 2
+    incomplete = dataclasses.replace(loaded(0, peak=0), complete=False)
+    assert decide(two_serving(demand=incomplete)).status.desired_replicas == 2
+
+
+def test_no_scale_up_while_an_added_replica_is_still_starting() -> None:
+    steady = serving_auto()
+    first = decide(dataclasses.replace(steady, demand=loaded(2)))
+    assert first.status.desired_replicas == 2 and first.status.ready_replicas == 1
+    wider = {**AUTO, "autoscaling": {**AUTOSCALING, "maxReplicas": 3}}
+    again = decide(dataclasses.replace(steady, spec=wider, status=first.status, demand=loaded(9)))
+    assert again.status.desired_replicas == 2, "replica 1 has not served yet"
+
+
+def test_autoscaling_past_what_fits_says_how_many_fit() -> None:
+    many = {**SPEC, "autoscaling": {"minReplicas": 3, "maxReplicas": 4}}
+    d = decide(replica_snapshot(spec=many))
+    assert d.status.desired_replicas == 3
+    assert conditions(d)["ReplicasAvailable"] == ("False", "NoCapacity")
+    assert conditions_message(d, "ReplicasAvailable").startswith("2 of 3 replicas fit")

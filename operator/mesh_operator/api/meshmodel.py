@@ -18,6 +18,7 @@ from mesh_operator.api.base import ApiModel, cel_rule, cel_rules
 from mesh_operator.api.chat_templates import CHAT_TEMPLATES, check_chat_template
 from mesh_operator.api.conditions import CONDITIONS_SCHEMA, Condition
 from mesh_operator.api.contract import SERVED_NAME_MAX, SERVED_NAME_PATTERN, check_model_name
+from mesh_operator.api.duration import Duration, parse_duration
 from mesh_operator.api.imageref import REFERENCE_MAX, REFERENCE_PATTERN, parse_reference
 from mesh_operator.api.owned_flags import extra_args_rules, owned_flag
 from mesh_operator.api.quantity import Quantity, parse_quantity
@@ -200,6 +201,53 @@ class Speculative(ApiModel):
         return self
 
 
+# A duration field's CEL rule: the pattern lets `0s` through.
+_POSITIVE_DURATION: Final = cel_rule("self.matches('[1-9]')", "must be a positive duration")
+
+
+class Autoscaling(ApiModel):
+    """Replicas between `minReplicas` and `maxReplicas`, from the gateways' measure
+    of demand: requests in flight plus requests held, summed over every gateway."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            {
+                "rule": "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
+                "message": "minReplicas must not exceed maxReplicas",
+                "fieldPath": ".minReplicas",
+            }
+        )
+    )
+
+    min_replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
+    max_replicas: int = Field(ge=1, le=MAX_REPLICAS)
+    target_busy_slots: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Requests (in flight or held) one replica is meant to carry; more adds "
+        "a replica. Unset: spec.parallel, every slot of a replica busy.",
+    )
+    scale_down_after: Duration = Field(
+        default="5m",
+        description="How long demand must stay low enough for fewer replicas before one "
+        "is removed (and since the last change): the hysteresis that keeps it from flapping.",
+        json_schema_extra=_POSITIVE_DURATION,
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"autoscaling: minReplicas {self.min_replicas} exceeds "
+                f"maxReplicas {self.max_replicas}"
+            )
+        return self
+
+    def down_seconds(self) -> float:
+        return parse_duration(self.scale_down_after)
+
+
 class ResourceList(ApiModel):
     cpu: Quantity | None = None
     memory: Quantity | None = None
@@ -308,7 +356,15 @@ class MeshModelSpec(ApiModel):
         ge=1,
         le=MAX_REPLICAS,
         description="Copies of the model, each its own plan on nodes no other copy uses; "
-        "the Service sends requests to every ready one.",
+        "the Service sends requests to every ready one. Ignored with autoscaling.",
+    )
+    autoscaling: Autoscaling | None = None
+    scale_to_zero_after: Duration | None = Field(
+        default=None,
+        description="Idle time (no request at any gateway) after which the model releases "
+        "its workers, host and memory (Ready=False, ScaledToZero); the next request "
+        "starts it again and is held at the gateway meanwhile. Unset: never.",
+        json_schema_extra=_POSITIVE_DURATION,
     )
     cache_type_k: CacheType = "f16"
     cache_type_v: CacheType = "f16"
@@ -396,6 +452,11 @@ class MeshModelSpec(ApiModel):
 
     def served_names(self, metadata_name: str) -> list[str]:
         return [self.served_name or metadata_name, *self.aliases]
+
+    def zero_after_seconds(self) -> float | None:
+        """spec.scaleToZeroAfter in seconds; None: never."""
+        after = self.scale_to_zero_after
+        return None if after is None else parse_duration(after)
 
 
 # The rule on a whole MeshModel that needs its name as well as its spec.
@@ -530,6 +591,21 @@ class MeshModelStatus(ApiModel):
         description="Plans of the model's other replicas (plan holds the first).",
     )
     replicas: int | None = Field(default=None, ge=0, description="Replicas planned.")
+    desired_replicas: int | None = Field(
+        default=None,
+        ge=0,
+        description="Replicas the autoscaler wants (spec.autoscaling), between its bounds.",
+    )
+    last_scale_time: str | None = Field(
+        default=None,
+        description="When the autoscaler last changed desiredReplicas.",
+        json_schema_extra={"format": "date-time"},
+    )
+    scaled_to_zero_time: str | None = Field(
+        default=None,
+        description="Set while the model is scaled to zero (spec.scaleToZeroAfter): since when.",
+        json_schema_extra={"format": "date-time"},
+    )
     ready_replicas: int | None = Field(
         default=None, ge=0, description="Replicas whose host answers /health."
     )

@@ -20,6 +20,12 @@ Outcomes, by `Decision.reason`:
   the plan is kept, and the restart counts acted on stay in `status.workerRestarts`.
 - `NoCapacity`, `SourceUnreadable` (and the other source reasons), `ReadingHeader`,
   `SecretNotFound`, `PoolNotFound`, `InvalidSpec`: why the model cannot progress.
+- `ScaledToZero`: the model was idle at every gateway for `spec.scaleToZeroAfter`
+  (or stays so): its children and claim are released and `status.scaledToZeroTime`
+  says since when; `ScaleFromZero` is the reason of the plan made when a request
+  (or a spec without scaleToZeroAfter) brings it back.
+- `ScaleUp` (and the `ScaledDown` event): more replicas wanted, by `spec.replicas`
+  or by the autoscaler (`spec.autoscaling`, from the gateways' demand).
 - `Deleted`: the model is gone; its claim on the pool is dropped (its children go
   with it through their ownerReferences).
 - `RpcVersionMismatch` shows in the Ready condition of a kept plan whose host
@@ -31,6 +37,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +46,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from mesh_operator import handshake, planning
-from mesh_operator.api.conditions import ConditionState, condition_status, set_condition
+from mesh_operator.api.conditions import ConditionState, condition_status, rfc3339, set_condition
 from mesh_operator.api.contract import (
     HEADER_COMPONENT,
     HOST_COMPONENT,
@@ -56,6 +63,7 @@ from mesh_operator.api.meshmodel import (
     VersionMismatch,
 )
 from mesh_operator.api.meshnode import MeshNodeStatus
+from mesh_operator.demand import Demand
 from mesh_operator.handlers.snapshot import STALE_SELECTOR, PodInfo, PoolInfo
 from mesh_operator.ledger import (
     Capacity,
@@ -147,6 +155,9 @@ class ModelSnapshot:
     # The Hugging Face mirror the operator reads from (its HF_ENDPOINT), which
     # `mesh fetch` must download from too; None for huggingface.co.
     hf_endpoint: str | None = None
+    # The model's demand summed over the gateways; None when no gateway reports it
+    # (then neither scale to zero nor the autoscaler acts).
+    demand: Demand | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +206,8 @@ class Decision:
     # Set when a plan was computed: how long it took and what came of it.
     plan_seconds: float | None = None
     plan_outcome: str | None = None  # planned | replanned | infeasible
+    # Set when the replica count changed: up, down, to_zero or from_zero.
+    scaling: str | None = None
 
 
 def spec_hash(obj: Obj) -> str:
@@ -236,6 +249,10 @@ class _Decider:
         self._failed_nodes: set[str] = set()
         # Replicas whose worker restarted under their host (WorkerRestarted).
         self._restarted: set[int] = set()
+        # Why a model scaled to zero starts again (None: it was not at zero).
+        self._woken: str | None = None
+        # The replicas to serve: spec.replicas, or the autoscaler's choice.
+        self.count = 1
 
     # -- outcome helpers -----------------------------------------------------------
 
@@ -288,6 +305,9 @@ class _Decider:
         problem = planning.draft_problem(spec)
         if problem is not None:
             return self.blocked("InvalidSpec", problem, LookAgain())
+        if self._at_zero(spec):
+            return self.d
+        self.count = self._replica_count(spec)
         pool = s.pool
         if pool is None:
             missing = f"MeshPool {spec.pool_ref!r} does not exist"
@@ -320,6 +340,104 @@ class _Decider:
             return self.d
         self._converge(spec, pool, plans, profile)
         return self.d
+
+    # -- scale to zero and the autoscaler ------------------------------------------
+
+    def _at_zero(self, spec: MeshModelSpec) -> bool:
+        """Whether the model is at zero after this decision: it stays there, or goes
+        there after `spec.scaleToZeroAfter` without a request at any gateway. A
+        model at zero that is asked for again (or may no longer be at zero) is
+        planned again (`ScaleFromZero`)."""
+        after = spec.zero_after_seconds()
+        demand = self.s.demand
+        since = self.status.scaled_to_zero_time
+        if since is not None:
+            woken = _wake_reason(after, demand, _parse_time(since))
+            if woken is None:
+                self._zero(f"idle since {since}")
+                return True
+            self.status.scaled_to_zero_time = None
+            self._woken = woken
+            self.d.scaling = "from_zero"
+            return False
+        if after is None or demand is None or not demand.complete:
+            return False
+        idle = demand.idle_seconds(self.s.now)
+        if idle < after:
+            return False
+        self.d.scaling = "to_zero"
+        self.status.scaled_to_zero_time = rfc3339(self.s.now)
+        self.status.desired_replicas = None
+        what = f"no request at any gateway for {_seconds(idle)}"
+        self.note("ScaledToZero", f"{what}: workers, host and memory released")
+        self._zero(what)
+        return True
+
+    def _zero(self, why: str) -> None:
+        """The model at zero: nothing held, Ready=False ScaledToZero."""
+        held = bool(planning.status_plans(self.status.plan, self.status.replica_plans))
+        self._release_all()
+        self.d.claim_changed = held
+        self.status.conditions = [c for c in self.status.conditions if c.type != REPLICAS_AVAILABLE]
+        reason = "ScaledToZero"
+        self.cond(PLANNED, "False", reason, why)
+        self.cond(WORKERS_READY, "False", reason, "")
+        self.cond(READY, "False", reason, f"{why}; the next request starts it again")
+        self.cond(DEGRADED, "False", "AsPlanned", "")
+        self.status.observed_generation = self.s.model.generation
+        self.d.reason = reason
+
+    def _replica_count(self, spec: MeshModelSpec) -> int:
+        """The replicas to serve: spec.replicas, or with spec.autoscaling the count
+        its demand calls for. Up at once when the load (requests in flight plus
+        held, summed over the gateways) exceeds targetBusySlots per replica and
+        every replica serves; down only when the load stayed low for
+        scaleDownAfter, and that long after the last change."""
+        auto = spec.autoscaling
+        if auto is None:
+            self.status.desired_replicas = None
+            self.status.last_scale_time = None
+            return spec.replicas
+        lo, hi = auto.min_replicas, auto.max_replicas
+        current = min(max(self.status.desired_replicas or lo, lo), hi)
+        target = auto.target_busy_slots or spec.parallel
+        demand = self.s.demand
+        new = current
+        if demand is not None:
+            now = self.s.now
+            wanted = math.ceil(demand.load / target)
+            serving = self.status.ready_replicas or 0
+            window = auto.down_seconds()
+            start = now - dt.timedelta(seconds=window)
+            last = _parse_time(self.status.last_scale_time)
+            if wanted > current and serving >= current:
+                new = min(wanted, hi)
+                self.note(
+                    "ScaledUp",
+                    f"load {demand.load} ({demand.busy} in flight, {demand.waiting} held) over "
+                    f"{target} busy slots per replica: {current} -> {new} replicas",
+                )
+            elif (
+                wanted < current
+                and demand.complete
+                and demand.history
+                and demand.history[0][0] <= start
+                and (last is None or last <= start)
+            ):
+                peak = demand.peak_since(start)
+                lower = max(math.ceil(peak / target), lo)
+                if lower < current:
+                    new = lower
+                    self.note(
+                        "ScaledDown",
+                        f"peak load {peak} over the last {_seconds(window)}, "
+                        f"{target} busy slots per replica: {current} -> {new} replicas",
+                    )
+            if new != current:
+                self.status.last_scale_time = rfc3339(now)
+                self.d.scaling = "up" if new > current else "down"
+        self.status.desired_replicas = new
+        return new
 
     # -- the model's header on a PVC -----------------------------------------------
 
@@ -414,7 +532,7 @@ class _Decider:
         """The plans of the model's replicas to serve, re-planned where a reason
         calls for it; None when none can be served (the decision says why)."""
         s = self.s
-        count = spec.replicas
+        count = self.count
         serving = self._serving()
         # Scaling down drops the highest replicas (their children are not wanted).
         current, dropped = serving[:count], serving[count:]
@@ -552,10 +670,8 @@ class _Decider:
         for r in replicas:
             self._forget_restarts(r)
 
-    def _no_capacity(self, current: list[Plan], reason: str, message: str, why: str) -> None:
-        self.d.plan_outcome = "infeasible"
-        if current:
-            self.note("PlanLost", f"{reason}: {message}", "Warning")
+    def _release_all(self) -> None:
+        """Hold no plan: drop every replica's plan, claim and workload."""
         self.status.plan = None
         self.status.replica_plans = []
         self.status.replicas = 0
@@ -570,6 +686,12 @@ class _Decider:
             for kind, name in sorted(self.s.children)
             if kind in WORKLOAD_KINDS
         )
+
+    def _no_capacity(self, current: list[Plan], reason: str, message: str, why: str) -> None:
+        self.d.plan_outcome = "infeasible"
+        if current:
+            self.note("PlanLost", f"{reason}: {message}", "Warning")
+        self._release_all()
         self.cond(WORKERS_READY, "False", "NotPlanned", "")
         if reason in LOSS_REASONS:
             self.cond(DEGRADED, "True", reason, message)
@@ -587,6 +709,8 @@ class _Decider:
         """Why to plan again (None: no reason), what happened, and the replicas lost."""
         s = self.s
         if not current:
+            if self._woken is not None:
+                return "ScaleFromZero", self._woken, set()
             return "Initial", "", set()
         several = count > 1 or len(current) > 1
 
@@ -796,7 +920,7 @@ class _Decider:
         self._want(build_service(first))
         self._want(build_network_policy(first, self.s.peers))
         self._release_silent_nodes()
-        self._report(spec.replicas, states)
+        self._report(self.count, states)
 
     def _release_silent_nodes(self) -> None:
         """Release this model's pods on nodes whose agent went silent.
@@ -929,6 +1053,39 @@ class _ReplicaState:
     reason: str
     message: str
     stopped: bool = False  # its host is kept stopped (an RPC protocol mismatch)
+
+
+def _parse_time(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _seconds(seconds: float) -> str:
+    """`75` -> `1m15s`, as durations are written in the spec."""
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else ""]
+    return "".join(parts) + (f"{secs}s" if secs or not (hours or minutes) else "")
+
+
+def _wake_reason(
+    after: float | None, demand: Demand | None, since: dt.datetime | None
+) -> str | None:
+    """Why a model at zero starts again; None while it stays at zero."""
+    if after is None:
+        return "scaleToZeroAfter was removed"
+    if demand is None:
+        return None
+    if demand.load:
+        return f"{demand.load} requests at the gateways"
+    if since is not None and demand.last_active > since:
+        return "requests arrived at the gateways"
+    return None
 
 
 def restart_key(replica: int, pod: str) -> str:

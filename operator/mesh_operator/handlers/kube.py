@@ -163,6 +163,19 @@ class Kube:
 
     # -- specific reads -------------------------------------------------------------
 
+    def ready_pod_ips(self, namespace: str, selector: str) -> list[str]:
+        """The IPs of the running, ready pods that `selector` picks in `namespace`."""
+        pods = self.core.list_namespaced_pod(namespace, label_selector=selector)
+        ips = []
+        for pod in pods.items:
+            status = pod.status
+            if status is None or status.phase != "Running" or not status.pod_ip:
+                continue
+            conditions = status.conditions or []
+            if any(c.type == "Ready" and c.status == "True" for c in conditions):
+                ips.append(str(status.pod_ip))
+        return sorted(ips)
+
     def read_secret_value(self, namespace: str, name: str, key: str) -> str | None:
         """A Secret's value, or None when the Secret or the key does not exist."""
         try:

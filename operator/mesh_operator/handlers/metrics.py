@@ -38,3 +38,14 @@ POOL_MEMORY = Gauge(
     "fresh agents) and claimed by models' plans.",
     ["pool", "state"],
 )
+DEMAND_POLLS = Counter(
+    "mesh_operator_demand_polls_total",
+    "Reads of a gateway's /demand (scale to zero, autoscaling), by outcome (ok, error).",
+    ["outcome"],
+)
+SCALINGS = Counter(
+    "mesh_operator_scalings_total",
+    "Replica count changes by the autoscaler and scale to zero, by direction "
+    "(up, down, to_zero, from_zero).",
+    ["direction"],
+)

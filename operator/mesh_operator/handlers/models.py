@@ -15,7 +15,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from mesh_operator import planning
 from mesh_operator.api.meshmodel import MeshModelSpec, MeshModelStatus, Plan
+from mesh_operator.demand import Demand
 from mesh_operator.handlers import metrics
 from mesh_operator.handlers.decision import (
     Decision,
@@ -100,12 +101,19 @@ class ModelReconciler:
     """Gathers, decides and applies for every MeshModel of this operator."""
 
     def __init__(
-        self, kube: Kube, profiles: ProfileCache, peers: PolicyPeers, interval: float = 5.0
+        self,
+        kube: Kube,
+        profiles: ProfileCache,
+        peers: PolicyPeers,
+        interval: float = 5.0,
+        demand: Callable[[str], Demand | None] | None = None,
     ) -> None:
         self.kube = kube
         self.profiles = profiles
         self.peers = peers
         self.interval = interval
+        # A model's demand at the gateways (handlers.demand); None: not read.
+        self.demand = demand
         self.claims = LocalClaims()
         self.failures = Failures()
         # Planning is serialized per pool: the ledger must see each plan before the next.
@@ -259,6 +267,7 @@ class ModelReconciler:
             capacity_seen=self._capacity_seen.get(ref.key),
             peers=self.peers,
             hf_endpoint=self.profiles.mirror,
+            demand=self.demand(ref.key) if self.demand is not None else None,
         )
 
     def _capacity(
@@ -320,6 +329,8 @@ class ModelReconciler:
             metrics.PLAN_SECONDS.observe(decision.plan_seconds)
         if decision.plan_outcome is not None:
             metrics.PLANS.labels(outcome=decision.plan_outcome).inc()
+        if decision.scaling is not None:
+            metrics.SCALINGS.labels(direction=decision.scaling).inc()
         # The status first: a plan is claimed in the API before any pod of it can
         # run, so an operator dying in between leaves no workload unclaimed.
         if not written:

@@ -33,6 +33,7 @@ from mesh_operator.api.contract import (
     SPEC_HASH_ANNOTATION,
 )
 from mesh_operator.handlers import metrics
+from mesh_operator.handlers.demand import DemandPoller, GatewaySource
 from mesh_operator.handlers.kube import Kube
 from mesh_operator.handlers.models import ModelReconciler
 from mesh_operator.handlers.pools import reconcile_pool
@@ -56,6 +57,8 @@ from mesh_operator.source import ProfileCache
 log = logging.getLogger(__name__)
 
 MODEL_INTERVAL = float(os.environ.get("MESH_MODEL_INTERVAL", "5"))
+# Seconds between two reads of every gateway's /demand.
+DEMAND_INTERVAL = float(os.environ.get("MESH_DEMAND_INTERVAL", "2"))
 POOL_INTERVAL = float(os.environ.get("MESH_POOL_INTERVAL", "10"))
 # Reconciles run at once (threads of the work queue).
 WORKERS = int(os.environ.get("MESH_WORKERS", "8"))
@@ -88,6 +91,7 @@ class _State:
     kube: Kube | None = None
     models: ModelReconciler | None = None
     queue: WorkQueue | None = None
+    demand: DemandPoller | None = None
 
 
 @kopf.on.startup()
@@ -103,11 +107,25 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
     settings.watching.server_timeout = 300
     settings.execution.max_workers = WORKERS
     _State.kube = Kube()
+    source = GatewaySource.from_env()
+    if source is not None:
+        _State.demand = DemandPoller(
+            source,
+            list_pods=_State.kube.ready_pod_ips,
+            on_waiting=_waiting,
+            interval=DEMAND_INTERVAL,
+        )
     _State.models = ModelReconciler(
-        _State.kube, ProfileCache(), policy_peers(), interval=MODEL_INTERVAL
+        _State.kube,
+        ProfileCache(),
+        policy_peers(),
+        interval=MODEL_INTERVAL,
+        demand=_State.demand.demand if _State.demand is not None else None,
     )
     _State.queue = WorkQueue(_Work(kwargs), workers=WORKERS)
     _State.queue.start()
+    if _State.demand is not None:
+        _State.demand.start()
 
 
 @kopf.on.login()
@@ -268,6 +286,14 @@ def _trigger(key: str) -> None:
         _State.queue.trigger(key)
 
 
+def _waiting(model: str) -> None:
+    """Requests started waiting for `model` at a gateway: look at it at once (it
+    may be scaled to zero). Only a model kopf already put in the queue."""
+    key = MODEL_PREFIX + model
+    if _State.queue is not None and key in _State.queue:
+        _State.queue.trigger(key)
+
+
 class _Work:
     """What the queue runs for a key: one MeshModel's or one MeshPool's reconcile
     on a snapshot of the indices taken then."""
@@ -306,5 +332,7 @@ class _Work:
 
 @kopf.on.cleanup()
 def stop_queue(**_: Any) -> None:
+    if _State.demand is not None:
+        _State.demand.stop()
     if _State.queue is not None:
         _State.queue.stop()
