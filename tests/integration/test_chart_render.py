@@ -234,11 +234,24 @@ def test_network_policies_admit_only_the_named_namespaces(
                 }
             }
         },
+        # The operator polls each gateway's /demand.
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "mesh",
+                    "app.kubernetes.io/instance": "mesh",
+                    "app.kubernetes.io/component": "operator",
+                }
+            }
+        },
     ]
     # The operator writes the models' policies from the same namespaces.
     (operator,) = [
         d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mesh-operator"
     ]
+    # ... and its pods are the ones the gateway's policy admits.
+    operator_labels = operator["spec"]["template"]["metadata"]["labels"]
+    assert rule["from"][-1]["podSelector"]["matchLabels"].items() <= operator_labels.items()
     env = {
         e["name"]: e.get("value")
         for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]

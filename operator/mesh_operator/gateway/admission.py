@@ -104,6 +104,9 @@ class ModelGate:
         self.backends: dict[str, Backend] = {}
         self.waiters: deque[Waiter] = deque()
         self.gone = False
+        # Client requests resolved to this model since the gateway started
+        # (retries not counted again); kept across snapshots with the gate.
+        self.requests = 0
         self._turn = 0
 
     @property

@@ -13,6 +13,9 @@ EndpointSlice controller sets. Hosts are pod IPs and the slice's `http` port: no
 ClusterIP, so kube-proxy is not needed. An endpoint is used when its
 `conditions.ready` is true or unset (the API says unset means ready).
 
+A model whose Ready condition is False with reason `ScaledToZero` is marked
+`scaled_to_zero`: it stays listed and its requests are held until it is Ready.
+
 The model's plan (`status.plan`) gives each node's share of its layers, by which
 the gateway counts tokens per node (`gateway.shares`).
 
@@ -57,6 +60,8 @@ SecretRefKey = tuple[str, str, str]
 MODELS = "meshmodels"
 SLICES = "endpointslices"
 HTTP_GONE = 410
+# Reason of the Ready condition (status False) of a MeshModel scaled to zero.
+SCALED_TO_ZERO_REASON = "ScaledToZero"
 MAX_BACKOFF = 30.0
 
 
@@ -77,12 +82,27 @@ def _timestamp(value: object) -> int:
         return 0
 
 
-def model_is_ready(obj: Obj) -> bool:
+def _ready_condition(obj: Obj) -> Mapping[str, Any] | None:
     status = obj.get("status") or {}
     for cond in status.get("conditions") or ():
         if isinstance(cond, Mapping) and cond.get("type") == "Ready":
-            return cond.get("status") == "True"
-    return False
+            return cond
+    return None
+
+
+def model_is_ready(obj: Obj) -> bool:
+    cond = _ready_condition(obj)
+    return cond is not None and cond.get("status") == "True"
+
+
+def model_is_scaled_to_zero(obj: Obj) -> bool:
+    """Not Ready because the operator scaled the model to zero replicas."""
+    cond = _ready_condition(obj)
+    return (
+        cond is not None
+        and cond.get("status") == "False"
+        and cond.get("reason") == SCALED_TO_ZERO_REASON
+    )
 
 
 def model_routing(obj: Obj) -> tuple[tuple[str, ...], int, SecretKeyRef | None]:
@@ -195,6 +215,7 @@ def build_records(
                 upstream_api_key=(
                     keys.get((namespace, ref.name, ref.key)) if ref is not None else None
                 ),
+                scaled_to_zero=model_is_scaled_to_zero(obj),
             )
         )
     return records

@@ -142,7 +142,7 @@ class Proxy:
             self._authenticate(request)
         except errors.GatewayError as err:
             return err.response()
-        data = [_model_object(entry) for entry in self._router.table.names(ready_only=True)]
+        data = [_model_object(entry) for entry in self._router.table.names(listed_only=True)]
         return web.json_response({"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:
@@ -151,7 +151,7 @@ class Proxy:
         except errors.GatewayError as err:
             return err.response()
         wanted = request.match_info["model"]
-        listed = self._router.table.names(ready_only=True)
+        listed = self._router.table.names(listed_only=True)
         for entry in listed:
             if entry.id == wanted:
                 return web.json_response(_model_object(entry))
@@ -225,6 +225,8 @@ class Proxy:
         except UnknownModelError as exc:
             raise errors.unknown_model(requested, exc.candidates) from None
         x.model = gate.key
+        # Counted once per client request, before it waits: what /demand reports.
+        gate.requests += 1
         span.set_attribute("gen_ai.request.model", requested)
         span.set_attribute("mesh.model", gate.key)
         span.set_attribute("mesh.stream", stream)

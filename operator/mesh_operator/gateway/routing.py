@@ -10,6 +10,8 @@ Name rule, the same for requests and for the listing:
   ambiguous and refused, listing the qualified forms);
 - an exact served name wins over the qualified reading, because served names may
   themselves contain a `/` (e.g. `google/gemma-3`).
+
+The listing shows the models that are Ready or scaled to zero; every model routes.
 """
 
 from __future__ import annotations
@@ -37,10 +39,19 @@ class ModelRecord:
     backend_shares: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
     # The key llama-server wants (MeshModel spec.apiKeySecretRef); never printed.
     upstream_api_key: str | None = field(default=None, repr=False)
+    # Not Ready because the operator scaled it to zero replicas (Ready condition
+    # reason `ScaledToZero`): still listed, and its requests are held until it
+    # is Ready again.
+    scaled_to_zero: bool = False
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def listed(self) -> bool:
+        """Whether `/v1/models` shows it: Ready, or scaled to zero (it comes back on demand)."""
+        return self.ready or self.scaled_to_zero
 
 
 @dataclass(frozen=True)
@@ -96,13 +107,16 @@ class RouteTable:
                     return self.records[key]
         raise UnknownModelError(requested, tuple(entry.id for entry in self.names()))
 
-    def names(self, *, ready_only: bool = False) -> list[Listed]:
-        """Every routable id, sorted: bare where unique, `namespace/name` where not."""
+    def names(self, *, listed_only: bool = False) -> list[Listed]:
+        """Every routable id, sorted: bare where unique, `namespace/name` where not.
+
+        `listed_only`: only the models `/v1/models` shows (`ModelRecord.listed`).
+        """
         out: list[Listed] = []
         for served, keys in self._by_name.items():
             for key in keys:
                 record = self.records[key]
-                if ready_only and not record.ready:
+                if listed_only and not record.listed:
                     continue
                 ident = served if len(keys) == 1 else f"{record.namespace}/{served}"
                 out.append(Listed(ident, record.namespace, record.created, key))

@@ -2,10 +2,12 @@
 
 `Gateway` puts together discovery, the router, the proxy, keys, metrics and
 tracing behind one aiohttp server, and serves `/healthz` (the process answers),
-`/readyz` (discovery has a first snapshot and no shutdown is under way) and
-`/metrics`. `Gateway.stop` is the graceful shutdown: report not ready, keep
-serving for `shutdown_delay` while endpoints update, stop listening, let the
-requests in flight (held ones and streams) finish for up to `drain_timeout`.
+`/readyz` (discovery has a first snapshot and no shutdown is under way),
+`/metrics`, and `/demand` (per model, requests waiting, in flight and received:
+what the operator polls to scale models; `gateway.demand`). `Gateway.stop` is the
+graceful shutdown: report not ready, keep serving for `shutdown_delay` while
+endpoints update, stop listening, let the requests in flight (held ones and
+streams) finish for up to `drain_timeout`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from mesh_operator.gateway.admission import Router
 from mesh_operator.gateway.auth import KeyReloader
+from mesh_operator.gateway.demand import demand
 from mesh_operator.gateway.discovery import DiscoverySource
 from mesh_operator.gateway.metrics import GatewayMetrics
 from mesh_operator.gateway.proxy import Proxy, error_middleware
@@ -103,6 +106,7 @@ class Gateway:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/demand", self._demand)
         proxy.add_routes(app)
         self._runner = web.AppRunner(
             app,
@@ -162,6 +166,10 @@ class Gateway:
         return web.Response(
             body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
+
+    async def _demand(self, request: web.Request) -> web.Response:
+        # No key, like /metrics: the operator polls it and it carries only counts.
+        return web.json_response(demand(self.router))
 
 
 async def serve(gateway: Gateway) -> None:

@@ -229,6 +229,7 @@ def record(
     ready: bool = True,
     upstream_api_key: str | None = None,
     node_shares: tuple[tuple[str, float], ...] = (),
+    scaled_to_zero: bool = False,
 ) -> ModelRecord:
     return ModelRecord(
         namespace=namespace,
@@ -240,6 +241,7 @@ def record(
         created=1795303869,
         node_shares=node_shares,
         upstream_api_key=upstream_api_key,
+        scaled_to_zero=scaled_to_zero,
     )
 
 

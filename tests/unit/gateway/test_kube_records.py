@@ -131,6 +131,31 @@ def test_ready_only_from_a_true_ready_condition(
     assert record.ready is ready
 
 
+@pytest.mark.parametrize(
+    ("conditions", "scaled"),
+    [
+        ([{"type": "Ready", "status": "False", "reason": "ScaledToZero"}], True),
+        ([{"type": "Ready", "status": "False", "reason": "Replanning"}], False),
+        ([{"type": "Ready", "status": "True", "reason": "HostReady"}], False),
+        ([{"type": "Ready", "status": "Unknown", "reason": "ScaledToZero"}], False),
+        ([{"type": "Planned", "status": "False", "reason": "ScaledToZero"}], False),
+        ([], False),
+    ],
+)
+def test_scaled_to_zero_from_the_ready_condition_reason(
+    conditions: list[dict[str, str]], scaled: bool
+) -> None:
+    model = variant(MESHMODEL, status__conditions=conditions)
+    [record] = build_records([model], [])
+    assert record.scaled_to_zero is scaled
+    assert record.listed is (scaled or record.ready)
+
+
+def test_the_recorded_model_is_not_scaled_to_zero() -> None:
+    [record] = build_records([MESHMODEL], [SLICE])
+    assert (record.ready, record.scaled_to_zero, record.listed) == (True, False, True)
+
+
 def test_a_model_without_status_is_not_ready_and_still_routable() -> None:
     model = copy.deepcopy(MESHMODEL)
     del model["status"]

@@ -69,7 +69,7 @@ def test_unknown_names_list_what_exists(requested: str) -> None:
 
 
 def test_listing_is_ready_only_and_qualifies_duplicates() -> None:
-    listed = {(e.id, e.owned_by) for e in TABLE.names(ready_only=True)}
+    listed = {(e.id, e.owned_by) for e in TABLE.names(listed_only=True)}
     assert listed == {
         ("gemma", "team-a"),
         ("gemma-3", "team-a"),
