@@ -83,6 +83,9 @@ MAX_RTT_MS: Final = 1000
 # -- ports ----------------------------------------------------------------------
 
 HOST_PORT: Final = 8080
+# The reason of a MeshModel's Ready=False while it is scaled to zero: the gateway
+# keeps listing such a model and holds its requests while it starts again.
+SCALED_TO_ZERO: Final = "ScaledToZero"
 HOST_PORT_NAME: Final = "http"
 DEFAULT_RPC_PORT: Final = 50052
 RPC_PORT_NAME: Final = "rpc"

@@ -41,6 +41,7 @@ from mesh_operator.api.base import GROUP, MESHMODEL_PLURAL, VERSION
 from mesh_operator.api.contract import (
     HOST_PORT,
     HOST_PORT_NAME,
+    SCALED_TO_ZERO,
     SERVICE_NAME_LABEL,
     host_service_name,
     host_slice_selector,
@@ -60,8 +61,6 @@ SecretRefKey = tuple[str, str, str]
 MODELS = "meshmodels"
 SLICES = "endpointslices"
 HTTP_GONE = 410
-# Reason of the Ready condition (status False) of a MeshModel scaled to zero.
-SCALED_TO_ZERO_REASON = "ScaledToZero"
 MAX_BACKOFF = 30.0
 
 
@@ -101,7 +100,7 @@ def model_is_scaled_to_zero(obj: Obj) -> bool:
     return (
         cond is not None
         and cond.get("status") == "False"
-        and cond.get("reason") == SCALED_TO_ZERO_REASON
+        and cond.get("reason") == SCALED_TO_ZERO
     )
 
 

@@ -52,6 +52,7 @@ from mesh_operator.api.contract import (
     HOST_COMPONENT,
     HOST_PORT,
     RPC_COMPONENT,
+    SCALED_TO_ZERO,
     SPEC_HASH_ANNOTATION,
     host_service_name,
 )
@@ -379,7 +380,7 @@ class _Decider:
         self._release_all()
         self.d.claim_changed = held
         self.status.conditions = [c for c in self.status.conditions if c.type != REPLICAS_AVAILABLE]
-        reason = "ScaledToZero"
+        reason = SCALED_TO_ZERO
         self.cond(PLANNED, "False", reason, why)
         self.cond(WORKERS_READY, "False", reason, "")
         self.cond(READY, "False", reason, f"{why}; the next request starts it again")
