@@ -897,8 +897,13 @@ def idle(seconds: float, *, load: int = 0, complete: bool = True) -> Demand:
 
 
 def serving_zero(**changes: Any) -> ModelSnapshot:
+    """A model serving for an hour, with scaleToZeroAfter 10m."""
     steady, _ = serving()
-    return dataclasses.replace(steady, spec=ZERO_SPEC, **changes)
+    status = steady.status.model_copy(deep=True)
+    for c in status.conditions:
+        if c.type == "Ready":
+            c.last_transition_time = "2026-12-01T11:00:00Z"
+    return dataclasses.replace(steady, spec=ZERO_SPEC, status=status, **changes)
 
 
 def test_an_idle_model_scales_to_zero_releasing_workload_and_claim() -> None:
@@ -930,6 +935,7 @@ def test_an_idle_model_scales_to_zero_releasing_workload_and_claim() -> None:
         (idle(599), "idle for less than scaleToZeroAfter"),
         (idle(3600, load=1), "a request is held"),
         (idle(3600, complete=False), "a gateway did not answer"),
+        (dataclasses.replace(idle(3600), last_active=NOW), "a request just came"),
     ],
 )
 def test_a_model_stays_up_unless_every_gateway_saw_it_idle_long_enough(
@@ -986,13 +992,22 @@ def test_a_model_at_zero_is_planned_again_when_asked_for(
     assert planned.message.startswith(f"ScaleFromZero: {message}")
 
 
-def test_a_model_at_zero_without_room_is_no_capacity_and_may_go_to_zero_again() -> None:
+def test_a_model_at_zero_without_room_is_no_capacity_until_it_serves_again() -> None:
     huge = synthetic_profile(layer_mib=2000.0)
     gone = decide(serving_zero(demand=idle(601)))
     d = decide(snapshot(spec=ZERO_SPEC, status=gone.status, profile=huge, demand=idle(0, load=1)))
     assert d.reason == "NoCapacity" and d.status.scaled_to_zero_time is None
-    again = decide(snapshot(spec=ZERO_SPEC, status=d.status, profile=huge, demand=idle(700)))
-    assert again.reason == "ScaledToZero" and again.status.scaled_to_zero_time is not None
+    # Not serving, it holds nothing: it does not go to zero again, however idle.
+    again = decide(snapshot(spec=ZERO_SPEC, status=d.status, profile=huge, demand=idle(7000)))
+    assert again.reason == "NoCapacity" and again.status.scaled_to_zero_time is None
+
+
+def test_a_model_goes_to_zero_only_once_it_served_for_scale_to_zero_after() -> None:
+    steady, _ = serving()  # Ready since NOW
+    d = decide(dataclasses.replace(steady, spec=ZERO_SPEC, demand=idle(3600)))
+    assert d.reason == "PlanKept", "it has served for no time yet"
+    loading = decide(snapshot(spec=ZERO_SPEC, demand=idle(3600)))
+    assert loading.reason == "Initial", "a model being planned is not idle"
 
 
 # -- autoscaling --------------------------------------------------------------------

@@ -98,9 +98,7 @@ def model_is_scaled_to_zero(obj: Obj) -> bool:
     """Not Ready because the operator scaled the model to zero replicas."""
     cond = _ready_condition(obj)
     return (
-        cond is not None
-        and cond.get("status") == "False"
-        and cond.get("reason") == SCALED_TO_ZERO
+        cond is not None and cond.get("status") == "False" and cond.get("reason") == SCALED_TO_ZERO
     )
 
 

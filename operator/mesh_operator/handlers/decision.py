@@ -363,7 +363,14 @@ class _Decider:
             return False
         if after is None or demand is None or not demand.complete:
             return False
-        idle = demand.idle_seconds(self.s.now)
+        # Only a serving model goes, idle since it began to serve at the latest:
+        # one still loading (or without room) has not been idle while it served.
+        ready = next((c for c in self.status.conditions if c.type == READY), None)
+        serving_since = _parse_time(ready.last_transition_time) if ready else None
+        if ready is None or ready.status != "True" or serving_since is None:
+            return False
+        serving = (self.s.now - serving_since).total_seconds()
+        idle = min(demand.idle_seconds(self.s.now), serving)
         if idle < after:
             return False
         self.d.scaling = "to_zero"

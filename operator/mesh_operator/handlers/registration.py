@@ -57,8 +57,6 @@ from mesh_operator.source import ProfileCache
 log = logging.getLogger(__name__)
 
 MODEL_INTERVAL = float(os.environ.get("MESH_MODEL_INTERVAL", "5"))
-# Seconds between two reads of every gateway's /demand.
-DEMAND_INTERVAL = float(os.environ.get("MESH_DEMAND_INTERVAL", "2"))
 POOL_INTERVAL = float(os.environ.get("MESH_POOL_INTERVAL", "10"))
 # Reconciles run at once (threads of the work queue).
 WORKERS = int(os.environ.get("MESH_WORKERS", "8"))
@@ -113,7 +111,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
             source,
             list_pods=_State.kube.ready_pod_ips,
             on_waiting=_waiting,
-            interval=DEMAND_INTERVAL,
+            # Seconds between two reads of every gateway's /demand.
+            interval=float(os.environ.get("MESH_DEMAND_INTERVAL", "2")),
         )
     _State.models = ModelReconciler(
         _State.kube,
@@ -179,6 +178,9 @@ def _snapshot(indices: Mapping[str, Any]) -> Snapshot:
 
 
 # -- indices --------------------------------------------------------------------------
+# An indexer returns {} (not None) for an object that no longer has a value: kopf
+# keeps an object's previous entry when its indexer returns None, so a model that
+# released its plan (NoCapacity, ScaledToZero) would go on holding it in the ledger.
 
 
 @kopf.index("", "v1", "nodes")
@@ -187,36 +189,34 @@ def node_index(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
 
 
 @kopf.index(GROUP, VERSION, MESHNODE_PLURAL)
-def meshnode_index(body: kopf.Body, name: str, **_: Any) -> dict[str, Any] | None:
+def meshnode_index(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
     status = meshnode_status(body)
-    return {name: status} if status is not None else None
+    return {name: status} if status is not None else {}
 
 
 @kopf.index(GROUP, VERSION, MESHPOOL_PLURAL)
-def pool_index(body: kopf.Body, name: str, **_: Any) -> dict[str, Any] | None:
+def pool_index(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
     info = pool_info(body)
-    return {name: info} if info is not None else None
+    return {name: info} if info is not None else {}
 
 
 @kopf.index(GROUP, VERSION, MESHMODEL_PLURAL)
-def plan_index(
-    body: kopf.Body, namespace: str | None, name: str, **_: Any
-) -> dict[str, Any] | None:
+def plan_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[str, Any]:
     plan = model_plan(body)
-    return {model_key(namespace or "", name): plan} if plan is not None else None
+    return {model_key(namespace or "", name): plan} if plan is not None else {}
 
 
 @kopf.index("", "v1", "pods", labels=OWNED)
-def pod_index(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
+def pod_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
     key = pod_model_key(body)
-    return {key: pod_info(body)} if key else None
+    return {key: pod_info(body)} if key else {}
 
 
-def _child(body: kopf.Body, kind: str) -> dict[str, Any] | None:
+def _child(body: kopf.Body, kind: str) -> dict[str, Any]:
     meta = body.get("metadata", {})
     model = (meta.get("labels") or {}).get(MODEL_LABEL)
     if not model:
-        return None
+        return {}
     digest = (meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION, "")
     if kind in {"DaemonSet", "Deployment"} and stale_selector(body):
         digest = STALE_SELECTOR
@@ -224,22 +224,22 @@ def _child(body: kopf.Body, kind: str) -> dict[str, Any] | None:
 
 
 @kopf.index("apps", "v1", "daemonsets", labels=OWNED)
-def daemonset_index(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
+def daemonset_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
     return _child(body, "DaemonSet")
 
 
 @kopf.index("apps", "v1", "deployments", labels=OWNED)
-def deployment_index(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
+def deployment_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
     return _child(body, "Deployment")
 
 
 @kopf.index("", "v1", "services", labels=OWNED)
-def service_index(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
+def service_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
     return _child(body, "Service")
 
 
 @kopf.index("networking.k8s.io", "v1", "networkpolicies", labels=OWNED)
-def policy_index(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
+def policy_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
     return _child(body, "NetworkPolicy")
 
 
