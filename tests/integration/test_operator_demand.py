@@ -31,7 +31,12 @@ from mesh_operator.gateway.server import Gateway
 from mesh_operator.gateway.settings import GatewaySettings
 from mesh_operator.kubeclient import api_client
 from tests.integration.kube_helpers import apply, condition, get, gpu_device, put_meshnode
-from tests.integration.test_operator import KWOK_TOLERATION, MODEL_FILE, model_url  # noqa: F401
+from tests.integration.test_operator import (  # noqa: F401 (fixtures)
+    KWOK_TOLERATION,
+    MODEL_FILE,
+    cleanup,
+    model_url,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -97,23 +102,15 @@ def operator(crds: LocalCluster, gateway_url: str) -> Iterator[KopfRunner]:
     assert "Traceback" not in runner.output, runner.output[-5000:]
 
 
-@pytest.fixture
-def cleanup(crds: LocalCluster) -> Iterator[list[str]]:
-    made: list[str] = []
-    yield made
-    if made:
-        crds.kubectl("delete", *made, "--wait=false", "--ignore-not-found", check=False)
-
-
-def pool_of_nodes(cluster: LocalCluster, label: str, count: int, cleanup: list[str]) -> str:
+def pool_of_nodes(cluster: LocalCluster, label: str, count: int, made: list[str]) -> str:
     """`count` kwok nodes of one 1000 MiB GPU (gemma fits one) and their pool."""
     for i in range(count):
         name = f"gpu-{label}-{i}"
-        cleanup += [f"node/{name}", f"meshnode/{name}"]
+        made += [f"node/{name}", f"meshnode/{name}"]
         cluster.add_kwok_node(name, gpus=1, labels={"mesh-test-pool": label})
         put_meshnode(cluster, name, [gpu_device(0, 1000, 990, 900.0, f"Test GPU {i}")])
     pool = f"pool-{label}"
-    cleanup.append(f"meshpool/{pool}")
+    made.append(f"meshpool/{pool}")
     apply(cluster, {
         "apiVersion": "mesh.dev/v1alpha1", "kind": "MeshPool", "metadata": {"name": pool},
         "spec": {"backend": "cuda", "nodeSelector": {"mesh-test-pool": label},
@@ -207,7 +204,7 @@ def test_an_idle_model_scales_to_zero_and_a_request_brings_it_back(
     namespace: str,
     model_url: str,  # noqa: F811
     gateway_url: str,
-    cleanup: list[str],
+    cleanup: list[str],  # noqa: F811
 ) -> None:
     cluster = crds
     pool = pool_of_nodes(cluster, namespace, 2, cleanup)
@@ -276,7 +273,7 @@ def test_load_adds_a_replica_and_idleness_removes_it(
     namespace: str,
     model_url: str,  # noqa: F811
     gateway_url: str,
-    cleanup: list[str],
+    cleanup: list[str],  # noqa: F811
 ) -> None:
     cluster = crds
     pool = pool_of_nodes(cluster, namespace, 3, cleanup)
@@ -311,4 +308,4 @@ def test_load_adds_a_replica_and_idleness_removes_it(
     st = wait_for("back to one replica", lambda: replicas(1), timeout=90)
     assert "deployment.apps/auto-host-r1" not in workloads(cluster, namespace, "auto")
     down = [m for r, m in events(cluster, namespace, "auto") if r == "ScaledDown"]
-    assert down and down[0].endswith("2 -> 1 replicas"), down
+    assert len(down) == 1 and down[0].endswith("2 -> 1 replicas"), down

@@ -674,7 +674,8 @@ class _Decider:
 
     def _drop(self, dropped: list[Plan]) -> None:
         replicas = [p.replica for p in dropped]
-        self.note("ScaledDown", f"replicas {replicas} removed")
+        if self.d.scaling != "down":  # the autoscaler's own Event says it
+            self.note("ScaledDown", f"replicas {replicas} removed")
         for r in replicas:
             self._forget_restarts(r)
 
