@@ -199,11 +199,12 @@ def pool_index(body: kopf.Body, name: str, **_: Any) -> dict[str, Any] | None:
 
 
 @kopf.index(GROUP, VERSION, MESHMODEL_PLURAL)
-def plan_index(
-    body: kopf.Body, namespace: str | None, name: str, **_: Any
-) -> dict[str, Any] | None:
+def plan_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[str, Any]:
+    """The model's claim by its key; an empty mapping once it holds none (released,
+    scaled to zero): kopf keeps an object's previous entry when its index function
+    returns None, and the pools' ledgers would go on counting the memory."""
     plan = model_plan(body)
-    return {model_key(namespace or "", name): plan} if plan is not None else None
+    return {model_key(namespace or "", name): plan} if plan is not None else {}
 
 
 @kopf.index("", "v1", "pods", labels=OWNED)
