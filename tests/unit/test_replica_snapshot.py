@@ -8,9 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from kopf._cogs.structs.bodies import Body
+from kopf._cogs.structs.ids import HandlerId
+from kopf._core.actions.execution import Outcome
+from kopf._core.engines.indexing import OperatorIndexer, OperatorIndexers
 
 from mesh_operator.api.contract import REPLICA_LABEL
-from mesh_operator.handlers.registration import daemonset_index, deployment_index
+from mesh_operator.handlers.registration import daemonset_index, deployment_index, plan_index
 from mesh_operator.handlers.snapshot import STALE_SELECTOR, model_plan, pod_info
 from mesh_operator.ledger import claims_by_device, claims_by_host
 from mesh_operator.manifests.workloads import build_host_deployment, build_rpc_daemonsets
@@ -77,3 +81,27 @@ def test_every_replicas_ram_tier_and_draft_are_claimed() -> None:
     claims = {"ai/gemma": found[1]}
     assert claims_by_host(claims) == {"a": 300, "b": 400 + 50}
     assert claims_by_device(claims) == {("a", "CUDA0"): 100, ("b", "CUDA0"): 200, ("b", "CPU"): 50}
+
+
+def test_a_model_that_gives_up_its_plan_leaves_the_pools_ledger() -> None:
+    """Through kopf's own indexer: a None from an index function keeps the object's
+    previous entry, so a model released or scaled to zero must say "nothing"."""
+    handler = HandlerId("plan_index")
+    indexers = OperatorIndexers()
+    indexers[handler] = OperatorIndexer()
+    # kopf's decorator and Body hide the types.
+    index_fn: Callable[..., Any] = plan_index
+    meta = {"name": "gemma", "namespace": "ai", "uid": "u1"}
+    spec = {"poolRef": "gpus"}
+    serving: Any = {"metadata": meta, "spec": spec, "status": {"plan": plan("a", 100)}}
+    at_zero: Any = {"metadata": meta, "spec": spec, "status": {}}
+
+    def index(raw: Any) -> list[str]:
+        body = Body(raw)
+        result = index_fn(body=body, namespace="ai", name="gemma")
+        indexers.replace(body, {handler: Outcome(final=True, result=result)})
+        return list(indexers[handler].index)
+
+    assert index(serving) == ["ai/gemma"]
+    assert index(at_zero) == []
+    assert index(serving) == ["ai/gemma"]

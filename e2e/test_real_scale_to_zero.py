@@ -1,0 +1,297 @@
+"""Scale to zero on real nodes: a MeshModel with `scaleToZeroAfter` serves, answers
+one chat completion through the gateway, then after that long without a request
+gives up its workers, host and memory (Ready=False ScaledToZero) while the
+gateway keeps listing it; the next chat completion, from a client pod in a
+namespace of nobody's, is held by the gateway until the operator has planned the
+model again (ScaleFromZero) and it serves: answered, no client error. The time
+from sending that request to its answer is the cold start, logged and written to
+`.mesh/e2e-scale-to-zero.json` (`MESH_E2E_ZERO_REPORT`).
+
+Uses the session's installation (`e2e.realcluster`) with a pool of its own over
+the session's pool nodes, so that the pool's ledger holds this model's memory
+alone: it is empty at zero. The session's models are not touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e import parts
+from e2e.realcluster import (
+    MODEL_POD_SECURITY,
+    OUTSIDE,
+    POOL_NODES,
+    RealCluster,
+    SharedRealCluster,
+    example_model,
+    log,
+)
+from e2e.scenario import NAMESPACE as RELEASE_NAMESPACE
+from e2e.scenario import REPO
+from e2e.waiting import wait_for
+from mesh_operator.api.contract import SCALED_TO_ZERO
+from mesh_operator.api.meshpool import MeshPoolStatus
+
+pytestmark = pytest.mark.e2e
+
+Obj = dict[str, Any]
+
+POOL = "zero"
+NAMESPACE = "zero"
+MODEL = "gemma-zero"
+IDLE = "20s"
+SCALE_FROM_ZERO = "ScaleFromZero"
+# One-shot pods of the test, in OUTSIDE (the gateway admits every namespace).
+WARM_CLIENT = "zero-warm"
+COLD_CLIENT = "zero-cold"
+LISTING = "zero-models"
+# The gateway's hold timeout (e2e/values-e2e.yaml `gateway.holdTimeout`): a held
+# request is answered within it or refused.
+HOLD_TIMEOUT = float(
+    yaml.safe_load((REPO / "e2e" / "values-e2e.yaml").read_text())["gateway"]["holdTimeout"]
+)
+# The client's own timeout: longer than the hold, so the gateway's answer decides.
+CLIENT_TIMEOUT = HOLD_TIMEOUT + 60
+REPORT = Path(
+    os.environ.get("MESH_E2E_ZERO_REPORT", str(parts.mesh_dir() / "e2e-scale-to-zero.json"))
+)
+
+# One chat completion through the gateway, timed from send to answer; prints one
+# JSON line: HTTP status, seconds, the message's content or the error.
+CHAT_SCRIPT = """
+import json, sys, time, urllib.error, urllib.request
+url, model, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+body = {'model': model, 'max_tokens': 8,
+        'messages': [{'role': 'user', 'content': 'Say yes.'}]}
+request = urllib.request.Request(url + '/v1/chat/completions', json.dumps(body).encode(),
+                                 {'Content-Type': 'application/json'})
+out = {'status': None, 'content': None, 'error': None}
+started = time.monotonic()
+try:
+    with urllib.request.urlopen(request, timeout=timeout) as answer:
+        out['status'] = answer.status
+        out['content'] = json.loads(answer.read())['choices'][0]['message']['content']
+except urllib.error.HTTPError as exc:
+    out['status'] = exc.code
+    out['error'] = exc.read().decode(errors='replace')[:400]
+except Exception as exc:
+    out['error'] = f'{type(exc).__name__}: {exc}'
+out['seconds'] = time.monotonic() - started
+print(json.dumps(out), flush=True)
+"""
+
+# The gateway's /v1/models, as a client sees it.
+LIST_SCRIPT = """
+import sys, urllib.request
+with urllib.request.urlopen(sys.argv[1] + '/v1/models', timeout=30) as answer:
+    print(answer.read().decode(), flush=True)
+"""
+
+
+def gateway_base(mesh: RealCluster) -> str:
+    """The gateway by its Service's cluster DNS name."""
+    selector = "app.kubernetes.io/component=gateway"
+    (service,) = mesh.get("services", "-n", RELEASE_NAMESPACE, "-l", selector)["items"]
+    port = service["spec"]["ports"][0]["port"]
+    name = service["metadata"]["name"]
+    return f"http://{name}.{RELEASE_NAMESPACE}.svc.cluster.local:{port}"
+
+
+def model_obj(mesh: RealCluster) -> Obj:
+    obj: Obj = mesh.get("meshmodel", MODEL, "-n", NAMESPACE) or {}
+    return obj
+
+
+def condition(obj: Obj, type_: str) -> Obj | None:
+    return next(
+        (c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), None
+    )
+
+
+def ready(mesh: RealCluster) -> Obj | None:
+    obj = model_obj(mesh)
+    cond = condition(obj, "Ready")
+    return obj if cond is not None and cond["status"] == "True" else None
+
+
+def scaled_to_zero(mesh: RealCluster) -> Obj | None:
+    obj = model_obj(mesh)
+    cond = condition(obj, "Ready")
+    if cond is None or (cond["status"], cond.get("reason")) != ("False", SCALED_TO_ZERO):
+        return None
+    return obj
+
+
+def owned(mesh: RealCluster, kinds: str) -> list[str]:
+    """`kind/name` of the model's objects of `kinds` (comma separated)."""
+    items = (mesh.get(kinds, "-n", NAMESPACE, "-l", f"mesh.dev/model={MODEL}") or {}).get(
+        "items", []
+    )
+    return sorted(f"{o['kind']}/{o['metadata']['name']}" for o in items)
+
+
+def pool_status(mesh: RealCluster) -> MeshPoolStatus:
+    obj = mesh.get("meshpool", POOL) or {}
+    return MeshPoolStatus.model_validate(obj.get("status") or {})
+
+
+def released(mesh: RealCluster) -> MeshPoolStatus | None:
+    """The pool's status once its ledger holds no memory (it has nodes)."""
+    status = pool_status(mesh)
+    return status if status.nodes and status.memory_claimed_mib == 0 else None
+
+
+def chat(mesh: RealCluster, name: str) -> Obj:
+    """One chat completion from a pod in OUTSIDE: what its client saw."""
+    mesh.start_pod(
+        name,
+        OUTSIDE,
+        {"app": "probe"},
+        ["python3", "-c", CHAT_SCRIPT, gateway_base(mesh), MODEL, str(CLIENT_TIMEOUT)],
+    )
+    out = mesh.pod_output(name, OUTSIDE, timeout=CLIENT_TIMEOUT + 120)
+    answer: Obj = json.loads(out.strip().splitlines()[-1])
+    return answer
+
+
+def listed_models(mesh: RealCluster) -> list[str]:
+    """The ids the gateway's /v1/models lists, fetched from a pod in OUTSIDE."""
+    mesh.start_pod(
+        LISTING, OUTSIDE, {"app": "probe"}, ["python3", "-c", LIST_SCRIPT, gateway_base(mesh)]
+    )
+    body = json.loads(mesh.pod_output(LISTING, OUTSIDE))
+    return [m["id"] for m in body["data"]]
+
+
+def zero_pool() -> Obj:
+    """The CPU pool example over the session's pool nodes, one node per model."""
+    pool: Obj = yaml.safe_load((REPO / "manifests" / "examples" / "cpu-pool.yaml").read_text())
+    pool["metadata"]["name"] = POOL
+    pool["spec"].update({"maxNodesPerModel": 1, "rpcThreads": 1})
+    return pool
+
+
+@pytest.fixture
+def zero_model(shared_real_cluster: SharedRealCluster) -> Iterator[RealCluster]:
+    """The pool and the model scaled to zero after IDLE; all deleted afterwards."""
+    mesh = shared_real_cluster.mesh
+    mesh.namespace(NAMESPACE, MODEL_POD_SECURITY)
+    mesh.namespace(OUTSIDE, None)
+    mesh.apply(zero_pool())
+    mesh.apply(example_model(shared_real_cluster, MODEL, NAMESPACE, POOL, scaleToZeroAfter=IDLE))
+    try:
+        yield mesh
+    finally:
+        mesh.delete_started_pods()
+        mesh.kubectl("delete", "meshmodel", MODEL, "-n", NAMESPACE, "--ignore-not-found")
+        wait_for(
+            "the model's pods gone",
+            lambda: not mesh.pods(NAMESPACE, f"mesh.dev/model={MODEL}"),
+            timeout=180,
+        )
+        mesh.kubectl("delete", "meshpool", POOL, "--ignore-not-found")
+
+
+def test_an_idle_model_scales_to_zero_and_the_next_request_starts_it(
+    zero_model: RealCluster,
+) -> None:
+    mesh = zero_model
+    started = time.monotonic()
+    obj = wait_for(f"{NAMESPACE}/{MODEL} Ready", lambda: ready(mesh), timeout=600)
+    plan = obj["status"]["plan"]
+    log(f"{MODEL} Ready on {obj['status'].get('nodes')}")
+    assert {d["node"] for d in plan["devices"]} | {plan["hostNode"]} <= set(POOL_NODES), plan
+    serving_objects = owned(mesh, "deployments,daemonsets")
+    kept_objects = owned(mesh, "services,networkpolicies")
+    assert any(o.startswith("Deployment/") for o in serving_objects), serving_objects
+    assert any(o.startswith("DaemonSet/") for o in serving_objects), serving_objects
+    assert any(o.startswith("Service/") for o in kept_objects), kept_objects
+    assert any(o.startswith("NetworkPolicy/") for o in kept_objects), kept_objects
+    claimed = wait_for(
+        f"MeshPool {POOL}'s ledger to hold the model's memory",
+        lambda: pool_status(mesh).memory_claimed_mib or None,
+        timeout=60,
+    )
+    log(f"serving: {serving_objects}; pool {POOL} claims {claimed} MiB")
+
+    # Served through the gateway, warm.
+    warm = chat(mesh, WARM_CLIENT)
+    assert warm["status"] == 200 and warm["content"], warm
+    log(f"warm answer in {warm['seconds']:.1f} s: {warm['content']!r}")
+
+    # Idle: the model goes to zero and holds nothing but its Service and policy.
+    obj = wait_for(
+        f"{MODEL} scaled to zero after {IDLE} without a request",
+        lambda: scaled_to_zero(mesh),
+        timeout=240,
+    )
+    status = obj["status"]
+    log(f"{MODEL} scaled to zero at {status.get('scaledToZeroTime')}")
+    assert status.get("scaledToZeroTime"), status
+    assert not status.get("plan"), status
+    wait_for(
+        "the model's pods gone",
+        lambda: not mesh.pods(NAMESPACE, f"mesh.dev/model={MODEL}"),
+        timeout=180,
+    )
+    assert owned(mesh, "deployments,daemonsets") == []
+    assert owned(mesh, "services,networkpolicies") == kept_objects
+    ledger = wait_for(
+        f"MeshPool {POOL}'s ledger to release the model's memory",
+        lambda: released(mesh),
+        timeout=60,
+    )
+    assert all(row.memory_claimed_mib == 0 for row in ledger.ledger), ledger.ledger
+    listed = listed_models(mesh)
+    assert MODEL in listed, listed
+    # Still at zero: listing the models is no request for one.
+    still = scaled_to_zero(mesh)
+    assert still is not None and not still["status"].get("plan"), model_obj(mesh)["status"]
+
+    # The next request is held until the model serves again, then answered.
+    log(f"sending a request to {MODEL} at zero")
+    cold = chat(mesh, COLD_CLIENT)
+    assert cold["status"] == 200 and cold["content"], cold
+    assert cold["error"] is None, cold
+    seconds = float(cold["seconds"])
+    log(f"cold start {seconds:.1f} s: {cold['content']!r}")
+
+    obj = wait_for(f"{MODEL} Ready again", lambda: ready(mesh), timeout=60)
+    status = obj["status"]
+    assert not status.get("scaledToZeroTime"), status
+    assert status.get("plan"), status
+    planned = condition(obj, "Planned")
+    assert planned is not None and planned["status"] == "True", planned
+    assert planned.get("reason") == SCALE_FROM_ZERO, planned
+    events = mesh.get(
+        "events",
+        "-n",
+        NAMESPACE,
+        "--field-selector",
+        f"involvedObject.name={MODEL},reason=Planned",
+    )
+    messages = [e.get("message", "") for e in (events or {}).get("items", [])]
+    assert any(m.startswith(f"{SCALE_FROM_ZERO}:") for m in messages), messages
+    wait_for(
+        f"MeshPool {POOL}'s ledger to hold the model's memory again",
+        lambda: pool_status(mesh).memory_claimed_mib or None,
+        timeout=60,
+    )
+
+    figures = {
+        "cold_start_seconds": round(seconds, 1),
+        "warm_request_seconds": round(float(warm["seconds"]), 1),
+        "scale_to_zero_after": IDLE,
+        "test_seconds": round(time.monotonic() - started, 1),
+    }
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures))
