@@ -67,22 +67,32 @@ class GatewayThread:
 
 
 @pytest.fixture(scope="module")
-def gateway_url(crds: LocalCluster) -> Iterator[str]:
-    gateway = GatewayThread(crds)
-    url = gateway.start()
+def gateways(crds: LocalCluster) -> Iterator[list[str]]:
+    """Two gateways, as the chart runs: the operator sums their demand."""
+    started: list[GatewayThread] = []
     try:
-        yield url
+        for _ in range(2):
+            gateway = GatewayThread(crds)
+            gateway.start()
+            started.append(gateway)
+        yield [g.gateway.url for g in started]
     finally:
-        gateway.stop()
+        for gateway in started:
+            gateway.stop()
 
 
 @pytest.fixture(scope="module")
-def operator(crds: LocalCluster, gateway_url: str) -> Iterator[KopfRunner]:
+def gateway_url(gateways: list[str]) -> str:
+    return gateways[0]
+
+
+@pytest.fixture(scope="module")
+def operator(crds: LocalCluster, gateways: list[str]) -> Iterator[KopfRunner]:
     env = {
         "KUBECONFIG": str(crds.kubeconfig),
         "MESH_MODEL_INTERVAL": "2",
         "MESH_POOL_INTERVAL": "2",
-        "MESH_GATEWAY_URLS": gateway_url,
+        "MESH_GATEWAY_URLS": ",".join(gateways),
         "MESH_DEMAND_INTERVAL": "0.5",
     }
     before = {name: os.environ.get(name) for name in env}
@@ -272,7 +282,7 @@ def test_load_adds_a_replica_and_idleness_removes_it(
     crds: LocalCluster,
     namespace: str,
     model_url: str,  # noqa: F811
-    gateway_url: str,
+    gateways: list[str],
     cleanup: list[str],  # noqa: F811
 ) -> None:
     cluster = crds
@@ -287,13 +297,22 @@ def test_load_adds_a_replica_and_idleness_removes_it(
         return st if ok and len(st.get("replicaPlans") or []) == count - 1 else None
 
     wait_for("one replica serving", lambda: replicas(1), timeout=120)
-    # Three requests held: a load of 3 over one busy slot per replica wants 3;
-    # maxReplicas allows 2.
-    requests = HeldRequests(gateway_url, "auto")
-    requests.send(3)
+    # Three requests held, two at one gateway and one at the other: a load of 3
+    # over one busy slot per replica wants 3 (maxReplicas allows 2), which only
+    # their sum shows.
+    first_gateway, second_gateway = (
+        HeldRequests(gateways[0], "auto"),
+        HeldRequests(gateways[1], "auto"),
+    )
+    first_gateway.send(2)
+    second_gateway.send(1)
+    key = f"{namespace}/auto"
     wait_for(
-        "three requests waiting at the gateway",
-        lambda: demand_of(gateway_url, f"{namespace}/auto").get("waiting") == 3,
+        "two and one requests waiting at the two gateways",
+        lambda: (
+            (demand_of(gateways[0], key).get("waiting"), demand_of(gateways[1], key).get("waiting"))
+            == (2, 1)
+        ),
         timeout=30,
     )
     st = wait_for("two replicas serving", lambda: replicas(2), timeout=120)
@@ -303,7 +322,7 @@ def test_load_adds_a_replica_and_idleness_removes_it(
     scaled = [m for r, m in events(cluster, namespace, "auto") if r == "ScaledUp"]
     assert scaled and scaled[0].endswith("1 -> 2 replicas"), scaled
     # The requests time out at the gateway; with no load for 5 s, one replica goes.
-    answers = requests.wait()
+    answers = first_gateway.wait() + second_gateway.wait()
     assert [code for code, _, _ in answers] == [503, 503, 503], answers
     st = wait_for("back to one replica", lambda: replicas(1), timeout=90)
     assert "deployment.apps/auto-host-r1" not in workloads(cluster, namespace, "auto")
