@@ -27,6 +27,7 @@ from mesh_operator.api.contract import (
     NAME_LABEL,
     OPERATOR_COMPONENT,
     POLICY_COMPONENT,
+    SCALED_TO_ZERO,
     VERSION_ANNOTATION,
 )
 from mesh_operator.api.heartbeat import heartbeat_age, is_stale
@@ -470,6 +471,9 @@ def check_models(fleet: Fleet) -> list[Finding]:
             )
         elif reason in PROGRESSING:
             out.append(Finding("warn", "models", subject, f"{reason}: {message}".rstrip(": ")))
+        elif reason == SCALED_TO_ZERO:
+            # As asked (spec.scaleToZeroAfter): nothing is wrong.
+            out.append(Finding("ok", "models", subject, f"scaled to zero: {message}"))
         else:
             out.append(
                 Finding(

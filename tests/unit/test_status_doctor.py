@@ -272,6 +272,9 @@ NO_ROOM = "needs 0.3 GiB; pool has 0.1 GiB free after the 10% reserve in 1 devic
          "its pool gpu does not exist", "create MeshPool gpu"),
         (model("m", cond("Ready", "False", "WaitingForWorkers", "soon")), "warn",
          "WaitingForWorkers: soon", ""),
+        (model("m", cond("Ready", "False", "ScaledToZero", "idle since 12:00; the next request "
+                         "starts it again"), scaledToZeroTime="2026-12-01T12:00:00Z"), "ok",
+         "scaled to zero: idle since 12:00; the next request starts it again", ""),
         (model("m", cond("Ready", "False", "SecretNotFound", "Secret hf missing")), "fail",
          "SecretNotFound: Secret hf missing", "kubectl -n ai describe meshmodel m"),
     ],
