@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -710,3 +711,77 @@ def test_a_host_made_before_replicas_is_made_again_with_the_replica_in_its_selec
     assert dep["spec"]["selector"]["matchLabels"]["mesh.dev/replica"] == "0"
     assert dep["spec"]["template"]["spec"]["containers"][0]["image"] != "old:1"
     wait_for("the plan", lambda: _planned(cluster, namespace, "old"), timeout=60)
+
+
+def test_a_spec_change_rolls_the_replicas_one_at_a_time(
+    operator: KopfRunner,
+    crds: LocalCluster,
+    namespace: str,
+    model_url: str,
+    cleanup: list[str],
+) -> None:
+    """Two serving replicas and a change of llama-server's flags: replica 1's host
+    takes the new template only once replica 0's has rolled out, and some replica
+    serves throughout."""
+    cluster = crds
+    label = namespace
+    _gpu_nodes(cluster, label, [(1000, 900.0)] * 2, cleanup)
+    pool = f"pool-{label}"
+    _pool(cluster, pool, label, cleanup, sharing="exclusive")
+    url = f"{model_url}/{MODEL_FILE}"
+    _model(cluster, namespace, "roll", pool, source={"url": url}, replicas=2)
+
+    def serving() -> dict[str, Any] | None:
+        current = _model_obj(cluster, namespace, "roll")
+        ok = current and current.get("status", {}).get("readyReplicas") == 2
+        return current if ok else None
+
+    wait_for("two replicas serving", serving, timeout=120)
+    hosts = ("roll-host", "roll-host-r1")
+    before = {
+        h: get(cluster, "deployment", h, "-n", namespace)["metadata"]["generation"] for h in hosts
+    }
+    _model(
+        cluster,
+        namespace,
+        "roll",
+        pool,
+        source={"url": url},
+        replicas=2,
+        extraArgs=["--temp", "0.5"],
+    )
+
+    changed: dict[str, float] = {}  # when each host's template changed
+    rolled: dict[str, float] = {}  # when it had rolled out on the new template
+    least_ready = 2
+    deadline = time.monotonic() + 120
+    while len(rolled) < 2 and time.monotonic() < deadline:
+        now = time.monotonic()
+        for h in hosts:
+            obj = get(cluster, "deployment", h, "-n", namespace)
+            meta, st = obj["metadata"], obj.get("status") or {}
+            if meta["generation"] > before[h]:
+                changed.setdefault(h, now)
+                done = (
+                    st.get("observedGeneration") == meta["generation"]
+                    and st.get("updatedReplicas") == st.get("availableReplicas") == 1
+                    and st.get("replicas") == 1
+                )
+                if done:
+                    rolled.setdefault(h, now)
+        ready = (_model_obj(cluster, namespace, "roll") or {}).get("status", {})
+        least_ready = min(least_ready, int(ready.get("readyReplicas") or 0))
+        time.sleep(0.2)
+    assert set(rolled) == set(hosts), (changed, rolled)
+    assert changed["roll-host-r1"] >= rolled["roll-host"], (changed, rolled)
+    assert least_ready >= 1, "a replica served all along"
+    out = cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector",
+        "involvedObject.name=roll,reason=RollingUpdate", "-o", "json",
+    )  # fmt: skip
+    messages = sorted(e["message"] for e in json.loads(out)["items"])
+    assert messages == [
+        "replica 0: new workloads; replicas [1] follow one at a time",
+        "replica 1: new workloads",
+    ], messages
+    assert not (_model_obj(cluster, namespace, "roll") or {})["status"].get("rollingReplicas")

@@ -1117,3 +1117,63 @@ def test_autoscaling_past_what_fits_says_how_many_fit() -> None:
     assert d.status.desired_replicas == 3
     assert conditions(d)["ReplicasAvailable"] == ("False", "NoCapacity")
     assert conditions_message(d, "ReplicasAvailable").startswith("2 of 3 replicas fit")
+
+
+# -- rolling updates of replicas ---------------------------------------------------
+
+
+def workloads_of(children: Mapping[tuple[str, str], str]) -> frozenset[tuple[str, str]]:
+    return frozenset(k for k in children if k[0] in {"DaemonSet", "Deployment"})
+
+
+def test_a_spec_change_restarts_serving_replicas_one_at_a_time() -> None:
+    steady, _ = serving_replicas()
+    steady = dataclasses.replace(steady, settled=workloads_of(steady.children))
+    changed = {**TWO, "extraArgs": ["--temp", "0.5"]}
+    model = dataclasses.replace(MODEL, generation=2)
+    d = decide(dataclasses.replace(steady, spec=changed, model=model))
+    assert d.reason == "SpecChanged"
+    assert [c["metadata"]["name"] for c in d.apply] == ["big-host"], "replica 0 first"
+    assert ChildRef("apps/v1", "Deployment", "big-host-r1") in d.deferred
+    assert d.status.rolling_replicas == [1]
+    assert d.delete == [], "a waiting replica's workloads stay as they are"
+    (rolling,) = [e for e in d.events if e.reason == "RollingUpdate"]
+    assert rolling.message == "replica 0: new workloads; replicas [1] follow one at a time"
+    assert conditions(d)["Ready"] == ("True", "Serving")
+
+    # Replica 0's host runs the new template but has not rolled out: 1 waits.
+    children = {**steady.children, **existing(d)}
+    children[("Deployment", "big-host-r1")] = steady.children[("Deployment", "big-host-r1")]
+    rolling_0 = dataclasses.replace(
+        steady,
+        spec=changed,
+        model=model,
+        status=d.status,
+        children=children,
+        settled=workloads_of(children) - {("Deployment", "big-host")},
+    )
+    again = decide(rolling_0)
+    assert again.apply == [] and again.status.rolling_replicas == [1]
+    assert "RollingUpdate" not in event_reasons(again)
+    # Replica 0 serving again, rolled out: now replica 1.
+    done_0 = dataclasses.replace(rolling_0, settled=workloads_of(children))
+    last = decide(done_0)
+    assert [c["metadata"]["name"] for c in last.apply] == ["big-host-r1"]
+    assert last.deferred == [] and last.status.rolling_replicas == []
+    (rolling,) = [e for e in last.events if e.reason == "RollingUpdate"]
+    assert rolling.message == "replica 1: new workloads"
+
+
+def test_a_replica_that_is_not_serving_is_changed_at_once_and_the_serving_one_waits() -> None:
+    steady, _ = serving_replicas()
+    steady = dataclasses.replace(steady, settled=workloads_of(steady.children))
+    # Replica 1's host is down: changing it loses nothing. Replica 0, the one
+    # serving, waits until replica 1 serves again.
+    pods = [p for p in steady.pods if not (p.component == HOST_COMPONENT and p.replica == 1)]
+    changed = {**TWO, "extraArgs": ["--temp", "0.5"]}
+    model = dataclasses.replace(MODEL, generation=2)
+    d = decide(dataclasses.replace(steady, spec=changed, model=model, pods=pods))
+    assert [c["metadata"]["name"] for c in d.apply] == ["big-host-r1"]
+    assert ChildRef("apps/v1", "Deployment", "big-host") in d.deferred
+    assert d.status.rolling_replicas == [0]
+    assert "RollingUpdate" not in event_reasons(d)

@@ -15,7 +15,7 @@ from kopf._core.engines.indexing import OperatorIndexer, OperatorIndexers
 
 from mesh_operator.api.contract import REPLICA_LABEL
 from mesh_operator.handlers.registration import daemonset_index, deployment_index, plan_index
-from mesh_operator.handlers.snapshot import STALE_SELECTOR, model_plan, pod_info
+from mesh_operator.handlers.snapshot import STALE_SELECTOR, model_plan, pod_info, rolled_out
 from mesh_operator.ledger import claims_by_device, claims_by_host
 from mesh_operator.manifests.workloads import build_host_deployment, build_rpc_daemonsets
 from tests.unit.test_manifests import workload
@@ -105,3 +105,37 @@ def test_a_model_that_gives_up_its_plan_leaves_the_pools_ledger() -> None:
     assert index(serving) == ["ai/gemma"]
     assert index(at_zero) == []
     assert index(serving) == ["ai/gemma"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "status", "done"),
+    [
+        ("Deployment", {"replicas": 1},
+         {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1},
+         True),
+        # The controller has not seen the new template yet.
+        ("Deployment", {"replicas": 1},
+         {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1},
+         False),
+        # The new pod is not available yet (or the old one is still there).
+        ("Deployment", {"replicas": 1},
+         {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 0},
+         False),
+        ("Deployment", {"replicas": 1},
+         {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 1},
+         False),
+        # A stopped host has rolled out.
+        ("Deployment", {"replicas": 0}, {"observedGeneration": 2}, True),
+        ("DaemonSet", {},
+         {"observedGeneration": 2, "desiredNumberScheduled": 2, "updatedNumberScheduled": 2,
+          "numberAvailable": 2}, True),
+        ("DaemonSet", {},
+         {"observedGeneration": 2, "desiredNumberScheduled": 2, "updatedNumberScheduled": 1,
+          "numberAvailable": 2}, False),
+    ],
+)  # fmt: skip
+def test_rolled_out_is_what_kubectl_rollout_status_waits_for(
+    kind: str, spec: dict[str, Any], status: dict[str, Any], done: bool
+) -> None:
+    body = {"metadata": {"generation": 2}, "spec": spec, "status": status}
+    assert rolled_out(body, kind) is done

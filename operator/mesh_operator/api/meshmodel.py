@@ -591,6 +591,12 @@ class MeshModelStatus(ApiModel):
         description="Plans of the model's other replicas (plan holds the first).",
     )
     replicas: int | None = Field(default=None, ge=0, description="Replicas planned.")
+    rolling_replicas: list[int] = Field(
+        default_factory=list,
+        max_length=MAX_REPLICAS,
+        description="Replicas whose new workloads wait their turn in a rolling update "
+        "(one serving replica changes at a time).",
+    )
     desired_replicas: int | None = Field(
         default=None,
         ge=0,

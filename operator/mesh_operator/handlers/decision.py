@@ -140,6 +140,9 @@ class ModelSnapshot:
     pods: Sequence[PodInfo] = ()
     # (kind, name) -> spec hash of the children that exist
     children: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    # (kind, name) of the DaemonSets and Deployments that run their current
+    # template on every pod, available (a rolling update waits for them)
+    settled: frozenset[tuple[str, str]] = frozenset()
     # (Secret name, key) -> value, None when missing; read for the refs in the spec.
     secrets: Mapping[tuple[str, str], str | None] = field(default_factory=dict)
     # The model file's profile, or why it could not be read; None when not read
@@ -191,6 +194,9 @@ class Decision:
     status: MeshModelStatus
     children: list[Obj] = field(default_factory=list)  # all that should exist
     apply: list[Obj] = field(default_factory=list)  # those that differ from what exists
+    # Children that stay as they are for now: a rolling update of the replicas
+    # changes one serving replica at a time.
+    deferred: list[ChildRef] = field(default_factory=list)
     delete: list[ChildRef] = field(default_factory=list)
     create: list[Obj] = field(default_factory=list)
     # Pods on nodes that stopped reporting: force-deleted after `apply`.
@@ -252,6 +258,8 @@ class _Decider:
         self._restarted: set[int] = set()
         # Why a model scaled to zero starts again (None: it was not at zero).
         self._woken: str | None = None
+        # Replicas planned anew by this decision (their children change at once).
+        self._replanned: set[int] = set()
         # The replicas to serve: spec.replicas, or the autoscaler's choice.
         self.count = 1
 
@@ -637,6 +645,7 @@ class _Decider:
             self.status.plan_generation = generation
             for p in changed:
                 p.generation, p.group_restarts = generation, 0
+                self._replanned.add(p.replica)
                 # A new group of pods: no restart of theirs has been acted on yet.
                 self._forget_restarts(p.replica)
             self.d.plan_outcome = "replanned" if current else "planned"
@@ -889,6 +898,7 @@ class _Decider:
         wanted: set[tuple[str, str]] = set()
         missing: list[str] = []
         first: ModelWorkload | None = None
+        built: list[_Built] = []
         for plan in plans:
             workload, addresses = self._workload(spec, pool, plan, profile)
             first = first or workload
@@ -897,21 +907,28 @@ class _Decider:
             verdict = self._host_verdict(workload, pool, plan, previous)
             if verdict.mismatch is not None:
                 mismatches.append(verdict.mismatch)
-            whole = True
-            for ds in build_rpc_daemonsets(workload):
-                wanted.add(("DaemonSet", ds["metadata"]["name"]))
-                whole = self._want(ds) and whole
             # Until every worker of this plan is up, keep the host stopped: an RPC
             # client cannot start without all its servers (nor with refusing ones).
             running = addresses is not None and verdict.run
             host = build_host_deployment(workload, replicas=1 if running else 0)
-            wanted.add(("Deployment", host["metadata"]["name"]))
-            whole = self._want(host) and whole
+            built.append(self._built(plan, [*build_rpc_daemonsets(workload), host]))
+            states.append(self._replica_state(plan, addresses, verdict))
+        deferred = self._rolling(built)
+        for b in built:
+            names = [(o["kind"], o["metadata"]["name"]) for o in b.objs]
+            wanted.update(names)
+            if b.plan.replica in deferred:
+                self.d.deferred.extend(
+                    ChildRef(WORKLOAD_KINDS[kind], kind, name) for kind, name in names
+                )
+                continue
+            whole = True
+            for obj in b.objs:
+                whole = self._want(obj) and whole
             if not whole:
                 # Made again with the replica in its selectors: its new pods
                 # replace the old ones, which no restart count refers to.
-                self._forget_restarts(plan.replica)
-            states.append(self._replica_state(plan, addresses, verdict))
+                self._forget_restarts(b.plan.replica)
         assert first is not None
         self.status.version_mismatch = mismatches[0] if mismatches else None
         self.d.delete.extend(
@@ -930,6 +947,49 @@ class _Decider:
         self._want(build_network_policy(first, self.s.peers))
         self._release_silent_nodes()
         self._report(self.count, states)
+
+    def _built(self, plan: Plan, objs: list[Obj]) -> _Built:
+        """One replica's workloads and how they stand against what exists."""
+        existing = self.s.children
+        keys = [(o["kind"], o["metadata"]["name"]) for o in objs]
+        pending = any(existing.get(k) != spec_hash(o) for k, o in zip(keys, objs, strict=True))
+        serving = any(p.ready for p in self._group_pods(HOST_COMPONENT, plan))
+        settled = not pending and all(k in self.s.settled for k in keys)
+        return _Built(plan, objs, pending, serving, settled)
+
+    def _rolling(self, built: list[_Built]) -> set[int]:
+        """The replicas whose changed workloads wait (a rolling update, recorded in
+        `status.rollingReplicas`): a change of the model's or pool's spec that
+        would restart serving replicas reaches one at a time, once every other
+        replica serves on workloads that are up to date and rolled out (or not
+        yet changed). A replica planned anew, restarted with its group, or not
+        serving is changed at once."""
+        rolling = set(self.status.rolling_replicas)
+        self.status.rolling_replicas = []
+        if len(built) < 2:
+            return set()
+        spec_change = self.d.reason in {"SpecChanged", "PoolChanged"}
+        candidates = [
+            b
+            for b in built
+            if b.pending
+            and b.serving
+            and (spec_change or b.plan.replica in rolling)
+            and b.plan.replica not in self._replanned
+            and b.plan.replica not in self._restarted
+        ]
+        if not candidates:
+            return set()
+        head = candidates[0]
+        others_fine = all(b.serving and (b.settled or b.pending) for b in built if b is not head)
+        waiting = {b.plan.replica for b in candidates[1:]}
+        if not others_fine:
+            waiting.add(head.plan.replica)
+        else:
+            follow = f"; replicas {sorted(waiting)} follow one at a time" if waiting else ""
+            self.note("RollingUpdate", f"replica {head.plan.replica}: new workloads{follow}")
+        self.status.rolling_replicas = sorted(waiting)
+        return waiting
 
     def _release_silent_nodes(self) -> None:
         """Release this model's pods on nodes whose agent went silent.
@@ -1051,6 +1111,17 @@ class _Decider:
         if condition_status(self.status.conditions, DEGRADED) == "Unknown":
             self.cond(DEGRADED, "False", "AsPlanned", "")
         self.status.observed_generation = model.generation
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A replica's workloads as the decision builds them."""
+
+    plan: Plan
+    objs: list[Obj]
+    pending: bool  # some differ from what exists
+    serving: bool  # its host answers /health
+    settled: bool  # all up to date and rolled out
 
 
 @dataclass(frozen=True)

@@ -260,6 +260,7 @@ class ModelReconciler:
             others=pool_claims(plans, pool_name, exclude=ref.key),
             pods=snapshot.pods.get(ref.key, ()),
             children=snapshot.children.get(ref.key, {}),
+            settled=snapshot.settled.get(ref.key, frozenset()),
             secrets=secrets,
             profile=profile,
             draft_profile=draft_profile,

@@ -48,6 +48,7 @@ from mesh_operator.handlers.snapshot import (
     pod_info,
     pod_model_key,
     pool_info,
+    rolled_out,
     stale_selector,
 )
 from mesh_operator.kubeclient import follow_kubeconfig_env
@@ -161,10 +162,13 @@ def _one(store: Any) -> Any:
 
 def _snapshot(indices: Mapping[str, Any]) -> Snapshot:
     children: dict[str, dict[tuple[str, str], str]] = {}
+    settled: dict[str, set[tuple[str, str]]] = {}
     for idx in ("daemonset_index", "deployment_index", "service_index", "policy_index"):
         for key, store in indices[idx].items():
-            for kind, name, digest in store:
+            for kind, name, digest, done in store:
                 children.setdefault(key, {})[(kind, name)] = digest
+                if done:
+                    settled.setdefault(key, set()).add((kind, name))
     return Snapshot(
         pools={k: v for k, s in indices["pool_index"].items() if (v := _one(s)) is not None},
         nodes=[v for s in indices["node_index"].values() if (v := _one(s)) is not None],
@@ -174,6 +178,7 @@ def _snapshot(indices: Mapping[str, Any]) -> Snapshot:
         plans=_plans(indices["plan_index"]),
         pods={k: list(s) for k, s in indices["pod_index"].items()},
         children=children,
+        settled={key: frozenset(found) for key, found in settled.items()},
     )
 
 
@@ -218,9 +223,12 @@ def _child(body: kopf.Body, kind: str) -> dict[str, Any]:
     if not model:
         return {}
     digest = (meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION, "")
-    if kind in {"DaemonSet", "Deployment"} and stale_selector(body):
+    workload = kind in {"DaemonSet", "Deployment"}
+    if workload and stale_selector(body):
         digest = STALE_SELECTOR
-    return {model_key(meta.get("namespace", ""), model): (kind, meta.get("name", ""), digest)}
+    done = workload and rolled_out(body, kind)
+    key = model_key(meta.get("namespace", ""), model)
+    return {key: (kind, meta.get("name", ""), digest, done)}
 
 
 @kopf.index("apps", "v1", "daemonsets", labels=OWNED)

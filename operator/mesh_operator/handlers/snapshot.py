@@ -78,6 +78,9 @@ class Snapshot:
     pods: Mapping[str, Sequence[PodInfo]] = field(default_factory=dict)
     # "namespace/name" -> {(kind, name): spec hash annotation}
     children: Mapping[str, Mapping[tuple[str, str], str]] = field(default_factory=dict)
+    # "namespace/name" -> the (kind, name) of its DaemonSets and Deployments that
+    # run their current template everywhere, available (`rolled_out`)
+    settled: Mapping[str, frozenset[tuple[str, str]]] = field(default_factory=dict)
 
     def claims(self, pool: str, exclude: str | None = None) -> dict[str, Plan]:
         return pool_claims(self.plans, pool, exclude)
@@ -218,6 +221,26 @@ def _replica(labels: Mapping[str, str]) -> int:
         return int(labels.get(REPLICA_LABEL, "0"))
     except ValueError:
         return 0
+
+
+def rolled_out(body: Mapping[str, Any], kind: str) -> bool:
+    """Whether a Deployment or DaemonSet runs its current template on every pod it
+    wants, each available: what `kubectl rollout status` waits for."""
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    if int(status.get("observedGeneration") or 0) < int(meta.get("generation") or 0):
+        return False
+    if kind == "DaemonSet":
+        want = int(status.get("desiredNumberScheduled") or 0)
+        updated = int(status.get("updatedNumberScheduled") or 0)
+        return updated == want and int(status.get("numberAvailable") or 0) == want
+    want = int(spec.get("replicas", 1))
+    return (
+        int(status.get("updatedReplicas") or 0) == want
+        and int(status.get("availableReplicas") or 0) == want
+        and int(status.get("replicas") or 0) == want
+    )
 
 
 def stale_selector(body: Mapping[str, Any]) -> bool:
