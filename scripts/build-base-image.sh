@@ -46,13 +46,15 @@ engine_setup() {
         ENGINE="$MESH_ENGINE"
     elif command -v podman >/dev/null 2>&1; then
         ENGINE=podman
-    elif command -v docker >/dev/null 2>&1; then
+    elif command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+        # A docker client is used only with a daemon that answers: a machine may
+        # have the client alone.
         ENGINE=docker
     elif [ "${1:-}" = install ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         apt_install podman podman
         ENGINE=podman
     else
-        die "no container engine: install podman (Debian: apt-get install podman runc) or docker"
+        die "no container engine: install podman (Debian: apt-get install podman runc) or run a docker daemon"
     fi
     case "$(basename "$ENGINE")" in
         podman)
