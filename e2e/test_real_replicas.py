@@ -2,6 +2,9 @@
 two nodes of three; one replica's node is lost (its link cut, `RealNodes.lose`)
 and that replica is planned again on the third node while the other keeps
 answering every request through the gateway, its host Deployment untouched.
+Then a change of llama-server's flags (`extraArgs`) rolls over the two replicas
+one at a time (the second host's template changes only once the first has rolled
+out on the new one), and again every request is answered.
 
 Uses the session's installation (`e2e.realcluster`), with the system node
 labelled into the CPU pool for the test's time (as e2e/test_real_rtt.py does)
@@ -280,7 +283,7 @@ def start_client(mesh: RealCluster) -> None:
     mesh.apply(pod)
 
 
-def test_a_lost_replica_is_planned_again_while_the_other_serves(
+def test_a_lost_replica_is_planned_again_while_the_other_serves_then_a_change_rolls(
     three_nodes: RealCluster, shared_real_cluster: SharedRealCluster
 ) -> None:
     mesh = three_nodes
@@ -388,4 +391,86 @@ def test_a_lost_replica_is_planned_again_while_the_other_serves(
         ),
         timeout=180,
     )
-    print(json.dumps({"node_loss_to_replica_serving_seconds": round(outage, 1)}))
+    roll_seconds = roll_through_a_spec_change(mesh, shared_real_cluster)
+    print(
+        json.dumps(
+            {
+                "node_loss_to_replica_serving_seconds": round(outage, 1),
+                "rolling_update_seconds": round(roll_seconds, 1),
+            }
+        )
+    )
+
+
+def roll_through_a_spec_change(mesh: RealCluster, shared: SharedRealCluster) -> float:
+    """A change of llama-server's flags while the client sends requests: replica 1's
+    host takes the new template only once replica 0's has rolled out on it, and
+    every request is answered meanwhile. Returns the seconds from the change to
+    both rolled out."""
+    before = {
+        r: mesh.get("deployment", host_deployment(r), "-n", NAMESPACE)["metadata"]["generation"]
+        for r in range(REPLICAS)
+    }
+    start_client(mesh)
+    wait_for("the client's first answers", lambda: answered_since(mesh, 0.0), timeout=180)
+    changed_wall = time.time()
+    changed_at = time.monotonic()
+    model = replicas_model(shared)
+    model["spec"]["extraArgs"] = ["--temp", "0.5"]
+    mesh.apply(model)
+    changed: dict[int, float] = {}  # when each host's template changed
+    rolled: dict[int, float] = {}  # when it had rolled out on the new template
+
+    def both_rolled() -> bool:
+        now = time.monotonic()
+        for r in range(REPLICAS):
+            obj = mesh.get("deployment", host_deployment(r), "-n", NAMESPACE)
+            meta, st = obj["metadata"], obj.get("status") or {}
+            if meta["generation"] > before[r]:
+                changed.setdefault(r, now)
+                if (
+                    st.get("observedGeneration") == meta["generation"]
+                    and st.get("updatedReplicas") == st.get("availableReplicas") == 1
+                    and st.get("replicas") == 1
+                ):
+                    rolled.setdefault(r, now)
+        return len(rolled) == REPLICAS
+
+    wait_for("both replicas' hosts rolled out on the new flags", both_rolled, timeout=600)
+    took = time.monotonic() - changed_at
+    serving_again = wait_for("both replicas ready again", lambda: serving(mesh), timeout=300)
+    assert not serving_again["status"].get("rollingReplicas"), serving_again["status"]
+    done_wall = time.time()
+    try:
+        answers = wait_for(
+            "an answer to every request sent during the rolling update",
+            lambda: answered_since(mesh, done_wall),
+            timeout=360,
+        )
+    finally:
+        mesh.kubectl("delete", "pod", CLIENT, "-n", OUTSIDE, "--ignore-not-found", check=False)
+    first, second = sorted(changed, key=lambda r: changed[r])
+    assert changed[second] >= rolled[first], (changed, rolled)
+    for r in range(REPLICAS):
+        (host,) = host_pods(mesh, r)
+        args = " ".join(a for c in host["spec"]["containers"] for a in c.get("args") or [])
+        assert "--temp 0.5" in args, (r, args)
+    events = mesh.get(
+        "events", "-n", NAMESPACE, "--field-selector",
+        f"involvedObject.name={MODEL},reason=RollingUpdate",
+    )  # fmt: skip
+    messages = sorted(e["message"] for e in events["items"])
+    assert messages == [
+        f"replica {first}: new workloads; replicas [{second}] follow one at a time",
+        f"replica {second}: new workloads",
+    ], messages
+    failed = [a for a in answers if not a.ok]
+    during = [a for a in answers if changed_wall <= a.sent < done_wall]
+    assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:5]}"
+    assert len(during) >= CLIENT_THREADS, f"{len(during)} requests sent during the update"
+    log(
+        f"rolling update: {took:.1f} s from the change to both hosts rolled out; "
+        f"{len(during)} requests meanwhile, none failed, slowest "
+        f"{max(a.seconds for a in during):.1f} s"
+    )
+    return took
