@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build llama-server and ggml-rpc-server (with the RPC backend) from the llama.cpp
 # tree vendored in the llama-cpp-python sdist pinned in llama-cpp.pin. Result:
-#   $MESH_CACHE/llama.cpp/<version>/bin/{llama-server,ggml-rpc-server}
+#   $MESH_CACHE/llama.cpp/<version>-r2/bin/{llama-server,ggml-rpc-server}
 # The tests run this build; Dockerfile.llama runs this same script, so both build
 # from one recipe. A finished build is renamed into place at the end, so an
 # interrupted build never looks complete.
@@ -70,10 +70,23 @@ if [ -n "$fetch_only" ]; then
     exit 0
 fi
 
+# No AMX on x86-64: a native build on a CPU that reports AMX uses ggml's AMX
+# matrix kernels for weights in RAM, and on virtual machines whose CPU reports
+# AMX without the kernel granting its tile state, llama-server crashed (SIGSEGV in
+# ggml_backend_amx_mul_mat) at its first decode. Explicit -mno-* flags win over
+# -march=native whatever their order. The images (GGML_NATIVE=OFF) have no AMX
+# either.
+recipe_flags=()
+if [ "$(uname -m)" = x86_64 ]; then
+    no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    recipe_flags=("-DCMAKE_C_FLAGS=$no_amx" "-DCMAKE_CXX_FLAGS=$no_amx")
+fi
+
 # Builds with other flags (a portable or CUDA image build) never reuse this
-# machine's native build, nor the reverse.
-suffix=""
-[ "$pin" = old ] && suffix="-rpc"
+# machine's native build, nor the reverse; a build of an earlier recipe is not
+# reused either.
+suffix="-r2"
+[ "$pin" = old ] && suffix="$suffix-rpc"
 if [ -n "${LLAMA_CMAKE_FLAGS:-}" ]; then
     suffix="$suffix-$(printf '%s' "$LLAMA_CMAKE_FLAGS" | sha256sum | cut -c1-8)"
 fi
@@ -118,7 +131,7 @@ log "configuring llama.cpp $version (GGML_RPC=ON, static, $jobs jobs) ${LLAMA_CM
 cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release \
     -DGGML_RPC=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF \
-    -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_APP=OFF ${LLAMA_CMAKE_FLAGS:-} \
+    -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_APP=OFF "${recipe_flags[@]}" ${LLAMA_CMAKE_FLAGS:-} \
     >"$work/configure.log" 2>&1 \
     || { tail -20 "$work/configure.log" >&2; die "cmake configure of llama.cpp failed (log above)"; }
 log "building ${targets[*]} (about 6 minutes on 2 cores)"
