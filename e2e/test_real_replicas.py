@@ -202,6 +202,16 @@ def answered_since(mesh: RealCluster, since: float) -> list[Answer] | None:
     return answers
 
 
+def all_answered(answers: list[Answer], start: float, end: float, what: str) -> list[Answer]:
+    """Checks that every request was answered and that each client thread sent
+    some between `start` and `end` (unix times); returns those."""
+    failed = [a for a in answers if not a.ok]
+    during = [a for a in answers if start <= a.sent < end]
+    assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:5]}"
+    assert len(during) >= CLIENT_THREADS, f"{len(during)} requests sent during {what}"
+    return during
+
+
 def shared_models_serving_off(mesh: RealCluster, node: str) -> bool:
     """The session's models Ready, each planned on nodes other than `node`."""
     for model in MODELS:
@@ -366,10 +376,7 @@ def test_a_lost_replica_is_planned_again_while_the_other_serves_then_a_change_ro
         mesh.nodes.restore(lost)
 
     # Every request was answered, those sent while the replica was lost included.
-    failed = [a for a in answers if not a.ok]
-    during = [a for a in answers if lost_at_wall <= a.sent < back_wall]
-    assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:5]}"
-    assert len(during) >= CLIENT_THREADS, f"{len(during)} requests sent during the loss"
+    during = all_answered(answers, lost_at_wall, back_wall, "the loss")
     slowest = max(a.seconds for a in during)
     log(
         f"{len(during)} requests while {lost} was lost, none failed, slowest {slowest:.1f} s; "
@@ -464,10 +471,7 @@ def roll_through_a_spec_change(mesh: RealCluster, shared: SharedRealCluster) -> 
         f"replica {first}: new workloads; replicas [{second}] follow one at a time",
         f"replica {second}: new workloads",
     ], messages
-    failed = [a for a in answers if not a.ok]
-    during = [a for a in answers if changed_wall <= a.sent < done_wall]
-    assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:5]}"
-    assert len(during) >= CLIENT_THREADS, f"{len(during)} requests sent during the update"
+    during = all_answered(answers, changed_wall, done_wall, "the update")
     log(
         f"rolling update: {took:.1f} s from the change to both hosts rolled out; "
         f"{len(during)} requests meanwhile, none failed, slowest "
