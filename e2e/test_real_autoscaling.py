@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e import parts
+from e2e import parts, served
 from e2e.realcluster import (
     MODEL_POD_SECURITY,
     OUTSIDE,
@@ -43,8 +42,8 @@ from e2e.realcluster import (
     example_model,
     log,
 )
-from e2e.scenario import NAMESPACE as RELEASE_NAMESPACE
 from e2e.scenario import REPO
+from e2e.served import gateway_base, plan_nodes, plans, predicted
 from e2e.waiting import wait_for
 from mesh_operator.api.meshpool import MeshPoolStatus
 
@@ -75,8 +74,6 @@ MAX_TOKENS = 48
 # The longest the load runs if the test never stops it (it stops it once the
 # second replica has answered): a bound, not a figure.
 LOAD_SECONDS_BOUND = 900
-# Counts the tokens a host generated: it rises with every completion it answers.
-PREDICTED = "llamacpp:tokens_predicted_total"
 # The gateway's hold timeout (e2e/values-e2e.yaml `gateway.holdTimeout`): a
 # waiting request is answered within it or refused.
 HOLD_TIMEOUT = float(
@@ -140,62 +137,20 @@ say(f'stop {time.time():.3f}')
 # Sent inside the load client's pod: SIGUSR1 to its main process (pid 1).
 STOP_SCRIPT = "import os, signal; os.kill(1, signal.SIGUSR1)"
 
-# One chat completion through the gateway; prints one JSON line: HTTP status,
-# seconds, the message's content or the error.
-CHAT_SCRIPT = """
-import json, sys, time, urllib.error, urllib.request
-url, model, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
-body = {'model': model, 'max_tokens': 8,
-        'messages': [{'role': 'user', 'content': 'Say yes.'}]}
-request = urllib.request.Request(url + '/v1/chat/completions', json.dumps(body).encode(),
-                                 {'Content-Type': 'application/json'})
-out = {'status': None, 'content': None, 'error': None}
-started = time.monotonic()
-try:
-    with urllib.request.urlopen(request, timeout=timeout) as answer:
-        out['status'] = answer.status
-        out['content'] = json.loads(answer.read())['choices'][0]['message']['content']
-except urllib.error.HTTPError as exc:
-    out['status'] = exc.code
-    out['error'] = exc.read().decode(errors='replace')[:400]
-except Exception as exc:
-    out['error'] = f'{type(exc).__name__}: {exc}'
-out['seconds'] = time.monotonic() - started
-print(json.dumps(out), flush=True)
-"""
 
-# One URL's body, fetched from inside the gateway pod: the model's NetworkPolicy
-# admits the gateway to the hosts' port.
-FETCH_SCRIPT = """
-import sys, urllib.request
-with urllib.request.urlopen(sys.argv[1], timeout=10) as answer:
-    print(answer.read().decode())
-"""
+def chat(mesh: RealCluster, name: str) -> Obj:
+    """One chat completion from a pod in OUTSIDE: what its client saw."""
+    return served.chat(mesh, name, MODEL, CLIENT_TIMEOUT)
 
 
-def gateway_base(mesh: RealCluster) -> str:
-    """The gateway by its Service's cluster DNS name."""
-    selector = "app.kubernetes.io/component=gateway"
-    (service,) = mesh.get("services", "-n", RELEASE_NAMESPACE, "-l", selector)["items"]
-    port = service["spec"]["ports"][0]["port"]
-    name = service["metadata"]["name"]
-    return f"http://{name}.{RELEASE_NAMESPACE}.svc.cluster.local:{port}"
+def pool_status(mesh: RealCluster) -> MeshPoolStatus:
+    return served.pool_status(mesh, POOL)
 
 
 def model_status(mesh: RealCluster) -> Obj:
     obj: Obj = mesh.get("meshmodel", MODEL, "-n", NAMESPACE) or {}
     status: Obj = obj.get("status") or {}
     return status
-
-
-def plans(status: Obj) -> dict[int, Obj]:
-    """The model's plans by replica: status.plan and status.replicaPlans."""
-    found = [p for p in [status.get("plan"), *(status.get("replicaPlans") or [])] if p]
-    return {int(p.get("replica", 0)): p for p in found}
-
-
-def plan_nodes(plan: Obj) -> set[str]:
-    return {d["node"] for d in plan["devices"]} | {plan["hostNode"]}
 
 
 def serving(mesh: RealCluster, count: int) -> Obj | None:
@@ -244,29 +199,6 @@ def replica_children(mesh: RealCluster, replica: int) -> list[str]:
     return sorted(f"{o['kind']}/{o['metadata']['name']}" for o in items)
 
 
-def predicted(mesh: RealCluster, host: Obj) -> float:
-    """The host's llama-server count of tokens generated, read from inside the
-    gateway pod."""
-    port = next(
-        int(p["containerPort"])
-        for c in host["spec"]["containers"]
-        for p in c.get("ports") or []
-        if p.get("name") == "http"
-    )
-    gateway = mesh.release_pods("gateway")[0]
-    text = mesh.exec(
-        gateway,
-        "gateway",
-        "python3",
-        "-c",
-        FETCH_SCRIPT,
-        f"http://{host['status']['podIP']}:{port}/metrics",
-    )
-    match = re.search(rf"^{re.escape(PREDICTED)}\s+(\S+)$", text, re.MULTILINE)
-    assert match, f"no {PREDICTED} in {host['metadata']['name']}'s /metrics: {text[:400]}"
-    return float(match.group(1))
-
-
 def events(mesh: RealCluster, reason: str) -> list[str]:
     """The messages of the model's Events of `reason`."""
     found = mesh.get(
@@ -277,11 +209,6 @@ def events(mesh: RealCluster, reason: str) -> list[str]:
         f"involvedObject.name={MODEL},involvedObject.kind=MeshModel,reason={reason}",
     )
     return [e.get("message", "") for e in (found or {}).get("items", [])]
-
-
-def pool_status(mesh: RealCluster) -> MeshPoolStatus:
-    obj = mesh.get("meshpool", POOL) or {}
-    return MeshPoolStatus.model_validate(obj.get("status") or {})
 
 
 def claimed_over(mesh: RealCluster, mib: int) -> int | None:
@@ -378,19 +305,6 @@ def stop_load(mesh: RealCluster) -> LoadLog:
     mesh.exec(pod, "probe", "python3", "-c", STOP_SCRIPT)
     out = mesh.pod_output(LOAD_CLIENT, OUTSIDE, timeout=CLIENT_TIMEOUT + 120)
     return parse_load_log(out)
-
-
-def chat(mesh: RealCluster, name: str) -> Obj:
-    """One chat completion from a pod in OUTSIDE: what its client saw."""
-    mesh.start_pod(
-        name,
-        OUTSIDE,
-        {"app": "probe"},
-        ["python3", "-c", CHAT_SCRIPT, gateway_base(mesh), MODEL, str(CLIENT_TIMEOUT)],
-    )
-    out = mesh.pod_output(name, OUTSIDE, timeout=CLIENT_TIMEOUT + 120)
-    answer: Obj = json.loads(out.strip().splitlines()[-1])
-    return answer
 
 
 def autoscale_pool() -> Obj:

@@ -17,7 +17,6 @@ system node, before it ends.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,8 +37,8 @@ from e2e.realcluster import (
     mesh_image,
     restricted_pod,
 )
-from e2e.scenario import NAMESPACE as RELEASE_NAMESPACE
 from e2e.scenario import POOL_LABEL, REPO, SYSTEM_NODE
+from e2e.served import gateway_base, plan_nodes, plans, predicted
 from e2e.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -53,8 +52,6 @@ MODEL = "gemma-replicas"
 REPLICAS = 2
 CLIENT = "replicas-client"
 REPLICA_LABEL = "mesh.dev/replica"
-# Counts the tokens a host generated: it rises with every completion it answers.
-PREDICTED = "llamacpp:tokens_predicted_total"
 # Two requests at a time, so that the gateway (one slot per host) sends to both
 # hosts: with one at a time the first free host could answer them all.
 CLIENT_THREADS = 2
@@ -89,29 +86,14 @@ while True:
     time.sleep(60)
 """
 
-# One URL's body, fetched from inside the gateway pod: the models' NetworkPolicies
-# admit the gateway to the hosts' port.
-FETCH_SCRIPT = """
-import sys, urllib.request
-with urllib.request.urlopen(sys.argv[1], timeout=10) as answer:
-    print(answer.read().decode())
-"""
-
 
 def model_obj(mesh: RealCluster) -> Obj:
     obj: Obj = mesh.get("meshmodel", MODEL, "-n", NAMESPACE) or {}
     return obj
 
 
-def plans(obj: Obj) -> dict[int, Obj]:
-    """The model's plans by replica: status.plan and status.replicaPlans."""
-    status = obj.get("status") or {}
-    found = [p for p in [status.get("plan"), *(status.get("replicaPlans") or [])] if p]
-    return {int(p.get("replica", 0)): p for p in found}
-
-
-def plan_nodes(plan: Obj) -> set[str]:
-    return {d["node"] for d in plan["devices"]} | {plan["hostNode"]}
+def replica_plans(obj: Obj) -> dict[int, Obj]:
+    return plans(obj.get("status") or {})
 
 
 def host_deployment(replica: int) -> str:
@@ -128,44 +110,12 @@ def host_pods(mesh: RealCluster, replica: int) -> list[Obj]:
 def serving(mesh: RealCluster) -> Obj | None:
     """The model once every replica is ready, each on one node no other uses."""
     obj = model_obj(mesh)
-    by_replica = plans(obj)
+    by_replica = replica_plans(obj)
     if (obj.get("status") or {}).get("readyReplicas") != REPLICAS or set(by_replica) != set(
         range(REPLICAS)
     ):
         return None
     return obj
-
-
-def predicted(mesh: RealCluster, host: Obj) -> float:
-    """The host's llama-server count of tokens generated, read from inside the
-    gateway pod."""
-    port = next(
-        int(p["containerPort"])
-        for c in host["spec"]["containers"]
-        for p in c.get("ports") or []
-        if p.get("name") == "http"
-    )
-    gateway = mesh.release_pods("gateway")[0]
-    text = mesh.exec(
-        gateway,
-        "gateway",
-        "python3",
-        "-c",
-        FETCH_SCRIPT,
-        f"http://{host['status']['podIP']}:{port}/metrics",
-    )
-    match = re.search(rf"^{re.escape(PREDICTED)}\s+(\S+)$", text, re.MULTILINE)
-    assert match, f"no {PREDICTED} in {host['metadata']['name']}'s /metrics: {text[:400]}"
-    return float(match.group(1))
-
-
-def gateway_url(mesh: RealCluster) -> str:
-    """The gateway's chat completions by its Service's cluster DNS name."""
-    selector = "app.kubernetes.io/component=gateway"
-    (service,) = mesh.get("services", "-n", RELEASE_NAMESPACE, "-l", selector)["items"]
-    port = service["spec"]["ports"][0]["port"]
-    name = service["metadata"]["name"]
-    return f"http://{name}.{RELEASE_NAMESPACE}.svc.cluster.local:{port}/v1/chat/completions"
 
 
 @dataclass(frozen=True)
@@ -216,7 +166,7 @@ def shared_models_serving_off(mesh: RealCluster, node: str) -> bool:
     """The session's models Ready, each planned on nodes other than `node`."""
     for model in MODELS:
         obj = mesh.ready(model)
-        if obj is None or any(node in plan_nodes(p) for p in plans(obj).values()):
+        if obj is None or any(node in plan_nodes(p) for p in replica_plans(obj).values()):
             return False
     return True
 
@@ -226,7 +176,7 @@ def shared_nodes(mesh: RealCluster) -> set[str]:
     found: set[str] = set()
     for model in MODELS:
         obj = mesh.get("meshmodel", model.name, "-n", model.namespace) or {}
-        for plan in plans(obj).values():
+        for plan in replica_plans(obj).values():
             found |= plan_nodes(plan)
     return found
 
@@ -285,7 +235,14 @@ def start_client(mesh: RealCluster) -> None:
         CLIENT,
         OUTSIDE,
         {"app": "probe"},
-        ["python3", "-c", CLIENT_SCRIPT, gateway_url(mesh), MODEL, str(CLIENT_THREADS)],
+        [
+            "python3",
+            "-c",
+            CLIENT_SCRIPT,
+            f"{gateway_base(mesh)}/v1/chat/completions",
+            MODEL,
+            str(CLIENT_THREADS),
+        ],
         image=mesh_image(),
     )
     pod["spec"]["nodeName"] = SYSTEM_NODE
@@ -301,7 +258,7 @@ def test_a_lost_replica_is_planned_again_while_the_other_serves_then_a_change_ro
     mesh.apply(replicas_pool())
     mesh.apply(replicas_model(shared_real_cluster))
     obj = wait_for(f"{REPLICAS} replicas ready", lambda: serving(mesh), timeout=600)
-    before = plans(obj)
+    before = replica_plans(obj)
     nodes = {r: plan_nodes(p) for r, p in before.items()}
     log(f"replicas ready on {nodes}")
     assert all(len(n) == 1 for n in nodes.values()), nodes
@@ -343,7 +300,7 @@ def test_a_lost_replica_is_planned_again_while_the_other_serves_then_a_change_ro
 
         def replanned() -> Obj | None:
             obj = serving(mesh)
-            if obj is None or lost in plan_nodes(plans(obj)[lost_replica]):
+            if obj is None or lost in plan_nodes(replica_plans(obj)[lost_replica]):
                 return None
             return obj
 
@@ -353,7 +310,7 @@ def test_a_lost_replica_is_planned_again_while_the_other_serves_then_a_change_ro
         outage = time.monotonic() - lost_at
         back_wall = time.time()
         log(f"replica {lost_replica} serving again {outage:.1f} s after {lost} was lost")
-        moved = plans(after)
+        moved = replica_plans(after)
         assert plan_nodes(moved[lost_replica]) == {third}, moved
         assert plan_nodes(moved[survivor]) == nodes[survivor], moved
         (new_host,) = host_pods(mesh, lost_replica)

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e import parts
+from e2e import parts, served
 from e2e.realcluster import (
     MODEL_POD_SECURITY,
     OUTSIDE,
@@ -34,8 +34,8 @@ from e2e.realcluster import (
     example_model,
     log,
 )
-from e2e.scenario import NAMESPACE as RELEASE_NAMESPACE
 from e2e.scenario import REPO
+from e2e.served import gateway_base
 from e2e.waiting import wait_for
 from mesh_operator.api.contract import SCALED_TO_ZERO
 from mesh_operator.api.meshpool import MeshPoolStatus
@@ -64,30 +64,6 @@ REPORT = Path(
     os.environ.get("MESH_E2E_ZERO_REPORT", str(parts.mesh_dir() / "e2e-scale-to-zero.json"))
 )
 
-# One chat completion through the gateway, timed from send to answer; prints one
-# JSON line: HTTP status, seconds, the message's content or the error.
-CHAT_SCRIPT = """
-import json, sys, time, urllib.error, urllib.request
-url, model, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
-body = {'model': model, 'max_tokens': 8,
-        'messages': [{'role': 'user', 'content': 'Say yes.'}]}
-request = urllib.request.Request(url + '/v1/chat/completions', json.dumps(body).encode(),
-                                 {'Content-Type': 'application/json'})
-out = {'status': None, 'content': None, 'error': None}
-started = time.monotonic()
-try:
-    with urllib.request.urlopen(request, timeout=timeout) as answer:
-        out['status'] = answer.status
-        out['content'] = json.loads(answer.read())['choices'][0]['message']['content']
-except urllib.error.HTTPError as exc:
-    out['status'] = exc.code
-    out['error'] = exc.read().decode(errors='replace')[:400]
-except Exception as exc:
-    out['error'] = f'{type(exc).__name__}: {exc}'
-out['seconds'] = time.monotonic() - started
-print(json.dumps(out), flush=True)
-"""
-
 # The gateway's /v1/models, as a client sees it.
 LIST_SCRIPT = """
 import sys, urllib.request
@@ -96,13 +72,13 @@ with urllib.request.urlopen(sys.argv[1] + '/v1/models', timeout=30) as answer:
 """
 
 
-def gateway_base(mesh: RealCluster) -> str:
-    """The gateway by its Service's cluster DNS name."""
-    selector = "app.kubernetes.io/component=gateway"
-    (service,) = mesh.get("services", "-n", RELEASE_NAMESPACE, "-l", selector)["items"]
-    port = service["spec"]["ports"][0]["port"]
-    name = service["metadata"]["name"]
-    return f"http://{name}.{RELEASE_NAMESPACE}.svc.cluster.local:{port}"
+def chat(mesh: RealCluster, name: str) -> Obj:
+    """One chat completion from a pod in OUTSIDE: what its client saw."""
+    return served.chat(mesh, name, MODEL, CLIENT_TIMEOUT)
+
+
+def pool_status(mesh: RealCluster) -> MeshPoolStatus:
+    return served.pool_status(mesh, POOL)
 
 
 def model_obj(mesh: RealCluster) -> Obj:
@@ -138,28 +114,10 @@ def owned(mesh: RealCluster, kinds: str) -> list[str]:
     return sorted(f"{o['kind']}/{o['metadata']['name']}" for o in items)
 
 
-def pool_status(mesh: RealCluster) -> MeshPoolStatus:
-    obj = mesh.get("meshpool", POOL) or {}
-    return MeshPoolStatus.model_validate(obj.get("status") or {})
-
-
 def released(mesh: RealCluster) -> MeshPoolStatus | None:
     """The pool's status once its ledger holds no memory (it has nodes)."""
     status = pool_status(mesh)
     return status if status.nodes and status.memory_claimed_mib == 0 else None
-
-
-def chat(mesh: RealCluster, name: str) -> Obj:
-    """One chat completion from a pod in OUTSIDE: what its client saw."""
-    mesh.start_pod(
-        name,
-        OUTSIDE,
-        {"app": "probe"},
-        ["python3", "-c", CHAT_SCRIPT, gateway_base(mesh), MODEL, str(CLIENT_TIMEOUT)],
-    )
-    out = mesh.pod_output(name, OUTSIDE, timeout=CLIENT_TIMEOUT + 120)
-    answer: Obj = json.loads(out.strip().splitlines()[-1])
-    return answer
 
 
 def listed_models(mesh: RealCluster) -> list[str]:

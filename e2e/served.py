@@ -1,0 +1,115 @@
+"""What the real-node tests of a served model read: the gateway's address, a
+model's plans, a host's token count and one chat completion from a client pod.
+
+Test infrastructure, shared by e2e/test_real_replicas.py,
+e2e/test_real_scale_to_zero.py and e2e/test_real_autoscaling.py on the session's
+installation (`e2e.realcluster`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from e2e.realcluster import OUTSIDE, RealCluster
+from e2e.scenario import NAMESPACE as RELEASE_NAMESPACE
+from mesh_operator.api.meshpool import MeshPoolStatus
+
+Obj = dict[str, Any]
+
+# Counts the tokens a host generated: it rises with every completion it answers.
+PREDICTED = "llamacpp:tokens_predicted_total"
+
+# One chat completion through the gateway, timed from send to answer; prints one
+# JSON line: HTTP status, seconds, the message's content or the error.
+CHAT_SCRIPT = """
+import json, sys, time, urllib.error, urllib.request
+url, model, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+body = {'model': model, 'max_tokens': 8,
+        'messages': [{'role': 'user', 'content': 'Say yes.'}]}
+request = urllib.request.Request(url + '/v1/chat/completions', json.dumps(body).encode(),
+                                 {'Content-Type': 'application/json'})
+out = {'status': None, 'content': None, 'error': None}
+started = time.monotonic()
+try:
+    with urllib.request.urlopen(request, timeout=timeout) as answer:
+        out['status'] = answer.status
+        out['content'] = json.loads(answer.read())['choices'][0]['message']['content']
+except urllib.error.HTTPError as exc:
+    out['status'] = exc.code
+    out['error'] = exc.read().decode(errors='replace')[:400]
+except Exception as exc:
+    out['error'] = f'{type(exc).__name__}: {exc}'
+out['seconds'] = time.monotonic() - started
+print(json.dumps(out), flush=True)
+"""
+
+# One URL's body, fetched from inside the gateway pod: the models' NetworkPolicies
+# admit the gateway to the hosts' port.
+FETCH_SCRIPT = """
+import sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=10) as answer:
+    print(answer.read().decode())
+"""
+
+
+def gateway_base(mesh: RealCluster) -> str:
+    """The gateway by its Service's cluster DNS name."""
+    selector = "app.kubernetes.io/component=gateway"
+    (service,) = mesh.get("services", "-n", RELEASE_NAMESPACE, "-l", selector)["items"]
+    port = service["spec"]["ports"][0]["port"]
+    name = service["metadata"]["name"]
+    return f"http://{name}.{RELEASE_NAMESPACE}.svc.cluster.local:{port}"
+
+
+def plans(status: Obj) -> dict[int, Obj]:
+    """A model's plans by replica: status.plan and status.replicaPlans."""
+    found = [p for p in [status.get("plan"), *(status.get("replicaPlans") or [])] if p]
+    return {int(p.get("replica", 0)): p for p in found}
+
+
+def plan_nodes(plan: Obj) -> set[str]:
+    return {d["node"] for d in plan["devices"]} | {plan["hostNode"]}
+
+
+def predicted(mesh: RealCluster, host: Obj) -> float:
+    """The host's llama-server count of tokens generated, read from inside the
+    gateway pod."""
+    port = next(
+        int(p["containerPort"])
+        for c in host["spec"]["containers"]
+        for p in c.get("ports") or []
+        if p.get("name") == "http"
+    )
+    gateway = mesh.release_pods("gateway")[0]
+    text = mesh.exec(
+        gateway,
+        "gateway",
+        "python3",
+        "-c",
+        FETCH_SCRIPT,
+        f"http://{host['status']['podIP']}:{port}/metrics",
+    )
+    match = re.search(rf"^{re.escape(PREDICTED)}\s+(\S+)$", text, re.MULTILINE)
+    assert match, f"no {PREDICTED} in {host['metadata']['name']}'s /metrics: {text[:400]}"
+    return float(match.group(1))
+
+
+def chat(mesh: RealCluster, name: str, model: str, timeout: float) -> Obj:
+    """One chat completion for `model` from a pod `name` in OUTSIDE, through the
+    gateway: what its client saw (CHAT_SCRIPT's line)."""
+    mesh.start_pod(
+        name,
+        OUTSIDE,
+        {"app": "probe"},
+        ["python3", "-c", CHAT_SCRIPT, gateway_base(mesh), model, str(timeout)],
+    )
+    out = mesh.pod_output(name, OUTSIDE, timeout=timeout + 120)
+    answer: Obj = json.loads(out.strip().splitlines()[-1])
+    return answer
+
+
+def pool_status(mesh: RealCluster, pool: str) -> MeshPoolStatus:
+    obj = mesh.get("meshpool", pool) or {}
+    return MeshPoolStatus.model_validate(obj.get("status") or {})
