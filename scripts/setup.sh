@@ -28,6 +28,7 @@ log "installing mesh and its development tools into .venv"
 
 llama_bin=$(bash scripts/build-llama.sh)
 model=$(bash scripts/fetch-model.sh)
+bash scripts/check-llama.sh "$llama_bin" "$model"
 toolchain_bin=$(bash scripts/build-toolchain.sh)
 prometheus_bin=$(bash scripts/fetch-prometheus.sh)
 nodeparts_bin=$(bash scripts/build-node-parts.sh)
