@@ -842,9 +842,9 @@ class _Decider:
     # -- children --------------------------------------------------------------------
 
     def _want(self, obj: Obj) -> bool:
-        """Want `obj` to exist; False when an older one must first be deleted (one
-        whose selector lacks the replica label, which a selector cannot gain)."""
-        obj = with_hash(obj)
+        """Want `obj` (carrying its digest: `with_hash`) to exist; False when an
+        older one must first be deleted (one whose selector lacks the replica
+        label, which a selector cannot gain)."""
         self.d.children.append(obj)
         name = obj["metadata"]["name"]
         existing = self.s.children.get((obj["kind"], name))
@@ -943,16 +943,17 @@ class _Decider:
         else:
             self.cond(WORKERS_READY, "True", "WorkersReady", f"{total} RPC servers ready")
         # The Service selects every replica's host: requests go to each ready one.
-        self._want(build_service(first))
-        self._want(build_network_policy(first, self.s.peers))
+        self._want(with_hash(build_service(first)))
+        self._want(with_hash(build_network_policy(first, self.s.peers)))
         self._release_silent_nodes()
         self._report(self.count, states)
 
     def _built(self, plan: Plan, objs: list[Obj]) -> _Built:
         """One replica's workloads and how they stand against what exists."""
         existing = self.s.children
+        objs = [with_hash(o) for o in objs]
         keys = [(o["kind"], o["metadata"]["name"]) for o in objs]
-        pending = any(existing.get(k) != spec_hash(o) for k, o in zip(keys, objs, strict=True))
+        pending = any(existing.get(k) != child_digest(o) for k, o in zip(keys, objs, strict=True))
         serving = any(p.ready for p in self._group_pods(HOST_COMPONENT, plan))
         settled = not pending and all(k in self.s.settled for k in keys)
         return _Built(plan, objs, pending, serving, settled)
