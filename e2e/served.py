@@ -12,11 +12,23 @@ import json
 import re
 from typing import Any
 
+import yaml
+
 from e2e.realcluster import OUTSIDE, RealCluster
 from e2e.scenario import NAMESPACE as RELEASE_NAMESPACE
+from e2e.scenario import REPO
+from e2e.waiting import wait_for
 from mesh_operator.api.meshpool import MeshPoolStatus
 
 Obj = dict[str, Any]
+
+# The gateway's hold timeout (e2e/values-e2e.yaml `gateway.holdTimeout`): a held
+# request is answered within it or refused.
+HOLD_TIMEOUT = float(
+    yaml.safe_load((REPO / "e2e" / "values-e2e.yaml").read_text())["gateway"]["holdTimeout"]
+)
+# A client's own timeout: longer than the hold, so the gateway's answer decides.
+CLIENT_TIMEOUT = HOLD_TIMEOUT + 60
 
 # Counts the tokens a host generated: it rises with every completion it answers.
 PREDICTED = "llamacpp:tokens_predicted_total"
@@ -113,3 +125,14 @@ def chat(mesh: RealCluster, name: str, model: str, timeout: float) -> Obj:
 def pool_status(mesh: RealCluster, pool: str) -> MeshPoolStatus:
     obj = mesh.get("meshpool", pool) or {}
     return MeshPoolStatus.model_validate(obj.get("status") or {})
+
+
+def delete_model(mesh: RealCluster, namespace: str, model: str, pool: str) -> None:
+    """A test's model deleted, its pods gone, then its pool deleted."""
+    mesh.kubectl("delete", "meshmodel", model, "-n", namespace, "--ignore-not-found")
+    wait_for(
+        "the model's pods gone",
+        lambda: not mesh.pods(namespace, f"mesh.dev/model={model}"),
+        timeout=180,
+    )
+    mesh.kubectl("delete", "meshpool", pool, "--ignore-not-found")

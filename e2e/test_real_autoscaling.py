@@ -43,7 +43,7 @@ from e2e.realcluster import (
     log,
 )
 from e2e.scenario import REPO
-from e2e.served import gateway_base, plan_nodes, plans, predicted
+from e2e.served import CLIENT_TIMEOUT, delete_model, gateway_base, plan_nodes, plans, predicted
 from e2e.waiting import wait_for
 from mesh_operator.api.meshpool import MeshPoolStatus
 
@@ -74,13 +74,6 @@ MAX_TOKENS = 48
 # The longest the load runs if the test never stops it (it stops it once the
 # second replica has answered): a bound, not a figure.
 LOAD_SECONDS_BOUND = 900
-# The gateway's hold timeout (e2e/values-e2e.yaml `gateway.holdTimeout`): a
-# waiting request is answered within it or refused.
-HOLD_TIMEOUT = float(
-    yaml.safe_load((REPO / "e2e" / "values-e2e.yaml").read_text())["gateway"]["holdTimeout"]
-)
-# The client's own timeout: longer than the hold, so the gateway's answer decides.
-CLIENT_TIMEOUT = HOLD_TIMEOUT + 60
 REPORT = Path(
     os.environ.get("MESH_E2E_AUTOSCALING_REPORT", str(parts.mesh_dir() / "e2e-autoscaling.json"))
 )
@@ -328,13 +321,7 @@ def autoscaled_model(shared_real_cluster: SharedRealCluster) -> Iterator[RealClu
         yield mesh
     finally:
         mesh.delete_started_pods()
-        mesh.kubectl("delete", "meshmodel", MODEL, "-n", NAMESPACE, "--ignore-not-found")
-        wait_for(
-            "the model's pods gone",
-            lambda: not mesh.pods(NAMESPACE, f"mesh.dev/model={MODEL}"),
-            timeout=180,
-        )
-        mesh.kubectl("delete", "meshpool", POOL, "--ignore-not-found")
+        delete_model(mesh, NAMESPACE, MODEL, POOL)
         if made_namespace:
             mesh.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=180s")
 

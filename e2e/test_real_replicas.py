@@ -38,7 +38,7 @@ from e2e.realcluster import (
     restricted_pod,
 )
 from e2e.scenario import POOL_LABEL, REPO, SYSTEM_NODE
-from e2e.served import gateway_base, plan_nodes, plans, predicted
+from e2e.served import delete_model, gateway_base, plan_nodes, plans, predicted
 from e2e.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -203,13 +203,7 @@ def three_nodes(shared_real_cluster: SharedRealCluster) -> Iterator[RealCluster]
         yield mesh
     finally:
         mesh.kubectl("delete", "pod", CLIENT, "-n", OUTSIDE, "--ignore-not-found", check=False)
-        mesh.kubectl("delete", "meshmodel", MODEL, "-n", NAMESPACE, "--ignore-not-found")
-        wait_for(
-            "the model's pods gone",
-            lambda: not mesh.pods(NAMESPACE, f"mesh.dev/model={MODEL}"),
-            timeout=180,
-        )
-        mesh.kubectl("delete", "meshpool", POOL, "--ignore-not-found")
+        delete_model(mesh, NAMESPACE, MODEL, POOL)
         mesh.unpool_node(SYSTEM_NODE, POOL_LABEL)
         wait_for(
             f"the session's models serving off {SYSTEM_NODE}",

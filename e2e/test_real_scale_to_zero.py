@@ -35,7 +35,7 @@ from e2e.realcluster import (
     log,
 )
 from e2e.scenario import REPO
-from e2e.served import gateway_base
+from e2e.served import CLIENT_TIMEOUT, delete_model, gateway_base
 from e2e.waiting import wait_for
 from mesh_operator.api.contract import SCALED_TO_ZERO
 from mesh_operator.api.meshpool import MeshPoolStatus
@@ -53,13 +53,6 @@ SCALE_FROM_ZERO = "ScaleFromZero"
 WARM_CLIENT = "zero-warm"
 COLD_CLIENT = "zero-cold"
 LISTING = "zero-models"
-# The gateway's hold timeout (e2e/values-e2e.yaml `gateway.holdTimeout`): a held
-# request is answered within it or refused.
-HOLD_TIMEOUT = float(
-    yaml.safe_load((REPO / "e2e" / "values-e2e.yaml").read_text())["gateway"]["holdTimeout"]
-)
-# The client's own timeout: longer than the hold, so the gateway's answer decides.
-CLIENT_TIMEOUT = HOLD_TIMEOUT + 60
 REPORT = Path(
     os.environ.get("MESH_E2E_ZERO_REPORT", str(parts.mesh_dir() / "e2e-scale-to-zero.json"))
 )
@@ -149,13 +142,7 @@ def zero_model(shared_real_cluster: SharedRealCluster) -> Iterator[RealCluster]:
         yield mesh
     finally:
         mesh.delete_started_pods()
-        mesh.kubectl("delete", "meshmodel", MODEL, "-n", NAMESPACE, "--ignore-not-found")
-        wait_for(
-            "the model's pods gone",
-            lambda: not mesh.pods(NAMESPACE, f"mesh.dev/model={MODEL}"),
-            timeout=180,
-        )
-        mesh.kubectl("delete", "meshpool", POOL, "--ignore-not-found")
+        delete_model(mesh, NAMESPACE, MODEL, POOL)
 
 
 def test_an_idle_model_scales_to_zero_and_the_next_request_starts_it(

@@ -33,6 +33,7 @@ from mesh_operator.api.contract import (
     SPEC_HASH_ANNOTATION,
 )
 from mesh_operator.handlers import metrics
+from mesh_operator.handlers.demand import DEFAULT_INTERVAL as DEMAND_INTERVAL
 from mesh_operator.handlers.demand import DemandPoller, GatewaySource
 from mesh_operator.handlers.kube import Kube
 from mesh_operator.handlers.models import ModelReconciler
@@ -113,7 +114,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
             list_pods=_State.kube.ready_pod_ips,
             on_waiting=_waiting,
             # Seconds between two reads of every gateway's /demand.
-            interval=float(os.environ.get("MESH_DEMAND_INTERVAL", "2")),
+            interval=float(os.environ.get("MESH_DEMAND_INTERVAL", DEMAND_INTERVAL)),
         )
     _State.models = ModelReconciler(
         _State.kube,
