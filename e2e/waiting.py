@@ -16,9 +16,14 @@ class WaitTimeoutError(AssertionError):
 
 
 def wait_for(
-    what: str, probe: Callable[[], T | None], timeout: float = 60.0, every: float = 0.5
+    what: str,
+    probe: Callable[[], T | None],
+    timeout: float = 60.0,
+    every: float = 0.5,
+    explain: Callable[[], str] | None = None,
 ) -> T:
-    """Poll `probe` until it returns something truthy; fail naming `what`."""
+    """Poll `probe` until it returns something truthy; fail naming `what`, and
+    saying what `explain` finds then (the state that kept it from happening)."""
     deadline = time.monotonic() + timeout
     last: T | None = None
     while time.monotonic() < deadline:
@@ -26,7 +31,10 @@ def wait_for(
         if last:
             return last
         time.sleep(every)
-    raise WaitTimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+    state = f"; {explain()}" if explain is not None else ""
+    raise WaitTimeoutError(
+        f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r}){state}"
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
