@@ -52,12 +52,15 @@ def operator(
 
 @pytest.fixture
 def pool(crds: LocalCluster, namespace: str) -> Iterator[str]:
-    """A pool of two simulated GPU nodes, each large enough for gemma-3-270m."""
+    """A pool of three simulated GPU nodes, one for each model that plans (a device
+    serves one model), each with RAM for a draft model on the host's CPU."""
     name = f"hub-{namespace}"
-    nodes = [f"{name}-{i}" for i in range(2)]
+    nodes = [f"{name}-{i}" for i in range(3)]
     for node in nodes:
         crds.add_kwok_node(node, gpus=1, labels={"mesh-test-pool": name})
-        put_meshnode(crds, node, [gpu_device(0, 1000, 990, 900.0, "Test GPU")])
+        put_meshnode(
+            crds, node, [gpu_device(0, 1000, 990, 900.0, "Test GPU")], hostMemoryFreeMiB=4096
+        )
     apply(
         crds,
         {
@@ -88,14 +91,25 @@ def _secret(cluster: LocalCluster, namespace: str, name: str, token: str) -> Non
     )
 
 
-def _model(cluster: LocalCluster, namespace: str, name: str, pool: str, **hf: Any) -> None:
+def _model(
+    cluster: LocalCluster,
+    namespace: str,
+    name: str,
+    pool: str,
+    draft: dict[str, Any] | None = None,
+    **hf: Any,
+) -> None:
+    """A MeshModel of the Hub file `hf`, with a draft model from the Hub file `draft`."""
+    spec: dict[str, Any] = {"poolRef": pool, "contextSize": 1024, "source": {"huggingface": hf}}
+    if draft is not None:
+        spec["draft"] = {"source": {"huggingface": draft}}
     apply(
         cluster,
         {
             "apiVersion": "mesh.dev/v1alpha1",
             "kind": "MeshModel",
             "metadata": {"name": name, "namespace": namespace},
-            "spec": {"poolRef": pool, "contextSize": 1024, "source": {"huggingface": hf}},
+            "spec": spec,
         },
     )
 
@@ -123,8 +137,8 @@ def test_hugging_face_models_are_read_through_the_hub_or_say_why_not(
     since = hub.mark()
     _secret(cluster, namespace, "hf-granted", GRANTED_TOKEN)
     _secret(cluster, namespace, "hf-refused", "hf_revoked_token")
-    readme = {"repo": README_REPO, "file": README_FILE}
-    gated = {"repo": GATED_REPO, "file": README_FILE}
+    readme: dict[str, Any] = {"repo": README_REPO, "file": README_FILE}
+    gated: dict[str, Any] = {"repo": GATED_REPO, "file": README_FILE}
     _model(cluster, namespace, "readme", pool, **readme)
     _model(
         cluster, namespace, "gated", pool,
@@ -139,6 +153,16 @@ def test_hugging_face_models_are_read_through_the_hub_or_say_why_not(
         cluster, namespace, "no-file", pool, repo=README_REPO, file="absent.gguf", revision="main"
     )
     _model(cluster, namespace, "no-revision", pool, **readme, revision="v1")
+    # A public model whose draft is gated: the draft's own token reads and fetches it.
+    # (A Secret of its own, so that its header is read, not the gated model's kept.)
+    _secret(cluster, namespace, "hf-draft", GRANTED_TOKEN)
+    granted = {"name": "hf-granted", "key": "token"}
+    draft_token = {"name": "hf-draft", "key": "token"}
+    _model(
+        cluster, namespace, "gated-draft", pool, **readme,
+        draft={**gated, "tokenSecretRef": draft_token},
+    )  # fmt: skip
+    _model(cluster, namespace, "gated-draft-no-token", pool, **readme, draft=gated)
 
     size = read_model_profile(model_file).file_bytes
     for name in ("readme", "gated"):
@@ -158,13 +182,29 @@ def test_hugging_face_models_are_read_through_the_hub_or_say_why_not(
     assert args[args.index("--hf-file") + 1] == README_FILE
     env = {e["name"]: e for e in fetch["env"]}
     assert env["HF_ENDPOINT"]["value"] == hub.endpoint
-    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-granted", "key": "token"}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == granted
+
+    # The gated draft was read with its own token, and its fetch carries that token
+    # while the public model's fetch carries none.
+    wait_for("gated-draft planned", partial(_planned, cluster, namespace, "gated-draft", "True"))
+
+    def draft_fetchers() -> dict[str, dict[str, Any]] | None:
+        dep = get(cluster, "deployment", "gated-draft-host", "-n", namespace)
+        init = dep["spec"]["template"]["spec"]["initContainers"] if dep else []
+        found = {c["name"]: c for c in init if c["name"] in ("fetch", "fetch-draft")}
+        return found if len(found) == 2 else None
+
+    fetchers = wait_for("gated-draft's fetch containers", draft_fetchers)
+    draft_env = {e["name"]: e for e in fetchers["fetch-draft"]["env"]}
+    assert draft_env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == draft_token
+    assert "HF_TOKEN" not in {e["name"] for e in fetchers["fetch"].get("env", [])}
 
     expected = {
         "gated-no-token": ("SourceForbidden", ["token missing", GATED_REPO]),
         "gated-refused": ("SourceForbidden", ["token refused", GATED_REPO]),
         "no-file": ("SourceNotFound", ["file not found", README_REPO, "absent.gguf", "main"]),
         "no-revision": ("SourceNotFound", ["revision v1 not found", README_REPO, README_FILE]),
+        "gated-draft-no-token": ("SourceForbidden", ["draft model", "token missing", GATED_REPO]),
     }
     for name, (reason, says) in expected.items():
         probe = partial(_planned, cluster, namespace, name, "False", reason)

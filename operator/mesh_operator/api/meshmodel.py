@@ -299,6 +299,9 @@ _FLOAT_CACHE: Final = "f16"
 # An extraArgs item that chooses the chat template, as llama-server reads it.
 _TEMPLATE_ARG: Final = r"^--(chat[-_]template([-_]file)?|jinja|no[-_]jinja)([ =]|$)"
 _TEMPLATE_ARG_CEL: Final = f"'{_TEMPLATE_ARG}'"  # no quote nor backslash in it
+_DRAFT_BESIDE_PVC: Final = (
+    "a model on a PVC needs its draft model on that PVC too: nothing can be downloaded beside it"
+)
 _TEMPLATE_TWICE: Final = (
     "chatTemplate and extraArgs (--chat-template, --chat-template-file, --jinja, "
     "--no-jinja) both choose the chat template"
@@ -333,6 +336,12 @@ class MeshModelSpec(ApiModel):
                 "rule": "!has(self.source.oci) || !has(self.draft)",
                 "message": "a model from an OCI image cannot have a draft model",
                 "fieldPath": ".draft",
+            },
+            {
+                # The host mounts the model's PVC read-only where a download would go.
+                "rule": "!has(self.source.pvc) || !has(self.draft) || has(self.draft.source.pvc)",
+                "message": _DRAFT_BESIDE_PVC,
+                "fieldPath": ".draft.source",
             },
             {
                 "rule": "!has(self.source.oci) || !has(self.sha256)",
@@ -440,6 +449,8 @@ class MeshModelSpec(ApiModel):
             raise ValueError(_TEMPLATE_TWICE)
         if self.source.oci is not None and self.draft is not None:
             raise ValueError("a model from an OCI image cannot have a draft model")
+        if self.source.pvc is not None and self.draft is not None and self.draft.source.pvc is None:
+            raise ValueError(_DRAFT_BESIDE_PVC)
         if self.source.oci is not None and self.sha256 is not None:
             raise ValueError(
                 "sha256 is for downloaded files; an OCI image is checked by its digest"

@@ -1189,6 +1189,10 @@ def secret_refs(spec: MeshModelSpec) -> list[tuple[str, str, str]]:
     hf = spec.source.huggingface
     if hf is not None and hf.token_secret_ref is not None:
         refs.append(("token", hf.token_secret_ref.name, hf.token_secret_ref.key))
+    draft_hf = spec.draft.source.huggingface if spec.draft is not None else None
+    if draft_hf is not None and draft_hf.token_secret_ref is not None:
+        ref = draft_hf.token_secret_ref
+        refs.append(("draftToken", ref.name, ref.key))
     if spec.api_key_secret_ref is not None:
         refs.append(("apiKey", spec.api_key_secret_ref.name, spec.api_key_secret_ref.key))
     return refs

@@ -218,14 +218,14 @@ class ModelReconciler:
         secrets: Mapping[tuple[str, str], str | None],
         profile: ModelProfile | SourceError | None,
     ) -> ModelProfile | SourceError | None:
-        """The draft model's profile, read once the model's own was (with its token)."""
+        """The draft model's profile, read once the model's own was: with the draft's
+        own token, or else the model's (a draft from the same account needs none)."""
         if spec is None or spec.draft is None or not isinstance(profile, ModelProfile):
             return None
         if spec.draft.source.pvc is not None:
             return self.profiles.cached(spec.draft.source, spec.draft.sha256)
-        token = next(
-            (secrets.get((n, k)) for role, n, k in secret_refs(spec) if role == "token"), None
-        )
+        tokens = {role: secrets.get((n, k)) for role, n, k in secret_refs(spec)}
+        token = tokens.get("draftToken") or tokens.get("token")
         try:
             return self.profiles.get(spec.draft.source, spec.draft.sha256, token)
         except SourceError as exc:

@@ -47,7 +47,7 @@ from mesh_operator.api.contract import (
     build_selector,
     host_service_name,
 )
-from mesh_operator.api.meshmodel import MeshModelSpec
+from mesh_operator.api.meshmodel import MeshModelSpec, ModelSource
 from mesh_operator.api.meshpool import CacheVolumeSpec, ImageVariant, MeshPoolSpec, with_variant
 
 Obj = dict[str, Any]
@@ -423,19 +423,24 @@ def _model_volume(w: ModelWorkload) -> Obj:
     return _cache_volume("models", cache, cache.host_path)
 
 
-def _fetch_container(w: ModelWorkload, name: str, fetch_args: Sequence[str]) -> Obj:
+def _fetch_container(
+    w: ModelWorkload, name: str, fetch_args: Sequence[str], source: ModelSource
+) -> Obj:
+    """`mesh fetch` of `source` (the model's or its draft's) into the models volume.
+
+    The token is the source's own, or else the model's: a draft from the model's
+    account needs none of its own.
+    """
     env: list[Obj] = []
-    hf = w.spec.source.huggingface
-    if hf is not None and hf.token_secret_ref is not None:
+    hf, model_hf = source.huggingface, w.spec.source.huggingface
+    token_ref = (hf.token_secret_ref if hf is not None else None) or (
+        model_hf.token_secret_ref if model_hf is not None and hf is not None else None
+    )
+    if token_ref is not None:
         env.append(
             {
                 "name": "HF_TOKEN",
-                "valueFrom": {
-                    "secretKeyRef": {
-                        "name": hf.token_secret_ref.name,
-                        "key": hf.token_secret_ref.key,
-                    }
-                },
+                "valueFrom": {"secretKeyRef": {"name": token_ref.name, "key": token_ref.key}},
             }
         )
     container: Obj = {
@@ -525,9 +530,9 @@ def build_host_deployment(w: ModelWorkload, replicas: int = 1) -> Obj:
             )
         )
     if fetched:
-        init.append(_fetch_container(w, "fetch", w.fetch_args))
-    if w.draft_fetch_args:
-        init.append(_fetch_container(w, "fetch-draft", w.draft_fetch_args))
+        init.append(_fetch_container(w, "fetch", w.fetch_args, w.spec.source))
+    if w.draft_fetch_args and w.spec.draft is not None:
+        init.append(_fetch_container(w, "fetch-draft", w.draft_fetch_args, w.spec.draft.source))
     if init:
         pod_spec["initContainers"] = init
     return {
