@@ -192,12 +192,16 @@ def fetch_header_bytes(
 
 
 class ProfileCache:
-    """Model profiles by source, a remote one read from its header once."""
+    """Model profiles by source, a remote one read from its header once.
+
+    A profile read with a token is kept under that token: a model naming a Secret
+    of the same name in another namespace gets it only if its own token reads it.
+    """
 
     def __init__(self, hf_endpoint: str | None = None) -> None:
         # The same variable huggingface_hub (and so `mesh fetch`) reads: a mirror.
         self.hf_endpoint = hub_endpoint(hf_endpoint)
-        self._profiles: dict[tuple[str, str | None], ModelProfile] = {}
+        self._profiles: dict[tuple[str, str | None, str | None], ModelProfile] = {}
         self._lock = threading.Lock()
 
     @property
@@ -205,18 +209,33 @@ class ProfileCache:
         """The Hub read from when it is not huggingface.co."""
         return None if self.hf_endpoint == HF_ENDPOINT_DEFAULT else self.hf_endpoint
 
-    def cached(self, source: ModelSource, sha256: str | None) -> ModelProfile | None:
-        with self._lock:
-            return self._profiles.get((cache_key(source), sha256))
+    @staticmethod
+    def _key(
+        source: ModelSource, sha256: str | None, token: str | None
+    ) -> tuple[str, str | None, str | None]:
+        digest = hashlib.sha256(token.encode()).hexdigest() if token else None
+        return cache_key(source), sha256, digest
 
-    def put(self, source: ModelSource, sha256: str | None, profile: ModelProfile) -> None:
+    def cached(
+        self, source: ModelSource, sha256: str | None, token: str | None = None
+    ) -> ModelProfile | None:
+        with self._lock:
+            return self._profiles.get(self._key(source, sha256, token))
+
+    def put(
+        self,
+        source: ModelSource,
+        sha256: str | None,
+        profile: ModelProfile,
+        token: str | None = None,
+    ) -> None:
         """Keep a profile read elsewhere (a model on a PVC, by its header-reader pod)."""
         with self._lock:
-            self._profiles[(cache_key(source), sha256)] = profile
+            self._profiles[self._key(source, sha256, token)] = profile
 
     def get(self, source: ModelSource, sha256: str | None, token: str | None) -> ModelProfile:
-        """The profile of a remote source, read once; not for PVC sources."""
-        cached = self.cached(source, sha256)
+        """The profile of a remote source, read once per token; not for PVC sources."""
+        cached = self.cached(source, sha256, token)
         if cached is not None:
             return cached
         if source.pvc is not None:
@@ -236,5 +255,5 @@ class ProfileCache:
         else:
             fetch_header_bytes(source, parse, token=token, hf_endpoint=self.hf_endpoint)
         profile = read[-1]
-        self.put(source, sha256, profile)
+        self.put(source, sha256, profile, token)
         return profile

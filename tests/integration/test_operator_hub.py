@@ -226,3 +226,36 @@ def test_hugging_face_models_are_read_through_the_hub_or_say_why_not(
     }
     blob_reads = hub.requests("cdn", "GET", since=since)
     assert blob_reads and all(s.range and s.token is None for s in blob_reads)
+
+
+def test_a_header_read_with_a_token_is_not_given_to_another_namespaces_secret(
+    operator: OperatorProcess,
+    crds: LocalCluster,
+    hub: HubServer,
+    namespace: str,
+    pool: str,
+) -> None:
+    """The gated model's profile, once read with the granted token, is not handed
+    to a model in another namespace whose Secret of the same name holds a token
+    the Hub refuses: that model is read with its own token and refused."""
+    cluster = crds
+    other = f"{namespace}-b"
+    cluster.kubectl("create", "namespace", other)
+    try:
+        gated: dict[str, Any] = {"repo": GATED_REPO, "file": README_FILE}
+        ref = {"tokenSecretRef": {"name": "hf", "key": "token"}}
+        _secret(cluster, namespace, "hf", GRANTED_TOKEN)
+        _model(cluster, namespace, "gated", pool, **gated, **ref)
+        wait_for("gated planned", partial(_planned, cluster, namespace, "gated", "True"))
+
+        since = hub.mark()
+        _secret(cluster, other, "hf", "hf_revoked_token")
+        _model(cluster, other, "gated", pool, **gated, **ref)
+        probe = partial(_planned, cluster, other, "gated", "False", "SourceForbidden")
+        obj = wait_for("the other namespace's model refused", probe)
+        cond = condition(obj, "Planned")
+        assert cond and "token refused" in cond["message"], cond
+        tokens = {s.token for s in hub.requests("hub", since=since) if "/resolve/" in s.path}
+        assert tokens == {"hf_revoked_token"}, tokens
+    finally:
+        cluster.kubectl("delete", "namespace", other, "--wait=false", check=False)
