@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from e2e import parts
 from e2e.cluster import LocalCluster
@@ -118,6 +119,9 @@ def test_rendered_workloads_follow_the_rules(values: Path | None) -> None:
         assert env["MESH_AGENT_LISTEN"]["value"].startswith("$(POD_IP):")
         assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
         assert agent["hostPID"] is True
+        chosen = (yaml.safe_load(values.read_text()) if values else {}) or {}
+        rtt = (chosen.get("agent") or {}).get("rttInterval", 20)
+        assert env["MESH_AGENT_RTT_INTERVAL"]["value"] == str(rtt)
     for doc in docs:
         if doc["kind"] in ("ClusterRole", "Role"):
             for rule in doc["rules"]:
