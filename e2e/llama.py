@@ -89,12 +89,14 @@ def start_rpc_server(
     raise RuntimeError(f"ggml-rpc-server did not start: {server.log_text()[-500:]}")
 
 
-def listening(host: str, port: int) -> bool:
-    """Whether a TCP socket is in LISTEN state on host:port (IPv4), per /proc/net/tcp."""
+def listening(host: str, port: int, net_tcp: Path = Path("/proc/net/tcp")) -> bool:
+    """Whether a TCP socket is in LISTEN state on host:port (IPv4), per `net_tcp`
+    (another network namespace's: /proc/<pid>/net/tcp of a process in it). Nothing
+    connects: an RPC server's one client slot stays free."""
     want_ip = "".join(f"{int(octet):02X}" for octet in reversed(host.split(".")))
     want = f"{want_ip}:{port:04X}"
     try:
-        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        lines = net_tcp.read_text().splitlines()[1:]
     except OSError:
         return False
     for line in lines:

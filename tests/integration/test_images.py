@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from e2e import parts
-from e2e.llama import post_json
+from e2e.llama import listening, post_json
 from mesh_operator import planning
 from mesh_operator.api.meshmodel import MeshModelSpec
 from mesh_operator.api.meshpool import MeshPoolSpec
@@ -192,6 +192,18 @@ def start(
     )  # fmt: skip
 
 
+def wait_listening(engine: Engine, name: str, ip: str, port: int) -> None:
+    """Wait until the container's server listens on ip:port (read in its network
+    namespace, never connected to), so that a host started next finds it."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pid = engine.run("inspect", "--format", "{{.State.Pid}}", name).strip()
+        if pid not in ("", "0") and listening(ip, port, Path(f"/proc/{pid}/net/tcp")):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{name} does not listen on {ip}:{port}:\n{logs(engine, name)[-2000:]}")
+
+
 def logs(engine: Engine, name: str) -> str:
     result = subprocess.run(
         [engine.binary, "logs", name],
@@ -303,6 +315,7 @@ def test_llama_image_serves_with_the_operators_commands(
          "--env", f"LLAMA_CACHE={RPC_CACHE_MOUNT}", "--volume", f"{cache}:{RPC_CACHE_MOUNT}"],
         substitute(commands.rpc, worker_ip),
     )  # fmt: skip
+    wait_listening(engine, worker, worker_ip, rpc_port)
     start(
         engine, host, llama_image,
         ["--network", net, "--ip", host_ip,
@@ -355,6 +368,7 @@ def test_older_rpc_server_is_refused(
          "--env", f"LLAMA_CACHE={RPC_CACHE_MOUNT}", "--volume", f"{cache}:{RPC_CACHE_MOUNT}"],
         substitute(commands.rpc, worker_ip),
     )  # fmt: skip
+    wait_listening(engine, worker, worker_ip, rpc_port)
     start(
         engine, host, llama_image,
         ["--network", net, "--ip", host_ip,
