@@ -136,3 +136,46 @@ def delete_model(mesh: RealCluster, namespace: str, model: str, pool: str) -> No
         timeout=180,
     )
     mesh.kubectl("delete", "meshpool", pool, "--ignore-not-found")
+
+
+def model_report(mesh: RealCluster, namespace: str, model: str) -> str:
+    """What a wait on the model found when it timed out: its replicas' plans and
+    conditions, its pods (node, phase), its last Events in time order, every
+    MeshNode's heartbeat and the operator's log lines about it (and its warnings)."""
+    obj: Obj = mesh.get("meshmodel", model, "-n", namespace) or {}
+    status = obj.get("status") or {}
+    replicas = {r: sorted(plan_nodes(p)) for r, p in plans(status).items()}
+    conditions = [
+        f"{c['type']}={c['status']} {c.get('reason', '')}: {c.get('message', '')}"
+        for c in status.get("conditions", [])
+    ]
+    pods = [
+        f"{p['metadata']['name']}@{p['spec'].get('nodeName')} {p['status'].get('phase')}"
+        f"{' deleting' if p['metadata'].get('deletionTimestamp') else ''}"
+        for p in (mesh.get("pods", "-n", namespace) or {}).get("items", [])
+    ]
+    events = [
+        f"{e.get('reason')}: {e.get('message')}"
+        for e in sorted(
+            (mesh.get("events", "-n", namespace) or {}).get("items", []),
+            key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "",
+        )
+    ]
+    heartbeats = {
+        n["metadata"]["name"]: (n.get("status") or {}).get("heartbeatTime")
+        for n in (mesh.get("meshnodes") or {}).get("items", [])
+    }
+    operator_log = mesh.kubectl(
+        "logs", "-n", RELEASE_NAMESPACE, "-l", "app.kubernetes.io/component=operator",
+        "--tail", "400", check=False,
+    )  # fmt: skip
+    about = [
+        line
+        for line in operator_log.splitlines()
+        if model in line or (("WARNING" in line or "ERROR" in line) and "attempt #" not in line)
+    ]
+    return (
+        f"readyReplicas={status.get('readyReplicas')} plans={replicas} "
+        f"conditions={conditions} pods={pods} events={events[-15:]} "
+        f"heartbeats={heartbeats} operator={about[-20:]}"
+    )

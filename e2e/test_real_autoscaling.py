@@ -21,6 +21,7 @@ holds this model's memory alone. The session's models are not touched.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -43,7 +44,15 @@ from e2e.realcluster import (
     log,
 )
 from e2e.scenario import REPO
-from e2e.served import CLIENT_TIMEOUT, delete_model, gateway_base, plan_nodes, plans, predicted
+from e2e.served import (
+    CLIENT_TIMEOUT,
+    delete_model,
+    gateway_base,
+    model_report,
+    plan_nodes,
+    plans,
+    predicted,
+)
 from e2e.waiting import wait_for
 from mesh_operator.api.meshpool import MeshPoolStatus
 
@@ -329,7 +338,10 @@ def autoscaled_model(shared_real_cluster: SharedRealCluster) -> Iterator[RealClu
 def test_load_adds_a_replica_and_idleness_removes_it(autoscaled_model: RealCluster) -> None:
     mesh = autoscaled_model
     started = time.monotonic()
-    status = wait_for(f"{NAMESPACE}/{MODEL} serving one replica", lambda: serving(mesh, 1), 600)
+    report = functools.partial(model_report, mesh, NAMESPACE, MODEL)
+    status = wait_for(
+        f"{NAMESPACE}/{MODEL} serving one replica", lambda: serving(mesh, 1), 600, explain=report
+    )
     first = plans(status)[0]
     first_nodes = plan_nodes(first)
     log(f"{MODEL} Ready, one replica on {sorted(first_nodes)}")
@@ -368,7 +380,7 @@ def test_load_adds_a_replica_and_idleness_removes_it(autoscaled_model: RealClust
     assert up and up[0].endswith("1 -> 2 replicas"), up
     log(f"ScaledUp: {up[0]}")
 
-    status = wait_for("two replicas serving", lambda: serving(mesh, 2), timeout=600)
+    status = wait_for("two replicas serving", lambda: serving(mesh, 2), 600, explain=report)
     second_ready_at = time.time()
     both = plans(status)
     second_nodes = plan_nodes(both[1])
@@ -421,6 +433,7 @@ def test_load_adds_a_replica_and_idleness_removes_it(autoscaled_model: RealClust
         f"the autoscaler to want one replica again after {SCALE_DOWN_AFTER} without load",
         lambda: wanting(mesh, 1),
         timeout=300,
+        explain=report,
     )
     scaled_down_at = time.time()
     log(

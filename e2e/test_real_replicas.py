@@ -37,9 +37,15 @@ from e2e.realcluster import (
     mesh_image,
     restricted_pod,
 )
-from e2e.scenario import NAMESPACE as RELEASE_NAMESPACE
 from e2e.scenario import POOL_LABEL, REPO, SYSTEM_NODE
-from e2e.served import delete_model, gateway_base, plan_nodes, plans, predicted
+from e2e.served import (
+    delete_model,
+    gateway_base,
+    model_report,
+    plan_nodes,
+    plans,
+    predicted,
+)
 from e2e.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -163,46 +169,6 @@ def all_answered(answers: list[Answer], start: float, end: float, what: str) -> 
     return during
 
 
-def state(mesh: RealCluster) -> str:
-    """The model's status, its pods and its Events: why it does not serve as waited for."""
-    status = model_obj(mesh).get("status") or {}
-    replicas = {r: sorted(plan_nodes(p)) for r, p in replica_plans(model_obj(mesh)).items()}
-    conditions = [
-        f"{c['type']}={c['status']} {c.get('reason', '')}: {c.get('message', '')}"
-        for c in status.get("conditions", [])
-    ]
-    pods = [
-        f"{p['metadata']['name']}@{p['spec'].get('nodeName')} {p['status'].get('phase')}"
-        f"{' deleting' if p['metadata'].get('deletionTimestamp') else ''}"
-        for p in (mesh.get("pods", "-n", NAMESPACE) or {}).get("items", [])
-    ]
-    events = [
-        f"{e.get('reason')}: {e.get('message')}"
-        for e in sorted(
-            (mesh.get("events", "-n", NAMESPACE) or {}).get("items", []),
-            key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "",
-        )
-    ]
-    heartbeats = {
-        n["metadata"]["name"]: (n.get("status") or {}).get("heartbeatTime")
-        for n in (mesh.get("meshnodes") or {}).get("items", [])
-    }
-    operator_log = mesh.kubectl(
-        "logs", "-n", RELEASE_NAMESPACE, "-l", "app.kubernetes.io/component=operator",
-        "--tail", "400", check=False,
-    )  # fmt: skip
-    about = [
-        line
-        for line in operator_log.splitlines()
-        if MODEL in line or (("WARNING" in line or "ERROR" in line) and "attempt #" not in line)
-    ]
-    return (
-        f"readyReplicas={status.get('readyReplicas')} plans={replicas} "
-        f"conditions={conditions} pods={pods} events={events[-15:]} "
-        f"heartbeats={heartbeats} operator={about[-20:]}"
-    )
-
-
 def shared_models_serving_off(mesh: RealCluster, node: str) -> bool:
     """The session's models Ready, each planned on nodes other than `node`."""
     for model in MODELS:
@@ -292,7 +258,12 @@ def test_a_lost_replica_is_planned_again_while_the_other_serves_then_a_change_ro
     mesh.namespace(NAMESPACE, MODEL_POD_SECURITY)
     mesh.apply(replicas_pool())
     mesh.apply(replicas_model(shared_real_cluster))
-    obj = wait_for(f"{REPLICAS} replicas ready", lambda: serving(mesh), timeout=600)
+    obj = wait_for(
+        f"{REPLICAS} replicas ready",
+        lambda: serving(mesh),
+        timeout=600,
+        explain=lambda: model_report(mesh, NAMESPACE, MODEL),
+    )
     before = replica_plans(obj)
     nodes = {r: plan_nodes(p) for r, p in before.items()}
     log(f"replicas ready on {nodes}")
@@ -343,7 +314,7 @@ def test_a_lost_replica_is_planned_again_while_the_other_serves_then_a_change_ro
             f"replica {lost_replica} serving again without {lost}",
             replanned,
             timeout=600,
-            explain=lambda: state(mesh),
+            explain=lambda: model_report(mesh, NAMESPACE, MODEL),
         )
         outage = time.monotonic() - lost_at
         back_wall = time.time()

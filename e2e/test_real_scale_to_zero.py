@@ -14,6 +14,7 @@ alone: it is empty at zero. The session's models are not touched.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -35,7 +36,7 @@ from e2e.realcluster import (
     log,
 )
 from e2e.scenario import REPO
-from e2e.served import CLIENT_TIMEOUT, delete_model, gateway_base
+from e2e.served import CLIENT_TIMEOUT, delete_model, gateway_base, model_report
 from e2e.waiting import wait_for
 from mesh_operator.api.contract import SCALED_TO_ZERO
 from mesh_operator.api.meshpool import MeshPoolStatus
@@ -150,7 +151,8 @@ def test_an_idle_model_scales_to_zero_and_the_next_request_starts_it(
 ) -> None:
     mesh = zero_model
     started = time.monotonic()
-    obj = wait_for(f"{NAMESPACE}/{MODEL} Ready", lambda: ready(mesh), timeout=600)
+    report = functools.partial(model_report, mesh, NAMESPACE, MODEL)
+    obj = wait_for(f"{NAMESPACE}/{MODEL} Ready", lambda: ready(mesh), timeout=600, explain=report)
     plan = obj["status"]["plan"]
     log(f"{MODEL} Ready on {obj['status'].get('nodes')}")
     assert {d["node"] for d in plan["devices"]} | {plan["hostNode"]} <= set(POOL_NODES), plan
@@ -177,6 +179,7 @@ def test_an_idle_model_scales_to_zero_and_the_next_request_starts_it(
         f"{MODEL} scaled to zero after {IDLE} without a request",
         lambda: scaled_to_zero(mesh),
         timeout=240,
+        explain=report,
     )
     status = obj["status"]
     log(f"{MODEL} scaled to zero at {status.get('scaledToZeroTime')}")
