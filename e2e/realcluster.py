@@ -68,6 +68,9 @@ SCRAPER_NAMESPACE = "monitoring"
 SCRAPER_LABEL = "mesh.dev/metrics-scraper"
 # The PodMonitors' interval: quick, so that tests see rates within seconds.
 SCRAPE_INTERVAL = "2s"
+# A pool's spec for one node per model (or replica) and one RPC thread per server
+# (the nodes share two cores).
+ONE_NODE_PER_MODEL: dict[str, Any] = {"maxNodesPerModel": 1, "rpcThreads": 1}
 
 
 class RealClusterError(RuntimeError):
@@ -366,9 +369,7 @@ class RealCluster:
     def apply_pool(self) -> None:
         """The CPU pool example as shipped (emptyDir caches), one node per model and
         one RPC thread per server (the nodes share two cores)."""
-        pool = yaml.safe_load((REPO / "manifests" / "examples" / "cpu-pool.yaml").read_text())
-        pool["spec"].update({"maxNodesPerModel": 1, "rpcThreads": 1})
-        self.apply(pool)
+        self.apply(example_pool(POOL, **ONE_NODE_PER_MODEL))
         wait_for(
             "a MeshNode with devices for every pool node",
             lambda: (
@@ -615,6 +616,17 @@ class SharedRealCluster:
     mirror: str
     sha256: str
     bring_up_seconds: float
+
+
+def example_pool(name: str, **spec: Any) -> dict[str, Any]:
+    """The CPU pool example as shipped (manifests/examples/cpu-pool.yaml), named
+    `name`, with `spec` (camelCase fields) set over its spec."""
+    pool: dict[str, Any] = yaml.safe_load(
+        (REPO / "manifests" / "examples" / "cpu-pool.yaml").read_text()
+    )
+    pool["metadata"]["name"] = name
+    pool["spec"].update(spec)
+    return pool
 
 
 def example_model(

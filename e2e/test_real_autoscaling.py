@@ -31,19 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from e2e import parts, served
 from e2e.realcluster import (
     MODEL_POD_SECURITY,
+    ONE_NODE_PER_MODEL,
     OUTSIDE,
     POOL_NODES,
     RealCluster,
     SharedRealCluster,
     example_model,
+    example_pool,
     log,
 )
-from e2e.scenario import REPO
 from e2e.served import (
     CLIENT_TIMEOUT,
     delete_model,
@@ -309,14 +309,6 @@ def stop_load(mesh: RealCluster) -> LoadLog:
     return parse_load_log(out)
 
 
-def autoscale_pool() -> Obj:
-    """The CPU pool example over the session's pool nodes, one node per replica."""
-    pool: Obj = yaml.safe_load((REPO / "manifests" / "examples" / "cpu-pool.yaml").read_text())
-    pool["metadata"]["name"] = POOL
-    pool["spec"].update({"maxNodesPerModel": 1, "rpcThreads": 1})
-    return pool
-
-
 @pytest.fixture
 def autoscaled_model(shared_real_cluster: SharedRealCluster) -> Iterator[RealCluster]:
     """The pool, the namespace and the autoscaled model; all deleted afterwards."""
@@ -324,7 +316,7 @@ def autoscaled_model(shared_real_cluster: SharedRealCluster) -> Iterator[RealClu
     made_namespace = mesh.get("namespace", NAMESPACE) is None
     mesh.namespace(NAMESPACE, MODEL_POD_SECURITY)
     mesh.namespace(OUTSIDE, None)
-    mesh.apply(autoscale_pool())
+    mesh.apply(example_pool(POOL, **ONE_NODE_PER_MODEL))
     mesh.apply(example_model(shared_real_cluster, MODEL, NAMESPACE, POOL, autoscaling=AUTOSCALING))
     try:
         yield mesh

@@ -23,21 +23,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import yaml
 
 from e2e.realcluster import (
     MODEL_POD_SECURITY,
     MODELS,
+    ONE_NODE_PER_MODEL,
     OUTSIDE,
     POOL_NODES,
     RealCluster,
     SharedRealCluster,
     example_model,
+    example_pool,
     log,
     mesh_image,
     restricted_pod,
 )
-from e2e.scenario import POOL_LABEL, REPO, SYSTEM_NODE
+from e2e.scenario import POOL_LABEL, SYSTEM_NODE
 from e2e.served import (
     delete_model,
     gateway_base,
@@ -219,13 +220,6 @@ def three_nodes(shared_real_cluster: SharedRealCluster) -> Iterator[RealCluster]
         )
 
 
-def replicas_pool() -> Obj:
-    pool: Obj = yaml.safe_load((REPO / "manifests" / "examples" / "cpu-pool.yaml").read_text())
-    pool["metadata"]["name"] = POOL
-    pool["spec"].update({"maxNodesPerModel": 1, "rpcThreads": 1})
-    return pool
-
-
 def replicas_model(shared: SharedRealCluster) -> Obj:
     return example_model(shared, MODEL, NAMESPACE, POOL, replicas=REPLICAS)
 
@@ -256,7 +250,7 @@ def test_a_lost_replica_is_planned_again_while_the_other_serves_then_a_change_ro
 ) -> None:
     mesh = three_nodes
     mesh.namespace(NAMESPACE, MODEL_POD_SECURITY)
-    mesh.apply(replicas_pool())
+    mesh.apply(example_pool(POOL, **ONE_NODE_PER_MODEL))
     mesh.apply(replicas_model(shared_real_cluster))
     obj = wait_for(
         f"{REPLICAS} replicas ready",

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from e2e.nodes.delay import DelayLine, delayed
 from e2e.realcluster import (
@@ -27,8 +26,9 @@ from e2e.realcluster import (
     RealCluster,
     SharedRealCluster,
     example_model,
+    example_pool,
 )
-from e2e.scenario import POOL_LABEL, REPO, SYSTEM_NODE
+from e2e.scenario import POOL_LABEL, SYSTEM_NODE
 from e2e.waiting import wait_for
 from mesh_operator.api.meshnode import MeshNodeStatus
 from mesh_operator.api.meshpool import MeshPoolSpec
@@ -84,17 +84,6 @@ def three_agents(shared_real_cluster: SharedRealCluster) -> Iterator[RealCluster
         mesh.unpool_node(SYSTEM_NODE, POOL_LABEL)
 
 
-def rtt_pool() -> dict[str, Any]:
-    pool: dict[str, Any] = yaml.safe_load(
-        (REPO / "manifests" / "examples" / "cpu-pool.yaml").read_text()
-    )
-    pool["metadata"]["name"] = POOL
-    pool["spec"].update(
-        {"deviceMemoryCapMiB": DEVICE_CAP_MIB, "maxNodesPerModel": 2, "rpcThreads": 1}
-    )
-    return pool
-
-
 def rtt_model(shared: SharedRealCluster) -> dict[str, Any]:
     return example_model(shared, MODEL, NAMESPACE, POOL)
 
@@ -134,7 +123,9 @@ def test_a_delayed_node_measures_far_and_is_planned_around(
 
         during = wait_for(f"{DELAYED}'s measured round trip to rise", delayed_seen, 180)
         mesh.namespace(NAMESPACE, MODEL_POD_SECURITY)
-        mesh.apply(rtt_pool())
+        mesh.apply(
+            example_pool(POOL, deviceMemoryCapMiB=DEVICE_CAP_MIB, maxNodesPerModel=2, rpcThreads=1)
+        )
         try:
             mesh.apply(rtt_model(shared_real_cluster))
             nodes = wait_for("the model's plan", lambda: planned_nodes(mesh), 180)

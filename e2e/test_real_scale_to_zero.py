@@ -23,19 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from e2e import parts, served
 from e2e.realcluster import (
     MODEL_POD_SECURITY,
+    ONE_NODE_PER_MODEL,
     OUTSIDE,
     POOL_NODES,
     RealCluster,
     SharedRealCluster,
     example_model,
+    example_pool,
     log,
 )
-from e2e.scenario import REPO
 from e2e.served import CLIENT_TIMEOUT, delete_model, gateway_base, model_report
 from e2e.waiting import wait_for
 from mesh_operator.api.contract import SCALED_TO_ZERO
@@ -123,21 +123,13 @@ def listed_models(mesh: RealCluster) -> list[str]:
     return [m["id"] for m in body["data"]]
 
 
-def zero_pool() -> Obj:
-    """The CPU pool example over the session's pool nodes, one node per model."""
-    pool: Obj = yaml.safe_load((REPO / "manifests" / "examples" / "cpu-pool.yaml").read_text())
-    pool["metadata"]["name"] = POOL
-    pool["spec"].update({"maxNodesPerModel": 1, "rpcThreads": 1})
-    return pool
-
-
 @pytest.fixture
 def zero_model(shared_real_cluster: SharedRealCluster) -> Iterator[RealCluster]:
     """The pool and the model scaled to zero after IDLE; all deleted afterwards."""
     mesh = shared_real_cluster.mesh
     mesh.namespace(NAMESPACE, MODEL_POD_SECURITY)
     mesh.namespace(OUTSIDE, None)
-    mesh.apply(zero_pool())
+    mesh.apply(example_pool(POOL, **ONE_NODE_PER_MODEL))
     mesh.apply(example_model(shared_real_cluster, MODEL, NAMESPACE, POOL, scaleToZeroAfter=IDLE))
     try:
         yield mesh
