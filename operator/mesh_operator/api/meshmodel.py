@@ -464,6 +464,15 @@ class MeshModelSpec(ApiModel):
     def served_names(self, metadata_name: str) -> list[str]:
         return [self.served_name or metadata_name, *self.aliases]
 
+    def token_ref(self, source: ModelSource) -> SecretKeyRef | None:
+        """The Hugging Face token of `source` (the model's or its draft's): its own,
+        else the model's (a draft from the model's account needs none of its own)."""
+        if source.huggingface is None:
+            return None
+        own = source.huggingface.token_secret_ref
+        model_hf = self.source.huggingface
+        return own or (model_hf.token_secret_ref if model_hf is not None else None)
+
     def zero_after_seconds(self) -> float | None:
         """spec.scaleToZeroAfter in seconds; None: never."""
         after = self.scale_to_zero_after

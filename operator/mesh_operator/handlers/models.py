@@ -218,14 +218,14 @@ class ModelReconciler:
         secrets: Mapping[tuple[str, str], str | None],
         profile: ModelProfile | SourceError | None,
     ) -> ModelProfile | SourceError | None:
-        """The draft model's profile, read once the model's own was: with the draft's
-        own token, or else the model's (a draft from the same account needs none)."""
+        """The draft model's profile, read once the model's own was (with its token,
+        `MeshModelSpec.token_ref`)."""
         if spec is None or spec.draft is None or not isinstance(profile, ModelProfile):
             return None
         if spec.draft.source.pvc is not None:
             return self.profiles.cached(spec.draft.source, spec.draft.sha256)
-        tokens = {role: secrets.get((n, k)) for role, n, k in secret_refs(spec)}
-        token = tokens.get("draftToken") or tokens.get("token")
+        ref = spec.token_ref(spec.draft.source)
+        token = secrets.get((ref.name, ref.key)) if ref is not None else None
         try:
             return self.profiles.get(spec.draft.source, spec.draft.sha256, token)
         except SourceError as exc:

@@ -426,16 +426,9 @@ def _model_volume(w: ModelWorkload) -> Obj:
 def _fetch_container(
     w: ModelWorkload, name: str, fetch_args: Sequence[str], source: ModelSource
 ) -> Obj:
-    """`mesh fetch` of `source` (the model's or its draft's) into the models volume.
-
-    The token is the source's own, or else the model's: a draft from the model's
-    account needs none of its own.
-    """
+    """`mesh fetch` of `source` (the model's or its draft's) into the models volume."""
     env: list[Obj] = []
-    hf, model_hf = source.huggingface, w.spec.source.huggingface
-    token_ref = (hf.token_secret_ref if hf is not None else None) or (
-        model_hf.token_secret_ref if model_hf is not None and hf is not None else None
-    )
+    token_ref = w.spec.token_ref(source)
     if token_ref is not None:
         env.append(
             {
