@@ -30,7 +30,7 @@ from aiohttp import web
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from mesh_operator.gateway import errors
+from mesh_operator.gateway import errors, upstream
 from mesh_operator.gateway.admission import (
     Backend,
     HoldTimeoutError,
@@ -71,6 +71,12 @@ _BROKEN_ERRORS: tuple[type[Exception], ...] = (
     aiohttp.ClientConnectionError,
     aiohttp.ClientPayloadError,
     aiohttp.ClientResponseError,
+    upstream.UpstreamError,
+)
+# The host stayed silent past the read timeout (caught before _BROKEN_ERRORS).
+_TIMEOUT_ERRORS: tuple[type[Exception], ...] = (
+    aiohttp.SocketTimeoutError,
+    upstream.ReadTimeoutError,
 )
 
 # A stream that was already flowing broke.
@@ -115,6 +121,7 @@ class Proxy:
         self,
         router: Router,
         session: aiohttp.ClientSession,
+        streams: upstream.StreamClient,
         *,
         metrics: GatewayMetrics,
         tracer: trace.Tracer,
@@ -123,6 +130,7 @@ class Proxy:
     ) -> None:
         self._router = router
         self._session = session
+        self._streams = streams
         self._metrics = metrics
         self._tracer = tracer
         self._traced = not isinstance(tracer, trace.NoOpTracer)
@@ -305,12 +313,12 @@ class Proxy:
         if gate.record.upstream_api_key:
             headers["Authorization"] = f"Bearer {gate.record.upstream_api_key}"
         if stream:
-            # llama-server (cpp-httplib) closes the connection after a streamed
-            # answer while announcing keep-alive: reusing it would race that close.
-            headers["Connection"] = "close"
+            return await self._send_stream(
+                request, gate=gate, backend=backend, body=body, headers=headers, x=x
+            )
         try:
             async with _unless_retired(backend):
-                upstream = await self._session.post(
+                answer = await self._session.post(
                     backend.url + request.path_qs, data=body, headers=headers
                 )
         except _CONNECT_ERRORS as exc:
@@ -320,34 +328,73 @@ class Proxy:
         except _BROKEN_ERRORS as exc:
             raise _disconnected(exc) from None
         try:
-            if upstream.status == web.HTTPServiceUnavailable.status_code:
-                # llama-server answers 503 while it loads the model.
-                raise _RetryableError(
-                    "unavailable", "host answered 503", counts=False, host_down=True
-                )
-            if stream and upstream.status == 200 and upstream.content_type == EVENT_STREAM:
-                relayed = await self._relay(
-                    request, upstream=upstream, gate=gate, backend=backend, x=x
-                )
-                # Read to the end (or closed on a cut): back to the pool if reusable.
-                upstream.release()
-                return relayed
-            answer = await self._answer_body(
-                request, upstream=upstream, gate=gate, backend=backend, x=x
+            _refuse_loading(answer.status)
+            response = await self._answer_body(
+                request,
+                status=answer.status,
+                content_type=answer.headers.get("Content-Type"),
+                content_length=answer.content_length,
+                chunks=answer.content.iter_chunked(READ_CHUNK).__aiter__(),
+                gate=gate,
+                backend=backend,
+                x=x,
             )
         except BaseException:
             # Abort rather than return the connection to the pool: closing it is
             # what tells llama-server to stop working on this request.
-            upstream.close()
+            answer.close()
             raise
-        upstream.release()
-        return answer
+        answer.release()
+        return response
+
+    async def _send_stream(
+        self,
+        request: web.Request,
+        *,
+        gate: ModelGate,
+        backend: Backend,
+        body: bytes,
+        headers: dict[str, str],
+        x: _Exchange,
+    ) -> web.StreamResponse:
+        """A streamed request, on the gateway's own connections (`upstream`):
+        llama-server closes the connection after every stream, so each one
+        needs a new connection, which a spare opened ahead saves."""
+        try:
+            async with _unless_retired(backend):
+                answer = await self._streams.send(backend.url, request.path_qs, body, headers)
+        except upstream.ConnectError as exc:
+            raise _RetryableError("connect", str(exc), counts=False, host_down=True) from None
+        except upstream.ReadTimeoutError:
+            raise self._timed_out(gate, x) from None
+        except upstream.UpstreamError as exc:
+            raise _disconnected(exc) from None
+        try:
+            _refuse_loading(answer.status)
+            if answer.status == 200 and answer.content_type == EVENT_STREAM:
+                return await self._relay(request, answer=answer, gate=gate, backend=backend, x=x)
+            return await self._answer_body(
+                request,
+                status=answer.status,
+                content_type=answer.headers.get("content-type"),
+                content_length=answer.content_length,
+                chunks=answer.chunks(),
+                gate=gate,
+                backend=backend,
+                x=x,
+            )
+        finally:
+            # Complete: closed; otherwise aborted, which stops llama-server's work.
+            answer.close()
 
     async def _answer_body(
         self,
         request: web.Request,
         *,
-        upstream: aiohttp.ClientResponse,
+        status: int,
+        content_type: str | None,
+        content_length: int | None,
+        chunks: AsyncIterator[bytes],
         gate: ModelGate,
         backend: Backend,
         x: _Exchange,
@@ -356,7 +403,6 @@ class Proxy:
         unless it is larger than `BUFFERED_ANSWER_BYTES` (a big embeddings batch),
         which is then passed on as it comes rather than held in memory."""
         parts: list[bytes] = []
-        chunks = upstream.content.iter_chunked(READ_CHUNK).__aiter__()
 
         async def read_head() -> int:
             size = 0
@@ -370,13 +416,13 @@ class Proxy:
         try:
             async with _unless_retired(backend):
                 size = await read_head()
-        except aiohttp.SocketTimeoutError:
+        except _TIMEOUT_ERRORS:
             raise self._timed_out(gate, x) from None
         except _BROKEN_ERRORS as exc:
             raise _disconnected(exc) from None
         head = b"".join(parts)
-        x.status = upstream.status
-        if upstream.status == 200:
+        x.status = status
+        if status == 200:
             # Usage comes last in a completion, first in embeddings: scan both
             # ends of a large answer, not megabytes of it on the event loop.
             scanned = (
@@ -386,14 +432,14 @@ class Proxy:
             )
             x.usage = usage_in(scanned)
         headers = {
-            "Content-Type": upstream.headers.get("Content-Type", "application/json"),
+            "Content-Type": content_type or "application/json",
             REQUEST_ID: x.request_id,
         }
         if size <= BUFFERED_ANSWER_BYTES:
-            return web.Response(status=upstream.status, body=head, headers=headers)
-        response = web.StreamResponse(status=upstream.status, headers=headers)
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
+            return web.Response(status=status, body=head, headers=headers)
+        response = web.StreamResponse(status=status, headers=headers)
+        if content_length is not None:
+            response.content_length = content_length
         await response.prepare(request)
         await response.write(head)
         tail = head[-USAGE_SCAN_BYTES:]
@@ -418,27 +464,24 @@ class Proxy:
         self,
         request: web.Request,
         *,
-        upstream: aiohttp.ClientResponse,
+        answer: upstream.StreamAnswer,
         gate: ModelGate,
         backend: Backend,
         x: _Exchange,
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        chunks = upstream.content.iter_any().__aiter__()
         try:
             async with _unless_retired(backend):
-                first = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = b""
-        except aiohttp.SocketTimeoutError:
+                first = await answer.read()
+        except upstream.ReadTimeoutError:
             raise self._timed_out(gate, x) from None
-        except _BROKEN_ERRORS as exc:
+        except upstream.UpstreamError as exc:
             raise _disconnected(exc) from None
 
         response = _RelayedStream(
             status=200,
             headers={
-                "Content-Type": upstream.headers.get("Content-Type", EVENT_STREAM),
+                "Content-Type": answer.headers.get("content-type", EVENT_STREAM),
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",
                 REQUEST_ID: x.request_id,
@@ -447,22 +490,19 @@ class Proxy:
         x.status = 200
         itl = self._metrics.itl.labels(gate.key)
         scanner = EventScanner()
-        content = upstream.content
         try:
             await response.prepare(request)
             now = loop.time()
             self._metrics.ttft.labels(gate.key).observe(now - x.started)
             last_event = now if scanner.feed(first) else None
-            if content.at_eof():
+            if answer.at_eof:
                 # The whole stream came at once: headers, events and the end in one send.
                 await response.write_eof(first)
             else:
                 await response.write(first)
-            while not content.at_eof():
+            while not answer.at_eof:
                 try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    break
+                    chunk = await answer.read()
                 except _CUT_ERRORS as exc:
                     # Bytes already reached the client: no retry. End the stream
                     # with an error event so the client knows it was cut short.
@@ -472,6 +512,8 @@ class Proxy:
                     error = errors.upstream_failed(x.model, f"stream cut: {_describe(exc)}")
                     await response.write(b"data: " + json.dumps(error.body()).encode() + b"\n\n")
                     break
+                if not chunk:
+                    break
                 events = scanner.feed(chunk)
                 if events:
                     now = loop.time()
@@ -480,7 +522,7 @@ class Proxy:
                     for _ in range(events - 1):
                         itl.observe(0.0)
                     last_event = now
-                if content.at_eof():
+                if answer.at_eof:
                     # The host's stream ended with this chunk: end the client's
                     # in the same send rather than in one more.
                     await response.write_eof(chunk)
@@ -490,10 +532,10 @@ class Proxy:
         except ConnectionResetError:
             # The client went away: drop the upstream connection so llama-server
             # frees the slot instead of generating for nobody.
-            upstream.close()
+            answer.close()
             x.status = CLIENT_CLOSED
         except asyncio.CancelledError:
-            upstream.close()
+            answer.close()
             x.status = CLIENT_CLOSED
             raise
         finally:
@@ -656,6 +698,12 @@ def _retired() -> _RetryableError:
         counts=False,
         host_down=False,
     )
+
+
+def _refuse_loading(status: int) -> None:
+    """llama-server answers 503 while it loads the model: try another host."""
+    if status == web.HTTPServiceUnavailable.status_code:
+        raise _RetryableError("unavailable", "host answered 503", counts=False, host_down=True)
 
 
 def _describe(exc: BaseException) -> str:

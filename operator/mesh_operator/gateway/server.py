@@ -30,6 +30,7 @@ from mesh_operator.gateway.metrics import GatewayMetrics
 from mesh_operator.gateway.proxy import Proxy, error_middleware
 from mesh_operator.gateway.settings import GatewaySettings
 from mesh_operator.gateway.tracing import Tracing, setup_tracing
+from mesh_operator.gateway.upstream import StreamClient
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,13 @@ class Gateway:
         self.port = 0
         self.router: Router | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._streams: StreamClient | None = None
         self._runner: web.AppRunner | None = None
+
+    @property
+    def streams(self) -> StreamClient | None:
+        """The client of streamed requests (None before `start`)."""
+        return self._streams
 
     @property
     def url(self) -> str:
@@ -83,6 +90,11 @@ class Gateway:
             # Streams pass through byte for byte: ask hosts not to compress.
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
         )
+        self._streams = StreamClient(
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            resolver=self._resolver,
+        )
         self.router = Router(
             self._probe,
             max_queue=settings.max_queue,
@@ -97,6 +109,7 @@ class Gateway:
         proxy = Proxy(
             self.router,
             self._session,
+            self._streams,
             metrics=self.metrics,
             tracer=self.tracing.tracer,
             settings=settings,
@@ -139,6 +152,8 @@ class Gateway:
             await self.keys.stop()
         if self._session is not None:
             await self._session.close()
+        if self._streams is not None:
+            await self._streams.close()
         await asyncio.to_thread(self.tracing.shutdown)
 
     async def _probe(self, url: str) -> bool:

@@ -170,13 +170,16 @@ def test_stream_is_relayed_chunk_by_chunk() -> None:
 
 def test_answers_reuse_one_upstream_connection_and_streams_take_their_own() -> None:
     """Non-streamed requests share a kept-alive connection to the host; a stream gets
-    a connection of its own, as llama-server closes it after every stream."""
+    a connection of its own, as llama-server closes it after every stream, and
+    after the first stream it is a spare opened ahead."""
 
     async def scenario() -> None:
         async with (
             hosts() as [host],
-            gateway(SettableSource([record("gemma", [host.url])])) as (_, client),
+            gateway(SettableSource([record("gemma", [host.url])])) as (gw, client),
         ):
+            streams = gw.streams
+            assert streams is not None
             for _ in range(5):
                 async with client.post("/v1/chat/completions", json=CHAT) as resp:
                     assert await resp.read() == RECORDED_CHAT
@@ -184,8 +187,9 @@ def test_answers_reuse_one_upstream_connection_and_streams_take_their_own() -> N
             for _ in range(3):
                 async with client.post("/v1/chat/completions", json=STREAM) as resp:
                     assert await resp.read() == STREAMED
-            streams = host.connections[5:]
-            assert len(set(streams)) == 3
+                await wait_for(lambda: streams.spare_count == 1)
+            assert len(set(host.connections[5:])) == 3
+            assert (streams.connects, streams.spares_used) == (1, 2)
             # After the streams, answers share one kept-alive connection again.
             for _ in range(3):
                 async with client.post("/v1/chat/completions", json=CHAT) as resp:
@@ -229,10 +233,10 @@ def test_a_stream_sent_at_once_reaches_the_client_in_one_write(
     # Whatever the host does, the gateway's read sees the whole stream at once.
     original = proxy.Proxy._relay
 
-    async def whole_stream_first(self: Any, request: Any, *, upstream: Any, **kw: Any) -> Any:
-        while not upstream.content.is_eof():
+    async def whole_stream_first(self: Any, request: Any, *, answer: Any, **kw: Any) -> Any:
+        while not answer.complete:
             await asyncio.sleep(0.01)
-        return await original(self, request, upstream=upstream, **kw)
+        return await original(self, request, answer=answer, **kw)
 
     monkeypatch.setattr(proxy.Proxy, "_relay", whole_stream_first)
 
