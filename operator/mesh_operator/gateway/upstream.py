@@ -6,8 +6,8 @@ aiohttp's client, the connect and the client's machinery (per stream and per
 chunk) were most of what a stream cost the gateway. This client writes the
 request itself, reads the answer with a small parser (status line, headers, a
 chunked, sized or until-close body), and keeps one spare connection per host,
-opened in the background as a stream takes the previous one, so the next stream
-need not connect.
+opened in the background once a stream is over (not while its answer is awaited
+on the same event loop), so the next stream need not connect.
 
 A spare that stays unused for `SPARE_IDLE` seconds is closed and not replaced:
 cpp-httplib drops a connection on which no request came within 5 s, and an idle
