@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +69,15 @@ class GatewayProcess:
 
 
 def start_gateway(
-    log_dir: Path, args: Sequence[str], timeout: float = 60.0, *, access_log: bool = True
+    log_dir: Path,
+    args: Sequence[str],
+    timeout: float = 60.0,
+    *,
+    access_log: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> GatewayProcess:
-    """`mesh gateway <args>` on a free port, once /readyz answers 200."""
+    """`mesh gateway <args>` on a free port, once /readyz answers 200 (`env`: the
+    process's environment, default this one's)."""
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"gateway-{port}.log"
@@ -89,7 +95,11 @@ def start_gateway(
     ]
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=None if env is None else dict(env),
         )
     gateway = GatewayProcess(proc, port, log)
     deadline = time.monotonic() + timeout
