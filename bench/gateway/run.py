@@ -409,13 +409,14 @@ def report(figures: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def start_standin(logs: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """The instant stand-in host in its own process, once it answers /health."""
+def start_standin(logs: Path, delay_ms: float = 0.0) -> tuple[subprocess.Popen[bytes], str]:
+    """The stand-in host in its own process, once it answers /health: instant,
+    or holding each completion `delay_ms`."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with (logs / "standin.log").open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.gateway.standin", str(port)],
+            [sys.executable, "-m", "bench.gateway.standin", str(port), str(delay_ms)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

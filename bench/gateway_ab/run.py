@@ -1,9 +1,11 @@
 """Two versions of the gateway side by side: this tree's and a git revision's.
 
-    python -m bench gateway_ab [--base REV] [--host standin|llama] [--blocks 6] [--probe 30]
+    python -m bench gateway_ab [--base REV] [--host standin|llama] [--standin-delay-ms 0]
+                               [--blocks 6] [--probe 30]
 
 Both gateways stand in front of the same host (the instant stand-in of
-`bench gateway`, or one llama-server with gemma-3-270m), each in its own process.
+`bench gateway`, answering at once or after `--standin-delay-ms`, or one
+llama-server with gemma-3-270m), each in its own process.
 The run is `--blocks` blocks; in each, both gateways are probed (`--probe` pairs
 of single requests, direct and through the gateway, non-streamed and streamed,
 the same probe as `bench gateway`), the base first in even blocks and this tree
@@ -89,6 +91,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench gateway_ab")
     parser.add_argument("--base", default="HEAD", help="git revision to compare with")
     parser.add_argument("--host", choices=("standin", "llama"), default="standin")
+    parser.add_argument(
+        "--standin-delay-ms", type=float, default=0.0, help="the stand-in holds each answer"
+    )
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--probe", type=int, default=30, help="request pairs per probe")
     args = parser.parse_args(argv)
@@ -102,7 +107,7 @@ def main(argv: list[str]) -> int:
             stack.callback(llama.stop)
             host = llama.url
         else:
-            standin, host = start_standin(work)
+            standin, host = start_standin(work, args.standin_delay_ms)
             stack.callback(standin.wait)
             stack.callback(standin.terminate)
         flags = ["--backend", f"bench={host}", "--slots", str(SLOTS)]
@@ -112,6 +117,7 @@ def main(argv: list[str]) -> int:
             gateways[name] = start_gateway(work, flags, access_log=False, env=env)
             stack.callback(gateways[name].stop)
         found = asyncio.run(measure(gateways, host, "bench", args.blocks, args.probe))
-    print(f"base: {args.base}; host: {args.host}")
+    held = f", answers held {args.standin_delay_ms:g} ms" if args.host == "standin" else ""
+    print(f"base: {args.base}; host: {args.host}{held}")
     print(report(found, args.blocks, args.probe))
     return 0
