@@ -506,14 +506,26 @@ class PlannedDevice(ApiModel):
 
 
 class PlannedHostTier(ApiModel):
-    """What a plan keeps in the host node's system RAM because VRAM is short."""
+    """What a plan keeps in the host node's RAM: because VRAM is short, or because
+    the host runs its own node's layers itself (a pool's `hostUsesOwnNode`)."""
 
     node: str
     moe_layers: int = Field(
         ge=0, description="Routed experts of layers [0, moeLayers) in RAM (--n-cpu-moe)."
     )
-    cpu_layers: int = Field(ge=0, description="Whole layers [0, cpuLayers) on the host's CPU.")
+    cpu_layers: int = Field(
+        ge=0,
+        description="Whole layers [0, cpuLayers) on the host's CPU (the output layer too "
+        "when cpuLayers is the model's layer count plus one).",
+    )
     memory_mib: int = Field(ge=0, alias="memoryMiB", description="RAM the plan claims there.")
+    device: str | None = Field(
+        default=None,
+        max_length=64,
+        description="The host node's device whose memory holds the tier (its CPU device, "
+        "when the host runs its own node's layers); unset: the RAM beyond the node's "
+        "devices (hostMemoryFreeMiB).",
+    )
 
 
 class PlannedDraft(ApiModel):
