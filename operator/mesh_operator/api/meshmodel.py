@@ -566,6 +566,22 @@ class Plan(ApiModel):
         "made before replicas: status.groupRestarts).",
     )
 
+    def own_node_tier(self) -> PlannedHostTier | None:
+        """The tier the host runs on its own node's device (`hostTier.device`), if any."""
+        tier = self.host_tier
+        return tier if tier is not None and tier.device is not None else None
+
+    def placed(self) -> bool:
+        """Whether the plan places the model: on devices, or on the host's own node."""
+        return bool(self.devices) or self.own_node_tier() is not None
+
+    def layer_nodes(self) -> list[str]:
+        """The nodes holding the model's layers: the host's own node when it runs
+        layers there itself, then the devices' nodes, in layer order."""
+        own = self.own_node_tier()
+        first = [own.node] if own is not None else []
+        return list(dict.fromkeys([*first, *(d.node for d in self.devices)]))
+
 
 class VersionMismatch(ApiModel):
     """Images of a host and its workers that speak different RPC protocols, as the
