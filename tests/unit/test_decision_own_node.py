@@ -130,10 +130,15 @@ def test_without_the_option_a_worker_runs_on_every_planned_node() -> None:
     assert sorted(daemonset_nodes(d)) == sorted(plan.rpc)
 
 
-def test_the_same_memory_is_claimed_with_and_without_the_option() -> None:
+def test_the_other_nodes_claims_do_not_change_with_the_option() -> None:
     own, workers = first(900).status.plan, first(900, own=False).status.plan
-    assert own is not None and workers is not None
-    assert claims_by_device({"m": own}) == claims_by_device({"m": workers})
+    assert own is not None and workers is not None and own.host_tier is not None
+    with_option, without = claims_by_device({"m": own}), claims_by_device({"m": workers})
+    host = (own.host_tier.node, "CPU")
+    assert {k: v for k, v in with_option.items() if k != host} == {
+        k: v for k, v in without.items() if k != host
+    }
+    assert with_option[host] == own.host_tier.memory_mib
 
 
 def test_one_node_is_a_host_alone() -> None:

@@ -19,6 +19,7 @@ from mesh_operator.planner import (
     plan_placement,
     to_api_plan,
 )
+from mesh_operator.planner.memory import host_layers_buffers
 from mesh_operator.planner.placement import HostTier
 from tests.unit.planner.builders import device, inventory, node, synthetic_profile
 
@@ -49,12 +50,16 @@ def test_host_nodes_layers_become_the_host_tier() -> None:
     tier = own.host_tier
     assert tier is not None and tier.device == "CPU" and tier.node == first.node
     assert (tier.moe_layers, tier.cpu_layers) == (0, first.last_layer)
-    # The device's own estimate, now in the host process.
+    # The host's CPU buffers for those layers: their weights and KV, one compute
+    # buffer.
+    memory = host_layers_buffers(PROFILE, REQUEST.serving, first.last_layer, n_devices=1)
     assert (tier.weights_bytes, tier.kv_bytes, tier.compute_bytes) == (
-        first.weights_bytes,
-        first.kv_bytes,
-        first.compute_bytes,
+        memory.weights,
+        memory.kv,
+        memory.compute,
     )
+    assert memory.weights == first.weights_bytes
+    assert memory.kv == first.kv_bytes
     assert own.devices == plan.devices[1:]
     assert own.rpc == tuple(n for n in plan.rpc if n != first.node)
     assert own.tensor_split == tuple(d.n_layers for d in own.devices)

@@ -339,10 +339,13 @@ def test_host_uses_own_node_runs_its_layers_in_the_host(
     assert isinstance(own, dict)
     assert own["devices"] == plain["devices"][1:] and own["rpc"] == plain["rpc"][1:]
     assert own["hostNode"] == host
-    assert own["nodes"][0] == {
-        "node": host, "vramMiB": 0, "hostTierMiB": first["totalMiB"], "moeLayers": 0,
+    tier = own["nodes"][0]
+    assert tier == {
+        "node": host, "vramMiB": 0, "hostTierMiB": tier["hostTierMiB"], "moeLayers": 0,
         "cpuLayers": first["layers"][1], "hostTierDevice": "CPU",
     }  # fmt: skip
+    # The same layers and KV; the host's CPU compute buffer instead of the device's.
+    assert 0 < tier["hostTierMiB"] <= first["totalMiB"]
     assert list(own["args"]["ggml-rpc-server"]) == own["rpc"]
     server = own["args"]["llama-server"]
     assert server[server.index("-ngl") + 1] == str(19 - first["layers"][1])

@@ -14,11 +14,14 @@ its first node instead when that is no slower. A plan on the host's node alone
 becomes the host with no `--rpc` and `-ngl 0` (`cpu_layers` = `n_layer + 1`:
 the output layer too, where llama.cpp then keeps it).
 
-The tier is the device's estimate as it was (its weights, KV and compute
-buffer: the same buffers, now in the host process, which the host container
-requests) and stays claimed on that device (`HostTier.device`); its time loses
-the local round trip. CPU devices only: llama.cpp orders RPC devices before a
-host's local GPUs, so a GPU of the host's node could not take the first layers.
+The tier is what the host's CPU holds for those layers
+(`memory.host_layers_buffers`: their weights and KV, and the CPU's one compute
+buffer, which differs from the device's through RPC), which the host container
+requests; it must fit the device's capacity and is claimed on that device
+(`HostTier.device`). Its time loses the local round trip.
+
+CPU devices only: llama.cpp orders RPC devices before a host's local GPUs, so
+a GPU of the host's node could not take the first layers.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from mesh_operator.planner.inventory import Inventory
-from mesh_operator.planner.memory import MIB
+from mesh_operator.planner.memory import MIB, host_layers_buffers
 from mesh_operator.planner.placement.plan import evaluate_layout
 from mesh_operator.planner.placement.types import (
     HostTier,
@@ -53,26 +56,33 @@ def host_on_own_node(
     if first.backend != "cpu" or sum(d.node == first.node for d in result.devices) != 1:
         return result
     if result.host_node == first.node:
-        return _own(result, request)
+        return _own(result, profile, request) or result
     rehosted = evaluate_layout(profile, inventory, result.layout(), request, host_node=first.node)
     if not rehosted.feasible or rehosted.host_node != first.node:
         return result
-    own = _own(replace(rehosted, kept_current=result.kept_current), request)
-    return own if own.predicted_token_ms <= result.predicted_token_ms else result
+    own = _own(replace(rehosted, kept_current=result.kept_current), profile, request)
+    if own is None or own.predicted_token_ms > result.predicted_token_ms:
+        return result
+    return own
 
 
-def _own(result: PlacementResult, request: PlacementRequest) -> PlacementResult:
+def _own(
+    result: PlacementResult, profile: ModelProfile, request: PlacementRequest
+) -> PlacementResult | None:
     """`result` (hosted on its first device's node) with that device's layers on
-    the host's CPU."""
+    the host's CPU; None if the device's capacity cannot hold what they need there."""
     first, rest = result.devices[0], result.devices[1:]
+    memory = host_layers_buffers(profile, request.serving, first.last_layer, n_devices=len(rest))
+    if memory.total > first.capacity_bytes:
+        return None
     saved = request.cost.hop_ms(0.0, local=True)
     tier = HostTier(
         node=first.node,
         moe_layers=0,
         cpu_layers=first.last_layer,
-        weights_bytes=first.weights_bytes,
-        kv_bytes=first.kv_bytes,
-        compute_bytes=first.compute_bytes,
+        weights_bytes=memory.weights,
+        kv_bytes=memory.kv,
+        compute_bytes=memory.compute,
         free_mib=first.free_mib,
         bandwidth_gbps=first.bandwidth_gbps,
         time_ms=first.time_ms - saved,
