@@ -19,7 +19,8 @@ shared machine falls on all of them alike.
    free memory. Each runs with its host on its own first node (that hop local,
    no proxy) and again with every hop proxied. Last, the lever of a host that
    uses its own node's device directly: the same two-node layout with the host
-   node's layers on a local ggml-rpc-server and on llama-server's own CPU.
+   node's layers on a local ggml-rpc-server and on llama-server's own CPU (the
+   command line the operator builds for a pool with `hostUsesOwnNode`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from mesh_operator.planner import (
     build_llama_server_args,
     estimate_memory,
     evaluate_layout,
+    host_on_own_node,
     layers_for_split,
     parse_inventory,
     plan_placement,
@@ -132,6 +134,11 @@ def _plain_args(model: Path, rpc: Sequence[str], split: Sequence[int], ngl: int)
         "-m", str(model), "--rpc", ",".join(rpc), "-ngl", str(ngl), "-ts",
         ",".join(map(str, split)), "-fit", "off", "-c", str(CTX), "-np", "1", "-t", "1",
     ]  # fmt: skip
+
+
+# How a configuration starts llama-server: its arguments, or a plan whose
+# arguments mesh's builder makes, with these endpoints.
+_How = list[str] | tuple[PlacementResult, dict[str, str]]
 
 
 def _layers_text(ranges: Sequence[tuple[int, int]]) -> str:
@@ -264,49 +271,52 @@ class _Session:
         default_local = evaluate_layout(profile, inventory, default_layout, request, NODES[0])
         host = plan.host_node or plan.rpc[0]
         mesh_ranges = [d.layers for d in plan.devices]
-        # The lever: the host node's layers first, on a local server or on the host's CPU.
-        host_layers = sum(d.layers[1] - d.layers[0] for d in plan.devices if d.node == host)
-        lever_ranges = [(0, host_layers), (host_layers, n_layers)]
-        other = next(n for n in NODES if n != host)
-        lever_layout = [(host, "CPU", lever_ranges[0]), (other, "CPU", lever_ranges[1])]
-        lever = evaluate_layout(profile, inventory, lever_layout, request, host)
+        # The lever: mesh's plan as a pool with hostUsesOwnNode has it (hosted on the
+        # node of its first layers, which run on the host's CPU), against the same
+        # layout with those layers on a local server; both with mesh's builders.
+        own = host_on_own_node(plan, profile, inventory, request)
+        if own.host_tier is None or own.host_tier.device is None:
+            raise RuntimeError(f"hostUsesOwnNode does not apply to {plan.reason}")
+        own_host, own_layers = own.host_tier.node, own.host_tier.cpu_layers
+        lever_ranges = [(0, own_layers), *(d.layers for d in own.devices)]
+        lever_layout = [(own_host, "CPU", lever_ranges[0]), *own.layout()]
+        lever = evaluate_layout(profile, inventory, lever_layout, request, own_host)
         samples: dict[str, list[float]] = {}
         with delayed(self.targets, rtt_ms) as proxied_addresses:
             direct = {n: w.address for n, w in zip(NODES, self.workers, strict=True)}
             through = dict(zip(NODES, proxied_addresses, strict=True))
-            # Label, llama-server's arguments (a mapping: mesh's own, with these
-            # endpoints), the layers per device, and the prediction.
-            cases: list[tuple[str, list[str] | dict[str, str], list[tuple[int, int]], float]] = [
+            # Label, llama-server's arguments (or a plan: mesh's own arguments for it,
+            # with these endpoints), the layers per device, and the prediction.
+            cases: list[tuple[str, _How, list[tuple[int, int]], float]] = [
                 ("mesh plan, host on its planned node",
-                 {n: direct[n] if n == host else through[n] for n in plan.rpc},
+                 (plan, {n: direct[n] if n == host else through[n] for n in plan.rpc}),
                  mesh_ranges, plan.predicted_token_ms),
                 ("llama.cpp proportional, host on node-a",
                  _plain_args(model, [direct[NODES[0]], through[NODES[1]], through[NODES[2]]],
                              [1, 1, 1], 999),
                  proportional, default_local.predicted_token_ms),
-                ("mesh plan, every hop proxied", {n: through[n] for n in plan.rpc},
+                ("mesh plan, every hop proxied", (plan, {n: through[n] for n in plan.rpc}),
                  mesh_ranges, predict_remote(profile, mesh_ranges, measured_rtt, fit)),
                 ("llama.cpp proportional, every hop proxied",
                  _plain_args(model, list(proxied_addresses), [1, 1, 1], 999),
                  proportional, predict_remote(profile, proportional, measured_rtt, fit)),
                 ("host node's layers on a local rpc server",
-                 _plain_args(model, [direct[host], through[other]],
-                             [host_layers, n_layers - host_layers], 999),
+                 (lever, {own_host: direct[own_host], **{n: through[n] for n in own.rpc}}),
                  lever_ranges, lever.predicted_token_ms),
                 # llama.cpp keeps the first n_layers - ngl layers on its own CPU.
                 ("host node's layers on the host's own CPU",
-                 _plain_args(model, [through[other]], [1], n_layers - host_layers),
-                 lever_ranges, lever.predicted_token_ms - request.cost.hop_ms(0.0, True)),
+                 (own, {n: through[n] for n in own.rpc}),
+                 lever_ranges, own.predicted_token_ms),
             ]  # fmt: skip
             for _ in range(self.runs):
                 for label, how, _, _ in cases:
                     port = free_port()
-                    if isinstance(how, dict):
+                    if isinstance(how, tuple):
                         settings = ServerSettings(
                             serving=request.serving, host="127.0.0.1", port=port, metrics=False,
                             threads=1,
                         )  # fmt: skip
-                        args = build_llama_server_args(plan, str(model), settings, how)
+                        args = build_llama_server_args(how[0], str(model), settings, how[1])
                     else:
                         args = how
                     with running(self.host(args, port)) as (server,):

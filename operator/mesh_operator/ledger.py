@@ -119,14 +119,20 @@ def claims_by_device(claims: Mapping[str, Plan]) -> dict[tuple[str, str], int]:
             # A draft runs in its host's RAM: on a CPU-only node, its CPU device.
             key = (plan.draft.node, "CPU")
             out[key] = out.get(key, 0) + plan.draft.memory_mib
+        own = plan.own_node_tier()
+        if own is not None and own.device is not None:
+            # Layers the host runs on its own node's device: that device's memory.
+            key = (own.node, own.device)
+            out[key] = out.get(key, 0) + own.memory_mib
     return out
 
 
 def claims_by_host(claims: Mapping[str, Plan]) -> dict[str, int]:
-    """RAM claimed per node by the given plans: RAM tiers and draft models."""
+    """RAM claimed per node by the given plans: RAM tiers and draft models (a tier
+    on the host's own device is that device's, `claims_by_device`)."""
     out: dict[str, int] = {}
     for plan in claim_parts(claims):
-        if plan.host_tier is not None:
+        if plan.host_tier is not None and plan.host_tier.device is None:
             node = plan.host_tier.node
             out[node] = out.get(node, 0) + plan.host_tier.memory_mib
         if plan.draft is not None:
@@ -230,7 +236,7 @@ def plan_problems(plan: Plan, view: PoolView) -> list[str]:
     """Why a current plan can no longer be served as is (empty when it can)."""
     problems = []
     nodes = view.by_name()
-    for node_name in dict.fromkeys(d.node for d in plan.devices):
+    for node_name in plan.layer_nodes():
         node = nodes.get(node_name)
         if node is None:
             problems.append(f"{node_name}: left the pool")

@@ -51,6 +51,7 @@ from mesh_operator.planner import (
     chat_template_args,
     current_plan_from_api,
     evaluate_layout,
+    host_on_own_node,
     plan_placement,
     plan_replicas,
     rpc_devices_by_node,
@@ -112,17 +113,14 @@ def plan(
 ) -> PlacementResult:
     """Place the model; a result using more nodes than the pool allows is refused.
 
-    With n-gram `speculation` the predicted time per token is the placement's
-    time per step over the tokens a step yields (`planner.speculation`); every
-    placement gains alike, so the choice of devices does not change.
+    In a pool with `hostUsesOwnNode` the host then runs its own node's layers
+    itself (`own_node`). With n-gram `speculation` the predicted time per token is
+    the placement's time per step over the tokens a step yields
+    (`planner.speculation`); every placement gains alike, so the choice of
+    devices does not change.
     """
-    result = plan_placement(
-        profile, limit_inventory(inventory, pool), request, current_plan_from_api(current)
-    )
-    if result.feasible and speculation is not None:
-        result = dataclasses.replace(
-            result, predicted_token_ms=speculation.token_ms(result.predicted_token_ms)
-        )
+    limited = limit_inventory(inventory, pool)
+    result = plan_placement(profile, limited, request, current_plan_from_api(current))
     if result.feasible and len(result.rpc) > pool.max_nodes_per_model:
         return PlacementResult(
             feasible=False,
@@ -132,7 +130,26 @@ def plan(
             ),
             strategy=result.strategy,
         )
+    result = own_node(result, profile, limited, request, pool)
+    if result.feasible and speculation is not None:
+        result = dataclasses.replace(
+            result, predicted_token_ms=speculation.token_ms(result.predicted_token_ms)
+        )
     return result
+
+
+def own_node(
+    result: PlacementResult,
+    profile: ModelProfile,
+    inventory: Inventory,
+    request: PlacementRequest,
+    pool: MeshPoolSpec,
+) -> PlacementResult:
+    """The plan with the host running its own node's layers, in a pool that says so
+    (`hostUsesOwnNode`); as it is elsewhere."""
+    if not pool.host_uses_own_node:
+        return result
+    return host_on_own_node(result, profile, inventory, request)
 
 
 def replicas(
@@ -158,9 +175,10 @@ def replicas(
         if not one.feasible:
             return ReplicaPlan(False, one.reason, (), 0, (), cause=one.reason)
         return ReplicaPlan(True, one.reason, (one,), 1, (0,))
+    limited = limit_inventory(inventory, pool)
     result = plan_replicas(
         profile,
-        limit_inventory(inventory, pool),
+        limited,
         request,
         count,
         [current_plan_from_api(c) if c is not None else None for c in current],
@@ -179,11 +197,12 @@ def replicas(
             if current[slot] is None:
                 break  # the new replicas after it were placed on what it left
             continue
+        hosted = own_node(one, profile, limited, request, pool)
         placed.append(
-            one
+            hosted
             if speculation is None
             else dataclasses.replace(
-                one, predicted_token_ms=speculation.token_ms(one.predicted_token_ms)
+                hosted, predicted_token_ms=speculation.token_ms(hosted.predicted_token_ms)
             )
         )
         slots.append(slot)
@@ -204,7 +223,7 @@ def combined_claim(plans: Sequence[Plan]) -> Plan | None:
     one replica holds its plan; of more, a `ModelClaim` with every replica's
     devices (they are disjoint) and their plans, whose RAM tiers and draft models
     the ledger counts each. None without a planned replica."""
-    held = [p for p in plans if p.devices]
+    held = [p for p in plans if p.placed()]
     if not held:
         return None
     if len(held) == 1:
@@ -219,7 +238,7 @@ def combined_claim(plans: Sequence[Plan]) -> Plan | None:
 def status_plans(plan: Plan | None, others: Sequence[Plan]) -> list[Plan]:
     """A model's planned replicas as its status holds them (`plan`, then
     `replicaPlans`), by replica."""
-    out = [p for p in ([plan] if plan is not None else []) + list(others) if p.devices]
+    out = [p for p in ([plan] if plan is not None else []) + list(others) if p.placed()]
     return sorted(out, key=lambda p: p.replica)
 
 
@@ -368,6 +387,9 @@ def draft_room_problem(plan: Plan, inventory: Inventory, reserve_percent: float)
     if cpu is not None:
         reserve = int(cpu.memory_total_mib * reserve_percent / 100)
         used = sum(d.total_mib for d in plan.devices if (d.node, d.device) == (node.name, cpu.id))
+        own = plan.own_node_tier()
+        if own is not None and (own.node, own.device) == (node.name, cpu.id):
+            used += own.memory_mib
         free, where = cpu.memory_free_mib - reserve - used, f"its {cpu.id} device"
     else:
         tier = plan.host_tier

@@ -792,3 +792,65 @@ def test_a_spec_change_rolls_the_replicas_one_at_a_time(
         "replica 1: new workloads",
     ], messages
     assert not (_model_obj(cluster, namespace, "roll") or {})["status"].get("rollingReplicas")
+
+
+def test_a_cpu_pool_whose_host_uses_its_own_node_runs_no_worker_there(
+    operator: KopfRunner,
+    crds: LocalCluster,
+    namespace: str,
+    model_url: str,
+    model_file: Path,
+    cleanup: list[str],
+) -> None:
+    """hostUsesOwnNode: of two CPU nodes neither of which holds gemma, the host's
+    node's layers run in llama-server itself: one worker DaemonSet, on the other
+    node; the host requests the memory of its layers; the pool's ledger claims it
+    on the host node's CPU device."""
+    cluster = crds
+    label = namespace
+    nodes = []
+    for i in range(2):
+        name = f"cpu-{label}-{i}"
+        cleanup += [f"node/{name}", f"meshnode/{name}"]
+        cluster.add_kwok_node(name, labels={"mesh-test-pool": label})
+        put_meshnode(
+            cluster, name,
+            [{"id": "CPU", "index": 0, "backend": "cpu", "name": "Test CPU",
+              "memoryTotalMiB": 261, "memoryFreeMiB": 261, "bandwidthGBps": 40.0}],
+        )  # fmt: skip
+        nodes.append(name)
+    pool = f"pool-{label}"
+    _pool(cluster, pool, label, cleanup, backend="cpu", sharing="shared", hostUsesOwnNode=True)
+    _model(cluster, namespace, "own", pool, source={"url": f"{model_url}/{MODEL_FILE}"})
+
+    obj = wait_for("the plan", lambda: _planned(cluster, namespace, "own"), timeout=90)
+    plan = obj["status"]["plan"]
+    tier = plan["hostTier"]
+    assert tier["device"] == "CPU" and tier["node"] == plan["hostNode"], plan
+    (other,) = set(nodes) - {plan["hostNode"]}
+    assert plan["rpc"] == [other] and plan["devices"][0]["layers"][0] == tier["cpuLayers"]
+    assert "on its own CPU" in condition(obj, "Planned")["message"]  # type: ignore[index]
+
+    def workloads() -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+        found = get(cluster, "daemonsets", "-n", namespace, "-l", "mesh.dev/model=own")
+        dep = get(cluster, "deployment", "own-host", "-n", namespace)
+        return (found["items"], dep) if found and found["items"] and dep else None
+
+    (ds,), dep = wait_for("the worker and the host", workloads, timeout=60)
+    terms = ds["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
+    assert [v for t in terms for e in t["matchFields"] for v in e["values"]] == [other]
+    server = dep["spec"]["template"]["spec"]["containers"][0]
+    args = server["args"]
+    layers = read_model_profile(model_file).n_device_layers
+    assert args[args.index("-ngl") + 1] == str(layers - tier["cpuLayers"])
+    assert server["resources"]["requests"]["memory"] == f"{tier['memoryMiB']}Mi"
+
+    def claimed() -> dict[str, int] | None:
+        status = (get(cluster, "meshpool", pool) or {}).get("status", {})
+        rows = {r["node"]: r["memoryClaimedMiB"] for r in status.get("ledger", [])}
+        return rows if rows.get(plan["hostNode"]) else None
+
+    rows = wait_for("the pool's ledger", claimed, timeout=60)
+    assert rows == {plan["hostNode"]: tier["memoryMiB"], other: plan["devices"][0]["totalMiB"]}

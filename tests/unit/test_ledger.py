@@ -272,3 +272,23 @@ def test_round_trips_listed_by_a_stale_node_do_not_count() -> None:
     }
     view = build_pool_view(MeshPoolSpec(node_selector={"pool": "x"}), nodes, meshnodes, {}, NOW)
     assert {n.name: n.rtt_ms for n in view.nodes} == {"a": 0.3, "b": 0.3, "gone": None}
+
+
+def test_a_tier_on_the_hosts_own_device_holds_that_device_not_its_ram() -> None:
+    """hostUsesOwnNode: the host's layers sit in its node's CPU device (on a CPU-only
+    node that device is the RAM): claimed there once, never from hostMemoryFreeMiB."""
+    own = plan_on("b", 100)
+    own.host_tier = PlannedHostTier(
+        node="a", moe_layers=0, cpu_layers=4, memory_mib=700, device="CPU"
+    )
+    assert claims_by_device({"ns/m": own}) == {("b", "CUDA0"): 100, ("a", "CPU"): 700}
+    pool = MeshPoolSpec(sharing="shared", node_selector={"pool": "x"})
+    meshnodes = {"a": status(hostMemoryFreeMiB=4096), "b": status(hostMemoryFreeMiB=4096)}
+    view = build_pool_view(pool, NODES, meshnodes, {"ns/m": own}, NOW)
+    assert view.by_name()["a"].host_memory_mib == 4096
+    # A plan whose every layer is on the host's own node still names that node.
+    alone = Plan(host_tier=own.host_tier, host_node="a")
+    assert alone.placed() and alone.layer_nodes() == ["a"]
+    assert plan_problems(alone, view) == []
+    gone = build_pool_view(pool, NODES, {"b": status()}, {}, NOW)
+    assert plan_problems(alone, gone) == ["a: no MeshNode (agent not running)"]

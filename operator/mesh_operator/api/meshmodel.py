@@ -506,14 +506,26 @@ class PlannedDevice(ApiModel):
 
 
 class PlannedHostTier(ApiModel):
-    """What a plan keeps in the host node's system RAM because VRAM is short."""
+    """What a plan keeps in the host node's RAM: because VRAM is short, or because
+    the host runs its own node's layers itself (a pool's `hostUsesOwnNode`)."""
 
     node: str
     moe_layers: int = Field(
         ge=0, description="Routed experts of layers [0, moeLayers) in RAM (--n-cpu-moe)."
     )
-    cpu_layers: int = Field(ge=0, description="Whole layers [0, cpuLayers) on the host's CPU.")
+    cpu_layers: int = Field(
+        ge=0,
+        description="Whole layers [0, cpuLayers) on the host's CPU (the output layer too "
+        "when cpuLayers is the model's layer count plus one).",
+    )
     memory_mib: int = Field(ge=0, alias="memoryMiB", description="RAM the plan claims there.")
+    device: str | None = Field(
+        default=None,
+        max_length=64,
+        description="The host node's device whose memory holds the tier (its CPU device, "
+        "when the host runs its own node's layers); unset: the RAM beyond the node's "
+        "devices (hostMemoryFreeMiB).",
+    )
 
 
 class PlannedDraft(ApiModel):
@@ -553,6 +565,22 @@ class Plan(ApiModel):
         description="Times this replica's host was restarted with its group (unset in plans "
         "made before replicas: status.groupRestarts).",
     )
+
+    def own_node_tier(self) -> PlannedHostTier | None:
+        """The tier the host runs on its own node's device (`hostTier.device`), if any."""
+        tier = self.host_tier
+        return tier if tier is not None and tier.device is not None else None
+
+    def placed(self) -> bool:
+        """Whether the plan places the model: on devices, or on the host's own node."""
+        return bool(self.devices) or self.own_node_tier() is not None
+
+    def layer_nodes(self) -> list[str]:
+        """The nodes holding the model's layers: the host's own node when it runs
+        layers there itself, then the devices' nodes, in layer order."""
+        own = self.own_node_tier()
+        first = [own.node] if own is not None else []
+        return list(dict.fromkeys([*first, *(d.node for d in self.devices)]))
 
 
 class VersionMismatch(ApiModel):

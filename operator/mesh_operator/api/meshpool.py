@@ -200,6 +200,17 @@ class ModelCache(CacheVolumeSpec):
 
 
 class MeshPoolSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            {
+                "rule": "!has(self.hostUsesOwnNode) || !self.hostUsesOwnNode "
+                "|| (has(self.backend) && self.backend == 'cpu')",
+                "message": "hostUsesOwnNode needs backend cpu",
+                "fieldPath": ".hostUsesOwnNode",
+            },
+        )
+    )
+
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     backend: Backend = Field(
@@ -240,6 +251,18 @@ class MeshPoolSpec(ApiModel):
     rpc_threads: int | None = Field(
         default=None, ge=1, le=1024, description="CPU threads of each RPC server (-t)."
     )
+    host_uses_own_node: bool = Field(
+        default=False,
+        description="The host's llama-server runs the layers planned on its own node's "
+        "CPU itself (-ngl lowered) instead of through an RPC server there: no worker "
+        "on the host's node. Backend cpu only.",
+    )
+
+    @model_validator(mode="after")
+    def _own_node_on_cpu(self) -> MeshPoolSpec:
+        if self.host_uses_own_node and self.backend != "cpu":
+            raise ValueError("hostUsesOwnNode needs backend cpu")
+        return self
 
 
 class NodeLedger(ApiModel):

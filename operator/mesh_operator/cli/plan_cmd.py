@@ -32,6 +32,7 @@ from mesh_operator.planner import (
     ServingParams,
     build_llama_server_args,
     build_rpc_server_commands,
+    host_on_own_node,
     parse_inventory,
     plan_placement,
     read_model_profile,
@@ -117,6 +118,12 @@ def add_parser(subparsers: Any) -> None:
         help="a draft model for speculative decoding (-md), planned in RAM on the host's "
         "node; with --pool a SOURCE as for --model",
     )
+    parser.add_argument(
+        "--host-uses-own-node",
+        action="store_true",
+        help="the host runs the layers of its own node's CPU device itself, no RPC server "
+        "there (a MeshPool's hostUsesOwnNode; with --pool, the pool's)",
+    )
     parser.add_argument("--rpc-port", type=_positive, default=DEFAULT_RPC_PORT, metavar="PORT")
     parser.add_argument("--port", type=_positive, default=8080, metavar="PORT")
 
@@ -151,6 +158,11 @@ def _read_current(path: str) -> CurrentPlan:
             ),
             None,
         )
+        own = next((n for n in data.get("nodes", []) if n.get("hostTierDevice")), None)
+        if own is not None:
+            # The host ran that node's layers itself: the planner's plan has the device.
+            device = (str(own["node"]), str(own["hostTierDevice"]), (0, int(own["cpuLayers"])))
+            layout, tier = (device, *layout), None
     except OSError as exc:
         raise PlannerInputError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (ValueError, KeyError, TypeError, IndexError) as exc:
@@ -193,10 +205,12 @@ def _report(
 
 
 def _nodes(result: PlacementResult) -> list[dict[str, Any]]:
-    """Per planned node (--rpc order): VRAM and RAM the plan takes there."""
+    """Per planned node (--rpc order, after the host's node when it runs layers
+    itself): VRAM and RAM the plan takes there."""
     tier = result.host_tier
+    own = [tier.node] if tier is not None and tier.device is not None else []
     out = []
-    for name in result.rpc:
+    for name in dict.fromkeys([*own, *result.rpc]):
         vram = sum(mib_ceil(d.total_bytes) for d in result.devices if d.node == name)
         here = tier is not None and tier.node == name
         out.append(
@@ -206,12 +220,18 @@ def _nodes(result: PlacementResult) -> list[dict[str, Any]]:
                 "hostTierMiB": mib_ceil(tier.total_bytes) if here and tier else 0,
                 "moeLayers": tier.moe_layers if here and tier else 0,
                 "cpuLayers": tier.cpu_layers if here and tier else 0,
+                "hostTierDevice": tier.device if here and tier else None,
             }
         )
     return out
 
 
 def _tier_line(node: dict[str, Any]) -> str:
+    if node.get("hostTierDevice"):
+        return (
+            f"host's own {node['hostTierDevice']} on {node['node']}: "
+            f"layers 0-{node['cpuLayers'] - 1}, {node['hostTierMiB']} MiB"
+        )
     parts = []
     if node["cpuLayers"]:
         parts.append(f"layers 0-{node['cpuLayers'] - 1}")
@@ -228,7 +248,7 @@ def _table(report: dict[str, Any], args: argparse.Namespace) -> str:
         f"strategy {report['strategy']}",
         ("feasible: " if report["feasible"] else "INFEASIBLE: ") + report["reason"],
     ]
-    if report["devices"]:
+    if report["devices"] or report["nodes"]:
         header = ("NODE", "DEVICE", "LAYERS", "WEIGHTS", "KV", "COMPUTE", "TOTAL", "FREE")
         rows = [
             (
@@ -278,6 +298,13 @@ def _serving(args: argparse.Namespace) -> ServingParams:
 
 def run(args: argparse.Namespace) -> int:
     if args.pool is not None:
+        if args.host_uses_own_node:
+            print(
+                "mesh plan: error: --host-uses-own-node is for --inventory; with --pool "
+                "the pool's hostUsesOwnNode applies",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
         return plan_live.run_live(args, _report, _table)
     try:
         profile = read_model_profile(args.model)
@@ -290,6 +317,8 @@ def run(args: argparse.Namespace) -> int:
         )
         draft = read_model_profile(args.draft) if args.draft else None
         result = plan_placement(profile, inventory, request, current=current)
+        if args.host_uses_own_node:
+            result = host_on_own_node(result, profile, inventory, request)
         planned, problem = None, None
         if draft is not None:
             result, planned, problem = planning.with_draft(

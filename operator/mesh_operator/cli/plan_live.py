@@ -302,7 +302,7 @@ def plan_on_pool(
     `draft` model has room if it has one (`planning.with_draft`). Pure."""
     claims, view = _pool_view(live, key, now)
     own = live.plans.get(key)
-    current = own[1] if own is not None and own[0] == live.name and own[1].devices else None
+    current = own[1] if own is not None and own[0] == live.name and own[1].placed() else None
     request = planning.placement_request(spec, live.spec, profile)
     if reserve_percent is not None:
         request = dataclasses.replace(request, reserve_percent=reserve_percent)

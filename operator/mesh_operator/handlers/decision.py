@@ -538,7 +538,7 @@ class _Decider:
         self.status.plan = plans[0]
         self.status.replica_plans = plans[1:]
         self.status.replicas = len(plans)
-        self.status.nodes = ",".join(dict.fromkeys(d.node for p in plans for d in p.devices))
+        self.status.nodes = ",".join(dict.fromkeys(n for p in plans for n in p.layer_nodes()))
         self.status.split = ",".join(str(x) for x in plans[0].tensor_split)
         self.d.claim, self.d.claim_changed = planning.combined_claim(plans), True
 
@@ -557,7 +557,7 @@ class _Decider:
         # A serving model is checked on its own nodes only, and against the pool's
         # capacity as a whole: building every node's view for every model on every
         # pass would cost more than all the planning.
-        planned_nodes = {d.node for p in current for d in p.devices} if current else None
+        planned_nodes = {n for p in current for n in p.layer_nodes()} if current else None
         view = build_pool_view(pool.spec, s.nodes, s.meshnodes, s.others, s.now, only=planned_nodes)
         reason, message, lost = self._replan_reason(current, count, view, pool)
         if reason is None or reason == "WorkerRestarted":

@@ -41,6 +41,11 @@ Public API::
         -> PlacementResult
         Estimate and time a given layout without searching (baselines, tests).
 
+    host_on_own_node(result, profile, inventory, request) -> PlacementResult
+        A pool's `hostUsesOwnNode`: the plan with its first node's CPU layers run
+        by the host's llama-server itself (`host_tier` with `device` set), no
+        RPC server on that node; the plan unchanged where that does not apply.
+
     layers_for_split(split: Sequence[float], n_device_layers: int)
         -> list[tuple[int, int]]                      llama.cpp's -ts rule
 
@@ -94,6 +99,7 @@ from mesh_operator.planner.placement import (
     ReplicaPlan,
     Strategy,
     evaluate_layout,
+    host_on_own_node,
     plan_placement,
     plan_replicas,
 )
@@ -133,6 +139,7 @@ __all__ = [
     "current_plan_from_api",
     "estimate_memory",
     "evaluate_layout",
+    "host_on_own_node",
     "layers_for_split",
     "parse_inventory",
     "plan_placement",

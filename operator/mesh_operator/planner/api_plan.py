@@ -45,6 +45,7 @@ def planned_host_tier(tier: HostTier | None) -> PlannedHostTier | None:
         moe_layers=tier.moe_layers,
         cpu_layers=tier.cpu_layers,
         memory_mib=mib_ceil(tier.total_bytes),
+        device=tier.device,
     )
 
 
@@ -65,12 +66,23 @@ def to_api_plan(result: PlacementResult) -> Plan:
 
 
 def current_plan_from_api(plan: Plan | None) -> CurrentPlan | None:
-    """The stored plan as the input of the stability rule, or None if empty."""
-    if plan is None or not plan.devices:
+    """The stored plan as the input of the stability rule, or None if empty.
+
+    A tier the host runs on its own node's device (`hostUsesOwnNode`) is that
+    device again, first in the layout: the planner plans and keeps plans without
+    it, and the transform applies after."""
+    if plan is None or not (plan.devices or plan.host_tier):
         return None
     layout = tuple((d.node, d.device, (d.layers[0], d.layers[1])) for d in plan.devices)
     held = tuple(((d.node, d.device), d.total_mib) for d in plan.devices)
     tier = plan.host_tier
+    if tier is not None and tier.device is not None:
+        own = (tier.node, tier.device)
+        layout = ((*own, (0, tier.cpu_layers)), *layout)
+        held = ((own, tier.memory_mib), *held)
+        tier = None
+    if not layout:
+        return None
     return CurrentPlan(
         layout=layout,
         host_node=plan.host_node,

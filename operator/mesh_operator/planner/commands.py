@@ -117,11 +117,14 @@ def _layout(plan: Plan | PlacementResult) -> _Layout:
             tier.cpu_layers if tier else 0,
             tier.moe_layers if tier else 0,
         )
+    planned = plan.host_tier
+    if not plan.devices and planned is not None and planned.device is not None:
+        # The host runs every layer on its own node's CPU: no RPC device at all.
+        return _Layout([], [], 0, planned.cpu_layers, 0)
     if not plan.rpc or not plan.tensor_split or not plan.devices:
         raise PlannerInputError("the plan has no devices")
     first = min(d.layers[0] for d in plan.devices)
     last = max(d.layers[1] for d in plan.devices)
-    planned = plan.host_tier
     cpu = planned.cpu_layers if planned else 0
     if first != cpu:
         raise PlannerInputError(
@@ -165,10 +168,12 @@ def build_llama_server_args(
     if missing:
         raise PlannerInputError(f"no RPC endpoint for node(s) {', '.join(missing)}")
     serving = settings.serving
-    args = [
-        "-m", model_path,
-        "--rpc", ",".join(rpc_endpoints[n] for n in nodes),
-        "-ts", ",".join(str(s) for s in split),
+    args = ["-m", model_path]
+    if nodes:
+        # None when the host runs every layer on its own node's CPU (`-ngl 0`).
+        args += ["--rpc", ",".join(rpc_endpoints[n] for n in nodes)]
+        args += ["-ts", ",".join(str(s) for s in split)]
+    args += [
         "-ngl", str(gpu_layers),
         "-fit", "off",
         "-c", str(serving.ctx),

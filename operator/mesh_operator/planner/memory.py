@@ -246,6 +246,37 @@ def host_buffers(
     return DeviceMemory(profile.input_bytes, logits, compute)
 
 
+def host_layers_buffers(
+    profile: ModelProfile, params: ServingParams, cpu_layers: int, *, n_devices: int
+) -> DeviceMemory:
+    """What the host's CPU holds when it runs layers `[0, cpu_layers)` itself (the
+    output layer too when `cpu_layers` is `n_layer + 1`), beside `n_devices`
+    other devices: those layers' weights (with `-lm none` memory of their own,
+    beside the input layer in the CPU's model buffer; a tied output is the input
+    layer's tensor, not loaded again), their KV, and the CPU's one compute buffer,
+    which the host process has anyway: a device's holding those layers alone plus
+    the embedded input rows (llama.cpp's log: 20.77 MiB for gemma-3-270m with or
+    without a device after it), or the host's own, whichever is larger. The input
+    layer and the output buffer stay the host process's own, as in any plan
+    (`host_buffers`), like a RAM tier's."""
+    n = profile.n_device_layers
+    if not 0 < cpu_layers <= n:
+        raise PlannerInputError(f"cpu layers {cpu_layers} not in 1..{n}")
+    geometry = kv_geometry(profile, params)
+    repeating = range(min(cpu_layers, profile.n_layer))
+    weights = sum(profile.layers[il].weight_bytes for il in repeating)
+    if cpu_layers == n and not profile.tied_output:
+        weights += profile.output_bytes
+    kv = sum(layer_kv_bytes(profile, params, geometry)[: len(repeating)])
+    shape = graph_shape(profile, params, geometry)
+    layers = device_compute_bytes(
+        profile, shape, 0, cpu_layers, first_device=True, last_device=cpu_layers == n, n_devices=1
+    )
+    rows = profile.n_embd * geometry.ubatch * F32
+    own = host_compute_bytes(profile, shape, n_devices=n_devices + 1)
+    return DeviceMemory(weights, kv, max(layers + rows, own))
+
+
 @dataclass(frozen=True)
 class DeviceMemory:
     """One device's three buffers, in bytes."""

@@ -295,3 +295,88 @@ def test_a_draft_moves_the_host_to_the_node_of_the_plan_with_room(
     assert code == 0 and isinstance(report, dict), report
     assert report["hostNode"] == other and report["draft"]["node"] == other
     assert report["devices"] == plain["devices"] and report["rpc"] == plain["rpc"]
+
+
+def _cpu_nodes(*mib: int) -> dict[str, Any]:
+    return {
+        "nodes": [
+            {
+                "name": f"node-{chr(97 + i)}",
+                "rttMs": 0.5,
+                "devices": [
+                    {"id": "CPU", "backend": "cpu", "memoryTotalMiB": m, "memoryFreeMiB": m}
+                ],
+            }
+            for i, m in enumerate(mib)
+        ]
+    }
+
+
+@pytest.mark.parametrize("output", ["json", "table"])
+def test_host_uses_own_node_runs_its_layers_in_the_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], output: str
+) -> None:
+    """Two CPU nodes of 261 MiB, neither holding gemma alone (after the reserve)."""
+    inv = str(_write(tmp_path, _cpu_nodes(261, 261)))
+    model = str(GEMMA_HEADER)
+    code, plain, _ = _plan(capsys, "--model", model, "--inventory", inv, "--ctx", "2048")
+    code_own, own, _ = _plan(
+        capsys, "--model", model, "--inventory", inv, "--ctx", "2048", "--host-uses-own-node",
+        "--output", output,
+    )  # fmt: skip
+    assert code == code_own == 0 and isinstance(plain, dict)
+    assert len(plain["rpc"]) == 2
+    # The host moves to the node of the first layers, the ones llama.cpp gives its CPU.
+    first = plain["devices"][0]
+    host = first["node"]
+    if output == "table":
+        assert isinstance(own, str)
+        assert f"host's own CPU on {host}: layers 0-{first['layers'][1] - 1}" in own
+        other = plain["devices"][1]["node"]
+        assert "--rpc" in own and f"ggml-rpc-server ({other})" in own
+        assert f"ggml-rpc-server ({host})" not in own
+        return
+    assert isinstance(own, dict)
+    assert own["devices"] == plain["devices"][1:] and own["rpc"] == plain["rpc"][1:]
+    assert own["hostNode"] == host
+    tier = own["nodes"][0]
+    assert tier == {
+        "node": host, "vramMiB": 0, "hostTierMiB": tier["hostTierMiB"], "moeLayers": 0,
+        "cpuLayers": first["layers"][1], "hostTierDevice": "CPU",
+    }  # fmt: skip
+    # The same layers and KV; the host's CPU compute buffer instead of the device's.
+    assert 0 < tier["hostTierMiB"] <= first["totalMiB"]
+    assert list(own["args"]["ggml-rpc-server"]) == own["rpc"]
+    server = own["args"]["llama-server"]
+    assert server[server.index("-ngl") + 1] == str(19 - first["layers"][1])
+    assert own["predictedTokenMs"] <= plain["predictedTokenMs"]
+    # A previous output with the option comes back as the plan it was made from.
+    current = tmp_path / "plan.json"
+    current.write_text(json.dumps(own))
+    code, again, _ = _plan(
+        capsys, "--model", model, "--inventory", inv, "--ctx", "2048", "--host-uses-own-node",
+        "--current", str(current),
+    )  # fmt: skip
+    assert code == 0 and isinstance(again, dict)
+    assert again["reason"].startswith("kept the current plan")
+    assert again["nodes"] == own["nodes"] and again["devices"] == own["devices"]
+
+
+def test_host_uses_own_node_on_one_node_has_no_rpc(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inv = str(_write(tmp_path, _cpu_nodes(2048, 261)))
+    code, own, _ = _plan(
+        capsys, "--model", str(GEMMA_HEADER), "--inventory", inv, "--host-uses-own-node"
+    )
+    assert code == 0 and isinstance(own, dict)
+    assert own["devices"] == [] and own["rpc"] == [] and own["args"]["ggml-rpc-server"] == {}
+    server = own["args"]["llama-server"]
+    assert "--rpc" not in server and server[server.index("-ngl") + 1] == "0"
+    assert own["nodes"][0]["cpuLayers"] == 19
+
+
+def test_host_uses_own_node_is_the_pools_with_pool(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["plan", "--model", "m.gguf", "--pool", "p", "--host-uses-own-node"])
+    _, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and "hostUsesOwnNode" in err

@@ -26,10 +26,12 @@ call, the pool's devices, a plan from devices and ranges), `split` (the layer
 dynamic programs), `search` (the branch and bound), `previous` (the beam search
 the branch and bound falls back on when out of budget), `ranking` (the one rule
 between plans, and the stability rule), `ram_tier` (plans with part of the
-model in a host's RAM), `replicas` (several copies of a model on disjoint
+model in a host's RAM), `own_node` (the host running its own node's CPU
+layers itself, a pool's `hostUsesOwnNode`), `replicas` (several copies of a model on disjoint
 nodes), `explain` (the reasons), `plan` (the entry points).
 """
 
+from mesh_operator.planner.placement.own_node import host_on_own_node
 from mesh_operator.planner.placement.plan import evaluate_layout, plan_placement
 from mesh_operator.planner.placement.replicas import ReplicaPlan, plan_replicas
 from mesh_operator.planner.placement.types import (
@@ -58,6 +60,7 @@ __all__ = [
     "ReplicaPlan",
     "Strategy",
     "evaluate_layout",
+    "host_on_own_node",
     "plan_placement",
     "plan_replicas",
 ]

@@ -82,6 +82,11 @@ class HostTier:
     `--n-cpu-moe moe_layers`), and whole layers `[0, cpu_layers)` with their KV
     (`-ngl` short by `cpu_layers`): llama.cpp's first layers, on the host's CPU.
     Experts go first; whole layers only once every layer's experts are in RAM.
+
+    With `device` set, the tier is the host node's own device (its CPU) whose
+    layers the host runs itself (`own_node`): its memory is that device's, not
+    the RAM beyond the node's devices, and `cpu_layers` may be `n_layer + 1`
+    (the output layer too: no device is left).
     """
 
     node: str
@@ -93,6 +98,7 @@ class HostTier:
     free_mib: int  # the node's hostMemoryFreeMiB
     bandwidth_gbps: float
     time_ms: float  # its share of the predicted time per token
+    device: str | None = None  # the host node's device holding it; None: hostMemoryFreeMiB
 
     @property
     def total_bytes(self) -> int:
