@@ -19,14 +19,12 @@ from typing import Any
 
 import pytest
 
-from e2e.llama import post_json, running, start_llama_server, start_rpc_server
+from e2e.llama import post_json, running, start_rpc_server
 from e2e.waiting import free_port
 from mesh_operator.planner import (
     PlacementRequest,
     PlacementResult,
-    ServerSettings,
     ServingParams,
-    build_llama_server_args,
     build_rpc_server_commands,
     estimate_memory,
     evaluate_layout,
@@ -37,6 +35,7 @@ from mesh_operator.planner import (
 )
 from mesh_operator.planner.memory import MIB
 from mesh_operator.planner.profile import ModelProfile
+from tests.integration.logged_host import HELLO, start_logging_host
 from tests.unit.planner.estimate_check import TOLERANCE, BufferCheck
 from tests.unit.planner.llama_log import parse_buffers
 
@@ -130,27 +129,9 @@ def test_host_runs_its_own_nodes_layers(
         workers.append(worker)
         endpoints[node] = worker.address
     with running(*workers):
-        port = free_port()
-        settings = ServerSettings(
-            serving=SERVING,
-            host="127.0.0.1",
-            port=port,
-            metrics=False,
-            threads=1,
-            # -lv 4 makes llama.cpp log its buffers; no warmup keeps the test short.
-            extra_args=("-lv", "4", "--no-warmup"),
-        )
-        args = build_llama_server_args(plan, str(model_file), settings, endpoints)
-        host = start_llama_server(tmp_path, args, port=port)
+        host = start_logging_host(plan, model_file, SERVING, endpoints, tmp_path)
         with running(host):
-            chat = post_json(
-                f"{host.url}/v1/chat/completions",
-                {
-                    "messages": [{"role": "user", "content": "hello there"}],
-                    "max_tokens": 4,
-                    "ignore_eos": True,
-                },
-            )
+            chat = post_json(f"{host.url}/v1/chat/completions", HELLO)
             log = host.log_text()
 
     usage = chat["usage"]

@@ -23,14 +23,11 @@ import pytest
 
 from bench.planner.shapes import write_header_replica
 from e2e import tinymodels
-from e2e.llama import LlamaProcess, post_json, running, start_llama_server
+from e2e.llama import LlamaProcess, post_json, running
 from e2e.llama import start_rpc_server as start_worker
-from e2e.waiting import free_port
 from mesh_operator.planner import (
     PlacementRequest,
     PlacementResult,
-    ServerSettings,
-    build_llama_server_args,
     evaluate_layout,
     layers_for_split,
     parse_inventory,
@@ -40,6 +37,7 @@ from mesh_operator.planner import (
 from mesh_operator.planner.memory import MIB, compute_buffer_bytes, kv_geometry
 from mesh_operator.planner.memory import layer_memory_bytes as layer_bytes
 from mesh_operator.planner.profile import ModelProfile
+from tests.integration.logged_host import start_logging_host
 from tests.unit.planner.estimate_check import TOLERANCE, check_buffers, serving_of
 from tests.unit.planner.llama_log import (
     LOG_DIR,
@@ -198,18 +196,8 @@ def test_estimate_within_tolerance_of_llama_cpp(
     if config.split is None:
         assert plan.rpc == tuple(nodes), plan.reason  # the tight pool needs all three
     endpoints = {node: worker.address for node, worker in zip(nodes, workers, strict=False)}
-    port = free_port()
-    settings = ServerSettings(
-        serving=serving_of(config.record()),
-        host="127.0.0.1",
-        port=port,
-        metrics=False,
-        threads=1,
-        # -lv 4 makes llama.cpp log its buffer sizes; no warmup keeps the test short.
-        extra_args=("-lv", "4", "--no-warmup"),
-    )
-    args = build_llama_server_args(plan, str(model_file), settings, endpoints)
-    host = start_llama_server(tmp_path, args, port=port)
+    serving = serving_of(config.record())
+    host = start_logging_host(plan, model_file, serving, endpoints, tmp_path)
     with running(host):
         if config.split is None:
             reply = post_json(f"{host.url}/completion", {"prompt": "Hello", "n_predict": 4})

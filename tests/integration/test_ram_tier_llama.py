@@ -21,14 +21,12 @@ from typing import Any
 
 import pytest
 
-from e2e.llama import post_json, running, start_llama_server, start_rpc_server
+from e2e.llama import post_json, running, start_rpc_server
 from e2e.waiting import free_port
 from mesh_operator.planner import (
     PlacementRequest,
     PlacementResult,
-    ServerSettings,
     ServingParams,
-    build_llama_server_args,
     build_rpc_server_args,
     parse_inventory,
     plan_placement,
@@ -36,6 +34,7 @@ from mesh_operator.planner import (
 )
 from mesh_operator.planner.memory import MIB
 from mesh_operator.planner.profile import ModelProfile
+from tests.integration.logged_host import HELLO, start_logging_host
 from tests.unit.planner.llama_log import parse_buffers
 
 pytestmark = pytest.mark.integration
@@ -107,27 +106,9 @@ def test_planned_ram_tier_matches_llama_cpp(
     rpc_args = build_rpc_server_args([device.device], host="127.0.0.1", port=rpc_port, cache=False)
     worker = start_rpc_server(tmp_path, port=rpc_port, extra=rpc_args[rpc_args.index("-d") :])
     with running(worker):
-        port = free_port()
-        settings = ServerSettings(
-            serving=SERVING,
-            host="127.0.0.1",
-            port=port,
-            metrics=False,
-            threads=1,
-            # -lv 4 makes llama.cpp log its buffers; no warmup keeps the test short.
-            extra_args=("-lv", "4", "--no-warmup"),
-        )
-        args = build_llama_server_args(plan, str(model), settings, {"node-a": worker.address})
-        host = start_llama_server(tmp_path, args, port=port)
+        host = start_logging_host(plan, model, SERVING, {"node-a": worker.address}, tmp_path)
         with running(host):
-            chat = post_json(
-                f"{host.url}/v1/chat/completions",
-                {
-                    "messages": [{"role": "user", "content": "hello there"}],
-                    "max_tokens": 4,
-                    "ignore_eos": True,
-                },
-            )
+            chat = post_json(f"{host.url}/v1/chat/completions", HELLO)
             log = host.log_text()
 
     usage = chat["usage"]
