@@ -1,7 +1,7 @@
 """Two versions of the gateway side by side: this tree's and a git revision's.
 
     python -m bench gateway_ab [--base REV] [--host standin|llama] [--standin-delay-ms 0]
-                               [--blocks 6] [--probe 30]
+                               [--blocks 6] [--probe 30] [--load CLIENTS]
 
 Both gateways stand in front of the same host (the instant stand-in of
 `bench gateway`, answering at once or after `--standin-delay-ms`, or one
@@ -12,6 +12,10 @@ the same probe as `bench gateway`), the base first in even blocks and this tree
 first in odd ones, so drift on the machine hits both alike. Printed per version
 and kind: the median over the blocks of each block's p50 added latency (first
 token and end to end) and gateway CPU per request, and every block's figure.
+With `--load CLIENTS` (llama-server only), each block also runs the load phase
+of `bench gateway` through each gateway (CLIENTS concurrent streams of 32
+tokens): tokens per second, this tree's over the base's in the same block, and
+gateway CPU per stream.
 
 The base's code is `git archive REV operator` in a temporary directory, run with
 this tree's Python environment. With `--base HEAD` and no change in the tree,
@@ -32,13 +36,14 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from bench.gateway.run import Probe, Target, probe, start_standin
+from bench.gateway.run import Phase, Probe, Target, cpu_seconds, phase, probe, start_standin
 from e2e import parts
 from e2e.gateway import GatewayProcess, llama_args, start_gateway
 from e2e.llama import start_llama_server
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOTS = 8
+LOAD_TOKENS = 32
 
 
 def checkout(rev: str, into: Path) -> Path:
@@ -53,21 +58,51 @@ def checkout(rev: str, into: Path) -> Path:
     return into / "operator"
 
 
+Loads = dict[str, list[tuple[Phase, float]]]
+
+
 async def measure(
-    gateways: dict[str, GatewayProcess], host: str, model: str, blocks: int, count: int
-) -> dict[tuple[str, bool], list[Probe]]:
+    gateways: dict[str, GatewayProcess],
+    host: str,
+    model: str,
+    args: argparse.Namespace,
+) -> tuple[dict[tuple[str, bool], list[Probe]], Loads]:
     names = list(gateways)
     found: dict[tuple[str, bool], list[Probe]] = {(n, s): [] for n in names for s in (False, True)}
-    for block in range(blocks):
+    loads: Loads = {n: [] for n in names}
+    for block in range(args.blocks):
         order = names if block % 2 == 0 else names[::-1]
         for name in order:
-            target = Target(host, gateways[name], model)
+            gateway = gateways[name]
+            if args.load:
+                before = cpu_seconds(gateway.proc.pid)
+                done = await phase(name, gateway.url, args.load, 1, LOAD_TOKENS)
+                cpu = cpu_seconds(gateway.proc.pid) - before
+                loads[name].append((done, cpu * 1000 / max(done.requests, 1)))
+            target = Target(host, gateway, model)
             for stream in (False, True):
                 found[name, stream].append(
-                    await probe(target, count, stream=stream, gateway_first=block % 2 == 1)
+                    await probe(target, args.probe, stream=stream, gateway_first=block % 2 == 1)
                 )
-        print(f"block {block + 1}/{blocks} done", file=sys.stderr, flush=True)
-    return found
+        print(f"block {block + 1}/{args.blocks} done", file=sys.stderr, flush=True)
+    return found, loads
+
+
+def load_report(loads: Loads) -> list[str]:
+    base, this = loads["base"], loads["this tree"]
+    ratios = [t.throughput / b.throughput for (t, _), (b, _) in zip(this, base, strict=True)]
+    lines = [f"load: tokens/s through each gateway, {LOAD_TOKENS}-token streams:"]
+    for name, runs in loads.items():
+        tok_s = statistics.median(p.throughput for p, _ in runs)
+        cpu = statistics.median(c for _, c in runs)
+        errors = sum(p.errors for p, _ in runs)
+        lines.append(
+            f"  {name:<10} {tok_s:>7.1f} tok/s, gateway CPU {cpu:.2f} ms per stream, "
+            f"{errors} errors"
+        )
+    each = ",".join(f"{r:.3f}" for r in ratios)
+    lines.append(f"  this tree / base, per block: median {statistics.median(ratios):.3f} ({each})")
+    return lines
 
 
 def report(found: dict[tuple[str, bool], list[Probe]], blocks: int, count: int) -> str:
@@ -96,7 +131,12 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--probe", type=int, default=30, help="request pairs per probe")
+    parser.add_argument(
+        "--load", type=int, default=0, metavar="CLIENTS", help="also a load phase (llama only)"
+    )
     args = parser.parse_args(argv)
+    if args.load and args.host != "llama":
+        parser.error("--load needs --host llama (the stand-in counts no tokens)")
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mesh-bench-ab-")))
         base_code = checkout(args.base, work / "base")
@@ -116,8 +156,10 @@ def main(argv: list[str]) -> int:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(code), str(ROOT)]))
             gateways[name] = start_gateway(work, flags, access_log=False, env=env)
             stack.callback(gateways[name].stop)
-        found = asyncio.run(measure(gateways, host, "bench", args.blocks, args.probe))
+        found, loads = asyncio.run(measure(gateways, host, "bench", args))
     held = f", answers held {args.standin_delay_ms:g} ms" if args.host == "standin" else ""
     print(f"base: {args.base}; host: {args.host}{held}")
     print(report(found, args.blocks, args.probe))
+    if args.load:
+        print("\n".join(load_report(loads)))
     return 0
