@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 from aiohttp import web
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -61,26 +60,8 @@ USAGE_SCAN_BYTES = 64 * 1024
 REQUEST_ID = "X-Request-Id"
 MAX_REQUEST_ID = 128
 
-# The host could not be reached at all: nothing was sent.
-_CONNECT_ERRORS: tuple[type[Exception], ...] = (
-    aiohttp.ClientConnectorError,
-    aiohttp.ConnectionTimeoutError,
-)
-# The host was reached and the exchange broke.
-_BROKEN_ERRORS: tuple[type[Exception], ...] = (
-    aiohttp.ClientConnectionError,
-    aiohttp.ClientPayloadError,
-    aiohttp.ClientResponseError,
-    upstream.UpstreamError,
-)
-# The host stayed silent past the read timeout (caught before _BROKEN_ERRORS).
-_TIMEOUT_ERRORS: tuple[type[Exception], ...] = (
-    aiohttp.SocketTimeoutError,
-    upstream.ReadTimeoutError,
-)
-
-# A stream that was already flowing broke.
-_CUT_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *_BROKEN_ERRORS)
+# A stream that was already flowing broke (or its host went silent).
+_CUT_ERRORS: tuple[type[Exception], ...] = (upstream.UpstreamError,)
 
 
 class _RetryableError(Exception):
@@ -120,8 +101,7 @@ class Proxy:
     def __init__(
         self,
         router: Router,
-        session: aiohttp.ClientSession,
-        streams: upstream.StreamClient,
+        client: upstream.HostClient,
         *,
         metrics: GatewayMetrics,
         tracer: trace.Tracer,
@@ -129,8 +109,7 @@ class Proxy:
         keys: KeyRing | None = None,
     ) -> None:
         self._router = router
-        self._session = session
-        self._streams = streams
+        self._client = client
         self._metrics = metrics
         self._tracer = tracer
         self._traced = not isinstance(tracer, trace.NoOpTracer)
@@ -312,57 +291,11 @@ class Proxy:
             headers["Accept"] = accept
         if gate.record.upstream_api_key:
             headers["Authorization"] = f"Bearer {gate.record.upstream_api_key}"
-        if stream:
-            return await self._send_stream(
-                request, gate=gate, backend=backend, body=body, headers=headers, x=x
-            )
         try:
             async with _unless_retired(backend):
-                answer = await self._session.post(
-                    backend.url + request.path_qs, data=body, headers=headers
+                answer = await self._client.send(
+                    backend.url, request.path_qs, body, headers, stream=stream
                 )
-        except _CONNECT_ERRORS as exc:
-            raise _RetryableError("connect", _describe(exc), counts=False, host_down=True) from None
-        except aiohttp.SocketTimeoutError:
-            raise self._timed_out(gate, x) from None
-        except _BROKEN_ERRORS as exc:
-            raise _disconnected(exc) from None
-        try:
-            _refuse_loading(answer.status)
-            response = await self._answer_body(
-                request,
-                status=answer.status,
-                content_type=answer.headers.get("Content-Type"),
-                content_length=answer.content_length,
-                chunks=answer.content.iter_chunked(READ_CHUNK).__aiter__(),
-                gate=gate,
-                backend=backend,
-                x=x,
-            )
-        except BaseException:
-            # Abort rather than return the connection to the pool: closing it is
-            # what tells llama-server to stop working on this request.
-            answer.close()
-            raise
-        answer.release()
-        return response
-
-    async def _send_stream(
-        self,
-        request: web.Request,
-        *,
-        gate: ModelGate,
-        backend: Backend,
-        body: bytes,
-        headers: dict[str, str],
-        x: _Exchange,
-    ) -> web.StreamResponse:
-        """A streamed request, on the gateway's own connections (`upstream`):
-        llama-server closes the connection after every stream, so each one
-        needs a new connection, which a spare opened ahead saves."""
-        try:
-            async with _unless_retired(backend):
-                answer = await self._streams.send(backend.url, request.path_qs, body, headers)
         except upstream.ConnectError as exc:
             raise _RetryableError("connect", str(exc), counts=False, host_down=True) from None
         except upstream.ReadTimeoutError:
@@ -371,7 +304,7 @@ class Proxy:
             raise _disconnected(exc) from None
         try:
             _refuse_loading(answer.status)
-            if answer.status == 200 and answer.content_type == EVENT_STREAM:
+            if stream and answer.status == 200 and answer.content_type == EVENT_STREAM:
                 return await self._relay(request, answer=answer, gate=gate, backend=backend, x=x)
             return await self._answer_body(
                 request,
@@ -384,7 +317,8 @@ class Proxy:
                 x=x,
             )
         finally:
-            # Complete: closed; otherwise aborted, which stops llama-server's work.
+            # Read whole: back to the pool (or closed, after a stream). Otherwise
+            # aborted, which is what tells llama-server to stop working on it.
             answer.close()
 
     async def _answer_body(
@@ -416,9 +350,9 @@ class Proxy:
         try:
             async with _unless_retired(backend):
                 size = await read_head()
-        except _TIMEOUT_ERRORS:
+        except upstream.ReadTimeoutError:
             raise self._timed_out(gate, x) from None
-        except _BROKEN_ERRORS as exc:
+        except upstream.UpstreamError as exc:
             raise _disconnected(exc) from None
         head = b"".join(parts)
         x.status = status
@@ -464,7 +398,7 @@ class Proxy:
         self,
         request: web.Request,
         *,
-        answer: upstream.StreamAnswer,
+        answer: upstream.HostAnswer,
         gate: ModelGate,
         backend: Backend,
         x: _Exchange,

@@ -30,12 +30,11 @@ from mesh_operator.gateway.metrics import GatewayMetrics
 from mesh_operator.gateway.proxy import Proxy, error_middleware
 from mesh_operator.gateway.settings import GatewaySettings
 from mesh_operator.gateway.tracing import Tracing, setup_tracing
-from mesh_operator.gateway.upstream import StreamClient
+from mesh_operator.gateway.upstream import IDLE, HostClient
 
 log = logging.getLogger(__name__)
 
 HEALTH_PATH = "/health"
-UPSTREAM_KEEPALIVE = 4.0
 
 
 class Gateway:
@@ -63,13 +62,13 @@ class Gateway:
         self.port = 0
         self.router: Router | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._streams: StreamClient | None = None
+        self._client: HostClient | None = None
         self._runner: web.AppRunner | None = None
 
     @property
-    def streams(self) -> StreamClient | None:
-        """The client of streamed requests (None before `start`)."""
-        return self._streams
+    def client(self) -> HostClient | None:
+        """The client of requests to hosts (None before `start`)."""
+        return self._client
 
     @property
     def url(self) -> str:
@@ -78,19 +77,17 @@ class Gateway:
 
     async def start(self) -> None:
         settings = self.settings
+        # Health probes of hosts only; requests go through `upstream.HostClient`.
+        # Idle connections are dropped before llama-server's own keep-alive
+        # timeout (cpp-httplib: 5 s) would close them under us.
         self._session = aiohttp.ClientSession(
-            # Idle upstream connections are dropped before llama-server's own
-            # keep-alive timeout (cpp-httplib: 5 s) would close them under us.
             connector=aiohttp.TCPConnector(
-                limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE, resolver=self._resolver
+                limit=0, keepalive_timeout=IDLE, resolver=self._resolver
             ),
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
-            ),
-            # Streams pass through byte for byte: ask hosts not to compress.
-            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout),
+            skip_auto_headers=("User-Agent",),
         )
-        self._streams = StreamClient(
+        self._client = HostClient(
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
             resolver=self._resolver,
@@ -108,8 +105,7 @@ class Gateway:
 
         proxy = Proxy(
             self.router,
-            self._session,
-            self._streams,
+            self._client,
             metrics=self.metrics,
             tracer=self.tracing.tracer,
             settings=settings,
@@ -152,8 +148,8 @@ class Gateway:
             await self.keys.stop()
         if self._session is not None:
             await self._session.close()
-        if self._streams is not None:
-            await self._streams.close()
+        if self._client is not None:
+            await self._client.close()
         await asyncio.to_thread(self.tracing.shutdown)
 
     async def _probe(self, url: str) -> bool:

@@ -1,23 +1,26 @@
-"""Streamed requests to a host, on the gateway's own HTTP/1.1 connections.
+"""Requests to hosts, on the gateway's own HTTP/1.1 connections.
 
-llama-server (cpp-httplib) closes the connection after every streamed answer,
-while announcing keep-alive, so every stream needs a new connection. Through
-aiohttp's client, the connect and the client's machinery (per stream and per
-chunk) were most of what a stream cost the gateway. This client writes the
-request itself, reads the answer with a small parser (status line, headers, a
-chunked, sized or until-close body), and keeps one spare connection per host,
-opened in the background once a stream is over (not while its answer is awaited
-on the same event loop), so the next stream need not connect.
+A small client of the gateway's own: it writes each request itself, reads the
+answer with its own parser (status line, headers, a chunked, sized or
+until-close body), keeps one read-timeout timer per connection rather than one
+re-armed on every read, and keeps connections open between requests in one
+pool per host. Through aiohttp's client, its machinery per request and per
+chunk was most of what the gateway cost.
 
-A spare that stays unused for `SPARE_IDLE` seconds is closed and not replaced:
-cpp-httplib drops a connection on which no request came within 5 s, and an idle
-host then holds no connection of the gateway's. (The pinned llama-server runs
-`-np` + 4 HTTP threads, and more on demand, so a spare takes nothing from
-health probes.) A request sent on a spare that the host had closed meanwhile
-(no byte came back) is sent once more on a fresh connection.
+- **Non-streamed requests** are kept alive: a connection whose answer was read
+  whole goes back to the pool for the next request.
+- **Streamed requests** ask for `Connection: close`: llama-server (cpp-httplib)
+  closes the connection after every streamed answer anyway, while announcing
+  keep-alive. So that the next stream need not connect, a spare connection to
+  the same host is opened in the background once a stream is over (not while
+  its answer is awaited on the same event loop), if the pool has none.
 
-Non-streamed requests stay on aiohttp's pooled keep-alive connections, which
-llama-server does keep open.
+A connection idle for `IDLE` seconds is closed and not replaced: cpp-httplib
+drops a connection on which no request came within 5 s, and an idle host then
+holds no connection of the gateway's. (The pinned llama-server runs `-np` + 4
+HTTP threads, and more on demand, so idle connections take nothing from its
+health probes.) A request sent on a kept connection that the host had closed
+meanwhile (no byte came back) is sent once more on a new connection.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver
 
-# An unused spare is closed after this long (cpp-httplib's keep-alive timeout: 5 s).
-SPARE_IDLE = 4.0
+# An idle connection is closed after this long (cpp-httplib's keep-alive timeout: 5 s).
+IDLE = 4.0
 # An answer's status line and headers beyond this are refused.
 MAX_HEAD_BYTES = 64 * 1024
 # Decoded bytes held for a reader that does not keep up, before reading pauses.
@@ -68,13 +71,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class StreamAnswer(asyncio.Protocol):
-    """One connection carrying one exchange: the request sent, the answer read.
+class HostAnswer(asyncio.Protocol):
+    """One connection to a host, and the answer being read on it.
 
     `head()` waits for the status line and headers (`status`, `headers` with
     lower-cased names); `read()` gives what arrived of the body since the last
-    read, without its chunked framing, and b"" at its end; `close()` drops the
-    connection, which tells llama-server to stop generating.
+    read, without its chunked framing, and b"" at its end; `close()` ends the
+    exchange: a connection whose answer is complete may go back to its client's
+    pool, any other is dropped, which tells llama-server to stop generating.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
@@ -94,8 +98,11 @@ class StreamAnswer(asyncio.Protocol):
         self._lost = False
         self._activity = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        # Called once when the exchange is closed (the client opens the next spare).
-        self.on_close: Callable[[], None] | None = None
+        self._keep_alive = False
+        self._close_asked = False
+        # Called once when the exchange is closed; True: the client keeps the
+        # connection for another request.
+        self.on_close: Callable[[HostAnswer], bool] | None = None
         self.status = 0
         self.headers: dict[str, str] = {}
 
@@ -167,10 +174,13 @@ class StreamAnswer(asyncio.Protocol):
         """The whole body has arrived and been read."""
         return self._state == _DONE and not self._pieces
 
-    def send(self, request: bytes) -> None:
+    def send(self, request: bytes, *, close: bool) -> None:
+        """Write `request`; `close`: it asks the host to close the connection after it."""
         assert self._transport is not None
         self._sent = True
+        self._close_asked = close
         self._activity = self._loop.time()
+        self._cancel_timer()
         self._arm_timer()
         self._transport.write(request)
 
@@ -199,18 +209,44 @@ class StreamAnswer(asyncio.Protocol):
         while chunk := await self.read():
             yield chunk
 
+    @property
+    def reusable(self) -> bool:
+        """The answer was read whole and the host keeps the connection open."""
+        transport = self._transport
+        return (
+            self._state == _DONE
+            and self._error is None
+            and not self._pieces
+            and not self._buf
+            and not self._lost
+            and transport is not None
+            and not transport.is_closing()
+            and self._keep_alive
+            and not self._close_asked
+        )
+
+    def reset(self) -> None:
+        """Ready for the next request on this connection (`reusable` first)."""
+        self._state = _HEAD
+        self._sent = False
+        self._received = False
+        self._keep_alive = False
+        self.status = 0
+        self.headers = {}
+
     def close(self) -> None:
-        """Drop the connection: aborted unless the answer is complete."""
+        """End the exchange: the connection goes back to the client's pool if
+        reusable, else it is closed (aborted unless the answer is complete)."""
         self._cancel_timer()
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None and on_close(self):
+            return
         transport = self._transport
         if transport is not None and not transport.is_closing():
             if self._state == _DONE:
                 transport.close()
             else:
                 transport.abort()
-        on_close, self.on_close = self.on_close, None
-        if on_close is not None:
-            on_close()
 
     # -- parsing -------------------------------------------------------------------
 
@@ -233,11 +269,16 @@ class StreamAnswer(asyncio.Protocol):
             headers[name.strip().lower()] = value.strip()
         self.status = int(status[1])
         self.headers = headers
+        self._keep_alive = status[0] == "HTTP/1.1" and (
+            headers.get("connection", "").lower() != "close"
+        )
         if "chunked" in headers.get("transfer-encoding", "").lower():
             self._state = _CHUNK_SIZE
         elif self.content_length is not None:
             self._remaining = self.content_length
-            self._state = _SIZED if self._remaining else _DONE
+            self._state = _SIZED
+            if not self._remaining:
+                self._finish()
         else:
             self._state = _UNTIL_CLOSE
         self._wake()
@@ -246,14 +287,13 @@ class StreamAnswer(asyncio.Protocol):
         data = bytes(self._buf)
         self._buf.clear()
         if self._state == _SIZED:
-            data = data[: self._remaining]
+            if len(data) > self._remaining:
+                raise BrokenError("the host sent more than the answer's Content-Length")
             self._remaining -= len(data)
-            if not self._remaining:
-                self._state = _DONE
         if data:
             self._push(data)
-        elif self._state == _DONE:
-            self._wake()
+        if self._state == _SIZED and not self._remaining:
+            self._finish()
 
     def _read_chunked(self) -> None:
         buf = self._buf
@@ -303,10 +343,15 @@ class StreamAnswer(asyncio.Protocol):
         if out:
             self._push(out[0] if len(out) == 1 else b"".join(out))
         if self._state == _DONE:
-            self._cancel_timer()
-            self._wake()
+            self._finish()
 
     # -- state ---------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        """The whole answer has arrived."""
+        self._state = _DONE
+        self._cancel_timer()
+        self._wake()
 
     def _push(self, data: bytes) -> None:
         self._pieces.append(data)
@@ -321,8 +366,7 @@ class StreamAnswer(asyncio.Protocol):
         if self._state == _DONE or self._error is not None:
             return
         if self._state == _UNTIL_CLOSE:
-            self._state = _DONE
-            self._wake()
+            self._finish()
             return
         if not self._received:
             error: UpstreamError = _ClosedUnusedError("the host closed the connection unanswered")
@@ -378,27 +422,30 @@ class StreamAnswer(asyncio.Protocol):
 
 
 @dataclass
-class _Spare:
-    answer: StreamAnswer
+class _Idle:
+    answer: HostAnswer
     expiry: asyncio.TimerHandle
 
 
 _Key = tuple[str, str, int]
 
 
-def request_bytes(netloc: str, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
-    """A POST with `body`, asking the host to close the connection after it."""
+def request_bytes(
+    netloc: str, path: str, body: bytes, headers: Mapping[str, str], *, close: bool
+) -> bytes:
+    """A POST with `body`; `close`: asking the host to close the connection after it."""
     lines = [f"POST {path} HTTP/1.1", f"Host: {netloc}", f"Content-Length: {len(body)}"]
     for name, value in headers.items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
             raise ValueError(f"header {name!r} has a line break")
         lines.append(f"{name}: {value}")
-    lines.append("Connection: close")
+    if close:
+        lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-class StreamClient:
-    """Sends streamed requests; keeps one spare connection per host."""
+class HostClient:
+    """Sends requests to hosts; keeps idle connections, one pool per host."""
 
     def __init__(
         self,
@@ -406,25 +453,27 @@ class StreamClient:
         connect_timeout: float,
         read_timeout: float,
         resolver: AbstractResolver | None = None,
-        spare_idle: float = SPARE_IDLE,
+        idle: float = IDLE,
     ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._resolver = resolver
-        self._spare_idle = spare_idle
-        self._spares: dict[_Key, _Spare] = {}
+        self._idle_seconds = idle
+        # Idle connections by host, the most recently used last.
+        self._idle: dict[_Key, list[_Idle]] = {}
         self._opening: set[_Key] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
-        # How many streams found a spare waiting, and how many had to connect.
-        self.spares_used = 0
+        # How many requests found an open connection, and how many had to connect.
+        self.reused = 0
         self.connects = 0
 
     async def send(
-        self, url: str, path: str, body: bytes, headers: Mapping[str, str]
-    ) -> StreamAnswer:
-        """Send the request to the host at `url` and wait for the answer's head.
+        self, url: str, path: str, body: bytes, headers: Mapping[str, str], *, stream: bool
+    ) -> HostAnswer:
+        """Send the request to the host at `url` and wait for the answer's head;
+        `stream`: a streamed request, whose connection the host closes after it.
 
         Raises ConnectError (nothing sent), BrokenError or ReadTimeoutError.
         """
@@ -433,59 +482,82 @@ class StreamClient:
         host = parts.hostname or ""
         port = parts.port or (443 if scheme == "https" else 80)
         key = (scheme, host, port)
-        request = request_bytes(parts.netloc.rsplit("@", 1)[-1], path, body, headers)
-        spare = self._take(key)
-        if spare is not None:
-            self.spares_used += 1
+        netloc = parts.netloc.rsplit("@", 1)[-1]
+        request = request_bytes(netloc, path, body, headers, close=stream)
+        while (kept := self._take(key)) is not None:
+            self.reused += 1
             try:
-                return await self._exchange(spare, request, key)
+                return await self._exchange(kept, request, key, close=stream)
             except _ClosedUnusedError:
-                pass  # closed by the host while it waited: once more, on a new one
+                continue  # closed by the host while it was idle: the next, or a new one
         answer = await self._connect(key)
         self.connects += 1
-        return await self._exchange(answer, request, key)
+        return await self._exchange(answer, request, key, close=stream)
 
     async def close(self) -> None:
         self._closed = True
         for task in list(self._tasks):
             task.cancel()
-        for spare in self._spares.values():
-            spare.expiry.cancel()
-            spare.answer.close()
-        self._spares.clear()
+        for pool in self._idle.values():
+            for idle in pool:
+                idle.expiry.cancel()
+                idle.answer.close()
+        self._idle.clear()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    @property
-    def spare_count(self) -> int:
-        return len(self._spares)
+    def idle_count(self, url: str | None = None) -> int:
+        """Idle connections (to the host at `url`, if given)."""
+        if url is None:
+            return sum(len(pool) for pool in self._idle.values())
+        parts = urlsplit(url)
+        scheme = parts.scheme or "http"
+        key = (scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80))
+        return len(self._idle.get(key, ()))
 
     # -- internals -----------------------------------------------------------------
 
-    async def _exchange(self, answer: StreamAnswer, request: bytes, key: _Key) -> StreamAnswer:
+    async def _exchange(
+        self, answer: HostAnswer, request: bytes, key: _Key, *, close: bool
+    ) -> HostAnswer:
         try:
-            answer.send(request)
+            answer.send(request, close=close)
             await answer.head()
         except BaseException:
             answer.close()
             raise
-        # The next spare is opened once this exchange is over, not while its
-        # answer is awaited on the same event loop.
-        answer.on_close = lambda: self._refill(key)
+        answer.on_close = lambda done: self._done(key, done)
         return answer
 
-    def _take(self, key: _Key) -> StreamAnswer | None:
-        spare = self._spares.pop(key, None)
-        if spare is None:
-            return None
-        spare.expiry.cancel()
-        if spare.answer.usable:
-            return spare.answer
-        spare.answer.close()
+    def _done(self, key: _Key, answer: HostAnswer) -> bool:
+        """An exchange is over: keep its connection if it can serve another
+        request (True); otherwise make sure a spare will be waiting."""
+        if not self._closed and answer.reusable:
+            answer.reset()
+            self._keep(key, answer)
+            return True
+        # Opened once this exchange is over, not while its answer was awaited
+        # on the same event loop.
+        self._refill(key)
+        return False
+
+    def _keep(self, key: _Key, answer: HostAnswer) -> None:
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_later(self._idle_seconds, self._expire, key, answer)
+        self._idle.setdefault(key, []).append(_Idle(answer, expiry))
+
+    def _take(self, key: _Key) -> HostAnswer | None:
+        pool = self._idle.get(key)
+        while pool:
+            idle = pool.pop()
+            idle.expiry.cancel()
+            if idle.answer.usable:
+                return idle.answer
+            idle.answer.close()
         return None
 
     def _refill(self, key: _Key) -> None:
-        if self._closed or key in self._spares or key in self._opening:
+        if self._closed or self._idle.get(key) or key in self._opening:
             return
         self._opening.add(key)
         task = asyncio.get_running_loop().create_task(self._open_spare(key))
@@ -499,20 +571,22 @@ class StreamClient:
             return  # the next request finds out and reports it
         finally:
             self._opening.discard(key)
-        if self._closed or key in self._spares:
+        if self._closed:
             answer.close()
             return
-        loop = asyncio.get_running_loop()
-        expiry = loop.call_later(self._spare_idle, self._expire, key, answer)
-        self._spares[key] = _Spare(answer, expiry)
+        self._keep(key, answer)
 
-    def _expire(self, key: _Key, answer: StreamAnswer) -> None:
-        spare = self._spares.get(key)
-        if spare is not None and spare.answer is answer:
-            del self._spares[key]
-            answer.close()
+    def _expire(self, key: _Key, answer: HostAnswer) -> None:
+        pool = self._idle.get(key, [])
+        for index, idle in enumerate(pool):
+            if idle.answer is answer:
+                del pool[index]
+                answer.close()
+                break
+        if not pool:
+            self._idle.pop(key, None)
 
-    async def _connect(self, key: _Key) -> StreamAnswer:
+    async def _connect(self, key: _Key) -> HostAnswer:
         scheme, host, port = key
         loop = asyncio.get_running_loop()
         tls = self._tls() if scheme == "https" else None
@@ -520,7 +594,7 @@ class StreamClient:
             async with asyncio.timeout(self._connect_timeout):
                 address = await self._address(host, port)
                 _, answer = await loop.create_connection(
-                    lambda: StreamAnswer(loop, self._read_timeout),
+                    lambda: HostAnswer(loop, self._read_timeout),
                     address,
                     port,
                     ssl=tls,

@@ -169,17 +169,18 @@ def test_stream_is_relayed_chunk_by_chunk() -> None:
 
 
 def test_answers_reuse_one_upstream_connection_and_streams_take_their_own() -> None:
-    """Non-streamed requests share a kept-alive connection to the host; a stream gets
-    a connection of its own, as llama-server closes it after every stream, and
-    after the first stream it is a spare opened ahead."""
+    """Non-streamed requests share a kept-alive connection to the host; a stream
+    ends its connection, as llama-server closes it after every stream, and a
+    spare is then opened for the next request: after the first request, every
+    one finds an open connection."""
 
     async def scenario() -> None:
         async with (
             hosts() as [host],
             gateway(SettableSource([record("gemma", [host.url])])) as (gw, client),
         ):
-            streams = gw.streams
-            assert streams is not None
+            upstream = gw.client
+            assert upstream is not None
             for _ in range(5):
                 async with client.post("/v1/chat/completions", json=CHAT) as resp:
                     assert await resp.read() == RECORDED_CHAT
@@ -187,14 +188,17 @@ def test_answers_reuse_one_upstream_connection_and_streams_take_their_own() -> N
             for _ in range(3):
                 async with client.post("/v1/chat/completions", json=STREAM) as resp:
                     assert await resp.read() == STREAMED
-                await wait_for(lambda: streams.spare_count == 1)
-            assert len(set(host.connections[5:])) == 3
-            assert (streams.connects, streams.spares_used) == (1, 2)
+                await wait_for(lambda: upstream.idle_count() == 1)
+            streams = host.connections[5:]
+            assert len(set(streams)) == 3
+            # The first stream took the connection the answers had kept alive.
+            assert streams[0] == host.connections[0]
             # After the streams, answers share one kept-alive connection again.
             for _ in range(3):
                 async with client.post("/v1/chat/completions", json=CHAT) as resp:
                     assert await resp.read() == RECORDED_CHAT
             assert len(set(host.connections[8:])) == 1
+            assert (upstream.connects, upstream.reused) == (1, 10)
 
     run(scenario())
 

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from mesh_operator.gateway import upstream
-from mesh_operator.gateway.upstream import StreamClient, request_bytes
+from mesh_operator.gateway.upstream import HostClient, request_bytes
 from tests.unit.gateway.fakes import run, wait_for
 
 pytestmark = pytest.mark.unit
@@ -86,10 +86,8 @@ async def host(make: Callable[[Server], Handler]) -> AsyncIterator[Server]:
 
 
 @asynccontextmanager
-async def client(
-    read_timeout: float = 10.0, spare_idle: float = 4.0
-) -> AsyncIterator[StreamClient]:
-    streams = StreamClient(connect_timeout=2.0, read_timeout=read_timeout, spare_idle=spare_idle)
+async def client(read_timeout: float = 10.0, idle: float = 4.0) -> AsyncIterator[HostClient]:
+    streams = HostClient(connect_timeout=2.0, read_timeout=read_timeout, idle=idle)
     try:
         yield streams
     finally:
@@ -116,7 +114,7 @@ def answering(answer: bytes, pieces: int = 1, seed: int = 0) -> Callable[[Server
     return make
 
 
-async def body_of(answer: upstream.StreamAnswer) -> bytes:
+async def body_of(answer: upstream.HostAnswer) -> bytes:
     return b"".join([chunk async for chunk in answer.chunks()])
 
 
@@ -127,7 +125,7 @@ def test_a_chunked_stream_is_read_whatever_the_cuts(pieces: int) -> None:
 
     async def scenario() -> None:
         async with host(answering(STREAM_ANSWER, pieces, seed=pieces)) as server, client() as c:
-            answer = await c.send(server.url, "/v1/chat/completions", b"{}", {})
+            answer = await c.send(server.url, "/v1/chat/completions", b"{}", {}, stream=True)
             assert answer.status == 200
             assert answer.content_type == "text/event-stream"
             assert await body_of(answer) == BODY
@@ -145,12 +143,12 @@ def test_sized_and_until_close_bodies() -> None:
 
     async def scenario() -> None:
         async with host(answering(sized + b'{"e":1}', 4)) as server, client() as c:
-            answer = await c.send(server.url, "/v1/completions", b"{}", {})
+            answer = await c.send(server.url, "/v1/completions", b"{}", {}, stream=True)
             assert (answer.status, answer.content_length) == (400, 7)
             assert await body_of(answer) == b'{"e":1}'
             answer.close()
         async with host(answering(until_close + b"oops, all of it", 3)) as server, client() as c:
-            answer = await c.send(server.url, "/v1/completions", b"{}", {})
+            answer = await c.send(server.url, "/v1/completions", b"{}", {}, stream=True)
             assert answer.status == 500
             assert answer.content_length is None
             assert await body_of(answer) == b"oops, all of it"
@@ -158,30 +156,149 @@ def test_sized_and_until_close_bodies() -> None:
     run(scenario())
 
 
-def test_the_request_is_a_post_that_asks_to_close() -> None:
+def test_a_streamed_request_asks_to_close_and_a_whole_one_does_not() -> None:
     async def scenario() -> None:
+        headers = {"Content-Type": "application/json", "Authorization": "Bearer k"}
+        path = "/v1/chat/completions?x=1"
         async with host(answering(STREAM_ANSWER)) as server, client() as c:
-            headers = {"Content-Type": "application/json", "Authorization": "Bearer k"}
-            answer = await c.send(server.url, "/v1/chat/completions?x=1", b'{"a": 1}', headers)
+            answer = await c.send(server.url, path, b'{"a": 1}', headers, stream=True)
             await body_of(answer)
             answer.close()
-        assert server.requests == [
-            request_bytes(
-                f"127.0.0.1:{server.port}", "/v1/chat/completions?x=1", b'{"a": 1}', headers
-            )
-        ]
+            netloc = f"127.0.0.1:{server.port}"
+            assert server.requests == [
+                request_bytes(netloc, path, b'{"a": 1}', headers, close=True)
+            ]
         request = server.requests[0]
         assert request.startswith(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\n")
         assert b"\r\nConnection: close\r\n" in request
         assert b"\r\nContent-Length: 8\r\n" in request
         assert request.endswith(b'\r\n\r\n{"a": 1}')
+        whole = request_bytes("h:1", "/v1/completions", b"{}", headers, close=False)
+        assert b"Connection:" not in whole
+
+    run(scenario())
+
+
+SIZED = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+def keeping(answer: bytes) -> Callable[[Server], Handler]:
+    """A handler that answers every request on its connection with `answer`."""
+
+    def make(server: Server) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while not reader.at_eof():
+                try:
+                    await server.read_request(reader)
+                except asyncio.IncompleteReadError:
+                    return
+                writer.write(answer)
+                await writer.drain()
+
+        return handle
+
+    return make
+
+
+def test_whole_answers_reuse_one_connection() -> None:
+    async def scenario() -> None:
+        async with host(keeping(SIZED)) as server, client() as c:
+            for _ in range(4):
+                answer = await c.send(server.url, "/v1/completions", b"{}", {}, stream=False)
+                assert await body_of(answer) == b"{}"
+                answer.close()
+                assert c.idle_count(server.url) == 1
+            assert (server.accepted, len(server.requests)) == (1, 4)
+            assert (c.connects, c.reused) == (1, 3)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n",
+    ],
+)
+def test_an_answer_that_closes_is_not_reused(head: bytes) -> None:
+    async def scenario() -> None:
+        async with host(keeping(head + b"{}")) as server, client() as c:
+            for _ in range(2):
+                answer = await c.send(server.url, "/v1/completions", b"{}", {}, stream=False)
+                assert await body_of(answer) == b"{}"
+                answer.close()
+                # The spare opened instead is the next request's.
+                await wait_for(lambda: c.idle_count() == 1)
+            assert server.accepted == 3
+            assert c.connects == 1
+
+    run(scenario())
+
+
+def test_an_answer_left_unread_is_not_reused() -> None:
+    """A client gone mid-answer: the connection is dropped, not handed on."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n"
+
+    def make(server: Server) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while not reader.at_eof():
+                await server.read_request(reader)
+                writer.write(head + b"x" * 10)
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.write(b"x" * 10)
+                await writer.drain()
+
+        return handle
+
+    async def scenario() -> None:
+        async with host(make) as server, client() as c:
+            answer = await c.send(server.url, "/v1/embeddings", b"{}", {}, stream=False)
+            assert await answer.read() == b"x" * 10
+            answer.close()
+            await wait_for(lambda: c.idle_count() == 1)  # a spare, not this one
+            answer = await c.send(server.url, "/v1/embeddings", b"{}", {}, stream=False)
+            assert await body_of(answer) == b"x" * 20
+            answer.close()
+            assert server.accepted == 2
+
+    run(scenario())
+
+
+def test_an_idle_connection_the_host_closed_is_skipped() -> None:
+    """cpp-httplib drops a connection idle for 5 s: the next request goes on a
+    new one, without an error."""
+
+    def make(server: Server) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(SIZED)
+            await writer.drain()
+            if server.accepted == 1:
+                await asyncio.sleep(0.05)
+                return  # closes the kept connection while it idles
+            await keeping(SIZED)(server)(reader, writer)
+
+        return handle
+
+    async def scenario() -> None:
+        async with host(make) as server, client() as c:
+            answer = await c.send(server.url, "/v1/completions", b"{}", {}, stream=False)
+            assert await body_of(answer) == b"{}"
+            answer.close()
+            await asyncio.sleep(0.3)
+            answer = await c.send(server.url, "/v1/completions", b"{}", {}, stream=False)
+            assert await body_of(answer) == b"{}"
+            answer.close()
+            assert (server.accepted, c.connects) == (2, 2)
 
     run(scenario())
 
 
 def test_a_header_with_a_line_break_is_refused() -> None:
     with pytest.raises(ValueError, match="line break"):
-        request_bytes("h:1", "/", b"", {"Accept": "text/plain\r\nX-Evil: 1"})
+        request_bytes("h:1", "/", b"", {"Accept": "text/plain\r\nX-Evil: 1"}, close=False)
 
 
 def test_the_next_stream_takes_a_spare_opened_after_the_last_one() -> None:
@@ -191,12 +308,12 @@ def test_the_next_stream_takes_a_spare_opened_after_the_last_one() -> None:
     async def scenario() -> None:
         async with host(answering(STREAM_ANSWER)) as server, client() as c:
             for number in range(3):
-                answer = await c.send(server.url, "/v1/chat/completions", b"{}", {})
+                answer = await c.send(server.url, "/v1/chat/completions", b"{}", {}, stream=True)
                 assert await body_of(answer) == BODY
                 answer.close()
-                await wait_for(lambda: c.spare_count == 1)
+                await wait_for(lambda: c.idle_count() == 1)
                 assert server.accepted == number + 2
-            assert (c.connects, c.spares_used) == (1, 2)
+            assert (c.connects, c.reused) == (1, 2)
             assert len(server.requests) == 3
 
     run(scenario())
@@ -216,13 +333,13 @@ def test_an_unused_spare_is_closed_and_not_replaced() -> None:
         return handle
 
     async def scenario() -> None:
-        async with host(make) as server, client(spare_idle=0.2) as c:
-            answer = await c.send(server.url, "/v1/chat/completions", b"{}", {})
+        async with host(make) as server, client(idle=0.2) as c:
+            answer = await c.send(server.url, "/v1/chat/completions", b"{}", {}, stream=True)
             await body_of(answer)
             answer.close()
-            await wait_for(lambda: c.spare_count == 1)
+            await wait_for(lambda: c.idle_count() == 1)
             await wait_for(lambda: closed == [True])
-            assert c.spare_count == 0
+            assert c.idle_count() == 0
             await asyncio.sleep(0.3)
             assert server.accepted == 2
 
@@ -246,11 +363,11 @@ def test_a_spare_the_host_closed_unanswered_is_replaced_by_a_new_connection() ->
     async def scenario() -> None:
         async with host(make) as server, client() as c:
             for _ in range(2):
-                answer = await c.send(server.url, "/v1/chat/completions", b"{}", {})
+                answer = await c.send(server.url, "/v1/chat/completions", b"{}", {}, stream=True)
                 assert await body_of(answer) == BODY
                 answer.close()
-                await wait_for(lambda: c.spare_count == 1)
-            assert (c.connects, c.spares_used) == (2, 1)
+                await wait_for(lambda: c.idle_count() == 1)
+            assert (c.connects, c.reused) == (2, 1)
             assert len(server.requests) == 3
 
     run(scenario())
@@ -266,7 +383,7 @@ def test_a_host_closing_a_fresh_connection_unanswered_is_an_error() -> None:
     async def scenario() -> None:
         async with host(make) as server, client() as c:
             with pytest.raises(upstream.BrokenError, match="unanswered"):
-                await c.send(server.url, "/v1/chat/completions", b"{}", {})
+                await c.send(server.url, "/v1/chat/completions", b"{}", {}, stream=True)
 
     run(scenario())
 
@@ -277,7 +394,7 @@ def test_a_refused_connection_is_a_connect_error() -> None:
             url = server.url
         async with client() as c:
             with pytest.raises(upstream.ConnectError, match="cannot connect"):
-                await c.send(url, "/v1/chat/completions", b"{}", {})
+                await c.send(url, "/v1/chat/completions", b"{}", {}, stream=True)
 
     run(scenario())
 
@@ -301,9 +418,9 @@ def test_a_host_silent_past_the_read_timeout() -> None:
     async def scenario() -> None:
         async with host(make(b"")) as server, client(read_timeout=0.2) as c:
             with pytest.raises(upstream.ReadTimeoutError):
-                await c.send(server.url, "/v1/chat/completions", b"{}", {})
+                await c.send(server.url, "/v1/chat/completions", b"{}", {}, stream=True)
         async with host(make(first_chunk)) as server, client(read_timeout=0.2) as c:
-            answer = await c.send(server.url, "/v1/chat/completions", b"{}", {})
+            answer = await c.send(server.url, "/v1/chat/completions", b"{}", {}, stream=True)
             assert await answer.read() == EVENTS[0]
             with pytest.raises(upstream.ReadTimeoutError):
                 await answer.read()
@@ -326,7 +443,7 @@ def test_broken_answers(answer: bytes, match: str) -> None:
     async def scenario() -> None:
         async with host(answering(answer)) as server, client() as c:
             with pytest.raises(upstream.BrokenError, match=match):
-                got = await c.send(server.url, "/v1/chat/completions", b"{}", {})
+                got = await c.send(server.url, "/v1/chat/completions", b"{}", {}, stream=True)
                 await body_of(got)
 
     run(scenario())
@@ -338,7 +455,7 @@ def test_an_oversized_head_is_refused() -> None:
     async def scenario() -> None:
         async with host(answering(answer, 8)) as server, client() as c:
             with pytest.raises(upstream.BrokenError, match="head is over"):
-                await c.send(server.url, "/v1/chat/completions", b"{}", {})
+                await c.send(server.url, "/v1/chat/completions", b"{}", {}, stream=True)
 
     run(scenario())
 
@@ -358,7 +475,7 @@ def test_closing_before_the_end_aborts_the_connection() -> None:
 
     async def scenario() -> None:
         async with host(make) as server, client() as c:
-            answer = await c.send(server.url, "/v1/chat/completions", b"{}", {})
+            answer = await c.send(server.url, "/v1/chat/completions", b"{}", {}, stream=True)
             assert await answer.read() == EVENTS[0]
             answer.close()
             await wait_for(lambda: seen == [b""])
