@@ -15,7 +15,6 @@ KV, its output buffer and its one compute buffer.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -36,6 +35,7 @@ from mesh_operator.planner import (
 from mesh_operator.planner.memory import MIB
 from mesh_operator.planner.profile import ModelProfile
 from tests.integration.logged_host import HELLO, start_logging_host
+from tests.unit.planner.builders import cpu_nodes
 from tests.unit.planner.estimate_check import TOLERANCE, BufferCheck
 from tests.unit.planner.llama_log import parse_buffers
 
@@ -47,29 +47,14 @@ REQUEST = PlacementRequest(serving=SERVING, reserve_percent=10)
 CASES = {"two-nodes": (261, 261), "even-split": (1024, 1024), "one-node": (2048,)}
 
 
-def _inventory(*mib: int) -> dict[str, Any]:
-    return {
-        "nodes": [
-            {
-                "name": f"node-{chr(97 + i)}",
-                "rttMs": 0.1,
-                "devices": [
-                    {"id": "CPU", "backend": "cpu", "memoryTotalMiB": m, "memoryFreeMiB": m}
-                ],
-            }
-            for i, m in enumerate(mib)
-        ]
-    }
-
-
 def _plan(profile: ModelProfile, case: str) -> PlacementResult:
     if case == "even-split":
         # Half the layers each, with KV on both sides.
-        inventory = parse_inventory(_inventory(1024, 1024))
+        inventory = parse_inventory(cpu_nodes(1024, 1024, rtt=0.1))
         layout = [("node-a", "CPU", (0, 10)), ("node-b", "CPU", (10, 19))]
         plan = evaluate_layout(profile, inventory, layout, REQUEST, host_node="node-a")
     else:
-        inventory = parse_inventory(_inventory(*CASES[case]))
+        inventory = parse_inventory(cpu_nodes(*CASES[case], rtt=0.1))
         plan = plan_placement(profile, inventory, REQUEST)
     return host_on_own_node(plan, profile, inventory, REQUEST)
 

@@ -113,6 +113,21 @@ def inventory(*nodes: dict[str, Any]) -> Inventory:
     return parse_inventory({"nodes": list(nodes)})
 
 
+def cpu_nodes(*mib: int, rtt: float = 0.5) -> dict[str, Any]:
+    """An inventory (as `mesh plan --inventory` reads it) of CPU-only nodes
+    node-a, node-b, ... with `mib` each, their bandwidth left to the default."""
+    return {
+        "nodes": [
+            node(
+                f"node-{chr(97 + i)}",
+                {"id": "CPU", "backend": "cpu", "memoryTotalMiB": m, "memoryFreeMiB": m},
+                rtt=rtt,
+            )
+            for i, m in enumerate(mib)
+        ]
+    }
+
+
 def _string(text: str) -> bytes:
     raw = text.encode()
     return struct.pack("<Q", len(raw)) + raw

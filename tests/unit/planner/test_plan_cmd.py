@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from mesh_operator.cli.main import main
-from tests.unit.planner.builders import raw_gguf
+from tests.unit.planner.builders import cpu_nodes, raw_gguf
 from tests.unit.planner.llama_log import GEMMA_HEADER, MODEL_HEADERS
 
 pytestmark = pytest.mark.unit
@@ -297,27 +297,12 @@ def test_a_draft_moves_the_host_to_the_node_of_the_plan_with_room(
     assert report["devices"] == plain["devices"] and report["rpc"] == plain["rpc"]
 
 
-def _cpu_nodes(*mib: int) -> dict[str, Any]:
-    return {
-        "nodes": [
-            {
-                "name": f"node-{chr(97 + i)}",
-                "rttMs": 0.5,
-                "devices": [
-                    {"id": "CPU", "backend": "cpu", "memoryTotalMiB": m, "memoryFreeMiB": m}
-                ],
-            }
-            for i, m in enumerate(mib)
-        ]
-    }
-
-
 @pytest.mark.parametrize("output", ["json", "table"])
 def test_host_uses_own_node_runs_its_layers_in_the_host(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], output: str
 ) -> None:
     """Two CPU nodes of 261 MiB, neither holding gemma alone (after the reserve)."""
-    inv = str(_write(tmp_path, _cpu_nodes(261, 261)))
+    inv = str(_write(tmp_path, cpu_nodes(261, 261)))
     model = str(GEMMA_HEADER)
     code, plain, _ = _plan(capsys, "--model", model, "--inventory", inv, "--ctx", "2048")
     code_own, own, _ = _plan(
@@ -365,7 +350,7 @@ def test_host_uses_own_node_runs_its_layers_in_the_host(
 def test_host_uses_own_node_on_one_node_has_no_rpc(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    inv = str(_write(tmp_path, _cpu_nodes(2048, 261)))
+    inv = str(_write(tmp_path, cpu_nodes(2048, 261)))
     code, own, _ = _plan(
         capsys, "--model", str(GEMMA_HEADER), "--inventory", inv, "--host-uses-own-node"
     )
