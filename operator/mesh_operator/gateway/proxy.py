@@ -60,9 +60,6 @@ USAGE_SCAN_BYTES = 64 * 1024
 REQUEST_ID = "X-Request-Id"
 MAX_REQUEST_ID = 128
 
-# A stream that was already flowing broke (or its host went silent).
-_CUT_ERRORS: tuple[type[Exception], ...] = (upstream.UpstreamError,)
-
 
 class _RetryableError(Exception):
     """This send failed before the client saw anything; try again."""
@@ -381,7 +378,7 @@ class Proxy:
             async for chunk in chunks:
                 await response.write(chunk)
                 tail = (tail + chunk)[-USAGE_SCAN_BYTES:]
-        except _CUT_ERRORS as exc:
+        except upstream.UpstreamError as exc:
             # Too late to retry: the client gets a short body and a closed connection.
             self._metrics.upstream_errors.labels(gate.key, "stream_broken").inc()
             x.status = 502
@@ -437,7 +434,7 @@ class Proxy:
             while not answer.at_eof:
                 try:
                     chunk = await answer.read()
-                except _CUT_ERRORS as exc:
+                except upstream.UpstreamError as exc:
                     # Bytes already reached the client: no retry. End the stream
                     # with an error event so the client knows it was cut short.
                     self._metrics.upstream_errors.labels(gate.key, "stream_broken").inc()

@@ -430,6 +430,13 @@ class _Idle:
 _Key = tuple[str, str, int]
 
 
+def _key_of(url: str) -> _Key:
+    """A host's pool: (scheme, host, port) of its URL."""
+    parts = urlsplit(url)
+    scheme = parts.scheme or "http"
+    return scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80)
+
+
 def request_bytes(
     netloc: str, path: str, body: bytes, headers: Mapping[str, str], *, close: bool
 ) -> bytes:
@@ -477,12 +484,8 @@ class HostClient:
 
         Raises ConnectError (nothing sent), BrokenError or ReadTimeoutError.
         """
-        parts = urlsplit(url)
-        scheme = parts.scheme or "http"
-        host = parts.hostname or ""
-        port = parts.port or (443 if scheme == "https" else 80)
-        key = (scheme, host, port)
-        netloc = parts.netloc.rsplit("@", 1)[-1]
+        key = _key_of(url)
+        netloc = urlsplit(url).netloc.rsplit("@", 1)[-1]
         request = request_bytes(netloc, path, body, headers, close=stream)
         while (kept := self._take(key)) is not None:
             self.reused += 1
@@ -510,10 +513,7 @@ class HostClient:
         """Idle connections (to the host at `url`, if given)."""
         if url is None:
             return sum(len(pool) for pool in self._idle.values())
-        parts = urlsplit(url)
-        scheme = parts.scheme or "http"
-        key = (scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80))
-        return len(self._idle.get(key, ()))
+        return len(self._idle.get(_key_of(url), ()))
 
     # -- internals -----------------------------------------------------------------
 
