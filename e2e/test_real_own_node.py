@@ -24,6 +24,7 @@ from e2e.realcluster import (
     MODEL_POD_SECURITY,
     OUTSIDE,
     POOL_NODES,
+    Model,
     RealCluster,
     SharedRealCluster,
     example_model,
@@ -41,16 +42,10 @@ Obj = dict[str, Any]
 POOL = "own"
 NAMESPACE = "own"
 MODEL = "gemma-own"
+OWN = Model(MODEL, NAMESPACE)
 CLIENT = "own-chat"
 # With this much of each node's memory the model needs two nodes (as in test_real_rtt).
 DEVICE_CAP_MIB = 300
-
-
-def ready(mesh: RealCluster) -> Obj | None:
-    obj: Obj = mesh.get("meshmodel", MODEL, "-n", NAMESPACE) or {}
-    conditions = (obj.get("status") or {}).get("conditions", [])
-    is_ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-    return obj if is_ready else None
 
 
 def pods_of(mesh: RealCluster, component: str) -> list[Obj]:
@@ -85,7 +80,7 @@ def test_the_host_runs_its_own_nodes_layers_and_one_worker_the_rest(
 ) -> None:
     mesh = own_node_model
     report = functools.partial(model_report, mesh, NAMESPACE, MODEL)
-    obj = wait_for(f"{NAMESPACE}/{MODEL} Ready", lambda: ready(mesh), timeout=600, explain=report)
+    obj = wait_for(f"{NAMESPACE}/{MODEL} Ready", lambda: mesh.ready(OWN), 600, explain=report)
     plan = obj["status"]["plan"]
     host_node = plan["hostNode"]
     tier = plan.get("hostTier") or {}
