@@ -36,6 +36,7 @@ from mesh_operator.handlers.decision import (
     ModelSnapshot,
     child_digest,
     decide,
+    workers_ready_message,
 )
 from mesh_operator.handlers.snapshot import STALE_SELECTOR, PodInfo, PoolInfo
 from mesh_operator.ledger import NodeInfo, build_pool_view, capacity_steps
@@ -1177,3 +1178,15 @@ def test_a_replica_that_is_not_serving_is_changed_at_once_and_the_serving_one_wa
     assert ChildRef("apps/v1", "Deployment", "big-host") in d.deferred
     assert d.status.rolling_replicas == [0]
     assert "RollingUpdate" not in event_reasons(d)
+
+
+@pytest.mark.parametrize(
+    ("servers", "message"),
+    [
+        (0, "no RPC servers: each host runs every layer itself"),
+        (1, "1 RPC server ready"),
+        (4, "4 RPC servers ready"),
+    ],
+)
+def test_workers_ready_message(servers: int, message: str) -> None:
+    assert workers_ready_message(servers) == message

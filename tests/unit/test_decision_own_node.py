@@ -25,6 +25,7 @@ from tests.unit.test_decision import (
     NOW,
     SPEC,
     conditions,
+    conditions_message,
     existing,
     host_deployment,
     kinds,
@@ -149,6 +150,9 @@ def test_one_node_is_a_host_alone() -> None:
     assert plan.host_tier.cpu_layers == PROFILE.n_device_layers
     assert "DaemonSet" not in kinds(d.children)
     assert conditions(d)["WorkersReady"][0] == "True"
+    assert conditions_message(d, "WorkersReady") == (
+        "no RPC servers: each host runs every layer itself"
+    )
     assert host_deployment(d)["spec"]["replicas"] == 1, "no worker to wait for"
     args = host_container(d)["args"]
     assert "--rpc" not in args and "-ts" not in args and flag(args, "-ngl") == "0"

@@ -941,7 +941,7 @@ class _Decider:
             waiting = f"waiting for RPC servers on {', '.join(missing)}"
             self.cond(WORKERS_READY, "False", "WorkersStarting", waiting)
         else:
-            self.cond(WORKERS_READY, "True", "WorkersReady", f"{total} RPC servers ready")
+            self.cond(WORKERS_READY, "True", "WorkersReady", workers_ready_message(total))
         # The Service selects every replica's host: requests go to each ready one.
         self._want(with_hash(build_service(first)))
         self._want(with_hash(build_network_policy(first, self.s.peers)))
@@ -1167,6 +1167,14 @@ def _wake_reason(
     if since is not None and demand.last_active > since:
         return "requests arrived at the gateways"
     return None
+
+
+def workers_ready_message(servers: int) -> str:
+    """WorkersReady's message once every RPC server of every replica is up: a plan
+    whose host runs every layer itself (`hostUsesOwnNode` on one node) has none."""
+    if servers == 0:
+        return "no RPC servers: each host runs every layer itself"
+    return f"{servers} RPC server{'s' if servers > 1 else ''} ready"
 
 
 def restart_key(replica: int, pod: str) -> str:
