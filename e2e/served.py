@@ -1,23 +1,24 @@
 """What the real-node tests of a served model read: the gateway's address, a
 model's plans, a host's token count and one chat completion from a client pod.
 
-Test infrastructure, shared by e2e/test_real_replicas.py,
-e2e/test_real_scale_to_zero.py and e2e/test_real_autoscaling.py on the session's
-installation (`e2e.realcluster`).
+Test infrastructure, shared by the real-node tests of replicas, scale to zero
+and autoscaling on the session's installation (`e2e.realcluster`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from e2e.realcluster import OUTSIDE, RealCluster
+from e2e.realcluster import MODELS, OUTSIDE, RealCluster, mesh_image, restricted_pod
 from e2e.scenario import NAMESPACE as RELEASE_NAMESPACE
-from e2e.scenario import REPO
+from e2e.scenario import REPO, SYSTEM_NODE
 from e2e.waiting import wait_for
+from mesh_operator.api.contract import COMPONENT_LABEL, HOST_COMPONENT, MODEL_LABEL, REPLICA_LABEL
 from mesh_operator.api.meshpool import MeshPoolStatus
 
 Obj = dict[str, Any]
@@ -57,6 +58,36 @@ out['seconds'] = time.monotonic() - started
 print(json.dumps(out), flush=True)
 """
 
+# Chat completions through the gateway until the pod is deleted, one line per
+# answer: `ok <thread> <unix time sent> <seconds>` or the same with `fail` and
+# the error. Each thread sends one request after the other.
+LOOP_SCRIPT = """
+import json, sys, threading, time, urllib.request
+url, model, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lock = threading.Lock()
+def loop(thread):
+    while True:
+        started = time.time()
+        body = {'model': model, 'max_tokens': 4,
+                'messages': [{'role': 'user', 'content': 'Say yes.'}]}
+        request = urllib.request.Request(url, json.dumps(body).encode(),
+                                         {'Content-Type': 'application/json'})
+        try:
+            with urllib.request.urlopen(request, timeout=300) as answer:
+                json.loads(answer.read())['choices'][0]['message']['content']
+            line = f'ok {thread} {started:.3f} {time.time() - started:.3f}'
+        except Exception as exc:
+            took = time.time() - started
+            line = f'fail {thread} {started:.3f} {took:.3f} {type(exc).__name__}: {exc}'
+        with lock:
+            print(line, flush=True)
+        time.sleep(0.2)
+for thread in range(threads):
+    threading.Thread(target=loop, args=(thread,), daemon=True).start()
+while True:
+    time.sleep(60)
+"""
+
 # One URL's body, fetched from inside the gateway pod: the models' NetworkPolicies
 # admit the gateway to the hosts' port.
 FETCH_SCRIPT = """
@@ -83,6 +114,25 @@ def plans(status: Obj) -> dict[int, Obj]:
 
 def plan_nodes(plan: Obj) -> set[str]:
     return {d["node"] for d in plan["devices"]} | {plan["hostNode"]}
+
+
+def shared_models_serving_off(mesh: RealCluster, nodes: set[str]) -> bool:
+    """The session's models Ready, each planned on nodes other than `nodes`."""
+    for model in MODELS:
+        obj = mesh.ready(model)
+        if obj is None or any(nodes & plan_nodes(p) for p in plans(obj["status"]).values()):
+            return False
+    return True
+
+
+def shared_nodes(mesh: RealCluster) -> set[str]:
+    """The nodes the session's models are planned on."""
+    found: set[str] = set()
+    for model in MODELS:
+        obj = mesh.get("meshmodel", model.name, "-n", model.namespace) or {}
+        for plan in plans(obj.get("status") or {}).values():
+            found |= plan_nodes(plan)
+    return found
 
 
 def predicted(mesh: RealCluster, host: Obj) -> float:
@@ -179,3 +229,86 @@ def model_report(mesh: RealCluster, namespace: str, model: str) -> str:
         f"conditions={conditions} pods={pods} events={events[-15:]} "
         f"heartbeats={heartbeats} operator={about[-20:]}"
     )
+
+
+def host_pods(mesh: RealCluster, namespace: str, model: str, replica: int) -> list[Obj]:
+    """The running host pods of one replica of a model."""
+    return mesh.running_pods(
+        namespace,
+        f"{COMPONENT_LABEL}={HOST_COMPONENT},{MODEL_LABEL}={model},{REPLICA_LABEL}={replica}",
+    )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request of a `ChatLoop` and how it ended."""
+
+    ok: bool
+    thread: int
+    sent: float  # unix time
+    seconds: float
+    error: str
+
+
+@dataclass(frozen=True)
+class ChatLoop:
+    """A client pod on the system node (never a lost one) that sends chat
+    completions for `model` through the gateway's Service, `threads` at a time,
+    until it is stopped (LOOP_SCRIPT)."""
+
+    mesh: RealCluster
+    name: str
+    model: str
+    threads: int
+
+    def start(self) -> None:
+        pod = restricted_pod(
+            self.name,
+            OUTSIDE,
+            {"app": "probe"},
+            [
+                "python3", "-c", LOOP_SCRIPT, f"{gateway_base(self.mesh)}/v1/chat/completions",
+                self.model, str(self.threads),
+            ],
+            image=mesh_image(),
+        )  # fmt: skip
+        pod["spec"]["nodeName"] = SYSTEM_NODE
+        self.stop(wait=True)
+        self.mesh.apply(pod)
+
+    def stop(self, wait: bool = False) -> None:
+        self.mesh.kubectl(
+            "delete", "pod", self.name, "-n", OUTSIDE, "--ignore-not-found", f"--wait={wait}",
+            check=False,
+        )  # fmt: skip
+
+    def answers(self) -> list[Answer]:
+        out = self.mesh.kubectl("logs", "-n", OUTSIDE, self.name, check=False)
+        found = []
+        for line in out.splitlines():
+            fields = line.split(" ", 4)
+            if fields[0] in ("ok", "fail") and len(fields) >= 4:
+                error = fields[4] if len(fields) > 4 else ""
+                ok, thread, sent, seconds = fields[0] == "ok", fields[1], fields[2], fields[3]
+                found.append(Answer(ok, int(thread), float(sent), float(seconds), error))
+        return found
+
+    def answered_since(self, since: float) -> list[Answer] | None:
+        """The answers once each thread has one to a request sent after `since`
+        (unix time): every request a thread sent before then has been answered."""
+        answers = self.answers()
+        latest = {a.thread: a.sent for a in answers}
+        if len(latest) < self.threads or min(latest.values()) < since:
+            return None
+        return answers
+
+    def all_answered(
+        self, answers: list[Answer], start: float, end: float, what: str
+    ) -> list[Answer]:
+        """Checks that every request was answered and that each thread sent some
+        between `start` and `end` (unix times); returns those."""
+        failed = [a for a in answers if not a.ok]
+        during = [a for a in answers if start <= a.sent < end]
+        assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:5]}"
+        assert len(during) >= self.threads, f"{len(during)} requests sent during {what}"
+        return during

@@ -48,6 +48,7 @@ from e2e.served import (
     CLIENT_TIMEOUT,
     delete_model,
     gateway_base,
+    host_pods,
     model_report,
     plan_nodes,
     plans,
@@ -177,13 +178,6 @@ def wanting(mesh: RealCluster, count: int) -> Obj | None:
     """The model's status once the autoscaler wants `count` replicas."""
     status = model_status(mesh)
     return status if status.get("desiredReplicas") == count else None
-
-
-def host_pods(mesh: RealCluster, replica: int) -> list[Obj]:
-    return mesh.running_pods(
-        NAMESPACE,
-        f"app.kubernetes.io/component=host,mesh.dev/model={MODEL},{REPLICA_LABEL}={replica}",
-    )
 
 
 def replica_children(mesh: RealCluster, replica: int) -> list[str]:
@@ -339,7 +333,7 @@ def test_load_adds_a_replica_and_idleness_removes_it(autoscaled_model: RealClust
     log(f"{MODEL} Ready, one replica on {sorted(first_nodes)}")
     assert first_nodes <= set(POOL_NODES), first
     assert not status.get("lastScaleTime"), status
-    (first_host,) = host_pods(mesh, 0)
+    (first_host,) = host_pods(mesh, NAMESPACE, MODEL, 0)
     one_claim = wait_for(
         f"MeshPool {POOL}'s ledger to hold the replica's memory",
         lambda: pool_status(mesh).memory_claimed_mib or None,
@@ -382,7 +376,7 @@ def test_load_adds_a_replica_and_idleness_removes_it(autoscaled_model: RealClust
     )
     assert plan_nodes(both[0]) == first_nodes, both
     assert second_nodes <= set(POOL_NODES) and not second_nodes & first_nodes, both
-    (second_host,) = host_pods(mesh, 1)
+    (second_host,) = host_pods(mesh, NAMESPACE, MODEL, 1)
     assert second_host["spec"]["nodeName"] in second_nodes, second_host["spec"]["nodeName"]
     two_claims = wait_for(
         f"MeshPool {POOL}'s ledger to hold both replicas' memory",
@@ -457,7 +451,8 @@ def test_load_adds_a_replica_and_idleness_removes_it(autoscaled_model: RealClust
         f"{released_at - idle_since:.1f} s after the last answer"
     )
     # The first replica served throughout: the same host pod.
-    assert [h["metadata"]["uid"] for h in host_pods(mesh, 0)] == [first_host["metadata"]["uid"]]
+    still = host_pods(mesh, NAMESPACE, MODEL, 0)
+    assert [h["metadata"]["uid"] for h in still] == [first_host["metadata"]["uid"]]
 
     # The model still answers, from the replica left.
     after = chat(mesh, LAST_CLIENT)

@@ -19,35 +19,34 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from e2e.realcluster import (
     MODEL_POD_SECURITY,
-    MODELS,
     ONE_NODE_PER_MODEL,
-    OUTSIDE,
     POOL_NODES,
     RealCluster,
     SharedRealCluster,
     example_model,
     example_pool,
     log,
-    mesh_image,
-    restricted_pod,
 )
 from e2e.scenario import POOL_LABEL, SYSTEM_NODE
 from e2e.served import (
+    ChatLoop,
     delete_model,
-    gateway_base,
+    host_pods,
     model_report,
     plan_nodes,
     plans,
     predicted,
+    shared_models_serving_off,
+    shared_nodes,
 )
 from e2e.waiting import wait_for
+from mesh_operator.manifests.workloads import host_deployment_name
 
 pytestmark = pytest.mark.e2e
 
@@ -59,40 +58,13 @@ NAMESPACE = "replicas"
 MODEL = "gemma-replicas"
 REPLICAS = 2
 CLIENT = "replicas-client"
-REPLICA_LABEL = "mesh.dev/replica"
 # Two requests at a time, so that the gateway (one slot per host) sends to both
 # hosts: with one at a time the first free host could answer them all.
 CLIENT_THREADS = 2
 
-# Chat completions through the gateway until the pod is deleted, one line per
-# answer: `ok <thread> <unix time sent> <seconds>` or the same with `fail` and
-# the error. Each thread sends one request after the other.
-CLIENT_SCRIPT = """
-import json, sys, threading, time, urllib.request
-url, model, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
-lock = threading.Lock()
-def loop(thread):
-    while True:
-        started = time.time()
-        body = {'model': model, 'max_tokens': 4,
-                'messages': [{'role': 'user', 'content': 'Say yes.'}]}
-        request = urllib.request.Request(url, json.dumps(body).encode(),
-                                         {'Content-Type': 'application/json'})
-        try:
-            with urllib.request.urlopen(request, timeout=300) as answer:
-                json.loads(answer.read())['choices'][0]['message']['content']
-            line = f'ok {thread} {started:.3f} {time.time() - started:.3f}'
-        except Exception as exc:
-            took = time.time() - started
-            line = f'fail {thread} {started:.3f} {took:.3f} {type(exc).__name__}: {exc}'
-        with lock:
-            print(line, flush=True)
-        time.sleep(0.2)
-for thread in range(threads):
-    threading.Thread(target=loop, args=(thread,), daemon=True).start()
-while True:
-    time.sleep(60)
-"""
+
+def client(mesh: RealCluster) -> ChatLoop:
+    return ChatLoop(mesh, CLIENT, MODEL, CLIENT_THREADS)
 
 
 def model_obj(mesh: RealCluster) -> Obj:
@@ -104,17 +76,6 @@ def replica_plans(obj: Obj) -> dict[int, Obj]:
     return plans(obj.get("status") or {})
 
 
-def host_deployment(replica: int) -> str:
-    return f"{MODEL}-host" if replica == 0 else f"{MODEL}-host-r{replica}"
-
-
-def host_pods(mesh: RealCluster, replica: int) -> list[Obj]:
-    return mesh.running_pods(
-        NAMESPACE,
-        f"app.kubernetes.io/component=host,mesh.dev/model={MODEL},{REPLICA_LABEL}={replica}",
-    )
-
-
 def serving(mesh: RealCluster) -> Obj | None:
     """The model once every replica is ready, each on one node no other uses."""
     obj = model_obj(mesh)
@@ -124,69 +85,6 @@ def serving(mesh: RealCluster) -> Obj | None:
     ):
         return None
     return obj
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One request of the client pod and how it ended."""
-
-    ok: bool
-    thread: int
-    sent: float  # unix time
-    seconds: float
-    error: str
-
-
-def client_answers(mesh: RealCluster) -> list[Answer]:
-    out = mesh.kubectl("logs", "-n", OUTSIDE, CLIENT, check=False)
-    answers = []
-    for line in out.splitlines():
-        fields = line.split(" ", 4)
-        if fields[0] in ("ok", "fail") and len(fields) >= 4:
-            error = fields[4] if len(fields) > 4 else ""
-            answers.append(
-                Answer(fields[0] == "ok", int(fields[1]), float(fields[2]), float(fields[3]), error)
-            )
-    return answers
-
-
-def answered_since(mesh: RealCluster, since: float) -> list[Answer] | None:
-    """The client's answers once each thread has one to a request sent after
-    `since`: every request a thread sent before then has been answered."""
-    answers = client_answers(mesh)
-    latest = {a.thread: a.sent for a in answers}
-    if len(latest) < CLIENT_THREADS or min(latest.values()) < since:
-        return None
-    return answers
-
-
-def all_answered(answers: list[Answer], start: float, end: float, what: str) -> list[Answer]:
-    """Checks that every request was answered and that each client thread sent
-    some between `start` and `end` (unix times); returns those."""
-    failed = [a for a in answers if not a.ok]
-    during = [a for a in answers if start <= a.sent < end]
-    assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:5]}"
-    assert len(during) >= CLIENT_THREADS, f"{len(during)} requests sent during {what}"
-    return during
-
-
-def shared_models_serving_off(mesh: RealCluster, node: str) -> bool:
-    """The session's models Ready, each planned on nodes other than `node`."""
-    for model in MODELS:
-        obj = mesh.ready(model)
-        if obj is None or any(node in plan_nodes(p) for p in replica_plans(obj).values()):
-            return False
-    return True
-
-
-def shared_nodes(mesh: RealCluster) -> set[str]:
-    """The nodes the session's models are planned on."""
-    found: set[str] = set()
-    for model in MODELS:
-        obj = mesh.get("meshmodel", model.name, "-n", model.namespace) or {}
-        for plan in replica_plans(obj).values():
-            found |= plan_nodes(plan)
-    return found
 
 
 @pytest.fixture
@@ -210,39 +108,18 @@ def three_nodes(shared_real_cluster: SharedRealCluster) -> Iterator[RealCluster]
         )
         yield mesh
     finally:
-        mesh.kubectl("delete", "pod", CLIENT, "-n", OUTSIDE, "--ignore-not-found", check=False)
+        client(mesh).stop()
         delete_model(mesh, NAMESPACE, MODEL, POOL)
         mesh.unpool_node(SYSTEM_NODE, POOL_LABEL)
         wait_for(
             f"the session's models serving off {SYSTEM_NODE}",
-            lambda: shared_models_serving_off(mesh, SYSTEM_NODE),
+            lambda: shared_models_serving_off(mesh, {SYSTEM_NODE}),
             timeout=420,
         )
 
 
 def replicas_model(shared: SharedRealCluster) -> Obj:
     return example_model(shared, MODEL, NAMESPACE, POOL, replicas=REPLICAS)
-
-
-def start_client(mesh: RealCluster) -> None:
-    """The client pod, on the system node (never the lost one)."""
-    pod = restricted_pod(
-        CLIENT,
-        OUTSIDE,
-        {"app": "probe"},
-        [
-            "python3",
-            "-c",
-            CLIENT_SCRIPT,
-            f"{gateway_base(mesh)}/v1/chat/completions",
-            MODEL,
-            str(CLIENT_THREADS),
-        ],
-        image=mesh_image(),
-    )
-    pod["spec"]["nodeName"] = SYSTEM_NODE
-    mesh.kubectl("delete", "pod", CLIENT, "-n", OUTSIDE, "--ignore-not-found", "--wait=true")
-    mesh.apply(pod)
 
 
 def test_a_lost_replica_is_planned_again_while_the_other_serves_then_a_change_rolls(
@@ -263,13 +140,13 @@ def test_a_lost_replica_is_planned_again_while_the_other_serves_then_a_change_ro
     log(f"replicas ready on {nodes}")
     assert all(len(n) == 1 for n in nodes.values()), nodes
     assert not nodes[0] & nodes[1], f"the replicas share a node: {nodes}"
-    hosts = {r: host_pods(mesh, r) for r in range(REPLICAS)}
+    hosts = {r: host_pods(mesh, NAMESPACE, MODEL, r) for r in range(REPLICAS)}
     assert all(len(h) == 1 for h in hosts.values()), hosts
     for replica, (host,) in hosts.items():
         assert host["spec"]["nodeName"] in nodes[replica], (replica, host["spec"]["nodeName"])
 
     # Both hosts answer requests sent through the gateway's Service.
-    start_client(mesh)
+    client(mesh).start()
     counted = {r: predicted(mesh, h[0]) for r, h in hosts.items()}
 
     def both_served() -> dict[int, float] | None:
@@ -289,7 +166,7 @@ def test_a_lost_replica_is_planned_again_while_the_other_serves_then_a_change_ro
     (survivor,) = set(range(REPLICAS)) - {lost_replica}
     (lost,) = nodes[lost_replica]
     (third,) = set(NODES) - nodes[0] - nodes[1]
-    kept = mesh.get("deployment", host_deployment(survivor), "-n", NAMESPACE)
+    kept = mesh.get("deployment", host_deployment_name(MODEL, survivor), "-n", NAMESPACE)
     kept_host = hosts[survivor][0]["metadata"]["uid"]
 
     log(f"losing {lost} (replica {lost_replica}); replica {survivor} keeps serving")
@@ -316,7 +193,7 @@ def test_a_lost_replica_is_planned_again_while_the_other_serves_then_a_change_ro
         moved = replica_plans(after)
         assert plan_nodes(moved[lost_replica]) == {third}, moved
         assert plan_nodes(moved[survivor]) == nodes[survivor], moved
-        (new_host,) = host_pods(mesh, lost_replica)
+        (new_host,) = host_pods(mesh, NAMESPACE, MODEL, lost_replica)
         assert new_host["spec"]["nodeName"] == third, new_host["spec"]["nodeName"]
         # The replica planned again answers through the gateway too.
         fresh = predicted(mesh, new_host)
@@ -327,29 +204,30 @@ def test_a_lost_replica_is_planned_again_while_the_other_serves_then_a_change_ro
         )
         answers = wait_for(
             "an answer to every request sent during the loss",
-            lambda: answered_since(mesh, back_wall),
+            lambda: client(mesh).answered_since(back_wall),
             timeout=360,
         )
     finally:
-        mesh.kubectl("delete", "pod", CLIENT, "-n", OUTSIDE, "--ignore-not-found", check=False)
+        client(mesh).stop()
         log(f"giving {lost} back")
         mesh.nodes.restore(lost)
 
     # Every request was answered, those sent while the replica was lost included.
-    during = all_answered(answers, lost_at_wall, back_wall, "the loss")
+    during = client(mesh).all_answered(answers, lost_at_wall, back_wall, "the loss")
     slowest = max(a.seconds for a in during)
     log(
         f"{len(during)} requests while {lost} was lost, none failed, slowest {slowest:.1f} s; "
         f"node loss to replica {lost_replica} serving on {third}: {outage:.1f} s"
     )
     # The surviving replica was not touched: same Deployment, same spec, same pod.
-    still = mesh.get("deployment", host_deployment(survivor), "-n", NAMESPACE)
+    still = mesh.get("deployment", host_deployment_name(MODEL, survivor), "-n", NAMESPACE)
     assert still["metadata"]["uid"] == kept["metadata"]["uid"]
     assert still["metadata"]["generation"] == kept["metadata"]["generation"], (
         kept["metadata"]["generation"],
         still["metadata"]["generation"],
     )
-    assert [h["metadata"]["uid"] for h in host_pods(mesh, survivor)] == [kept_host]
+    survivor_hosts = host_pods(mesh, NAMESPACE, MODEL, survivor)
+    assert [h["metadata"]["uid"] for h in survivor_hosts] == [kept_host]
     wait_for(
         f"{lost} Ready again",
         lambda: any(
@@ -375,11 +253,12 @@ def roll_through_a_spec_change(mesh: RealCluster, shared: SharedRealCluster) -> 
     every request is answered meanwhile. Returns the seconds from the change to
     both rolled out."""
     before = {
-        r: mesh.get("deployment", host_deployment(r), "-n", NAMESPACE)["metadata"]["generation"]
+        r: mesh.get("deployment", name, "-n", NAMESPACE)["metadata"]["generation"]
         for r in range(REPLICAS)
+        for name in [host_deployment_name(MODEL, r)]
     }
-    start_client(mesh)
-    wait_for("the client's first answers", lambda: answered_since(mesh, 0.0), timeout=180)
+    client(mesh).start()
+    wait_for("the client's first answers", lambda: client(mesh).answered_since(0.0), timeout=180)
     changed_wall = time.time()
     changed_at = time.monotonic()
     model = replicas_model(shared)
@@ -391,7 +270,7 @@ def roll_through_a_spec_change(mesh: RealCluster, shared: SharedRealCluster) -> 
     def both_rolled() -> bool:
         now = time.monotonic()
         for r in range(REPLICAS):
-            obj = mesh.get("deployment", host_deployment(r), "-n", NAMESPACE)
+            obj = mesh.get("deployment", host_deployment_name(MODEL, r), "-n", NAMESPACE)
             meta, st = obj["metadata"], obj.get("status") or {}
             if meta["generation"] > before[r]:
                 changed.setdefault(r, now)
@@ -411,15 +290,15 @@ def roll_through_a_spec_change(mesh: RealCluster, shared: SharedRealCluster) -> 
     try:
         answers = wait_for(
             "an answer to every request sent during the rolling update",
-            lambda: answered_since(mesh, done_wall),
+            lambda: client(mesh).answered_since(done_wall),
             timeout=360,
         )
     finally:
-        mesh.kubectl("delete", "pod", CLIENT, "-n", OUTSIDE, "--ignore-not-found", check=False)
+        client(mesh).stop()
     first, second = sorted(changed, key=lambda r: changed[r])
     assert changed[second] >= rolled[first], (changed, rolled)
     for r in range(REPLICAS):
-        (host,) = host_pods(mesh, r)
+        (host,) = host_pods(mesh, NAMESPACE, MODEL, r)
         args = " ".join(a for c in host["spec"]["containers"] for a in c.get("args") or [])
         assert "--temp 0.5" in args, (r, args)
     events = mesh.get(
@@ -431,7 +310,7 @@ def roll_through_a_spec_change(mesh: RealCluster, shared: SharedRealCluster) -> 
         f"replica {first}: new workloads; replicas [{second}] follow one at a time",
         f"replica {second}: new workloads",
     ], messages
-    during = all_answered(answers, changed_wall, done_wall, "the update")
+    during = client(mesh).all_answered(answers, changed_wall, done_wall, "the update")
     log(
         f"rolling update: {took:.1f} s from the change to both hosts rolled out; "
         f"{len(during)} requests meanwhile, none failed, slowest "

@@ -210,6 +210,26 @@ class RealNodes:
         for program in ("kube-router", "kube-proxy", "containerd"):
             self.procs.stop(f"{program}-{name}")
 
+    def remove(self, name: str) -> None:
+        """Take one node out for good, the others running on: its programs and pods
+        stopped, its folders unmounted and removed, its network and Node gone."""
+        record = self.node(name)
+        plan = self.plan
+        self.stop_node(name)
+        self._unmount_all(self.node_root / name)
+        for other in self.nodes():
+            if other.name != name:
+                _ip(
+                    "-n", plan.netns(other.name),
+                    "route", "del", plan.pod_subnet(record.index), check=False,
+                )  # fmt: skip
+        _ip("route", "del", plan.pod_subnet(record.index), check=False)
+        _ip("link", "del", plan.veth_host(record.index), check=False)
+        _ip("netns", "del", plan.netns(name), check=False)
+        self.cluster.kubectl("delete", "node", name, "--ignore-not-found", check=False)
+        shutil.rmtree(self.node_root / name, ignore_errors=True)
+        self._save([r for r in self.nodes() if r.name != name])
+
     def down(self) -> list[str]:
         """Stop everything by pid, remove pods, namespaces, the bridge and Nodes."""
         stopped = []
@@ -484,9 +504,13 @@ class RealNodes:
             check=False,
         )
 
-    def _unmount_all(self) -> None:
-        """Unmount what the kubelet and containerd left under the node folders."""
-        prefixes = (str(self.state_dir) + "/", str(self.node_root) + "/")
+    def _unmount_all(self, folder: Path | None = None) -> None:
+        """Unmount what the kubelet and containerd left under the node folders
+        (under `folder` only, if given)."""
+        if folder is not None:
+            prefixes: tuple[str, ...] = (f"{folder}/",)
+        else:
+            prefixes = (str(self.state_dir) + "/", str(self.node_root) + "/")
         mounts = []
         with contextlib.suppress(OSError):
             for line in Path("/proc/self/mountinfo").read_text().splitlines():
