@@ -22,6 +22,11 @@ rounds, gateway first in odd ones), so drift on the machine hits both paths alik
 - The same probe against the instant stand-in host leaves only the gateway's
   own cost.
 
+With `--separate-cores`, llama-server runs on one core and everything else (the
+gateways, the stand-in, the clients) on the others, as in a cluster, where the
+gateway runs on another node than its hosts (docs/gateway.md, "Benchmark": on
+this 2-vCPU machine the gateway got slower so, not faster).
+
 The gateway's CPU time per request comes from /proc. Printed: every round's
 figures, then for each the median over the rounds and its spread (min - max), so
 the noise is reported rather than hidden.
@@ -248,11 +253,28 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=1, help="requests per client per phase")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=8, help="llama-server -np")
+    parser.add_argument(
+        "--separate-cores",
+        action="store_true",
+        help="llama-server on one core, the gateways, stand-in and clients on the others",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.probe < 1:
         parser.error("--rounds and --probe must be at least 1")
+    if args.separate_cores and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--separate-cores needs at least 2 cores")
     return args
+
+
+def core_split(separate: bool) -> tuple[set[int], set[int]]:
+    """The cores of llama-server and of everything else: all of them for both,
+    or with `separate` the lowest one for llama-server and the rest for the others."""
+    cores = os.sched_getaffinity(0)
+    if not separate:
+        return cores, cores
+    host = {min(cores)}
+    return host, cores - host
 
 
 async def one_round(args: argparse.Namespace, number: int, host: Target, standin: Target) -> Round:
@@ -401,7 +423,10 @@ def report(figures: dict[str, object]) -> str:
     for name, figure in FIGURES.items():
         low, mid, high = (format(summary[name][k], figure.fmt) for k in ("min", "median", "max"))
         lines.append(f"  {figure.label:<46} {mid:>8}   ({low} to {high})")
+    cores: dict[str, list[int]] = figures["cores"]  # type: ignore[assignment]
     lines += [
+        f"cores: llama-server on {cores['host']}, gateways, stand-in and clients on "
+        f"{cores['rest']}",
         f"machine: {figures['cpu_cores']} cores, 1-min load average at the end "
         f"{figures['load_average_1m']:.2f}",
         f"errors: {figures['errors']}",
@@ -435,11 +460,15 @@ def start_standin(logs: Path, delay_ms: float = 0.0) -> tuple[subprocess.Popen[b
 def main(argv: list[str]) -> int:
     args = parse(argv)
     model = parts.model_path()
+    host_cores, rest = core_split(args.separate_cores)
     with contextlib.ExitStack() as stack:
         logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mesh-bench-gw-")))
+        # A child starts with its parent's cores: this thread's, set before each start.
+        os.sched_setaffinity(0, host_cores)
         host = start_llama_server(
             logs, llama_args(model, "bench", slots=args.slots, ctx=args.slots * 512)
         )
+        os.sched_setaffinity(0, rest)
         stack.callback(host.stop)
         standin, standin_url = start_standin(logs)
         stack.callback(standin.wait)
@@ -458,6 +487,7 @@ def main(argv: list[str]) -> int:
                 Target(standin_url, standin_gw, "standin"),
             )
         )
+    figures["cores"] = {"host": sorted(host_cores), "rest": sorted(rest)}
     print(report(figures))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

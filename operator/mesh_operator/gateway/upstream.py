@@ -32,6 +32,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver
@@ -109,8 +110,9 @@ class HostAnswer(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream connection's transport (create_connection): asyncio's is an
+        # asyncio.Transport, other loops' (uvloop's) only behave as one.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if not self._sent:
