@@ -178,3 +178,35 @@ def test_serving_keeps_its_plan(total: int) -> None:
     assert steady.reason == "PlanKept" and steady.apply == []
     assert steady.status.plan == plan and isinstance(steady.claim, Plan)
     assert MODEL.name in host_deployment(steady)["metadata"]["name"]
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_turning_the_option_on_or_off_on_a_serving_pool_plans_again(own: bool) -> None:
+    """A serving model sees its pool's `hostUsesOwnNode` change (PoolChanged) and
+    is planned again with it: the host's node loses or gets back its worker."""
+    d = first(900, own=not own)
+    plan = d.status.plan
+    assert plan is not None
+    pods = [pod(f"w-{n}", RPC_COMPONENT, n) for n in plan.rpc]
+    pods.append(pod("host-0", HOST_COMPONENT, plan.host_node or ""))
+    meshnodes = {n.name: cpu_node(900) for n in NODES}
+    base = snapshot(
+        pool=pool(not own), meshnodes=meshnodes, profile=PROFILE, spec={**SPEC, "contextSize": 1024}
+    )
+    up = decide(dataclasses.replace(base, status=d.status, pods=pods, children=existing(d)))
+    assert conditions(up)["Ready"] == ("True", "Serving"), up.status.conditions
+
+    toggled = dataclasses.replace(pool(own), generation=2)
+    after = decide(
+        dataclasses.replace(base, pool=toggled, status=up.status, pods=pods, children=existing(up))
+    )
+    assert after.reason == "PoolChanged", after.reason
+    new = after.status.plan
+    assert new is not None and new.host_node is not None
+    assert (new.host_tier is not None) is own, new
+    if own:
+        assert new.host_node not in daemonset_nodes(after), daemonset_nodes(after)
+        assert new.host_tier is not None and new.host_tier.device == "CPU"
+    else:
+        assert new.host_node in daemonset_nodes(after), daemonset_nodes(after)
+    assert sorted(daemonset_nodes(after)) == sorted(new.rpc)
