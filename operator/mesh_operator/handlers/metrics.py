@@ -38,6 +38,12 @@ POOL_MEMORY = Gauge(
     "fresh agents) and claimed by models' plans.",
     ["pool", "state"],
 )
+MODEL_REPLICAS = Gauge(
+    "mesh_operator_model_replicas",
+    "A MeshModel's replicas as its status shows them: desired (the autoscaler's "
+    "choice, else spec.replicas; 0 while scaled to zero), planned and ready.",
+    ["model", "state"],
+)
 DEMAND_POLLS = Counter(
     "mesh_operator_demand_polls_total",
     "Reads of a gateway's /demand (scale to zero, autoscaling), by outcome (ok, error).",

@@ -11,6 +11,7 @@ be lost: a restarted operator rebuilds it from what the API holds.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import threading
@@ -332,6 +333,8 @@ class ModelReconciler:
             metrics.PLANS.labels(outcome=decision.plan_outcome).inc()
         if decision.scaling is not None:
             metrics.SCALINGS.labels(direction=decision.scaling).inc()
+        for state, count in replica_counts(body.get("spec") or {}, decision.status).items():
+            metrics.MODEL_REPLICAS.labels(model=key, state=state).set(count)
         # The status first: a plan is claimed in the API before any pod of it can
         # run, so an operator dying in between leaves no workload unclaimed.
         if not written:
@@ -391,6 +394,26 @@ class ModelReconciler:
         self._written.pop(key, None)
         self.failures.clear(key)
         self._capacity_seen.pop(key, None)
+        for state in REPLICA_STATES:
+            with contextlib.suppress(KeyError):
+                metrics.MODEL_REPLICAS.remove(key, state)
+
+
+REPLICA_STATES = ("desired", "planned", "ready")
+
+
+def replica_counts(spec: Mapping[str, Any], status: MeshModelStatus) -> dict[str, int]:
+    """A model's replicas as mesh_operator_model_replicas shows them: desired (the
+    autoscaler's choice, else spec.replicas; 0 while scaled to zero), planned (its
+    plans) and ready (hosts answering /health)."""
+    if status.scaled_to_zero_time is not None:
+        desired = 0
+    elif status.desired_replicas is not None:
+        desired = status.desired_replicas
+    else:
+        desired = int(spec.get("replicas") or 1)
+    counts = (desired, status.replicas or 0, status.ready_replicas or 0)
+    return dict(zip(REPLICA_STATES, counts, strict=True))
 
 
 def _spec_or_none(body: Mapping[str, Any]) -> MeshModelSpec | None:
