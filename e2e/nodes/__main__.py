@@ -5,6 +5,7 @@
     python -m e2e.nodes status
     python -m e2e.nodes lose NODE       # cut the node's link (a lost node)
     python -m e2e.nodes restore NODE
+    python -m e2e.nodes remove NODE     # take one node out for good, the others running on
     python -m e2e.nodes down            # stop everything by pid, remove the nodes
 
 `up` starts the local control plane too when it is not running (`--cluster-dir`,
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run containerd 2 (scripts/build-containerd.sh) instead of Debian's 1.6",
     )
     sub.add_parser("status", help="the programs and whether each is running")
-    for name in ("lose", "restore"):
+    for name in ("lose", "restore", "remove"):
         cmd = sub.add_parser(name)
         cmd.add_argument("node")
     sub.add_parser("down", help="stop everything by pid and remove the nodes")
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             nodes.lose(args.node)
         elif args.command == "restore":
             nodes.restore(args.node)
+        elif args.command == "remove":
+            nodes.remove(args.node)
         else:
             stopped = nodes.down()
             print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
