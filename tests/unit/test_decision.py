@@ -912,6 +912,7 @@ def test_an_idle_model_scales_to_zero_releasing_workload_and_claim() -> None:
     held = steady.status.plan
     d = decide(steady)
     assert d.reason == "ScaledToZero" and d.outcome == "ok" and d.scaling == "to_zero"
+    assert d.replicas_wanted == 0, "nothing served at zero"
     assert d.status.plan is None and d.status.replicas == 0 and d.status.endpoint is None
     assert d.claim is None and d.claim_changed, "the ledger releases its memory"
     assert sorted(c.kind for c in d.delete) == ["DaemonSet", "Deployment"]
@@ -951,7 +952,7 @@ def test_a_model_stays_up_unless_every_gateway_saw_it_idle_long_enough(
 def test_without_scale_to_zero_after_an_idle_model_stays() -> None:
     steady, _ = serving()
     d = decide(dataclasses.replace(steady, demand=idle(10**6)))
-    assert d.reason == "PlanKept" and d.status.plan is not None
+    assert d.reason == "PlanKept" and d.status.plan is not None and d.replicas_wanted == 1
 
 
 def at_zero(demand: Demand | None, spec: Mapping[str, Any] = ZERO_SPEC) -> Decision:
@@ -963,7 +964,7 @@ def at_zero(demand: Demand | None, spec: Mapping[str, Any] = ZERO_SPEC) -> Decis
 
 def test_a_model_at_zero_stays_there_while_no_request_comes() -> None:
     d = at_zero(idle(901))
-    assert d.reason == "ScaledToZero" and d.scaling is None
+    assert d.reason == "ScaledToZero" and d.scaling is None and d.replicas_wanted == 0
     assert d.status.plan is None and not d.claim_changed and d.claim is None
     assert d.children == [] and d.delete == [] and d.events == []
     assert d.plan_seconds is None, "nothing is planned at zero"
@@ -1039,7 +1040,7 @@ def test_load_beyond_the_target_adds_a_replica() -> None:
     assert steady.status.replicas == 1 and steady.status.desired_replicas == 1
     d = decide(dataclasses.replace(steady, demand=loaded(2)))
     assert d.status.desired_replicas == 2 and d.scaling == "up"
-    assert d.reason == "ScaleUp" and len(all_plans(d)) == 2
+    assert d.reason == "ScaleUp" and len(all_plans(d)) == 2 and d.replicas_wanted == 2
     assert d.status.last_scale_time == "2026-12-01T12:00:00Z"
     up = next(e for e in d.events if e.reason == "ScaledUp")
     assert (
@@ -1082,7 +1083,7 @@ def test_a_replica_is_removed_only_after_the_load_stayed_low_for_scale_down_afte
     assert d.status.desired_replicas == 2 and d.scaling is None and len(all_plans(d)) == 2
     # Low for the whole window: one replica goes.
     d = decide(two_serving(demand=loaded(0, seconds=3600, peak=0)))
-    assert d.status.desired_replicas == 1 and d.scaling == "down"
+    assert d.status.desired_replicas == 1 and d.scaling == "down" and d.replicas_wanted == 1
     assert [p.replica for p in all_plans(d)] == [0]
     (down,) = [e for e in d.events if e.reason == "ScaledDown"]
     assert down.message == "peak load 0 over the last 1m, 1 busy slots per replica: 2 -> 1 replicas"

@@ -215,6 +215,9 @@ class Decision:
     plan_outcome: str | None = None  # planned | replanned | infeasible
     # Set when the replica count changed: up, down, to_zero or from_zero.
     scaling: str | None = None
+    # The replicas this decision serves: spec.replicas or the autoscaler's choice,
+    # 0 at zero (or with a spec it cannot read).
+    replicas_wanted: int = 0
 
 
 def spec_hash(obj: Obj) -> str:
@@ -317,6 +320,7 @@ class _Decider:
         if self._at_zero(spec):
             return self.d
         self.count = self._replica_count(spec)
+        self.d.replicas_wanted = self.count
         pool = s.pool
         if pool is None:
             missing = f"MeshPool {spec.pool_ref!r} does not exist"

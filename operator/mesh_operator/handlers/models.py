@@ -333,7 +333,9 @@ class ModelReconciler:
             metrics.PLANS.labels(outcome=decision.plan_outcome).inc()
         if decision.scaling is not None:
             metrics.SCALINGS.labels(direction=decision.scaling).inc()
-        for state, count in replica_counts(body.get("spec") or {}, decision.status).items():
+        status = decision.status
+        counts = (decision.replicas_wanted, status.replicas or 0, status.ready_replicas or 0)
+        for state, count in zip(REPLICA_STATES, counts, strict=True):
             metrics.MODEL_REPLICAS.labels(model=key, state=state).set(count)
         # The status first: a plan is claimed in the API before any pod of it can
         # run, so an operator dying in between leaves no workload unclaimed.
@@ -399,21 +401,9 @@ class ModelReconciler:
                 metrics.MODEL_REPLICAS.remove(key, state)
 
 
+# mesh_operator_model_replicas: what the decision serves (Decision.replicas_wanted),
+# the replicas planned and those whose host answers /health.
 REPLICA_STATES = ("desired", "planned", "ready")
-
-
-def replica_counts(spec: Mapping[str, Any], status: MeshModelStatus) -> dict[str, int]:
-    """A model's replicas as mesh_operator_model_replicas shows them: desired (the
-    autoscaler's choice, else spec.replicas; 0 while scaled to zero), planned (its
-    plans) and ready (hosts answering /health)."""
-    if status.scaled_to_zero_time is not None:
-        desired = 0
-    elif status.desired_replicas is not None:
-        desired = status.desired_replicas
-    else:
-        desired = int(spec.get("replicas") or 1)
-    counts = (desired, status.replicas or 0, status.ready_replicas or 0)
-    return dict(zip(REPLICA_STATES, counts, strict=True))
 
 
 def _spec_or_none(body: Mapping[str, Any]) -> MeshModelSpec | None:
